@@ -1,0 +1,137 @@
+/**
+ * Checkpoints: a tfjs layers model saved as model.json + weights.bin (the format tfjs-node's
+ * file:// handler writes, so the files load there too) plus meta.json describing what the model
+ * expects. We write them with our own IO handler because the file:// handler only exists in
+ * tfjs-node, and the wasm/cpu path must do the same thing.
+ *
+ * Layout: checkpoints/latest/ (the last train.ts run), checkpoints/best-<branch>/ (the loop's best
+ * kept model), or any folder given with --model.
+ */
+import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { type } from "arktype";
+import * as tf from "@tensorflow/tfjs";
+import type { Dataset, Predictor } from "../prepare.ts";
+
+export const CheckpointMeta = type({
+  version: "'1'",
+  task: "'waste' | 'cifar100' | 'screening'",
+  classes: "string[]",
+  positiveClass: "string | null",
+  imageSize: "number.integer > 0",
+  preprocessing: "string",
+  /** Backbone name when the model is a head over backbone features (see lib/backbones.ts). */
+  backbone: "string | null",
+  hasYieldHead: "boolean",
+  numParams: "number.integer >= 0",
+  metrics: "Record<string, number>",
+  commit: "string | null",
+  createdAt: "string",
+  synthetic: "boolean",
+  "notes?": "string",
+});
+export type CheckpointMeta = typeof CheckpointMeta.infer;
+
+const ModelJson = type({
+  modelTopology: "object",
+  weightsManifest: type({ paths: "string[]", weights: "object[]" }).array(),
+  "format?": "string",
+  "generatedBy?": "string",
+  "convertedBy?": "string | null",
+});
+
+export interface Checkpoint { dir: string; model: tf.LayersModel; meta: CheckpointMeta; numParams: number }
+
+/** Save atomically: write into a temp folder, then swap it in, so a crash never leaves half a model. */
+export async function saveCheckpoint(dir: string, model: tf.LayersModel, meta: CheckpointMeta): Promise<void> {
+  const tmp = `${dir}.tmp-${process.pid}`;
+  await rm(tmp, { recursive: true, force: true });
+  await mkdir(tmp, { recursive: true });
+  await model.save(tf.io.withSaveHandler(async (artifacts) => {
+    if (!artifacts.weightData || !artifacts.weightSpecs) throw new Error("model has no weights to save");
+    const weights = tf.io.concatenateArrayBuffers(Array.isArray(artifacts.weightData) ? artifacts.weightData : [artifacts.weightData]);
+    await writeFile(join(tmp, "weights.bin"), new Uint8Array(weights));
+    await writeFile(join(tmp, "model.json"), JSON.stringify({
+      modelTopology: artifacts.modelTopology,
+      format: artifacts.format ?? "layers-model",
+      generatedBy: artifacts.generatedBy,
+      convertedBy: artifacts.convertedBy ?? null,
+      weightsManifest: [{ paths: ["weights.bin"], weights: artifacts.weightSpecs }],
+    }));
+    return { modelArtifactsInfo: tf.io.getModelArtifactsInfoForJSON(artifacts) };
+  }));
+  await writeFile(join(tmp, "meta.json"), JSON.stringify(meta, null, 2));
+  await rm(dir, { recursive: true, force: true });
+  await mkdir(join(dir, ".."), { recursive: true });
+  await rename(tmp, dir);
+}
+
+export async function readMeta(dir: string): Promise<CheckpointMeta> {
+  const path = join(dir, "meta.json");
+  if (!existsSync(path)) throw new Error(`${path}: no checkpoint here (meta.json missing)`);
+  let raw: unknown;
+  try { raw = JSON.parse(await readFile(path, "utf8")); } catch { throw new Error(`${path}: not valid JSON`); }
+  const meta = CheckpointMeta(raw);
+  if (meta instanceof type.errors) throw new Error(`${path}: not a checkpoint meta file: ${meta.summary}`);
+  return meta;
+}
+
+/**
+ * Load a checkpoint; when `expect` is given, refuse one made for another task, class list or
+ * image size with a one-line error naming the folder and the mismatch.
+ */
+export async function loadCheckpoint(dir: string, expect?: Pick<Dataset, "task" | "imageSize"> & { manifest: { classes: string[] } }): Promise<Checkpoint> {
+  const meta = await readMeta(dir);
+  if (expect) {
+    const problems: string[] = [];
+    if (meta.task !== expect.task) problems.push(`task ${meta.task}, data is ${expect.task}`);
+    if (meta.imageSize !== expect.imageSize) problems.push(`image size ${meta.imageSize}, data is ${expect.imageSize}`);
+    if (meta.classes.join(",") !== expect.manifest.classes.join(",")) problems.push(`classes [${meta.classes.join(",")}], data has [${expect.manifest.classes.join(",")}]`);
+    if (problems.length) throw new Error(`${dir}: incompatible checkpoint: ${problems.join("; ")}`);
+  }
+  const model = await loadLayersModel(dir);
+  return { dir, model, meta, numParams: model.countParams() };
+}
+
+async function loadLayersModel(dir: string): Promise<tf.LayersModel> {
+  const jsonPath = join(dir, "model.json");
+  if (!existsSync(jsonPath)) throw new Error(`${jsonPath}: missing`);
+  let parsed: unknown;
+  try { parsed = JSON.parse(await readFile(jsonPath, "utf8")); } catch { throw new Error(`${jsonPath}: not valid JSON`); }
+  const mj = ModelJson(parsed);
+  if (mj instanceof type.errors) throw new Error(`${jsonPath}: not a tfjs layers model: ${mj.summary}`);
+  const weightSpecs = mj.weightsManifest.flatMap((g) => g.weights) as tf.io.WeightsManifestEntry[];
+  const buffers = await Promise.all(mj.weightsManifest.flatMap((g) => g.paths).map(async (p) => {
+    const path = join(dir, p);
+    if (!existsSync(path)) throw new Error(`${path}: weights file missing`);
+    return new Uint8Array(await readFile(path));
+  }));
+  const total = buffers.reduce((s, b) => s + b.byteLength, 0);
+  const expected = weightSpecs.reduce((s, w) => s + w.shape.reduce((a, b) => a * b, 1) * bytesPerElement(w), 0);
+  if (total !== expected) throw new Error(`${join(dir, "weights.bin")}: ${total} bytes, model.json expects ${expected} (corrupted or truncated weights)`);
+  const weightData = tf.io.concatenateArrayBuffers(buffers.map((b) => b.slice().buffer));
+  try {
+    return await tf.loadLayersModel(tf.io.fromMemory({ modelTopology: mj.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs, weightData }));
+  } catch (err) {
+    throw new Error(`${jsonPath}: cannot build the model: ${err instanceof Error ? err.message.split("\n")[0] : String(err)}`);
+  }
+}
+
+function bytesPerElement(w: tf.io.WeightsManifestEntry): number {
+  if (w.quantization) return w.quantization.dtype === "uint8" || w.quantization.dtype === "int8" ? 1 : 2;
+  return w.dtype === "bool" ? 1 : 4;
+}
+
+/**
+ * The model as evaluate() wants it: output 0 is class probabilities, output 1 (if present) the
+ * yield estimate. A checkpoint over a backbone composes the backbone's features first.
+ */
+export function predictorFor(ckpt: Checkpoint): Predictor {
+  if (ckpt.meta.backbone !== null) throw new Error(`${ckpt.dir}: backbone checkpoints need lib/backbones.ts (not available)`);
+  return (images) => {
+    const out = ckpt.model.predict(images);
+    const outs = Array.isArray(out) ? out : [out];
+    return { probs: outs[0]!, yields: outs[1] };
+  };
+}

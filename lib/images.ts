@@ -1,0 +1,68 @@
+/**
+ * The one image preprocessing path. prepare.ts uses it to fill the cache and predict.ts uses it
+ * on a user's photo, so a model sees the same pixels at training and at prediction time.
+ */
+import sharp from "sharp";
+
+/** Bumped whenever decodeToRgb changes its output: caches and checkpoints record it. */
+export const PREPROCESSING = "sharp-srgb8-rotate-flattenwhite-cover-centre-v1";
+
+/** Files whose extension says "image". The decoder still checks the bytes themselves. */
+export const IMAGE_EXTENSIONS = [
+  ".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".avif", ".heic",
+] as const;
+
+export function isImagePath(path: string): boolean {
+  const lower = path.toLowerCase();
+  return IMAGE_EXTENSIONS.some((ext) => lower.endsWith(ext));
+}
+
+/**
+ * A 12000×12000 photo is 144 Mpx: fine to shrink, but a decompression bomb beyond this limit is
+ * refused rather than allowed to take the machine's memory.
+ */
+const MAX_INPUT_PIXELS = 200_000_000;
+
+/**
+ * Decode any still image (JPEG, PNG incl. 16-bit/alpha/grey, WebP, GIF first frame, TIFF, CMYK)
+ * into `size`×`size`×3 uint8 sRGB, HWC order.
+ * - EXIF orientation is applied (phones store rotated pixels plus a flag);
+ * - alpha is flattened onto white (cut-out product photos have transparent backgrounds);
+ * - grey, CMYK and 16-bit inputs all come out as 8-bit sRGB;
+ * - the centre square is kept ("cover"), so objects keep their aspect ratio.
+ * Throws an Error whose message names the problem; callers add the file name.
+ */
+export async function decodeToRgb(input: string | Uint8Array, size: number): Promise<Uint8Array> {
+  const source = typeof input === "string" ? input : Buffer.from(input.buffer, input.byteOffset, input.byteLength);
+  const { data, info } = await sharp(source, { limitInputPixels: MAX_INPUT_PIXELS, failOn: "error" })
+    .rotate()
+    .flatten({ background: { r: 255, g: 255, b: 255 } })
+    .toColourspace("srgb")
+    .resize(size, size, { fit: "cover", position: "centre", kernel: "lanczos3" })
+    .removeAlpha()
+    .raw({ depth: "uchar" })
+    .toBuffer({ resolveWithObject: true });
+  if (info.channels !== 3 || info.width !== size || info.height !== size || data.length !== size * size * 3) {
+    throw new Error(`decoded to ${info.width}x${info.height}x${info.channels}, expected ${size}x${size}x3`);
+  }
+  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
+/** sha256 of a file's bytes, hex: the identity of an image in the cache and the split. */
+export function sha256Hex(bytes: Uint8Array): string {
+  return new Bun.CryptoHasher("sha256").update(bytes).digest("hex");
+}
+
+/** Run `fn` over `items` with at most `limit` in flight, keeping input order in the result. */
+export async function mapPool<T, R>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<R>): Promise<R[]> {
+  const out = new Array<R>(items.length);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i] as T, i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}

@@ -1,0 +1,666 @@
+/**
+ * prepare.ts — the fixed harness of autoresearch-vision. The research agent never edits this file.
+ *
+ * It holds the constants of the game (time budget, image size, task), turns a data source into a
+ * compact uint8 cache, loads that cache for train.ts, and owns evaluate(): the ground-truth metric
+ * that the loop trusts.
+ *
+ * Usage:
+ *   bun prepare.ts                                          # waste task, from the HuggingFace hub
+ *   bun prepare.ts --source ../shared/datasets/waste3       # waste task, from a local ImageFolder
+ *   bun prepare.ts --task screening --source DIR --positive trash
+ *   bun prepare.ts --task cifar100                          # official CIFAR-100 binary archive
+ *   bun prepare.ts --source synthetic                       # SYNTHETIC images, plumbing tests only
+ *   bun prepare.ts evaluate --model checkpoints/latest      # re-measure a saved checkpoint
+ *
+ * Environment: AR_CACHE (cache root), AR_DATASETS (where ../shared/datasets lives),
+ * AR_TASK / AR_SOURCE / AR_POSITIVE (defaults for the flags), AR_BACKEND (see lib/backend.ts).
+ */
+import { mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { homedir } from "node:os";
+import { join, relative, resolve } from "node:path";
+import { type } from "arktype";
+import { cac } from "cac";
+import * as tf from "@tensorflow/tfjs";
+import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
+import {
+  downloadCifar100, downloadHfDataset, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES,
+} from "./lib/sources.ts";
+
+// ---------------------------------------------------------------------------
+// Constants (fixed, do not modify)
+// ---------------------------------------------------------------------------
+
+/** Seconds of training wall-clock per experiment (warm-up/compile steps are not counted). */
+export const TIME_BUDGET = 300;
+/** Side of the square images in the cache, fed to the model and to evaluate() (ImageFolder tasks). */
+export const IMAGE_SIZE = 64;
+/** CIFAR-100 is kept at its native 32×32. */
+export const CIFAR_IMAGE_SIZE = 32;
+/** Images per forward pass in evaluate(): bounded memory, same result for any value. */
+export const EVAL_BATCH_SIZE = 128;
+/** Share of each class held out for validation (ImageFolder tasks; CIFAR uses its test split). */
+export const VAL_FRACTION = 0.2;
+/** waste: combined_score = accuracy − YIELD_WEIGHT · yield_mse. */
+export const YIELD_WEIGHT = 0.1;
+/** Fewer images than this in a class gets a warning: its accuracy is close to meaningless. */
+export const FEW_IMAGES = 30;
+export const HF_WASTE_REPO = "NeoAivara/Waste_Classification_data";
+export const CACHE_ROOT = resolve(process.env.AR_CACHE ?? join(homedir(), ".cache", "autoresearch-vision"));
+export const DATASETS_DIR = resolve(process.env.AR_DATASETS ?? join(import.meta.dir, "..", "shared", "datasets"));
+
+/**
+ * ASSUMED recoverable-material yield per waste class (fraction of the item's mass that can be
+ * recovered). These are placeholders chosen by the developers, NOT measured labels: every image
+ * of a class gets the same target until a CSV of measured per-image yields is supplied with
+ * `--yields file.csv` (columns: path,yield; path relative to the source folder).
+ *   ewaste 0.30: metals and some plastics from boards, casings and cables; the rest is not recovered.
+ *   recyclable 0.85: clean dry plastic, glass, metal, paper, cardboard mostly goes back into use.
+ *   organic 0.60: mass that ends up as compost after water loss.
+ */
+export const WASTE_YIELD_TABLE: Record<(typeof WASTE_CLASSES)[number], number> = {
+  ewaste: 0.3,
+  recyclable: 0.85,
+  organic: 0.6,
+};
+
+export const WASTE_DATA_NOTE =
+  "waste3 caveat: organic has only a handful of photos, and ewaste/recyclable come from different photo sources (home scenes vs white studio sheets): accuracy partly measures the background";
+
+// ---------------------------------------------------------------------------
+// Task configuration
+// ---------------------------------------------------------------------------
+
+export const Task = type("'waste' | 'cifar100' | 'screening'");
+export type Task = typeof Task.infer;
+
+/** Metric columns of each task, in results.tsv order; the loop keeps on `primary`, ties on `secondary`. */
+export const TASK_METRICS: Record<Task, { columns: string[]; primary: string; secondary: string; lowerIsBetter: string[] }> = {
+  waste: { columns: ["val_accuracy", "yield_mse", "combined_score"], primary: "combined_score", secondary: "val_accuracy", lowerIsBetter: ["yield_mse"] },
+  cifar100: { columns: ["top1", "top5"], primary: "top1", secondary: "top5", lowerIsBetter: [] },
+  screening: { columns: ["bin_acc", "mc_acc"], primary: "bin_acc", secondary: "mc_acc", lowerIsBetter: [] },
+};
+
+const ManifestItem = type({ path: "string", label: "number.integer >= 0", sha256: "string", split: "'train' | 'val'", yield: "number" });
+export const Manifest = type({
+  version: "'1'",
+  task: Task,
+  classes: "string[]",
+  positiveClass: "string | null",
+  imageSize: "number.integer > 0",
+  preprocessing: "string",
+  source: "string",
+  synthetic: "boolean",
+  yieldSource: "string",
+  fingerprint: "string",
+  createdAt: "string",
+  skipped: "number.integer >= 0",
+  duplicates: "number.integer >= 0",
+  items: ManifestItem.array(),
+});
+export type Manifest = typeof Manifest.infer;
+const ActivePointer = type({ dir: "string" });
+
+// ---------------------------------------------------------------------------
+// Data preparation
+// ---------------------------------------------------------------------------
+
+export interface PrepareOptions {
+  task: Task;
+  /** "hf" (HuggingFace hub), "cifar" (official archive), "synthetic", or a local ImageFolder path. */
+  source: string;
+  positive?: string;
+  yieldsCsv?: string;
+  cacheRoot?: string;
+  force?: boolean;
+  hubUrl?: string;
+  cifarUrl?: string;
+  log?: (line: string) => void;
+}
+
+export interface PrepareResult { dir: string; manifest: Manifest; reused: boolean; seconds: number }
+
+interface Candidate { path: string; className: string; read: () => Promise<Uint8Array> }
+
+/** Prepare (or reuse) the cache for a task and source, and make it the active dataset. */
+export async function prepareData(opts: PrepareOptions): Promise<PrepareResult> {
+  const log = opts.log ?? ((l: string) => console.log(l));
+  const cacheRoot = resolve(opts.cacheRoot ?? CACHE_ROOT);
+  const t0 = performance.now();
+  const synthetic = opts.source === "synthetic";
+  const say = synthetic ? (l: string) => log(`[SYNTHETIC DATA] ${l}`) : log;
+  let result: PrepareResult;
+  if (opts.task === "cifar100") result = await prepareCifar(opts, cacheRoot, say);
+  else if (synthetic) result = await prepareSynthetic(opts, cacheRoot, say);
+  else result = await prepareImageFolder(opts, cacheRoot, say);
+  await writeAtomic(join(cacheRoot, "active.json"), JSON.stringify({ dir: result.dir }));
+  result.seconds = (performance.now() - t0) / 1000;
+  describeDataset(result.manifest, say);
+  say(`cache: ${result.dir} (${result.reused ? "reused" : "written"}, ${(await dirBytes(result.dir) / 1e6).toFixed(1)} MB) in ${result.seconds.toFixed(1)} s`);
+  return result;
+}
+
+async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: (l: string) => void): Promise<PrepareResult> {
+  let root = opts.source;
+  if (root === "hf") {
+    if (opts.task !== "waste") throw new Error(`--source hf is the waste task's hub dataset; give --source DIR for task ${opts.task}`);
+    root = (await downloadHfDataset({ repo: HF_WASTE_REPO, destDir: join(cacheRoot, "downloads", "hf", HF_WASTE_REPO.replace("/", "__")), hubUrl: opts.hubUrl, log })).root;
+  }
+  root = resolve(root);
+  const listing = listImageFolder(root);
+  let classes: string[];
+  let classOf: (folder: string) => string | null;
+  if (opts.task === "waste") {
+    classes = [...WASTE_CLASSES];
+    classOf = (folder) => mapWasteLabel(folder);
+  } else {
+    classes = listing.classes;
+    classOf = (folder) => folder;
+  }
+  const positive = opts.task === "screening" ? (opts.positive ?? "") : null;
+  if (positive !== null && !classes.includes(positive)) {
+    throw new Error(`${root}: positive class "${positive}" is not one of the class folders (${classes.join(", ")}); pass --positive NAME`);
+  }
+  const unmapped = new Map<string, number>();
+  const candidates: Candidate[] = [];
+  for (const f of listing.files) {
+    const cls = classOf(f.className);
+    if (cls === null) { unmapped.set(f.className, (unmapped.get(f.className) ?? 0) + 1); continue; }
+    candidates.push({ path: relative(root, f.path), className: cls, read: async () => new Uint8Array(await readFile(f.path)) });
+  }
+  for (const [folder, n] of unmapped) log(`warning: ${root}/${folder}: ${n} files in a folder that maps to no waste class; not used (see WASTE_LABEL_MAP in lib/sources.ts)`);
+  const yields = await loadYields(opts);
+  const stats = await Promise.all(listing.files.map(async (f) => { const s = await stat(f.path); return `${relative(root, f.path)}:${s.size}:${s.mtimeMs}`; }));
+  const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify({ task: opts.task, classes, positive, size: IMAGE_SIZE, PREPROCESSING, yields: yields.fingerprint, stats })));
+  const dir = join(cacheRoot, `${opts.task}-${slug(root)}-${IMAGE_SIZE}`);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
+  return await writeCache({ dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false, yieldSource: yields.source, candidates, yieldOf: yields.of, log });
+}
+
+async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: (l: string) => void): Promise<PrepareResult> {
+  const folder = opts.source === "hf" || opts.source === "cifar"
+    ? await downloadCifar100({ destDir: join(cacheRoot, "downloads", "cifar100"), url: opts.cifarUrl, log })
+    : resolve(opts.source);
+  const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify({ task: "cifar100", folder, size: CIFAR_IMAGE_SIZE })));
+  const dir = join(cacheRoot, `cifar100-${CIFAR_IMAGE_SIZE}`);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
+  const data = loadCifar100(folder);
+  const px = CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE * 3;
+  const items: Manifest["items"] = [];
+  const images = new Uint8Array((data.train.n + data.test.n) * px);
+  let offset = 0;
+  for (const [split, part] of [["train", data.train], ["val", data.test]] as const) {
+    for (let i = 0; i < part.n; i++) {
+      const pixels = part.images.subarray(i * px, (i + 1) * px);
+      images.set(pixels, offset * px);
+      // The official split is kept as is: val is the full 10,000-image test set.
+      items.push({ path: `${split === "val" ? "test" : "train"}.bin#${i}`, label: part.labels[i] ?? 0, sha256: sha256Hex(pixels), split, yield: 0 });
+      offset++;
+    }
+  }
+  const manifest: Manifest = {
+    version: "1", task: "cifar100", classes: data.classNames, positiveClass: null, imageSize: CIFAR_IMAGE_SIZE,
+    preprocessing: "cifar100-binary-hwc", source: folder, synthetic: false, yieldSource: "none", fingerprint,
+    createdAt: new Date().toISOString(), skipped: 0, duplicates: 0, items,
+  };
+  await commitCache(dir, manifest, images, []);
+  return { dir, manifest, reused: false, seconds: 0 };
+}
+
+/** Coloured shapes, one look per class. Only for plumbing tests: never a measure of model quality. */
+async function prepareSynthetic(opts: PrepareOptions, cacheRoot: string, log: (l: string) => void): Promise<PrepareResult> {
+  const classes = opts.task === "waste" ? [...WASTE_CLASSES] : ["synthetic_a", "synthetic_b", "synthetic_positive"];
+  const positive = opts.task === "screening" ? "synthetic_positive" : null;
+  const perClass = 40;
+  const candidates: Candidate[] = [];
+  for (let c = 0; c < classes.length; c++) {
+    for (let i = 0; i < perClass; i++) {
+      candidates.push({ path: `synthetic/${classes[c]}/${i}.raw`, className: classes[c] ?? "", read: async () => syntheticImage(c, i) });
+    }
+  }
+  const fingerprint = sha256Hex(new TextEncoder().encode(`synthetic-v1-${opts.task}-${IMAGE_SIZE}`));
+  const dir = join(cacheRoot, `${opts.task}-synthetic-${IMAGE_SIZE}`);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
+  const yieldOf = (cls: string) => (opts.task === "waste" ? WASTE_YIELD_TABLE[cls as keyof typeof WASTE_YIELD_TABLE] ?? 0 : 0);
+  return await writeCache({ dir, fingerprint, task: opts.task, classes, positive, source: "synthetic", synthetic: true, yieldSource: "table", candidates, yieldOf: (_p, cls) => yieldOf(cls), log, raw: true });
+}
+
+/** A raw IMAGE_SIZE² RGB image: class c has its own hue and shape, with seeded noise. */
+function syntheticImage(c: number, i: number): Uint8Array {
+  const s = IMAGE_SIZE;
+  const out = new Uint8Array(s * s * 3);
+  let seed = (c + 1) * 7919 + i * 104729;
+  const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+  const cx = s * (0.3 + 0.4 * rand()), cy = s * (0.3 + 0.4 * rand()), r = s * (0.15 + 0.1 * rand());
+  for (let y = 0; y < s; y++) {
+    for (let x = 0; x < s; x++) {
+      const inside = c === 0 ? Math.hypot(x - cx, y - cy) < r : c === 1 ? Math.abs(x - cx) < r && Math.abs(y - cy) < r : Math.abs(x - cx) + Math.abs(y - cy) < r;
+      const o = (y * s + x) * 3;
+      for (let k = 0; k < 3; k++) out[o + k] = Math.max(0, Math.min(255, (inside ? (k === c % 3 ? 220 : 40) : 128) + (rand() - 0.5) * 60));
+    }
+  }
+  return out;
+}
+
+interface WriteCacheArgs {
+  dir: string; fingerprint: string; task: Task; classes: string[]; positive: string | null; source: string;
+  synthetic: boolean; yieldSource: string; candidates: Candidate[]; yieldOf: (path: string, cls: string) => number;
+  log: (l: string) => void; raw?: boolean;
+}
+
+/** Decode every candidate (in parallel, bounded), split by content hash, and write the cache. */
+async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
+  const px = IMAGE_SIZE * IMAGE_SIZE * 3;
+  const t0 = performance.now();
+  let done = 0;
+  const skipped: { path: string; reason: string }[] = [];
+  // Four decodes in flight keep both cores busy; sharp runs them on its libuv threads.
+  const decoded = await mapPool(a.candidates, 4, async (c) => {
+    try {
+      const bytes = await c.read();
+      const sha = sha256Hex(bytes);
+      const pixels = a.raw ? bytes : await decodeToRgb(bytes, IMAGE_SIZE);
+      return { c, sha, pixels };
+    } catch (err) {
+      const reason = (err instanceof Error ? err.message : String(err)).split("\n")[0] ?? "unknown error";
+      skipped.push({ path: c.path, reason });
+      a.log(`skipped ${c.path}: ${reason}`);
+      return null;
+    } finally {
+      if (++done % 200 === 0 || done === a.candidates.length) {
+        const s = (performance.now() - t0) / 1000;
+        a.log(`prepare: ${done}/${a.candidates.length} images decoded, ${(done / s).toFixed(0)} images/s`);
+      }
+    }
+  });
+  const kept = decoded.filter((d): d is NonNullable<typeof d> => d !== null);
+  const splits = splitByHash(kept.map((d) => ({ sha: d.sha, label: a.classes.indexOf(d.c.className) })));
+  const seen = new Set<string>();
+  let duplicates = 0;
+  const images = new Uint8Array(kept.length * px);
+  const items: Manifest["items"] = kept.map((d, i) => {
+    if (seen.has(d.sha)) duplicates++;
+    seen.add(d.sha);
+    images.set(d.pixels, i * px);
+    return { path: d.c.path, label: a.classes.indexOf(d.c.className), sha256: d.sha, split: splits[i] ?? "train", yield: a.yieldOf(d.c.path, d.c.className) };
+  });
+  const manifest: Manifest = {
+    version: "1", task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: IMAGE_SIZE, preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING,
+    source: a.source, synthetic: a.synthetic, yieldSource: a.yieldSource, fingerprint: a.fingerprint, createdAt: new Date().toISOString(),
+    skipped: skipped.length, duplicates, items,
+  };
+  if (skipped.length > 0) a.log(`skipped ${skipped.length} of ${a.candidates.length} files (listed in ${join(a.dir, "skipped.tsv")})`);
+  if (duplicates > 0) a.log(`${duplicates} exact duplicate files (same sha256): they share one split, so none straddles train/val`);
+  await commitCache(a.dir, manifest, images, skipped);
+  return { dir: a.dir, manifest, reused: false, seconds: 0 };
+}
+
+/**
+ * Deterministic stratified split keyed by content hash: an image's split depends only on its own
+ * bytes, so adding files never moves existing ones, and identical files land on the same side.
+ * Each class with at least 2 images gets at least one val image (its lowest hash), so a small
+ * class is measured at all.
+ */
+export function splitByHash(items: { sha: string; label: number }[]): ("train" | "val")[] {
+  const score = (sha: string) => parseInt(sha.slice(0, 8), 16) / 2 ** 32;
+  const out = items.map((it) => (score(it.sha) < VAL_FRACTION ? "val" : "train") as "train" | "val");
+  const byClass = new Map<number, number[]>();
+  items.forEach((it, i) => byClass.set(it.label, [...(byClass.get(it.label) ?? []), i]));
+  for (const idx of byClass.values()) {
+    const distinct = new Set(idx.map((i) => items[i]?.sha));
+    if (distinct.size < 2 || idx.some((i) => out[i] === "val")) continue;
+    const lowest = idx.reduce((a, b) => ((items[a]?.sha ?? "") <= (items[b]?.sha ?? "") ? a : b));
+    const sha = items[lowest]?.sha;
+    idx.forEach((i) => { if (items[i]?.sha === sha) out[i] = "val"; });
+  }
+  return out;
+}
+
+async function loadYields(opts: PrepareOptions): Promise<{ of: (path: string, cls: string) => number; source: string; fingerprint: string }> {
+  const table = (cls: string) => (opts.task === "waste" ? WASTE_YIELD_TABLE[cls as keyof typeof WASTE_YIELD_TABLE] ?? 0 : 0);
+  if (!opts.yieldsCsv) return { of: (_p, cls) => table(cls), source: opts.task === "waste" ? "assumed-table" : "none", fingerprint: "table" };
+  const text = await readFile(opts.yieldsCsv, "utf8").catch(() => { throw new Error(`${opts.yieldsCsv}: cannot read the yields CSV`); });
+  const measured = new Map<string, number>();
+  text.split(/\r?\n/).forEach((line, i) => {
+    if (i === 0 || line.trim() === "") return;
+    const [path, value] = line.split(",");
+    const y = Number(value);
+    if (!path || !Number.isFinite(y) || y < 0 || y > 1) throw new Error(`${opts.yieldsCsv}:${i + 1}: expected "path,yield" with yield in [0,1], got "${line}"`);
+    measured.set(path.trim(), y);
+  });
+  return { of: (p, cls) => measured.get(p) ?? table(cls), source: `csv:${resolve(opts.yieldsCsv)}`, fingerprint: sha256Hex(new TextEncoder().encode(text)) };
+}
+
+async function reuseIfFresh(dir: string, fingerprint: string, force?: boolean): Promise<Manifest | null> {
+  if (force || !existsSync(join(dir, "manifest.json"))) return null;
+  try {
+    const m = parseManifest(await readFile(join(dir, "manifest.json"), "utf8"), dir);
+    return m.fingerprint === fingerprint ? m : null;
+  } catch {
+    return null; // an unreadable cache is rebuilt, not trusted
+  }
+}
+
+/** Write images.u8, manifest.json and skipped.tsv into a temp dir, then swap it in whole. */
+async function commitCache(dir: string, manifest: Manifest, images: Uint8Array, skipped: { path: string; reason: string }[]): Promise<void> {
+  const tmp = `${dir}.tmp-${process.pid}`;
+  await rm(tmp, { recursive: true, force: true });
+  await mkdir(tmp, { recursive: true });
+  await writeFile(join(tmp, "images.u8"), images);
+  await writeFile(join(tmp, "manifest.json"), JSON.stringify(manifest));
+  await writeFile(join(tmp, "skipped.tsv"), ["path\treason", ...skipped.map((s) => `${s.path}\t${s.reason.replace(/\s+/g, " ")}`)].join("\n") + "\n");
+  await rm(dir, { recursive: true, force: true });
+  await rename(tmp, dir);
+}
+
+async function writeAtomic(path: string, text: string): Promise<void> {
+  await mkdir(join(path, ".."), { recursive: true });
+  await writeFile(`${path}.tmp-${process.pid}`, text);
+  await rename(`${path}.tmp-${process.pid}`, path);
+}
+
+async function dirBytes(dir: string): Promise<number> {
+  let total = 0;
+  for (const f of ["images.u8", "manifest.json", "skipped.tsv"]) total += existsSync(join(dir, f)) ? (await stat(join(dir, f))).size : 0;
+  return total;
+}
+
+function slug(path: string): string {
+  return path.split(/[\\/]/).filter(Boolean).slice(-2).join("_").replace(/[^A-Za-z0-9_.-]/g, "_") + "-" + sha256Hex(new TextEncoder().encode(path)).slice(0, 8);
+}
+
+/** Per-class counts with a warning for thin classes: printed by prepare, train and evaluate. */
+export function describeDataset(m: Manifest, log: (l: string) => void): void {
+  const rows = m.classes.map((name, c) => {
+    const train = m.items.filter((it) => it.label === c && it.split === "train").length;
+    const val = m.items.filter((it) => it.label === c && it.split === "val").length;
+    return { name, train, val };
+  });
+  log(`task: ${m.task}${m.positiveClass ? ` (positive class: ${m.positiveClass})` : ""}  source: ${m.source}${m.synthetic ? "  [SYNTHETIC]" : ""}`);
+  for (const r of rows) {
+    const warn = r.train + r.val === 0 ? "  <- NO IMAGES: this class cannot be learned or measured"
+      : r.train + r.val < FEW_IMAGES ? `  <- only ${r.train + r.val} images: its accuracy is nearly meaningless` : "";
+    log(`  class ${r.name.padEnd(14)} train ${String(r.train).padStart(6)}  val ${String(r.val).padStart(6)}${warn}`);
+  }
+  if (m.task === "waste" && !m.synthetic) log(`note: ${WASTE_DATA_NOTE}; yields are ${m.yieldSource === "assumed-table" ? "ASSUMED per-class values (WASTE_YIELD_TABLE), not measurements" : m.yieldSource}`);
+}
+
+// ---------------------------------------------------------------------------
+// Loading the cache (what train.ts and evaluate() read)
+// ---------------------------------------------------------------------------
+
+export interface Dataset {
+  dir: string;
+  manifest: Manifest;
+  /** N×S×S×3 uint8, HWC. */
+  images: Uint8Array;
+  labels: Int32Array;
+  yields: Float32Array;
+  train: Int32Array;
+  val: Int32Array;
+  numClasses: number;
+  imageSize: number;
+  task: Task;
+}
+
+function parseManifest(text: string, dir: string): Manifest {
+  const m = Manifest(JSON.parse(text));
+  if (m instanceof type.errors) throw new Error(`${join(dir, "manifest.json")}: not a valid manifest: ${m.summary}`);
+  return m;
+}
+
+/** The active dataset (the last one prepared), or the cache in `dir`. */
+export async function loadCache(dir?: string, cacheRoot = CACHE_ROOT): Promise<Dataset> {
+  if (!dir) {
+    const pointer = join(cacheRoot, "active.json");
+    if (!existsSync(pointer)) throw new Error(`${pointer}: no prepared dataset; run \`bun prepare.ts --source DIR\` first`);
+    const p = ActivePointer(JSON.parse(await readFile(pointer, "utf8")));
+    if (p instanceof type.errors) throw new Error(`${pointer}: ${p.summary}`);
+    dir = p.dir;
+  }
+  const manifest = parseManifest(await readFile(join(dir, "manifest.json"), "utf8"), dir);
+  const images = new Uint8Array(await readFile(join(dir, "images.u8")));
+  const px = manifest.imageSize * manifest.imageSize * 3;
+  if (images.length !== manifest.items.length * px) {
+    throw new Error(`${join(dir, "images.u8")}: ${images.length} bytes, expected ${manifest.items.length * px}; re-run prepare.ts --force`);
+  }
+  const labels = Int32Array.from(manifest.items, (it) => it.label);
+  const yields = Float32Array.from(manifest.items, (it) => it.yield);
+  const idx = (split: "train" | "val") => Int32Array.from(manifest.items.flatMap((it, i) => (it.split === split ? [i] : [])));
+  return { dir, manifest, images, labels, yields, train: idx("train"), val: idx("val"), numClasses: manifest.classes.length, imageSize: manifest.imageSize, task: manifest.task };
+}
+
+/** Images at `indices` as a float32 tensor in [0, 1], shape [B, S, S, 3]. */
+export function imageBatch(ds: Dataset, indices: ArrayLike<number>): tf.Tensor4D {
+  const px = ds.imageSize * ds.imageSize * 3;
+  const out = new Float32Array(indices.length * px);
+  for (let b = 0; b < indices.length; b++) {
+    const src = ds.images.subarray(indices[b]! * px, (indices[b]! + 1) * px);
+    const o = b * px;
+    for (let k = 0; k < px; k++) out[o + k] = src[k]! * (1 / 255);
+  }
+  return tf.tensor4d(out, [indices.length, ds.imageSize, ds.imageSize, 3]);
+}
+
+/** Endless shuffled epochs of training indices (seeded, so a run is reproducible). */
+export function* trainBatches(ds: Dataset, batchSize: number, seed = 0): Generator<{ indices: Int32Array; epoch: number }> {
+  if (ds.train.length === 0) throw new Error(`${ds.dir}: the training split is empty`);
+  let state = (seed * 2654435761 + 1) >>> 0;
+  const rand = () => ((state = (state * 1664525 + 1013904223) >>> 0) / 2 ** 32);
+  const order = Int32Array.from(ds.train);
+  for (let epoch = 0; ; epoch++) {
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = Math.floor(rand() * (i + 1));
+      const t = order[i]!; order[i] = order[j]!; order[j] = t;
+    }
+    for (let i = 0; i + batchSize <= Math.max(order.length, batchSize); i += batchSize) {
+      const indices = new Int32Array(batchSize);
+      for (let b = 0; b < batchSize; b++) indices[b] = order[(i + b) % order.length]!;
+      yield { indices, epoch };
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Evaluation (the ground truth: do not modify)
+// ---------------------------------------------------------------------------
+
+/**
+ * What a model must provide: class probabilities [B, C] (and, for waste, yields [B] or [B, 1])
+ * for a batch of val images in [0, 1]. `indices` are the dataset rows, so a predictor built on
+ * cached backbone features can look them up.
+ */
+export type Predictor = (images: tf.Tensor4D, indices: Int32Array) => { probs: tf.Tensor; yields?: tf.Tensor } | Promise<{ probs: tf.Tensor; yields?: tf.Tensor }>;
+
+export interface PerClass { name: string; count: number; correct: number; accuracy: number | null }
+export interface EvalResult {
+  task: Task;
+  n: number;
+  metrics: Record<string, number>;
+  primary: string;
+  perClass: PerClass[];
+  /** confusion[true][predicted] */
+  confusion: number[][];
+}
+
+/** Run the model on the full val split, in order, and score it. Deterministic for a fixed model. */
+export async function evaluate(predict: Predictor, ds: Dataset): Promise<EvalResult> {
+  const C = ds.numClasses;
+  const n = ds.val.length;
+  const probs = new Float32Array(n * C);
+  const yields = new Float32Array(n);
+  for (let start = 0; start < n; start += EVAL_BATCH_SIZE) {
+    const indices = ds.val.subarray(start, Math.min(n, start + EVAL_BATCH_SIZE));
+    const x = imageBatch(ds, indices);
+    const out = await predict(x, indices);
+    x.dispose();
+    if (out.probs.shape[0] !== indices.length || out.probs.shape[1] !== C) {
+      throw new Error(`predictor returned probs of shape [${out.probs.shape}], expected [${indices.length}, ${C}]`);
+    }
+    probs.set(await out.probs.data() as Float32Array, start * C);
+    if (out.yields) yields.set(await out.yields.data() as Float32Array, start);
+    out.probs.dispose();
+    out.yields?.dispose();
+  }
+  const labels = Int32Array.from(ds.val, (i) => ds.labels[i]!);
+  const trueYields = Float32Array.from(ds.val, (i) => ds.yields[i]!);
+  return computeMetrics({ task: ds.task, classes: ds.manifest.classes, positiveClass: ds.manifest.positiveClass, labels, probs, predYields: yields, trueYields });
+}
+
+/** Pure scoring of predictions: separate from evaluate() so it can be tested on hand-built inputs. */
+export function computeMetrics(a: {
+  task: Task; classes: string[]; positiveClass: string | null; labels: Int32Array; probs: Float32Array; predYields?: Float32Array; trueYields?: Float32Array;
+}): EvalResult {
+  const C = a.classes.length;
+  const n = a.labels.length;
+  const confusion = a.classes.map(() => new Array<number>(C).fill(0));
+  let top1 = 0, top5 = 0;
+  const predicted = new Int32Array(n);
+  for (let i = 0; i < n; i++) {
+    const row = a.probs.subarray(i * C, (i + 1) * C);
+    let best = 0;
+    for (let c = 1; c < C; c++) if (row[c]! > row[best]!) best = c; // ties go to the lower index: deterministic
+    predicted[i] = best;
+    const y = a.labels[i]!;
+    confusion[y]![best]!++;
+    if (best === y) top1++;
+    // top-5: the true class is among the 5 highest, counting classes strictly above it.
+    let above = 0;
+    for (let c = 0; c < C; c++) if (row[c]! > row[y]! || (row[c] === row[y] && c < y)) above++;
+    if (above < 5) top5++;
+  }
+  const safe = (num: number, den: number) => (den === 0 ? 0 : num / den);
+  const perClass = a.classes.map((name, c) => {
+    const count = confusion[c]!.reduce((s, v) => s + v, 0);
+    const correct = confusion[c]![c]!;
+    return { name, count, correct, accuracy: count === 0 ? null : correct / count };
+  });
+  const metrics: Record<string, number> = {};
+  if (a.task === "waste") {
+    let se = 0;
+    for (let i = 0; i < n; i++) se += ((a.predYields?.[i] ?? 0) - (a.trueYields?.[i] ?? 0)) ** 2;
+    metrics.val_accuracy = safe(top1, n);
+    metrics.yield_mse = safe(se, n);
+    metrics.combined_score = metrics.val_accuracy - YIELD_WEIGHT * metrics.yield_mse;
+  } else if (a.task === "cifar100") {
+    metrics.top1 = safe(top1, n);
+    metrics.top5 = safe(top5, n);
+  } else {
+    const pos = a.classes.indexOf(a.positiveClass ?? "");
+    if (pos < 0) throw new Error(`screening: positive class "${a.positiveClass}" is not among ${a.classes.join(", ")}`);
+    let binCorrect = 0;
+    for (let i = 0; i < n; i++) if ((predicted[i] === pos) === (a.labels[i] === pos)) binCorrect++;
+    metrics.bin_acc = safe(binCorrect, n);
+    metrics.mc_acc = safe(top1, n);
+  }
+  return { task: a.task, n, metrics, primary: TASK_METRICS[a.task].primary, perClass, confusion };
+}
+
+// ---------------------------------------------------------------------------
+// The footer (the lines the loop and the seeds' tools grep)
+// ---------------------------------------------------------------------------
+
+export interface RunFacts {
+  training_seconds: number; total_seconds: number; peak_memory_mb: number; num_steps: number; num_params: number; backend: string;
+}
+
+export function footerLines(r: EvalResult, facts: RunFacts, synthetic = false): string[] {
+  const fmt = (v: number) => v.toFixed(6);
+  const kv = (key: string, value: string | number) => `${`${key}:`.padEnd(17)} ${value}`;
+  const lines = ["---"];
+  for (const k of TASK_METRICS[r.task].columns) lines.push(kv(k, fmt(r.metrics[k] ?? 0)));
+  lines.push(
+    kv("training_seconds", facts.training_seconds.toFixed(1)),
+    kv("total_seconds", facts.total_seconds.toFixed(1)),
+    kv("peak_memory_mb", facts.peak_memory_mb.toFixed(1)),
+    kv("num_steps", facts.num_steps),
+    kv("num_params", facts.num_params),
+    kv("backend", facts.backend),
+    kv("val_images", r.n),
+  );
+  for (const pc of r.perClass) lines.push(kv(`class_acc_${pc.name}`, `${pc.accuracy === null ? "n/a" : fmt(pc.accuracy)} (n=${pc.count})`));
+  lines.push(kv("confusion", JSON.stringify(r.confusion)));
+  if (synthetic) lines.push(kv("data", "SYNTHETIC (plumbing test only; these numbers say nothing about model quality)"));
+  return lines;
+}
+
+export function printFooter(r: EvalResult, facts: RunFacts, synthetic = false): void {
+  for (const l of footerLines(r, facts, synthetic)) console.log(l);
+}
+
+/** `key: value` lines after the last `---`: what the loop reads to see that a run finished. */
+export function parseFooter(text: string): Record<string, string> {
+  const at = text.lastIndexOf("\n---\n");
+  const tail = at >= 0 ? text.slice(at + 5) : text.startsWith("---\n") ? text.slice(4) : "";
+  const out: Record<string, string> = {};
+  for (const line of tail.split("\n")) {
+    const m = /^([a-z0-9_]+):\s+(.*)$/.exec(line.trim());
+    if (m) out[m[1]!] = m[2]!;
+  }
+  return out;
+}
+
+/** Peak resident memory of this process in MB. */
+export function peakMemoryMb(): number {
+  return process.resourceUsage().maxRSS / 1024;
+}
+
+// ---------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------
+
+const PrepareFlags = type({
+  "+": "delete",
+  task: Task, source: "string", "positive?": "string", "yields?": "string", force: "boolean", "hubUrl?": "string", "cifarUrl?": "string",
+});
+
+async function main(): Promise<void> {
+  const cli = cac("prepare.ts");
+  cli.command("[...args]", "prepare the data cache")
+    .option("--task <task>", "waste | cifar100 | screening", { default: process.env.AR_TASK ?? "waste" })
+    .option("--source <source>", "hf | cifar | synthetic | path to an ImageFolder", { default: process.env.AR_SOURCE })
+    .option("--positive <class>", "screening: the positive class", { default: process.env.AR_POSITIVE })
+    .option("--yields <csv>", "waste: measured per-image yields (path,yield)")
+    .option("--force", "rebuild the cache even if it is fresh", { default: false })
+    .option("--hub-url <url>", "HuggingFace endpoint (tests point it at 127.0.0.1)")
+    .option("--cifar-url <url>", "CIFAR-100 archive URL")
+    .action(async (_args: string[], raw: Record<string, unknown>) => {
+      const task = raw.task;
+      const source = raw.source ?? (task === "cifar100" ? "cifar" : "hf");
+      // cac leaves unset options as undefined; arktype's optional keys mean "absent", so drop them.
+      const given = Object.fromEntries(Object.entries({ ...raw, task, source, force: raw.force === true }).filter(([, v]) => v !== undefined));
+      const flags = PrepareFlags(given);
+      if (flags instanceof type.errors) throw new Error(`prepare.ts: ${flags.summary}`);
+      await prepareData({ task: flags.task, source: flags.source, positive: flags.positive, yieldsCsv: flags.yields, force: flags.force, hubUrl: flags.hubUrl, cifarUrl: flags.cifarUrl });
+    });
+  cli.command("evaluate", "re-measure a saved checkpoint on the active dataset's val split")
+    .option("--model <dir>", "checkpoint folder", { default: "checkpoints/latest" })
+    .option("--json", "also print one eval_json line", { default: true })
+    .action(async (raw: Record<string, unknown>) => {
+      const dir = String(raw.model);
+      const { initBackend, backendLabel } = await import("./lib/backend.ts");
+      const { loadCheckpoint, predictorFor } = await import("./lib/checkpoint.ts");
+      await initBackend();
+      const ds = await loadCache();
+      const ckpt = await loadCheckpoint(dir, ds);
+      const t0 = performance.now();
+      const result = await evaluate(predictorFor(ckpt), ds);
+      const seconds = (performance.now() - t0) / 1000;
+      printFooter(result, { training_seconds: 0, total_seconds: seconds, peak_memory_mb: peakMemoryMb(), num_steps: 0, num_params: ckpt.numParams, backend: backendLabel() }, ds.manifest.synthetic);
+      console.log(`eval_json: ${JSON.stringify(result)}`);
+    });
+  cli.help();
+  cli.parse(process.argv, { run: false });
+  await cli.runMatchedCommand();
+}
+
+if (import.meta.main) {
+  main().catch((err: unknown) => {
+    console.error(`error: ${err instanceof Error ? err.message : String(err)}`);
+    process.exit(1);
+  });
+}

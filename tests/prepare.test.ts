@@ -1,0 +1,207 @@
+import { describe, expect, test } from "bun:test";
+import { cpSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import sharp from "sharp";
+import * as tf from "@tensorflow/tfjs";
+import { computeMetrics, evaluate, footerLines, loadCache, parseFooter, prepareData, splitByHash, type Predictor } from "../prepare.ts";
+import { decodeToRgb, sha256Hex } from "../lib/images.ts";
+import { DATASETS, HAVE_DATASETS, sliceOf, tempDir } from "./helpers.ts";
+
+const quiet = () => {};
+
+describe("prepare on real images", () => {
+  test.skipIf(!HAVE_DATASETS)("a slice of waste3: counts, split, reuse, stable split when files are added", async () => {
+    const src = sliceOf("waste3", 12);
+    const cache = tempDir();
+    const lines: string[] = [];
+    const first = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: (l) => lines.push(l) });
+    expect(first.reused).toBe(false);
+    const m = first.manifest;
+    expect(m.classes).toEqual(["ewaste", "recyclable", "organic"]);
+    expect(m.items.length).toBe(12 + 12 + 8); // organic has only 8 photos in waste3
+    expect(m.skipped).toBe(0);
+    // every class is measured at all: at least one val image each
+    for (let c = 0; c < 3; c++) expect(m.items.some((it) => it.label === c && it.split === "val")).toBe(true);
+    expect(lines.some((l) => l.includes("only 8 images"))).toBe(true);
+    expect(lines.some((l) => l.includes("caveat"))).toBe(true);
+    const ds = await loadCache(undefined, cache);
+    expect(ds.images.length).toBe(32 * 64 * 64 * 3);
+    expect(ds.train.length + ds.val.length).toBe(32);
+    expect(ds.yields[ds.train[0]!]).toBeGreaterThan(0);
+
+    const again = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: quiet });
+    expect(again.reused).toBe(true);
+
+    // Adding files re-prepares, but no existing file changes side.
+    const before = new Map(m.items.map((it) => [it.sha256, it.split]));
+    cpSync(join(DATASETS, "waste3", "recyclable"), join(src, "recyclable"), { recursive: true });
+    const grown = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: quiet });
+    expect(grown.reused).toBe(false);
+    for (const it of grown.manifest.items) if (before.has(it.sha256)) expect(it.split).toBe(before.get(it.sha256)!);
+  });
+
+  test.skipIf(!HAVE_DATASETS)("screening on trashnet6 needs a known positive class", async () => {
+    const src = sliceOf("trashnet6", 4);
+    const cache = tempDir();
+    await expect(prepareData({ task: "screening", source: src, positive: "nope", cacheRoot: cache, log: quiet })).rejects.toThrow(/positive class "nope"/);
+    const r = await prepareData({ task: "screening", source: src, positive: "trash", cacheRoot: cache, log: quiet });
+    expect(r.manifest.classes).toEqual(["cardboard", "glass", "metal", "paper", "plastic", "trash"]);
+    expect(r.manifest.positiveClass).toBe("trash");
+  });
+});
+
+describe("bad and unusual files", () => {
+  test("each is skipped or converted, and counted", async () => {
+    const root = tempDir();
+    const dir = join(root, "recyclable");
+    mkdirSync(dir, { recursive: true });
+    mkdirSync(join(root, "ewaste"), { recursive: true });
+    const rgb = { width: 40, height: 30, channels: 3 as const, background: { r: 200, g: 30, b: 30 } };
+    const jpeg = await sharp({ create: rgb }).jpeg().toBuffer();
+    writeFileSync(join(dir, "good.jpg"), jpeg);
+    writeFileSync(join(dir, "truncated.jpg"), jpeg.subarray(0, Math.floor(jpeg.length / 3)));
+    writeFileSync(join(dir, "empty.jpg"), new Uint8Array(0));
+    writeFileSync(join(dir, "text.jpg"), "this is not an image\n");
+    writeFileSync(join(dir, "cmyk.jpg"), await sharp({ create: rgb }).toColourspace("cmyk").jpeg().toBuffer());
+    writeFileSync(join(dir, "deep.png"), await sharp({ create: rgb }).toColourspace("rgb16").png().toBuffer());
+    writeFileSync(join(dir, "alpha.png"), await sharp({ create: { width: 20, height: 20, channels: 4, background: { r: 0, g: 0, b: 0, alpha: 0 } } }).png().toBuffer());
+    writeFileSync(join(dir, "grey.png"), await sharp({ create: rgb }).greyscale().png().toBuffer());
+    writeFileSync(join(dir, "anim.gif"), await sharp({ create: rgb }).gif().toBuffer());
+    writeFileSync(join(dir, "photo.webp"), await sharp({ create: rgb }).webp().toBuffer());
+    writeFileSync(join(dir, "huge.png"), await sharp({ create: { width: 12000, height: 12000, channels: 3, background: { r: 10, g: 200, b: 10 } } }).png({ compressionLevel: 9 }).toBuffer());
+    // EXIF orientation 6: stored landscape (left red, right blue), displayed portrait (top red).
+    const halves = await sharp({ create: { width: 60, height: 30, channels: 3, background: { r: 0, g: 0, b: 255 } } })
+      .composite([{ input: await sharp({ create: { width: 30, height: 30, channels: 3, background: { r: 255, g: 0, b: 0 } } }).png().toBuffer(), left: 0, top: 0 }])
+      .png().toBuffer();
+    writeFileSync(join(dir, "rotated.jpg"), await sharp(halves).jpeg({ quality: 95 }).withMetadata({ orientation: 6 }).toBuffer());
+    writeFileSync(join(root, "ewaste", "one.jpg"), jpeg);
+
+    const cache = tempDir();
+    const r = await prepareData({ task: "waste", source: root, cacheRoot: cache, log: quiet });
+    const paths = r.manifest.items.map((it) => it.path).sort();
+    expect(r.manifest.skipped).toBe(3);
+    const skippedTsv = readFileSync(join(r.dir, "skipped.tsv"), "utf8");
+    for (const bad of ["truncated.jpg", "empty.jpg", "text.jpg"]) {
+      expect(paths).not.toContain(`recyclable/${bad}`);
+      expect(skippedTsv).toContain(`recyclable/${bad}`);
+    }
+    for (const ok of ["good.jpg", "cmyk.jpg", "deep.png", "alpha.png", "grey.png", "anim.gif", "photo.webp", "huge.png", "rotated.jpg"]) {
+      expect(paths).toContain(`recyclable/${ok}`);
+    }
+    // good.jpg and one.jpg have the same bytes: one duplicate, on one side of the split.
+    expect(r.manifest.duplicates).toBe(1);
+    const ds = await loadCache(undefined, cache);
+    const pixel = (path: string, x: number, y: number) => {
+      const i = ds.manifest.items.findIndex((it) => it.path === path);
+      const o = i * 64 * 64 * 3 + (y * 64 + x) * 3;
+      return [ds.images[o]!, ds.images[o + 1]!, ds.images[o + 2]!];
+    };
+    expect(pixel("recyclable/alpha.png", 10, 10)).toEqual([255, 255, 255]); // alpha flattened onto white
+    const grey = pixel("recyclable/grey.png", 5, 5);
+    expect(grey[0]).toBe(grey[1]!);
+    const cmyk = pixel("recyclable/cmyk.jpg", 5, 5);
+    expect(cmyk[0]!).toBeGreaterThan(150); // still red after CMYK → sRGB
+    expect(cmyk[2]!).toBeLessThan(90);
+    expect(pixel("recyclable/deep.png", 5, 5)[0]).toBeGreaterThan(190); // 16-bit → 8-bit, not 0..65535 clipped
+    const top = pixel("recyclable/rotated.jpg", 2, 2), bottom = pixel("recyclable/rotated.jpg", 2, 61);
+    expect(top[0]!).toBeGreaterThan(200); // EXIF applied: red on top…
+    expect(bottom[2]!).toBeGreaterThan(200); // …blue below
+  });
+
+  test("decodeToRgb throws a readable error for non-images", async () => {
+    await expect(decodeToRgb(new TextEncoder().encode("hello"), 8)).rejects.toThrow(/unsupported|input/i);
+  });
+});
+
+describe("split", () => {
+  test("keyed by content hash: identical files together, additions do not reshuffle", () => {
+    const items = Array.from({ length: 200 }, (_, i) => ({ sha: sha256Hex(new TextEncoder().encode(`img${i}`)), label: i % 3 }));
+    const a = splitByHash(items);
+    const val = a.filter((s) => s === "val").length;
+    expect(val).toBeGreaterThan(20);
+    expect(val).toBeLessThan(70);
+    const grown = splitByHash([...items, ...Array.from({ length: 50 }, (_, i) => ({ sha: sha256Hex(new TextEncoder().encode(`new${i}`)), label: i % 3 }))]);
+    expect(grown.slice(0, 200)).toEqual(a);
+    const dup = splitByHash([{ sha: items[0]!.sha, label: 0 }, { sha: items[0]!.sha, label: 0 }, { sha: items[1]!.sha, label: 0 }]);
+    expect(dup[0]).toBe(dup[1]!);
+    expect(dup).toContain("val"); // a class of 2+ distinct images always gets a val image
+  });
+});
+
+describe("evaluate", () => {
+  const probsOf = (rows: number[][]) => Float32Array.from(rows.flat());
+
+  test("waste: accuracy, yield_mse, combined_score, per-class, confusion", () => {
+    const r = computeMetrics({
+      task: "waste", classes: ["ewaste", "recyclable", "organic"], positiveClass: null,
+      labels: Int32Array.from([0, 0, 1, 2]),
+      probs: probsOf([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]),
+      predYields: Float32Array.from([0.3, 0.5, 0.85, 0.2]),
+      trueYields: Float32Array.from([0.3, 0.3, 0.85, 0.6]),
+    });
+    expect(r.metrics.val_accuracy).toBeCloseTo(0.75, 6);
+    expect(r.metrics.yield_mse).toBeCloseTo((0.04 + 0.16) / 4, 6);
+    expect(r.metrics.combined_score).toBeCloseTo(0.75 - 0.1 * 0.05, 6);
+    expect(r.confusion).toEqual([[1, 1, 0], [0, 1, 0], [0, 0, 1]]);
+    expect(r.perClass.map((p) => p.accuracy)).toEqual([0.5, 1, 1]);
+    expect(r.primary).toBe("combined_score");
+  });
+
+  test("a class with no val images has accuracy n/a, not NaN; an empty split does not divide by zero", () => {
+    const r = computeMetrics({ task: "waste", classes: ["a", "b", "c"], positiveClass: null, labels: Int32Array.from([0]), probs: probsOf([[1, 0, 0]]) });
+    expect(r.perClass[2]!.accuracy).toBeNull();
+    expect(footerLines(r, { training_seconds: 1, total_seconds: 2, peak_memory_mb: 3, num_steps: 4, num_params: 5, backend: "wasm" }).join("\n")).toContain("class_acc_c:      n/a (n=0)");
+    const empty = computeMetrics({ task: "waste", classes: ["a", "b", "c"], positiveClass: null, labels: new Int32Array(0), probs: new Float32Array(0) });
+    expect(empty.metrics.val_accuracy).toBe(0);
+  });
+
+  test("cifar100: top1 and top5", () => {
+    const C = 10;
+    const rows = [0, 1, 2, 3].map((i) => Array.from({ length: C }, (_, c) => (c === i ? 0.5 : c / 100)));
+    // label 9 is 2nd highest for row 0 (top5 hit, top1 miss); row 1 label 1 (hit); row 2 label 0 (rank 10: miss); row 3 label 6 (4 classes above it: top5 hit)
+    const r = computeMetrics({ task: "cifar100", classes: Array.from({ length: C }, (_, c) => `c${c}`), positiveClass: null, labels: Int32Array.from([9, 1, 0, 6]), probs: probsOf(rows) });
+    expect(r.metrics.top1).toBeCloseTo(0.25, 6);
+    expect(r.metrics.top5).toBeCloseTo(0.75, 6);
+  });
+
+  test("screening: binary accuracy of positive-vs-rest and multiclass accuracy", () => {
+    const r = computeMetrics({
+      task: "screening", classes: ["glass", "paper", "trash"], positiveClass: "trash", labels: Int32Array.from([0, 1, 2, 2]),
+      // glass→paper (mc wrong, bin right), paper→paper, trash→trash, trash→glass (both wrong)
+      probs: probsOf([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]]),
+    });
+    expect(r.metrics.mc_acc).toBeCloseTo(0.5, 6);
+    expect(r.metrics.bin_acc).toBeCloseTo(0.75, 6);
+    expect(r.primary).toBe("bin_acc");
+  });
+
+  test("evaluate() runs a predictor over the whole val split in order (synthetic data, plumbing only)", async () => {
+    const cache = tempDir();
+    await prepareData({ task: "waste", source: "synthetic", cacheRoot: cache, log: quiet });
+    const ds = await loadCache(undefined, cache);
+    expect(ds.manifest.synthetic).toBe(true);
+    const seen: number[] = [];
+    // An oracle that reads the true labels: accuracy must be exactly 1 and yield_mse exactly 0.
+    const oracle: Predictor = (images, indices) => {
+      seen.push(...indices);
+      expect(images.shape).toEqual([indices.length, 64, 64, 3]);
+      return {
+        probs: tf.oneHot(tf.tensor1d(Array.from(indices, (i) => ds.labels[i]!), "int32"), 3).toFloat(),
+        yields: tf.tensor1d(Array.from(indices, (i) => ds.yields[i]!)),
+      };
+    };
+    const r = await evaluate(oracle, ds);
+    expect(seen).toEqual(Array.from(ds.val));
+    expect(r.metrics.val_accuracy).toBe(1);
+    expect(r.metrics.yield_mse).toBeLessThan(1e-12);
+    const footer = parseFooter(`noise\n${footerLines(r, { training_seconds: 1, total_seconds: 2, peak_memory_mb: 3, num_steps: 4, num_params: 5, backend: "wasm" }, true).join("\n")}\n`);
+    expect(footer.val_accuracy).toBe("1.000000");
+    expect(footer.data).toContain("SYNTHETIC");
+  });
+
+  test("a missing cache is a clear error", async () => {
+    const cache = tempDir();
+    await expect(loadCache(undefined, cache)).rejects.toThrow(/no prepared dataset/);
+    expect(existsSync(join(cache, "active.json"))).toBe(false);
+  });
+});
