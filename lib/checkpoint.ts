@@ -135,3 +135,9 @@ export function predictorFor(ckpt: Checkpoint): Predictor {
     return { probs: outs[0]!, yields: outs[1] };
   };
 }
+
+/** Where the loop keeps the best kept model of a git branch (predict.ts looks here first). */
+export function bestCheckpointDir(branch: string, root = "checkpoints"): string {
+  return join(root, `best-${branch.replace(/[^A-Za-z0-9._-]+/g, "_")}`);
+}
+export const LATEST_CHECKPOINT_DIR = join("checkpoints", "latest");

@@ -1,0 +1,103 @@
+/**
+ * results.tsv: one row per finished experiment, tab-separated, header once.
+ *   commit  <task metric columns…>  memory_gb  status  description
+ * e.g. waste: commit accuracy yield_mse combined_score memory_gb status description.
+ * Row metrics are keyed by the footer's names (val_accuracy, …), whatever the column is called.
+ * loop.ts appends; summarize_results.ts and the tests read. Crashes log 0 for every number.
+ */
+import { appendFile, readFile, truncate } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { type } from "arktype";
+import { TASK_METRICS, type Task } from "../prepare.ts";
+
+export const Status = type("'keep' | 'discard' | 'crash' | 'baseline'");
+export type Status = typeof Status.infer;
+
+export const ResultRow = type({
+  commit: /^[0-9a-f]{7,40}$|^-$/,
+  metrics: "Record<string, number>",
+  memory_gb: "number >= 0",
+  status: Status,
+  description: "string",
+});
+export type ResultRow = typeof ResultRow.infer;
+
+/** The seeds' results.tsv calls the footer's val_accuracy plain "accuracy". */
+const TSV_NAME: Record<string, string> = { val_accuracy: "accuracy" };
+
+export function resultsColumns(task: Task): string[] {
+  return ["commit", ...TASK_METRICS[task].columns.map((c) => TSV_NAME[c] ?? c), "memory_gb", "status", "description"];
+}
+
+/** Tabs and newlines in a description would break the row: they become spaces. */
+export function formatRow(task: Task, row: ResultRow): string {
+  const nums = TASK_METRICS[task].columns.map((c) => (row.metrics[c] ?? 0).toFixed(6));
+  return [row.commit, ...nums, row.memory_gb.toFixed(1), row.status, row.description.replace(/[\t\r\n]+/g, " ")].join("\t");
+}
+
+export interface ParsedResults {
+  task: Task | null;
+  columns: string[];
+  rows: ResultRow[];
+  /** Lines that are not rows, with their 1-based line number: reported, never fatal. */
+  errors: { line: number; message: string }[];
+}
+
+/** Parse results.tsv text. The task is recognised from the header's metric columns. */
+export function parseResults(text: string): ParsedResults {
+  const lines = text.split("\n");
+  const header = (lines[0] ?? "").trim();
+  const out: ParsedResults = { task: null, columns: [], rows: [], errors: [] };
+  if (header === "") return out;
+  out.columns = header.split("\t");
+  out.task = (Object.keys(TASK_METRICS) as Task[]).find((t) => resultsColumns(t).join("\t") === header) ?? null;
+  if (out.task === null) {
+    out.errors.push({ line: 1, message: `header "${header}" matches no task's columns` });
+    return out;
+  }
+  const metricCols = TASK_METRICS[out.task].columns;
+  lines.slice(1).forEach((line, i) => {
+    if (line.trim() === "") return;
+    const cells = line.split("\t");
+    if (cells.length !== out.columns.length) {
+      out.errors.push({ line: i + 2, message: `expected ${out.columns.length} tab-separated fields, got ${cells.length}` });
+      return;
+    }
+    const metrics: Record<string, number> = {};
+    metricCols.forEach((c, k) => { metrics[c] = Number(cells[k + 1]); });
+    const row = ResultRow({
+      commit: cells[0], metrics, memory_gb: Number(cells[metricCols.length + 1]), status: cells[metricCols.length + 2], description: cells[metricCols.length + 3],
+    });
+    if (row instanceof type.errors) out.errors.push({ line: i + 2, message: row.summary.split("\n")[0] ?? "invalid row" });
+    else if (Object.values(row.metrics).some((v) => !Number.isFinite(v))) out.errors.push({ line: i + 2, message: "a metric is not a number" });
+    else out.rows.push(row);
+  });
+  return out;
+}
+
+export async function readResults(path: string): Promise<ParsedResults> {
+  return existsSync(path) ? parseResults(await readFile(path, "utf8")) : { task: null, columns: [], rows: [], errors: [] };
+}
+
+/**
+ * Append one row (writing the header first on a new or empty file). A half line left by a
+ * killed writer is cut off first, so the file only ever holds whole rows.
+ */
+export async function appendResult(path: string, task: Task, row: ResultRow): Promise<void> {
+  const checked = ResultRow(row);
+  if (checked instanceof type.errors) throw new Error(`${path}: refusing to write an invalid row: ${checked.summary}`);
+  const header = resultsColumns(task).join("\t");
+  let text = existsSync(path) ? await readFile(path, "utf8") : "";
+  if (text !== "" && !text.endsWith("\n")) {
+    const keep = text.lastIndexOf("\n") + 1;
+    await truncate(path, Buffer.byteLength(text.slice(0, keep)));
+    text = text.slice(0, keep);
+  }
+  if (text.trim() === "") {
+    await truncate(path, 0).catch(() => {});
+    await appendFile(path, `${header}\n`);
+  } else if (text.split("\n")[0] !== header) {
+    throw new Error(`${path}: its header is for another task (expected "${header}")`);
+  }
+  await appendFile(path, `${formatRow(task, row)}\n`);
+}
