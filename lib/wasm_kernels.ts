@@ -18,15 +18,22 @@
  *   zero-inserted (stride) dy with the spatially flipped filter, done as a
  *   stride-1 depthwise conv with explicit padding.
  *
+ * Two more replacements, found by profiling a training step (bench/train_step.ts):
+ * - Conv2DBackpropInput: wasm ships it as a scalar C++ loop (4-11x slower than
+ *   the forward conv); we run it as an XNNPACK conv instead.
+ * - the FusedBatchNorm gradient (tfjs-core, all backends): same math without
+ *   a full-size tf.tile, which alone took a third of a wasm step.
+ *
  * Only NHWC with dilation 1 is handled for the depthwise kernels (that is all
  * tfjs' own gradient functions ever request); Conv2DBackpropFilter also takes
- * NCHW by transposing.
+ * NCHW by transposing, Conv2DBackpropInput hands NCHW to the native kernel.
  */
 import * as tf from "@tensorflow/tfjs";
 
 type Pad = "same" | "valid" | number | tf.backend_util.ExplicitPadding;
 type Rounding = "floor" | "round" | "ceil" | undefined;
 type Shape4 = [number, number, number, number];
+type KernelArgs = Parameters<tf.KernelFunc>[0];
 
 // ---------------------------------------------------------------------------
 // Attribute narrowing. Attrs arrive as tf.NamedAttrMap (a loose union); we
@@ -144,7 +151,7 @@ function zeroInsert(dy: tf.Tensor4D, sH: number, sW: number): tf.Tensor4D {
 // ---------------------------------------------------------------------------
 // Conv2DBackpropFilter
 
-function conv2DBackpropFilter(args: { inputs: tf.NamedTensorInfoMap; backend: {}; attrs?: tf.NamedAttrMap }): tf.TensorInfo {
+function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
   const x = requireInput(args.inputs, "x");
@@ -188,7 +195,7 @@ function assertUnitDilation(attrs: tf.NamedAttrMap, kernel: string): void {
   if (dH !== 1 || dW !== 1) throw new Error(`wasm ${kernel}: dilations other than 1 are not supported (got ${dH},${dW})`);
 }
 
-function depthwiseBackpropFilter(args: { inputs: tf.NamedTensorInfoMap; backend: {}; attrs?: tf.NamedAttrMap }): tf.TensorInfo {
+function depthwiseBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
   const x = requireInput(args.inputs, "x");
@@ -222,7 +229,7 @@ function depthwiseBackpropFilter(args: { inputs: tf.NamedTensorInfoMap; backend:
 // ---------------------------------------------------------------------------
 // DepthwiseConv2dNativeBackpropInput
 
-function depthwiseBackpropInput(args: { inputs: tf.NamedTensorInfoMap; backend: {}; attrs?: tf.NamedAttrMap }): tf.TensorInfo {
+function depthwiseBackpropInput(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
   const dy = requireInput(args.inputs, "dy");
@@ -273,7 +280,7 @@ function depthwiseBackpropInput(args: { inputs: tf.NamedTensorInfoMap; backend: 
 /** The kernel wasm registered itself, kept for the cases we delegate (NCHW). */
 let nativeConv2DBackpropInput: tf.KernelConfig | undefined;
 
-function conv2DBackpropInput(args: { inputs: tf.NamedTensorInfoMap; backend: {}; attrs?: tf.NamedAttrMap }): tf.TensorInfo | tf.TensorInfo[] {
+function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const attrs = args.attrs ?? {};
   if (attrs.dataFormat === "NCHW") {
     if (nativeConv2DBackpropInput == null) throw new Error("wasm Conv2DBackpropInput: NCHW needs the native kernel");
@@ -288,7 +295,7 @@ function conv2DBackpropInput(args: { inputs: tf.NamedTensorInfoMap; backend: {};
   );
   const { inHeight: h, inWidth: w, outHeight: oh, outWidth: ow } = info;
   const { filterHeight: kh, filterWidth: kw, strideHeight: sH, strideWidth: sW } = info;
-  // Same geometry as the depthwise case below.
+  // Same geometry as in depthwiseBackpropInput above.
   const top = kh - 1 - info.padInfo.top;
   const left = kw - 1 - info.padInfo.left;
   const bottom = h + info.padInfo.top - oh * sH;
@@ -385,9 +392,9 @@ export interface WasmGradKernelOptions {
 
 /**
  * Registers the missing wasm gradient kernels and (by default) swaps in the
- * faster Conv2DBackpropInput and FusedBatchNorm gradient. Idempotent; a missing-kernel slot that is
- * already filled for wasm (by us earlier, or by a future tfjs release that
- * ships its own) is left alone. Works before or after tf.setBackend("wasm"),
+ * faster Conv2DBackpropInput and FusedBatchNorm gradient. Idempotent; a
+ * missing-kernel slot that is already filled for wasm (by us earlier, or by
+ * a future tfjs release that ships its own) is left alone. Works before or after tf.setBackend("wasm"),
  * but @tensorflow/tfjs-backend-wasm must have been imported first.
  */
 export function registerWasmGradKernels(opts: WasmGradKernelOptions = {}): void {

@@ -79,6 +79,8 @@ function relErr(ref: Float32Array, got: Float32Array): number {
 }
 
 const explicit: tf.backend_util.ExplicitPadding = [[0, 0], [1, 2], [0, 1], [0, 0]];
+// Pads larger than the kernel: the backprop-input composites must crop.
+const wide: tf.backend_util.ExplicitPadding = [[0, 0], [2, 0], [1, 3], [0, 0]];
 
 const CASES: Case[] = [
   { op: "conv2d", x: [2, 7, 9, 3], filter: [3, 3, 3, 4], strides: 1, pad: "same" },
@@ -92,6 +94,7 @@ const CASES: Case[] = [
   { op: "conv2d", x: [3, 8, 6, 5], filter: [3, 3, 5, 6], strides: [2, 1], pad: "same" },
   { op: "conv2d", x: [2, 7, 9, 3], filter: [3, 3, 3, 4], strides: 2, pad: 1, rounding: "ceil" },
   { op: "conv2d", x: [2, 7, 9, 3], filter: [3, 3, 3, 4], strides: 2, pad: explicit },
+  { op: "conv2d", x: [2, 7, 9, 3], filter: [1, 1, 3, 4], strides: 2, pad: wide },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [3, 3, 3, 1], strides: 1, pad: "same" },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [3, 3, 3, 1], strides: 2, pad: "same" },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [3, 3, 3, 2], strides: 2, pad: "same" },
@@ -101,6 +104,7 @@ const CASES: Case[] = [
   { op: "depthwise", x: [2, 7, 9, 3], filter: [1, 1, 3, 1], strides: 2, pad: "valid" },
   { op: "depthwise", x: [3, 6, 5, 4], filter: [3, 3, 4, 1], strides: 1, pad: "valid" },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [3, 3, 3, 2], strides: 2, pad: explicit },
+  { op: "depthwise", x: [2, 7, 9, 3], filter: [1, 1, 3, 2], strides: 1, pad: wide },
 ];
 
 describe("wasm gradient kernels vs cpu", () => {
@@ -125,6 +129,31 @@ describe("wasm gradient kernels vs cpu", () => {
         tf.env().set("IS_TEST", false);
         await tf.setBackend("wasm");
       }
+    });
+  }
+});
+
+describe("NCHW kernel calls (wasm's forward conv is NHWC-only, so only direct calls reach these)", () => {
+  for (const kernelName of ["Conv2DBackpropFilter", "Conv2DBackpropInput"]) {
+    test(kernelName, async () => {
+      const x: Shape4 = [2, 3, 7, 9];
+      const dy: Shape4 = [2, 4, 4, 5]; // stride 2, same
+      const filterShape: Shape4 = [3, 3, 3, 4];
+      const attrs = { strides: [2, 2], pad: "same", dataFormat: "NCHW" };
+      const run = async (backend: string) => {
+        await tf.setBackend(backend);
+        return tf.tidy(() => {
+          const dyT = tf.tensor4d(seeded(2 * 4 * 4 * 5, 31), dy);
+          const out =
+            kernelName === "Conv2DBackpropFilter"
+              ? tf.engine().runKernel(kernelName, { x: tf.tensor4d(seeded(2 * 3 * 7 * 9, 32), x), dy: dyT }, { ...attrs, filterShape })
+              : tf.engine().runKernel(kernelName, { dy: dyT, filter: tf.tensor4d(seeded(3 * 3 * 3 * 4, 33), filterShape) }, { ...attrs, inputShape: x });
+          return (out as tf.Tensor).dataSync() as Float32Array;
+        });
+      };
+      const ref = await run("cpu");
+      const got = await run("wasm");
+      expect(relErr(ref, got)).toBeLessThan(1e-4);
     });
   }
 });
