@@ -5,7 +5,7 @@ import sharp from "sharp";
 import * as tf from "@tensorflow/tfjs";
 import { computeMetrics, evaluate, footerLines, loadCache, parseFooter, prepareData, splitByHash, type Predictor } from "../prepare.ts";
 import { decodeToRgb, sha256Hex } from "../lib/images.ts";
-import { DATASETS, HAVE_DATASETS, sliceOf, tempDir } from "./helpers.ts";
+import { DATASETS, HAVE_DATASETS, runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const quiet = () => {};
 
@@ -203,5 +203,53 @@ describe("evaluate", () => {
     const cache = tempDir();
     await expect(loadCache(undefined, cache)).rejects.toThrow(/no prepared dataset/);
     expect(existsSync(join(cache, "active.json"))).toBe(false);
+  });
+});
+
+describe("sources through prepare", () => {
+  test("cifar100: official binary layout → 32×32 cache, val is the whole test file", async () => {
+    const dir = join(tempDir(), "cifar-100-binary");
+    mkdirSync(dir, { recursive: true });
+    const names = Array.from({ length: 100 }, (_, i) => `class_${i}`);
+    writeFileSync(join(dir, "fine_label_names.txt"), names.join("\n") + "\n");
+    writeFileSync(join(dir, "coarse_label_names.txt"), Array.from({ length: 20 }, (_, i) => `super_${i}`).join("\n") + "\n");
+    const records = (labels: number[]) => {
+      const buf = new Uint8Array(labels.length * 3074);
+      labels.forEach((fine, r) => {
+        buf[r * 3074] = 0;
+        buf[r * 3074 + 1] = fine;
+        buf.fill(fine, r * 3074 + 2, r * 3074 + 2 + 1024); // R plane = label, G and B planes 0
+      });
+      return buf;
+    };
+    writeFileSync(join(dir, "train.bin"), records([3, 7, 99]));
+    writeFileSync(join(dir, "test.bin"), records([5, 42]));
+    const cache = tempDir();
+    const r = await prepareData({ task: "cifar100", source: dir, cacheRoot: cache, log: quiet });
+    expect(r.manifest.imageSize).toBe(32);
+    expect(r.manifest.classes).toEqual(names);
+    const ds = await loadCache(undefined, cache);
+    expect(Array.from(ds.val, (i) => ds.labels[i])).toEqual([5, 42]);
+    expect(Array.from(ds.train, (i) => ds.labels[i])).toEqual([3, 7, 99]);
+    const v = ds.val[1]! * 32 * 32 * 3;
+    expect([ds.images[v], ds.images[v + 1], ds.images[v + 2]]).toEqual([42, 0, 0]); // HWC: R from the R plane
+  });
+
+  test("a failed hub download exits non-zero with the --source hint, and no synthetic fallback", () => {
+    const cache = tempDir();
+    const r = runScript(["prepare.ts", "--hub-url", "http://127.0.0.1:9"], { AR_CACHE: cache });
+    expect(r.code).not.toBe(0);
+    expect(r.out).toContain("--source");
+    expect(r.out).not.toContain("SYNTHETIC");
+    expect(existsSync(join(cache, "active.json"))).toBe(false);
+  });
+
+  test("synthetic data says so on every line it prints", () => {
+    const cache = tempDir();
+    const r = runScript(["prepare.ts", "--source", "synthetic"], { AR_CACHE: cache });
+    expect(r.code).toBe(0);
+    const lines = r.out.split("\n").filter((l) => l.trim() !== "");
+    expect(lines.length).toBeGreaterThan(3);
+    for (const l of lines) expect(l).toContain("SYNTHETIC");
   });
 });
