@@ -30,6 +30,8 @@ export const CheckpointMeta = type({
   createdAt: "string",
   synthetic: "boolean",
   "notes?": "string",
+  /** The manifest's yieldSource ("assumed-table" or "csv:<path>"): predict.ts says whether yields are measured. */
+  "yieldSource?": "string",
 });
 export type CheckpointMeta = typeof CheckpointMeta.infer;
 
@@ -119,21 +121,44 @@ async function loadLayersModel(dir: string): Promise<tf.LayersModel> {
 }
 
 function bytesPerElement(w: tf.io.WeightsManifestEntry): number {
-  if (w.quantization) return w.quantization.dtype === "uint8" || w.quantization.dtype === "int8" ? 1 : 2;
+  if (w.quantization) return w.quantization.dtype === "uint8" ? 1 : 2;
   return w.dtype === "bool" ? 1 : 4;
 }
 
 /**
  * The model as evaluate() wants it: output 0 is class probabilities, output 1 (if present) the
- * yield estimate. A checkpoint over a backbone composes the backbone's features first.
+ * yield estimate. A checkpoint over a frozen backbone (meta.backbone = "name@size") is a head
+ * only: the predictor loads the backbone (lib/backbones.ts) on its first call and, given the
+ * dataset `ds`, looks up its cached features by row index as training did; without `ds` (new
+ * photos) it runs the backbone on the images, resized to its input size (see inputSizeFor).
  */
-export function predictorFor(ckpt: Checkpoint): Predictor {
-  if (ckpt.meta.backbone !== null) throw new Error(`${ckpt.dir}: backbone checkpoints need lib/backbones.ts (not available)`);
-  return (images) => {
-    const out = ckpt.model.predict(images);
-    const outs = Array.isArray(out) ? out : [out];
-    return { probs: outs[0]!, yields: outs[1] };
+export function predictorFor(ckpt: Checkpoint, ds?: Dataset): Predictor {
+  const id = ckpt.meta.backbone;
+  if (id === null) {
+    return (images) => {
+      const out = ckpt.model.predict(images);
+      const outs = Array.isArray(out) ? out : [out];
+      return { probs: outs[0]!, yields: outs[1] };
+    };
+  }
+  let ready: Promise<Predictor> | undefined;
+  return async (images, indices) => {
+    ready ??= (async () => {
+      const { backbonePredictor, datasetFeatures, loadBackbone } = await import("./backbones.ts");
+      const bb = await loadBackbone(id).catch((err: unknown) => {
+        throw new Error(`${ckpt.dir}: backbone ${id}: ${err instanceof Error ? err.message : String(err)}`);
+      });
+      return backbonePredictor(ckpt.model, bb, ds ? await datasetFeatures(ds, bb, { log: (l) => console.error(l) }) : undefined);
+    })();
+    return (await ready)(images, indices);
   };
+}
+
+/** The side of the images a checkpoint's model should be fed: its backbone's input, else meta.imageSize. */
+export function inputSizeFor(meta: CheckpointMeta): number {
+  if (meta.backbone === null) return meta.imageSize;
+  const m = /@(\d+)$/.exec(meta.backbone);
+  return m ? Number(m[1]) : meta.imageSize;
 }
 
 /** Where the loop keeps the best kept model of a git branch (predict.ts looks here first). */

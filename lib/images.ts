@@ -66,3 +66,20 @@ export async function mapPool<T, R>(items: readonly T[], limit: number, fn: (ite
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
   return out;
 }
+
+/**
+ * A batch of decoded images (each `size`×`size`×3 uint8, HWC, as decodeToRgb returns) as the
+ * float32 values in [0, 1] the model is fed, batch-major: byte × (1/255) rounded to float32 once.
+ * prepare.ts's imageBatch computes exactly this expression; predict.ts uses this function, and a
+ * test checks that both give byte-equal tensors for the same file.
+ */
+export function pixelsToFloat32(images: readonly Uint8Array[], size: number): Float32Array {
+  const px = size * size * 3;
+  const out = new Float32Array(images.length * px);
+  images.forEach((src, b) => {
+    if (src.length !== px) throw new Error(`image ${b} has ${src.length} bytes, expected ${size}x${size}x3 = ${px}`);
+    const o = b * px;
+    for (let k = 0; k < px; k++) out[o + k] = src[k]! * (1 / 255);
+  });
+  return out;
+}

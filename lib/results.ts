@@ -39,6 +39,8 @@ export interface ParsedResults {
   task: Task | null;
   columns: string[];
   rows: ResultRow[];
+  /** The 1-based line number of each row in `rows` (same order). */
+  lines?: number[];
   /** Lines that are not rows, with their 1-based line number: reported, never fatal. */
   errors: { line: number; message: string }[];
 }
@@ -47,7 +49,7 @@ export interface ParsedResults {
 export function parseResults(text: string): ParsedResults {
   const lines = text.split("\n");
   const header = (lines[0] ?? "").trim();
-  const out: ParsedResults = { task: null, columns: [], rows: [], errors: [] };
+  const out: ParsedResults = { task: null, columns: [], rows: [], lines: [], errors: [] };
   if (header === "") return out;
   out.columns = header.split("\t");
   out.task = (Object.keys(TASK_METRICS) as Task[]).find((t) => resultsColumns(t).join("\t") === header) ?? null;
@@ -70,7 +72,7 @@ export function parseResults(text: string): ParsedResults {
     });
     if (row instanceof type.errors) out.errors.push({ line: i + 2, message: row.summary.split("\n")[0] ?? "invalid row" });
     else if (Object.values(row.metrics).some((v) => !Number.isFinite(v))) out.errors.push({ line: i + 2, message: "a metric is not a number" });
-    else out.rows.push(row);
+    else { out.rows.push(row); out.lines?.push(i + 2); }
   });
   return out;
 }

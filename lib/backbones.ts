@@ -1,0 +1,688 @@
+/**
+ * Pretrained image backbones for transfer learning, and the cache of their features.
+ *
+ * One small API: a backbone name (optionally "name@size") → a frozen feature extractor.
+ *
+ *   const bb = await loadBackbone("nsfwjs-mobilenetv2", { inputSize: 128 });
+ *   const f = bb.features(images);              // [B, H, W, 3] in [0, 1] → [B, bb.featureDim]
+ *   const fc = await datasetFeatures(ds, bb);   // every dataset row, computed once, then cached
+ *   featureRows(fc, indices)                    // [B, D] tensor for a batch of dataset rows
+ *
+ * Backbones (BACKBONES below):
+ * - "nsfwjs-mobilenetv2" (offline, from the npm package nsfwjs, MIT): a Keras MobileNetV2 (alpha
+ *   1.0) whose weights were fine-tuned by the nsfwjs authors for NSFW classification (5 classes).
+ *   NOT ImageNet weights: it started from ImageNet, but every layer we use was then trained on
+ *   their task. Ships inside the package as base64 JS (uint8-quantized, 2.6 MB), so it needs no
+ *   network. nsfwjs feeds it pixels scaled to [0, 1], so that is the range used here.
+ * - "mobilenet-v2-imagenet" (online): Google's ImageNet MobileNetV2 1.0/224 from TF Hub, tfjs graph
+ *   format (the model @tensorflow-models/mobilenet loads), input [0, 1], fixed 224×224 input.
+ * - "mobilenet-v1-imagenet" (online): Google's ImageNet MobileNetV1 1.0/224, tfjs layers format
+ *   (the tfjs examples' model), input [-1, 1]; other input sizes work (rebuilt, see below).
+ * Online backbones are downloaded on first use into CACHE_ROOT/backbones/<name>/ (temp folder +
+ * rename, each file retried, sizes checked against model.json's weightsManifest and any pinned
+ * size/sha256), with a files.json of sha256s that is re-checked on every load; later loads need
+ * no network. A cache that fails the check is deleted and downloaded again.
+ *
+ * Features are the last conv block's output, global-average-pooled (1280-d for MobileNetV2). A
+ * layers model runs at another input size by rebuilding it from its JSON with a new input shape,
+ * cut at the feature layer, and copying the weights layer by layer.
+ *
+ * Feature cache: <dataset dir>/features-<name>-<size>.f32 (+ .json), computed from the ORIGINAL
+ * source images decoded at the backbone's input size with decodeToRgb (the image cache is only
+ * 64×64); synthetic and CIFAR datasets have no files, so their cached pixels are upsampled. The
+ * JSON key is (backbone, weights hash, input size, EXTRACTION version, dataset fingerprint): any
+ * change recomputes.
+ */
+import { existsSync } from "node:fs";
+import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { join, resolve } from "node:path";
+import { type } from "arktype";
+import * as tf from "@tensorflow/tfjs";
+import { CACHE_ROOT, imageBatch, type Dataset, type Predictor } from "../prepare.ts";
+import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./images.ts";
+
+// ---------------------------------------------------------------------------
+// The registry
+// ---------------------------------------------------------------------------
+
+export const BACKBONE_NAMES = ["nsfwjs-mobilenetv2", "mobilenet-v2-imagenet", "mobilenet-v1-imagenet"] as const;
+export type BackboneName = (typeof BACKBONE_NAMES)[number];
+
+/** Where a URL backbone's files live: `${base}${file}${query}` for model.json and each shard. */
+export interface Mirror { base: string; query?: string }
+/** A file whose size and sha256 are known in advance (checked on download and on every load). */
+export interface PinnedFile { path: string; size: number; sha256: string }
+
+export interface BackboneSpec {
+  name: string;
+  title: string;
+  /** true: ImageNet-trained weights. false: see `weights`. */
+  imagenet: boolean;
+  weights: string;
+  license: string;
+  format: "layers" | "graph";
+  source: { kind: "nsfwjs" } | { kind: "url"; mirrors: Mirror[]; pinned?: PinnedFile[] };
+  /** layers: the layer whose output is pooled; graph: the node executed. */
+  featureNode: string;
+  featureDim: number;
+  nativeSize: number;
+  /** Layers models can be rebuilt for another input size; graph models keep their own. */
+  resizable: boolean;
+  /** Pixel values [0, 1] are mapped linearly to this range before the model. */
+  inputRange: readonly [number, number];
+}
+
+export const BACKBONES: Record<BackboneName, BackboneSpec> = {
+  "nsfwjs-mobilenetv2": {
+    name: "nsfwjs-mobilenetv2",
+    title: "MobileNetV2 1.0 from the nsfwjs npm package (offline)",
+    imagenet: false,
+    weights: "fine-tuned by nsfwjs for NSFW classification (ImageNet start, then trained on their 5-class task): NOT ImageNet weights",
+    license: "MIT (nsfwjs)",
+    format: "layers",
+    source: { kind: "nsfwjs" },
+    featureNode: "out_relu",
+    featureDim: 1280,
+    nativeSize: 224,
+    resizable: true,
+    inputRange: [0, 1], // nsfwjs's own preprocessing: img / 255
+  },
+  "mobilenet-v2-imagenet": {
+    name: "mobilenet-v2-imagenet",
+    title: "Google MobileNetV2 1.0/224, ImageNet (TF Hub, tfjs graph model)",
+    imagenet: true,
+    weights: "ImageNet (ILSVRC-2012) classification",
+    license: "Apache-2.0 (Google)",
+    format: "graph",
+    source: {
+      kind: "url",
+      // sha256s are not pinned: these files could not be fetched from the machine this was written
+      // on. Downloads are checked against model.json's weightsManifest sizes and their sha256s are
+      // recorded in the cache's files.json, which every later load re-checks.
+      mirrors: [
+        { base: "https://storage.googleapis.com/tfhub-tfjs-modules/google/imagenet/mobilenet_v2_100_224/classification/2/" },
+        { base: "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/classification/2/", query: "?tfjs-format=file" },
+      ],
+    },
+    featureNode: "module_apply_default/MobilenetV2/Logits/AvgPool", // what @tensorflow-models/mobilenet's infer(img, true) returns
+    featureDim: 1280,
+    nativeSize: 224,
+    resizable: false,
+    inputRange: [0, 1], // TF Hub image modules take [0, 1]
+  },
+  "mobilenet-v1-imagenet": {
+    name: "mobilenet-v1-imagenet",
+    title: "Google MobileNetV1 1.0/224, ImageNet (tfjs layers model from the tfjs examples)",
+    imagenet: true,
+    weights: "ImageNet (ILSVRC-2012) classification",
+    license: "Apache-2.0 (Google)",
+    format: "layers",
+    source: { kind: "url", mirrors: [{ base: "https://storage.googleapis.com/tfjs-models/tfjs/mobilenet_v1_1.0_224/" }] },
+    featureNode: "conv_pw_13_relu",
+    featureDim: 1024,
+    nativeSize: 224,
+    resizable: true,
+    inputRange: [-1, 1], // Keras MobileNet preprocessing
+  },
+};
+
+export function isBackboneName(s: string): s is BackboneName {
+  return (BACKBONE_NAMES as readonly string[]).includes(s);
+}
+
+/** "name" or "name@size" (what checkpoints record in meta.backbone). */
+export function parseBackboneId(id: string): { name: string; inputSize: number | null } {
+  const m = /^([A-Za-z0-9._-]+)(?:@(\d+))?$/.exec(id.trim());
+  if (!m) throw new Error(`backbone "${id}": expected NAME or NAME@SIZE (one of ${BACKBONE_NAMES.join(", ")})`);
+  return { name: m[1]!, inputSize: m[2] ? Number(m[2]) : null };
+}
+
+// ---------------------------------------------------------------------------
+// tfjs model files (model.json + weight shards)
+// ---------------------------------------------------------------------------
+
+const WeightEntry = type({
+  name: "string",
+  shape: "number.integer[]",
+  dtype: "string",
+  "quantization?": { dtype: "string", "min?": "number", "scale?": "number", "original_dtype?": "string" },
+});
+const ModelJson = type({
+  modelTopology: "object",
+  weightsManifest: type({ paths: "string[]", weights: WeightEntry.array() }).array(),
+  "format?": "string",
+  "generatedBy?": "string",
+  "convertedBy?": "string | null",
+  "signature?": "object",
+  "userDefinedMetadata?": "object",
+  "modelInitializer?": "object",
+});
+type ModelJson = typeof ModelJson.infer;
+
+const FilesManifest = type({
+  version: "'1'",
+  name: "string",
+  url: "string",
+  downloadedAt: "string",
+  files: type({ path: "string", size: "number.integer >= 0", sha256: /^[0-9a-f]{64}$/ }).array(),
+});
+type FilesManifest = typeof FilesManifest.infer;
+
+interface Artifacts { json: ModelJson; weightData: ArrayBuffer }
+
+function parseModelJson(raw: unknown, where: string): ModelJson {
+  const mj = ModelJson(raw);
+  if (mj instanceof type.errors) throw new Error(`${where}: not a tfjs model.json: ${mj.summary}`);
+  return mj;
+}
+
+function bytesOf(w: typeof WeightEntry.infer): number {
+  const n = w.shape.reduce((a, b) => a * b, 1);
+  if (w.quantization) return n * (w.quantization.dtype === "uint8" || w.quantization.dtype === "int8" ? 1 : 2);
+  if (w.dtype === "string") throw new Error(`weight ${w.name}: string weights are not supported`);
+  return n * (w.dtype === "bool" ? 1 : 4);
+}
+
+/** Bytes each weight group must have in total, from model.json alone. */
+function groupBytes(mj: ModelJson): number[] {
+  return mj.weightsManifest.map((g) => g.weights.reduce((s, w) => s + bytesOf(w), 0));
+}
+
+function safePath(p: string): string {
+  if (p.includes("..") || p.startsWith("/") || p.includes("\\") || p.includes("?")) throw new Error(`model.json names an unsafe weights path "${p}"`);
+  return p;
+}
+
+function concat(parts: Uint8Array[]): ArrayBuffer {
+  const total = parts.reduce((s, p) => s + p.byteLength, 0);
+  const out = new Uint8Array(total);
+  let o = 0;
+  for (const p of parts) { out.set(p, o); o += p.byteLength; }
+  return out.buffer;
+}
+
+// ---------------------------------------------------------------------------
+// Download + verify + cache (URL backbones)
+// ---------------------------------------------------------------------------
+
+export interface DownloadOptions {
+  name: string;
+  mirrors: Mirror[];
+  /** The verified folder (e.g. CACHE_ROOT/backbones/<name>); written whole or not at all. */
+  dest: string;
+  pinned?: PinnedFile[];
+  /** Attempts per file (default 3). */
+  attempts?: number;
+  /** Per-request timeout (default 120 s). */
+  timeoutMs?: number;
+  /** First retry delay; doubles each time (default 1 s). */
+  backoffMs?: number;
+  log?: (line: string) => void;
+}
+
+/** Fetch one file, retrying; `check` throws if the bytes are wrong (which also retries). */
+async function fetchChecked(url: string, o: DownloadOptions, check: (bytes: Uint8Array) => void): Promise<Uint8Array> {
+  const attempts = o.attempts ?? 3;
+  let delay = o.backoffMs ?? 1000;
+  const reasons: string[] = [];
+  for (let a = 1; a <= attempts; a++) {
+    try {
+      const res = await fetch(url, { signal: AbortSignal.timeout(o.timeoutMs ?? 120_000), redirect: "follow" });
+      if (!res.ok) {
+        const why = `HTTP ${res.status} ${res.statusText}`.trim();
+        if (res.status === 404 || res.status === 403 || res.status === 410) throw new Error(`${url}: ${why}`); // not going to change on retry
+        throw new Retry(why);
+      }
+      const bytes = new Uint8Array(await res.arrayBuffer());
+      const declared = res.headers.get("content-length");
+      if (declared !== null && res.headers.get("content-encoding") === null && Number(declared) !== bytes.byteLength) {
+        throw new Retry(`got ${bytes.byteLength} bytes, the server announced ${declared} (truncated download)`);
+      }
+      check(bytes);
+      return bytes;
+    } catch (err) {
+      if (err instanceof Error && !(err instanceof Retry) && err.message.startsWith(`${url}: HTTP`)) throw err;
+      reasons.push(`attempt ${a}: ${err instanceof Error ? err.message.split("\n")[0] : String(err)}`);
+      if (a < attempts) {
+        o.log?.(`download ${url}: ${reasons.at(-1)}; retrying in ${(delay / 1000).toFixed(1)} s`);
+        await Bun.sleep(delay);
+        delay *= 2;
+      }
+    }
+  }
+  throw new Error(`${url}: failed after ${attempts} attempts (${reasons.join("; ")})`);
+}
+class Retry extends Error {}
+
+/**
+ * Download model.json and its shards into a temp folder next to `dest`, verify them, and rename
+ * the folder into place. On any failure the temp folder is removed: `dest` is either absent or
+ * complete and verified.
+ */
+export async function downloadModelFiles(o: DownloadOptions): Promise<FilesManifest> {
+  const log = o.log ?? ((l: string) => console.error(l));
+  await mkdir(resolve(o.dest, ".."), { recursive: true });
+  const tmp = `${o.dest}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
+  const pinned = new Map((o.pinned ?? []).map((p) => [p.path, p]));
+  const checkPinned = (path: string) => (bytes: Uint8Array) => {
+    const pin = pinned.get(path);
+    if (!pin) return;
+    if (bytes.byteLength !== pin.size) throw new Retry(`${path}: got ${bytes.byteLength} bytes, expected ${pin.size} (truncated or wrong file)`);
+    const sha = sha256Hex(bytes);
+    if (sha !== pin.sha256) throw new Retry(`${path}: sha256 ${sha.slice(0, 12)}…, expected ${pin.sha256.slice(0, 12)}… (corrupt or changed file)`);
+  };
+  const errors: string[] = [];
+  try {
+    for (const mirror of o.mirrors) {
+      const url = (p: string) => `${mirror.base}${p}${mirror.query ?? ""}`;
+      try {
+        await rm(tmp, { recursive: true, force: true });
+        await mkdir(tmp, { recursive: true });
+        log(`backbone ${o.name}: downloading ${url("model.json")}`);
+        const jsonBytes = await fetchChecked(url("model.json"), o, (b) => {
+          checkPinned("model.json")(b);
+          parseModelJson(JSON.parse(new TextDecoder().decode(b)), url("model.json"));
+        });
+        const mj = parseModelJson(JSON.parse(new TextDecoder().decode(jsonBytes)), url("model.json"));
+        const files: FilesManifest["files"] = [{ path: "model.json", size: jsonBytes.byteLength, sha256: sha256Hex(jsonBytes) }];
+        await writeFile(join(tmp, "model.json"), jsonBytes);
+        const expected = groupBytes(mj);
+        for (const [g, group] of mj.weightsManifest.entries()) {
+          // Shard sizes are not in model.json, only each group's total: re-fetch the group if it is off.
+          let got: Uint8Array[] = [];
+          for (let round = 1; ; round++) {
+            got = [];
+            for (const p of group.paths.map(safePath)) got.push(await fetchChecked(url(p), o, checkPinned(p)));
+            const total = got.reduce((s, b) => s + b.byteLength, 0);
+            if (total === expected[g]) break;
+            const why = `weights group ${g + 1} (${group.paths.join(", ")}): got ${total} bytes, model.json's weightsManifest needs ${expected[g]} (truncated download)`;
+            if (round >= (o.attempts ?? 3)) throw new Error(`${mirror.base}: ${why}`);
+            log(`backbone ${o.name}: ${why}; retrying`);
+          }
+          for (const [k, p] of group.paths.entries()) {
+            const bytes = got[k]!;
+            await writeFile(join(tmp, p), bytes);
+            files.push({ path: p, size: bytes.byteLength, sha256: sha256Hex(bytes) });
+          }
+        }
+        const manifest: FilesManifest = { version: "1", name: o.name, url: mirror.base, downloadedAt: new Date().toISOString(), files };
+        await writeFile(join(tmp, "files.json"), JSON.stringify(manifest, null, 2));
+        await verifyDir(tmp); // what is on disk is what was checked
+        await rm(o.dest, { recursive: true, force: true });
+        await rename(tmp, o.dest);
+        const mb = files.reduce((s, f) => s + f.size, 0) / 1e6;
+        log(`backbone ${o.name}: ${files.length} files, ${mb.toFixed(1)} MB verified and cached in ${o.dest}`);
+        return manifest;
+      } catch (err) {
+        errors.push(err instanceof Error ? err.message : String(err));
+      }
+    }
+  } finally {
+    await rm(tmp, { recursive: true, force: true });
+  }
+  throw new Error(`backbone ${o.name}: download failed, nothing was cached:\n  ${errors.join("\n  ")}`);
+}
+
+/** Check a cached folder against its files.json (sizes and sha256); returns the manifest. */
+async function verifyDir(dir: string): Promise<FilesManifest> {
+  const path = join(dir, "files.json");
+  if (!existsSync(path)) throw new Error(`${path}: missing`);
+  const m = FilesManifest(JSON.parse(await readFile(path, "utf8")));
+  if (m instanceof type.errors) throw new Error(`${path}: ${m.summary}`);
+  for (const f of m.files) {
+    const p = join(dir, safePath(f.path));
+    if (!existsSync(p)) throw new Error(`${p}: missing`);
+    const bytes = new Uint8Array(await readFile(p));
+    if (bytes.byteLength !== f.size) throw new Error(`${p}: ${bytes.byteLength} bytes, files.json says ${f.size} (truncated)`);
+    if (sha256Hex(bytes) !== f.sha256) throw new Error(`${p}: sha256 does not match files.json (corrupt)`);
+  }
+  return m;
+}
+
+async function readArtifactsDir(dir: string): Promise<Artifacts> {
+  const json = parseModelJson(JSON.parse(await readFile(join(dir, "model.json"), "utf8")), join(dir, "model.json"));
+  const parts = await Promise.all(json.weightsManifest.flatMap((g) => g.paths).map(async (p) => new Uint8Array(await readFile(join(dir, safePath(p))))));
+  return { json, weightData: concat(parts) };
+}
+
+export interface UrlModelOptions { cacheRoot?: string; mirrors?: Mirror[]; attempts?: number; backoffMs?: number; timeoutMs?: number; log?: (l: string) => void }
+
+/** The verified cache folder of a URL backbone, downloading it first if absent or corrupt. */
+export async function ensureUrlModel(spec: BackboneSpec, o: UrlModelOptions = {}): Promise<string> {
+  if (spec.source.kind !== "url") throw new Error(`backbone ${spec.name} is not downloaded from a URL`);
+  const log = o.log ?? ((l: string) => console.error(l));
+  const dest = join(resolve(o.cacheRoot ?? CACHE_ROOT), "backbones", spec.name);
+  await removeDeadTemps(dest);
+  if (existsSync(dest)) {
+    try {
+      await verifyDir(dest);
+      return dest;
+    } catch (err) {
+      log(`backbone ${spec.name}: cached copy is damaged (${err instanceof Error ? err.message : String(err)}); deleting it and downloading again`);
+      await rm(dest, { recursive: true, force: true });
+    }
+  }
+  await downloadModelFiles({ name: spec.name, mirrors: o.mirrors ?? spec.source.mirrors, dest, pinned: spec.source.pinned, attempts: o.attempts, backoffMs: o.backoffMs, timeoutMs: o.timeoutMs, log });
+  return dest;
+}
+
+// ---------------------------------------------------------------------------
+// The offline backbone inside the nsfwjs package
+// ---------------------------------------------------------------------------
+
+const ModuleDefault = type({ default: "unknown" });
+
+async function nsfwjsArtifacts(): Promise<Artifacts> {
+  // The package's own export: model.json and one weight shard as base64, in CommonJS modules.
+  const { MobileNetV2Model } = await import("nsfwjs/models/mobilenet_v2");
+  const jsonMod = ModuleDefault(await MobileNetV2Model.modelJson());
+  if (jsonMod instanceof type.errors) throw new Error(`nsfwjs: unexpected model module: ${jsonMod.summary}`);
+  const json = parseModelJson(jsonMod.default, "nsfwjs/models/mobilenet_v2 (model.min.js)");
+  const parts: Uint8Array[] = [];
+  for (const [i, bundle] of MobileNetV2Model.weightBundles.entries()) {
+    const shard = ModuleDefault(await bundle());
+    if (shard instanceof type.errors || typeof shard.default !== "string") throw new Error(`nsfwjs: weight bundle ${i + 1} is not a base64 string`);
+    parts.push(new Uint8Array(Buffer.from(shard.default, "base64")));
+  }
+  const weightData = concat(parts);
+  const need = groupBytes(json).reduce((a, b) => a + b, 0);
+  if (weightData.byteLength !== need) throw new Error(`nsfwjs: weights have ${weightData.byteLength} bytes, model.json needs ${need}`);
+  return { json, weightData };
+}
+
+// ---------------------------------------------------------------------------
+// Building the feature extractor
+// ---------------------------------------------------------------------------
+
+const KerasLayerJson = type({ name: "string", class_name: "string", config: "Record<string, unknown>", inbound_nodes: "unknown[]" });
+const KerasFunctional = type({ class_name: "string", config: { layers: KerasLayerJson.array(), input_layers: "unknown[]", output_layers: "unknown[]" } });
+
+/** Names of the layers `inbound_nodes` reaches from `layer` (itself included). */
+function ancestors(layers: (typeof KerasLayerJson.infer)[], layer: string): Set<string> {
+  const byName = new Map(layers.map((l) => [l.name, l]));
+  const seen = new Set<string>();
+  const stack = [layer];
+  while (stack.length) {
+    const n = stack.pop()!;
+    if (seen.has(n)) continue;
+    const l = byName.get(n);
+    if (!l) throw new Error(`layer "${n}" not found in the model`);
+    seen.add(n);
+    // Keras 2 JSON: inbound_nodes = [[[name, nodeIndex, tensorIndex, kwargs], ...], ...]
+    for (const node of l.inbound_nodes) if (Array.isArray(node)) for (const t of node) if (Array.isArray(t) && typeof t[0] === "string") stack.push(t[0]);
+  }
+  return seen;
+}
+
+/**
+ * A layers model cut at `cut`, with input `size`×`size`: the JSON is rebuilt with the new input
+ * shape and only the layers the cut needs, then the weights are copied layer by layer.
+ */
+async function layersTrunk(a: Artifacts, cut: string, size: number): Promise<tf.LayersModel> {
+  const full = await tf.loadLayersModel(tf.io.fromMemory({ modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs: a.json.weightsManifest.flatMap((g) => g.weights) as tf.io.WeightsManifestEntry[], weightData: a.weightData }));
+  try {
+    const topo = a.json.modelTopology as Record<string, unknown>;
+    const cfg = KerasFunctional(structuredClone(topo.model_config ?? topo));
+    if (cfg instanceof type.errors) throw new Error(`not a functional Keras model (${cfg.summary})`);
+    const keep = ancestors(cfg.config.layers, cut);
+    cfg.config.layers = cfg.config.layers.filter((l) => keep.has(l.name));
+    const inputs = cfg.config.layers.filter((l) => l.class_name === "InputLayer");
+    if (inputs.length !== 1) throw new Error(`expected one input layer, found ${inputs.length}`);
+    inputs[0]!.config.batch_input_shape = [null, size, size, 3];
+    cfg.config.output_layers = [[cut, 0, 0]];
+    // (validated above; tfjs types its JSON input as PyJsonDict)
+    const trunk = await tf.models.modelFromJSON({ modelTopology: { class_name: cfg.class_name, config: cfg.config } as unknown as tf.serialization.ConfigDict });
+    for (const layer of trunk.layers) {
+      if (layer.weights.length > 0) layer.setWeights(full.getLayer(layer.name).getWeights());
+    }
+    return trunk;
+  } finally {
+    full.dispose();
+  }
+}
+
+export interface Backbone {
+  /** "name@size": recorded in checkpoints (meta.backbone) and in the feature cache key. */
+  readonly id: string;
+  readonly spec: BackboneSpec;
+  readonly inputSize: number;
+  readonly featureDim: number;
+  /** sha256 (first 16 hex) of the weight bytes: a change of weights invalidates cached features. */
+  readonly weightsId: string;
+  /** [B, H, W, 3] pixels in [0, 1] (resized bilinearly if H, W ≠ inputSize) → [B, featureDim]. */
+  features(images: tf.Tensor4D): tf.Tensor2D;
+  dispose(): void;
+}
+
+export interface LoadBackboneOptions extends UrlModelOptions {
+  /** Input side; default: the size in the id ("name@128"), else the backbone's native size. */
+  inputSize?: number;
+  /** Use this spec instead of the registry entry (tests, experiments). */
+  spec?: BackboneSpec;
+  /** Load again even if this process already has it (by default a backbone is loaded once). */
+  reload?: boolean;
+}
+
+const loaded = new Map<string, Promise<Backbone>>();
+
+/** Load a backbone by name or "name@size". Loaded once per process and input size. */
+export async function loadBackbone(id: string, o: LoadBackboneOptions = {}): Promise<Backbone> {
+  const parsed = parseBackboneId(id);
+  const spec = o.spec ?? (isBackboneName(parsed.name) ? BACKBONES[parsed.name] : undefined);
+  if (!spec) throw new Error(`unknown backbone "${parsed.name}": choose one of ${BACKBONE_NAMES.join(", ")}`);
+  let size = o.inputSize ?? parsed.inputSize ?? spec.nativeSize;
+  if (!spec.resizable && size !== spec.nativeSize) {
+    (o.log ?? ((l: string) => console.error(l)))(`backbone ${spec.name}: a ${spec.format} model with a fixed ${spec.nativeSize}×${spec.nativeSize} input; using that instead of ${size}`);
+    size = spec.nativeSize;
+  }
+  if (!Number.isInteger(size) || size < 32 || size > 512) throw new Error(`backbone ${spec.name}: input size ${size} is out of range (32..512)`);
+  const key = JSON.stringify([spec, size, resolve(o.cacheRoot ?? CACHE_ROOT), o.mirrors ?? null]);
+  let p = o.reload ? undefined : loaded.get(key);
+  if (!p) {
+    p = build(spec, size, o);
+    loaded.set(key, p);
+    p.catch(() => loaded.delete(key));
+  }
+  return p;
+}
+
+async function build(spec: BackboneSpec, size: number, o: LoadBackboneOptions): Promise<Backbone> {
+  const a = spec.source.kind === "nsfwjs" ? await nsfwjsArtifacts() : await readArtifactsDir(await ensureUrlModel(spec, o));
+  const weightsId = sha256Hex(new Uint8Array(a.weightData)).slice(0, 16);
+  const [lo, hi] = spec.inputRange;
+  let run: (x: tf.Tensor4D) => tf.Tensor;
+  let dispose: () => void;
+  if (spec.format === "layers") {
+    const trunk = await layersTrunk(a, spec.featureNode, size).catch((err: unknown) => {
+      throw new Error(`backbone ${spec.name}: cannot cut at "${spec.featureNode}" for ${size}×${size}: ${err instanceof Error ? err.message : String(err)}`);
+    });
+    run = (x) => trunk.predict(x) as tf.Tensor;
+    dispose = () => trunk.dispose();
+  } else {
+    const graph = await tf.loadGraphModel(tf.io.fromMemory({
+      modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], format: "graph-model",
+      weightSpecs: a.json.weightsManifest.flatMap((g) => g.weights) as tf.io.WeightsManifestEntry[], weightData: a.weightData,
+      signature: a.json.signature, userDefinedMetadata: a.json.userDefinedMetadata as tf.io.ModelArtifacts["userDefinedMetadata"],
+      modelInitializer: a.json.modelInitializer,
+    }));
+    run = (x) => graph.execute(x, spec.featureNode) as tf.Tensor;
+    dispose = () => graph.dispose();
+  }
+  const bb: Backbone = {
+    id: `${spec.name}@${size}`, spec, inputSize: size, featureDim: spec.featureDim, weightsId,
+    features(images) {
+      return tf.tidy(() => {
+        let x: tf.Tensor4D = images;
+        if (x.shape[1] !== size || x.shape[2] !== size) x = tf.image.resizeBilinear(x, [size, size], false, true);
+        x = tf.add(tf.mul(x, hi - lo), lo);
+        let f = run(x);
+        if (f.rank === 4) f = tf.mean(f, [1, 2]); // global average pooling
+        if (f.rank !== 2 || f.shape[1] !== spec.featureDim) throw new Error(`backbone ${spec.name}: features of shape [${f.shape}], expected [B, ${spec.featureDim}]`);
+        return f as tf.Tensor2D;
+      });
+    },
+    dispose,
+  };
+  // One tiny forward pass: a wrong cut or shape fails here, not in the middle of extraction.
+  tf.tidy(() => bb.features(tf.zeros([1, size, size, 3])));
+  return bb;
+}
+
+// ---------------------------------------------------------------------------
+// Feature cache
+// ---------------------------------------------------------------------------
+
+/** Bump when the way features are computed changes (and it includes decodeToRgb's version). */
+export const EXTRACTION = `features-v1/${PREPROCESSING}`;
+
+const FeatureCacheMeta = type({
+  version: "'1'",
+  backbone: "string",
+  weightsId: "string",
+  inputSize: "number.integer > 0",
+  extraction: "string",
+  datasetFingerprint: "string",
+  pixels: "'source-files' | 'upsampled-cache'",
+  n: "number.integer >= 0",
+  dim: "number.integer > 0",
+  seconds: "number >= 0",
+  createdAt: "string",
+});
+type FeatureCacheMeta = typeof FeatureCacheMeta.infer;
+
+export interface FeatureCache {
+  /** Backbone id ("name@size"). */
+  backbone: string;
+  n: number;
+  dim: number;
+  /** n × dim, row i = dataset row i. */
+  data: Float32Array;
+  /** Seconds the extraction took when it was computed (cold). */
+  extractSeconds: number;
+  /** Seconds this call took (load from disk when warm). */
+  seconds: number;
+  reused: boolean;
+  path: string;
+}
+
+export function featureCachePath(ds: Pick<Dataset, "dir">, backbone: Pick<Backbone, "spec" | "inputSize">): string {
+  return join(ds.dir, `features-${backbone.spec.name}-${backbone.inputSize}.f32`);
+}
+
+/**
+ * Backbone features of every row of `ds` (train and val), from the cache next to the image cache
+ * when its key matches, else computed (with progress lines) and written atomically.
+ */
+export async function datasetFeatures(ds: Dataset, bb: Backbone, o: { log?: (l: string) => void; force?: boolean; batchSize?: number } = {}): Promise<FeatureCache> {
+  const log = o.log ?? ((l: string) => console.log(l));
+  const t0 = performance.now();
+  const path = featureCachePath(ds, bb);
+  const fromFiles = !(ds.manifest.synthetic || ds.task === "cifar100");
+  const key = { backbone: bb.id, weightsId: bb.weightsId, inputSize: bb.inputSize, extraction: EXTRACTION, datasetFingerprint: ds.manifest.fingerprint, pixels: fromFiles ? "source-files" : "upsampled-cache" } as const;
+  const n = ds.manifest.items.length;
+  if (!o.force && existsSync(`${path}.json`) && existsSync(path)) {
+    const meta = FeatureCacheMeta(JSON.parse(await readFile(`${path}.json`, "utf8")));
+    if (!(meta instanceof type.errors) && (Object.keys(key) as (keyof typeof key)[]).every((k) => meta[k] === key[k])
+      && meta.n === n && meta.dim === bb.featureDim && (await stat(path)).size === n * bb.featureDim * 4) {
+      const data = new Float32Array((await readFile(path)).buffer.slice(0));
+      const seconds = (performance.now() - t0) / 1000;
+      log(`features ${bb.id}: ${n} rows from ${path} (cached: extraction took ${meta.seconds.toFixed(1)} s; loaded in ${seconds.toFixed(2)} s)`);
+      return { backbone: bb.id, n, dim: bb.featureDim, data, extractSeconds: meta.seconds, seconds, reused: true, path };
+    }
+    log(`features ${bb.id}: cache at ${path} is stale or damaged; recomputing`);
+  }
+  if (!fromFiles) log(`features ${bb.id}: ${ds.manifest.synthetic ? "synthetic" : "CIFAR"} data has no source files: upsampling the cached ${ds.imageSize}×${ds.imageSize} pixels`);
+  const data = new Float32Array(n * bb.featureDim);
+  const S = bb.inputSize;
+  // Smaller batches at large inputs: the wasm heap never shrinks, and training runs in this process after.
+  const batch = o.batchSize ?? Math.max(8, Math.min(32, Math.round(32 * (128 / S) ** 2)));
+  const rows = Array.from({ length: n }, (_, i) => i);
+  const decode = async (idx: number[]): Promise<tf.Tensor4D> => {
+    if (!fromFiles) return imageBatch(ds, idx);
+    const pixels = await mapPool(idx, 4, async (i) => {
+      const item = ds.manifest.items[i]!;
+      const file = join(ds.manifest.source, item.path);
+      let bytes: Uint8Array;
+      try { bytes = new Uint8Array(await readFile(file)); } catch {
+        throw new Error(`${file}: source image missing; features are computed from the original files (re-run prepare.ts if the dataset moved)`);
+      }
+      if (sha256Hex(bytes) !== item.sha256) throw new Error(`${file}: changed since prepare.ts cached it (sha256 differs); re-run prepare.ts`);
+      return decodeToRgb(bytes, S);
+    });
+    const px = S * S * 3;
+    const out = new Float32Array(idx.length * px);
+    pixels.forEach((p, b) => { for (let k = 0; k < px; k++) out[b * px + k] = p[k]! * (1 / 255); });
+    return tf.tensor4d(out, [idx.length, S, S, 3]);
+  };
+  let lastLog = performance.now();
+  // Decode the next batch (sharp, on its own threads) while the backbone runs on this one.
+  let next = decode(rows.slice(0, batch));
+  for (let start = 0; start < n; start += batch) {
+    const x = await next;
+    if (start + batch < n) next = decode(rows.slice(start + batch, start + 2 * batch));
+    const f = bb.features(x);
+    x.dispose();
+    data.set(await f.data() as Float32Array, start * bb.featureDim);
+    f.dispose();
+    const done = Math.min(n, start + batch);
+    if (performance.now() - lastLog > 5000 || done === n) {
+      lastLog = performance.now();
+      const s = (performance.now() - t0) / 1000;
+      log(`features ${bb.id}: ${done}/${n} images, ${(done / s).toFixed(1)} img/s${done < n ? `, ~${((n - done) / (done / s)).toFixed(0)} s left` : ""}`);
+    }
+  }
+  const seconds = (performance.now() - t0) / 1000;
+  const meta: FeatureCacheMeta = { version: "1", ...key, n, dim: bb.featureDim, seconds: Number(seconds.toFixed(3)), createdAt: new Date().toISOString() };
+  const tmp = `${path}.tmp-${process.pid}`;
+  await writeFile(tmp, new Uint8Array(data.buffer));
+  await writeFile(`${tmp}.json`, JSON.stringify(meta, null, 2));
+  await rename(tmp, path);
+  await rename(`${tmp}.json`, `${path}.json`); // the JSON is written last: it is what says "complete"
+  log(`features ${bb.id}: ${n} images in ${seconds.toFixed(1)} s, cached in ${path}`);
+  return { backbone: bb.id, n, dim: bb.featureDim, data, extractSeconds: seconds, seconds, reused: false, path };
+}
+
+/** Cached features of dataset rows `indices`, as a [B, D] tensor. */
+export function featureRows(fc: FeatureCache, indices: ArrayLike<number>): tf.Tensor2D {
+  const out = new Float32Array(indices.length * fc.dim);
+  for (let b = 0; b < indices.length; b++) {
+    const i = indices[b]!;
+    if (i < 0 || i >= fc.n) throw new Error(`feature row ${i} out of range (cache has ${fc.n})`);
+    out.set(fc.data.subarray(i * fc.dim, (i + 1) * fc.dim), b * fc.dim);
+  }
+  return tf.tensor2d(out, [indices.length, fc.dim]);
+}
+
+/**
+ * The Predictor of a head trained on backbone features: with `cache` (the dataset's features),
+ * rows are looked up by index, as in training; without, the backbone runs on the images given
+ * (new photos: pass them at backbone.inputSize for the same pixels as training).
+ */
+export function backbonePredictor(head: tf.LayersModel, bb: Backbone, cache?: FeatureCache): Predictor {
+  return (images, indices) => {
+    const x = cache ? featureRows(cache, indices) : bb.features(images);
+    const out = head.predict(x);
+    x.dispose();
+    const outs = Array.isArray(out) ? out : [out];
+    return { probs: outs[0]!, yields: outs[1] };
+  };
+}
+
+/** Human-readable line for meta.notes and logs. */
+export function describeBackbone(bb: Backbone): string {
+  return `frozen backbone ${bb.id}: ${bb.spec.title}; input ${bb.inputSize}x${bb.inputSize}, pixels scaled to [${bb.spec.inputRange.join(", ")}]; weights ${bb.spec.imagenet ? "ImageNet" : bb.spec.weights} (sha256 ${bb.weightsId}…); the checkpoint holds only the head over ${bb.featureDim}-d pooled features`;
+}
+
+/** Temp folders of downloads whose process is gone (killed mid-download): never a valid cache. */
+async function removeDeadTemps(dest: string): Promise<void> {
+  const dir = resolve(dest, "..");
+  if (!existsSync(dir)) return;
+  const prefix = `${dest.slice(dir.length + 1)}.tmp-`;
+  for (const d of await readdir(dir)) {
+    if (!d.startsWith(prefix)) continue;
+    const pid = Number(d.slice(prefix.length).split("-")[0]);
+    let alive = false;
+    try { process.kill(pid, 0); alive = true; } catch { /* no such process */ }
+    if (!alive) await rm(join(dir, d), { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,769 @@
+/**
+ * summarize_results.ts — read a night of experiments at a glance.
+ *
+ * Usage:
+ *   bun summarize_results.ts                          # results.tsv -> ./analysis_summary.{json,md}, ./progress.{svg,png}
+ *   bun summarize_results.ts --results other.tsv --out-dir reports --plateau 8
+ *   bun summarize_results.ts --no-chart               # only the JSON and the Markdown
+ *
+ * analysis_summary.json (schema: AnalysisSummary, below) is for an agent choosing the next
+ * experiment: baseline, best and its commit, the frontier, the noise floor, crash reasons, near
+ * misses worth combining, what each hyperparameter move did, regions that lost repeatedly,
+ * plateau detection and a short list of suggestions. analysis_summary.md is the same for a person.
+ * progress.svg/.png plot every run over its run number (Vega-Lite, rendered headless by vega,
+ * rasterised by sharp).
+ *
+ * Inputs: results.tsv (lib/results.ts's format; lines that are not rows are reported with their
+ * line number, never fatal), `.autoresearch/state.json` for the loop's noise floor when it has
+ * one (else: mean and σ of the `baseline` rows plus the first `keep`), and run logs in
+ * `.autoresearch/logs/` (any file whose name holds a crashed run's commit) for crash reasons.
+ * The loop runs this after every experiment.
+ */
+import { existsSync, readdirSync } from "node:fs";
+import { mkdir, readFile, rename, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { type } from "arktype";
+import { cac } from "cac";
+import type { TopLevelSpec } from "vega-lite";
+import { TASK_METRICS, Task } from "./prepare.ts";
+import { readResults, Status, type ParsedResults, type ResultRow } from "./lib/results.ts";
+
+// ---------------------------------------------------------------------------
+// The summary's schema (loop.ts and the tests validate against it)
+// ---------------------------------------------------------------------------
+
+/** One results.tsv row with its run number (1-based, file order) and line number. */
+export const RunSummary = type({
+  run: "number.integer >= 1",
+  line: "number.integer >= 2",
+  commit: "string",
+  status: Status,
+  primary: "number",
+  secondary: "number",
+  metrics: "Record<string, number>",
+  memory_gb: "number >= 0",
+  description: "string",
+});
+export type RunSummary = typeof RunSummary.infer;
+
+/** `lr 0.003 -> 0.006`: one hyperparameter move as the built-in proposer describes it. */
+export const HpMove = type({ axis: "string", from: "string", to: "string", direction: "'up' | 'down' | 'same' | 'change'" });
+export type HpMove = typeof HpMove.infer;
+
+const Suggestion = type({
+  kind: "'structural' | 'fix-crash' | 'combine' | 'continue' | 'opposite' | 'retry'",
+  text: "string",
+  "axis?": "string",
+});
+export type Suggestion = typeof Suggestion.infer;
+
+export const AnalysisSummary = type({
+  version: "'1'",
+  generatedAt: "string",
+  /** The results file read. */
+  results: "string",
+  task: Task.or("null"),
+  primary: "string | null",
+  secondary: "string | null",
+  /** Lines of results.tsv that are not rows: reported, skipped. */
+  parseErrors: type({ line: "number.integer >= 1", message: "string" }).array(),
+  counts: { runs: "number.integer >= 0", baseline: "number.integer >= 0", keep: "number.integer >= 0", discard: "number.integer >= 0", crash: "number.integer >= 0" },
+  /** The first `baseline` row, else the first `keep`. */
+  baseline: RunSummary.or("null"),
+  /** The best baseline/keep row: highest primary, then secondary; on a full tie the later run (the branch tip). */
+  best: RunSummary.or("null"),
+  /** best − baseline on the primary metric (relative: over |baseline|, null when it is 0). */
+  improvement: type({ absolute: "number", relative: "number | null" }).or("null"),
+  /** Each row that raised the running best (baseline first), with its gain over the previous best. */
+  frontier: RunSummary.merge({ gain: "number | null" }).array(),
+  /**
+   * Spread of repeated baseline measurements. threshold = k·σ: an improvement smaller than this
+   * is noise. source: "state" (the loop's .autoresearch/state.json), "results" (baseline rows +
+   * the first keep), "none" (fewer than two measurements).
+   */
+  noiseFloor: {
+    mean: "number | null", sigma: "number | null", k: "number > 0", threshold: "number | null",
+    n: "number.integer >= 0", source: "'state' | 'results' | 'none'",
+  },
+  /** reason: the loop's own "(crash: …)" note when the description has one, else the run log's last error line. */
+  crashes: type({
+    run: "number.integer >= 1", commit: "string", description: "string", reason: "string", from: "'log' | 'description' | 'unknown'",
+    /** The last error-like line of the run's log (.autoresearch/logs/*<commit>*), when there is one. */
+    logLine: "string | null",
+  }).array(),
+  /** Crash reasons grouped (numbers ignored), most frequent first. */
+  crashReasons: type({ reason: "string", count: "number.integer >= 1", runs: "number.integer[]" }).array(),
+  /**
+   * Discarded runs that nearly made it: primary within the tolerance of the best they were
+   * measured against (deltaToParent ≥ −tolerance), or a secondary metric above that best's.
+   */
+  nearMisses: RunSummary.merge({ deltaToParent: "number", gapToBest: "number", why: "string[]", moves: HpMove.array() }).array(),
+  nearMissTolerance: { value: "number >= 0", basis: "string" },
+  /** Per hyperparameter axis (from `axis old -> new` descriptions): what each move did. */
+  hpAxes: type({
+    axis: "string",
+    tried: "number.integer >= 1", wins: "number.integer >= 0", losses: "number.integer >= 0", crashes: "number.integer >= 0",
+    /** The axis's value in the current best, as far as the descriptions tell. */
+    current: "string | null",
+    moves: type({ run: "number.integer >= 1", from: "string", to: "string", direction: HpMove.get("direction"), status: Status, delta: "number | null" }).array(),
+  }).array(),
+  /**
+   * Moves that lost (discard or crash) at least twice and never won: the same axis, direction and
+   * starting value (`lr up from 0.005`), or, for non-numeric values, the same target. Avoid them.
+   */
+  lostRegions: type({
+    axis: "string", direction: HpMove.get("direction"), from: "string | null", region: "string",
+    values: "string[]", losses: "number.integer >= 2", runs: "number.integer[]",
+  }).array(),
+  plateau: { window: "number.integer >= 1", runsSinceLastKeep: "number.integer >= 0", detected: "boolean", suggestion: "string | null" },
+  suggestions: Suggestion.array(),
+  /** Every run, for the chart: crashes have no score (null). */
+  series: type({
+    run: "number.integer >= 1", status: Status, primary: "number | null", secondary: "number | null",
+    runningBest: "number | null", description: "string", label: "string | null",
+  }).array(),
+});
+export type AnalysisSummary = typeof AnalysisSummary.infer;
+
+// ---------------------------------------------------------------------------
+// Reading the inputs: HP moves, the loop's noise floor, crash logs
+// ---------------------------------------------------------------------------
+
+const MOVE = /([A-Za-z_][\w.]*)\s+([^\s,;()]+)\s*->\s*([^\s,;()]+)/g;
+
+/**
+ * The moves in a description: `lr 0.003 -> 0.006`, optionally followed by ` (notes)`; several
+ * moves separated by commas, semicolons or `+` are all returned. Notes in parentheses are ignored.
+ */
+export function parseHpMoves(description: string): HpMove[] {
+  const withoutNotes = description.replace(/\([^()]*\)/g, " ");
+  return [...withoutNotes.matchAll(MOVE)].map((m) => {
+    const [from, to] = [m[2] ?? "", m[3] ?? ""];
+    const a = Number(from), b = Number(to);
+    const numeric = from !== "" && to !== "" && Number.isFinite(a) && Number.isFinite(b);
+    const direction = numeric ? (b > a ? "up" : b < a ? "down" : "same") : from === to ? "same" : "change";
+    return { axis: m[1] ?? "", from, to, direction };
+  });
+}
+
+/** Numbers under any of `keys` in an object, else undefined. */
+function pick(o: Record<string, unknown>, keys: string[]): number | undefined {
+  for (const k of keys) {
+    const v = o[k];
+    if (typeof v === "number" && Number.isFinite(v)) return v;
+  }
+  return undefined;
+}
+
+function isRecord(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+/**
+ * The loop's noise floor from state.json, read defensively (its fields are not fixed yet): a
+ * number under noiseFloor/noise_floor/noise is the threshold; an object may hold mean, sigma
+ * (std, sd), k and threshold, or the raw samples.
+ */
+export function noiseFromState(state: unknown, k: number): { mean: number | null; sigma: number | null; k: number; threshold: number | null; n: number } | null {
+  if (!isRecord(state)) return null;
+  const raw = state.noiseFloor ?? state.noise_floor ?? state.noise;
+  if (typeof raw === "number" && Number.isFinite(raw)) return { mean: null, sigma: null, k, threshold: raw, n: 0 };
+  if (!isRecord(raw)) return null;
+  const samples = ["samples", "values", "runs", "scores"].map((key) => raw[key]).find((v): v is number[] => Array.isArray(v) && v.length > 0 && v.every((x) => typeof x === "number"));
+  const fromSamples = samples ? meanSigma(samples) : null;
+  const kk = pick(raw, ["k", "sigmas", "multiplier"]) ?? k;
+  const sigma = pick(raw, ["sigma", "std", "sd", "stdev", "σ"]) ?? fromSamples?.sigma ?? null;
+  const mean = pick(raw, ["mean", "baselineMean", "baseline_mean", "mu"]) ?? fromSamples?.mean ?? null;
+  const threshold = pick(raw, ["threshold", "floor", "value", "noiseFloor", "min_improvement", "minImprovement"]) ?? (sigma !== null ? kk * sigma : null);
+  if (mean === null && sigma === null && threshold === null) return null;
+  return { mean, sigma, k: kk, threshold, n: samples?.length ?? pick(raw, ["n", "count", "repeats"]) ?? 0 };
+}
+
+function meanSigma(xs: number[]): { mean: number; sigma: number | null } {
+  const mean = xs.reduce((s, x) => s + x, 0) / xs.length;
+  if (xs.length < 2) return { mean, sigma: null };
+  const v = xs.reduce((s, x) => s + (x - mean) ** 2, 0) / (xs.length - 1);
+  return { mean, sigma: Math.sqrt(v) };
+}
+
+const ERROR_LINE = /^(?:error:|FAIL:|.*\b(?:[A-Z]\w*Error|Exception)\b|.*\b(?:out of memory|OOM|Killed|timed out|timeout|NaN)\b).*$/gm;
+
+/** The last line of a run log that reads like the reason it died, or null. */
+export function crashReasonFromLog(text: string): string | null {
+  const hits = [...text.matchAll(ERROR_LINE)].map((m) => m[0].trim()).filter((l) => l !== "");
+  return hits.at(-1)?.slice(0, 200) ?? null;
+}
+
+/** `lr 0.003 -> 0.012 (crash: loss is NaN at step 12)` → `loss is NaN at step 12`. */
+export function crashReasonFromDescription(description: string): string | null {
+  const note = /\(([^()]*)\)\s*$/.exec(description)?.[1] ?? (/crash(?:ed)?:\s*(.+)$/i.exec(description)?.[1] ?? null);
+  if (note === null) return null;
+  return note.replace(/^\s*crash(?:ed)?\s*[:\-–]?\s*/i, "").trim() || null;
+}
+
+/** Logs in a folder, looked up by commit (any file whose name holds the commit). */
+function logFinder(dir: string): (commit: string) => Promise<string | null> {
+  const names = existsSync(dir) ? readdirSync(dir) : [];
+  return async (commit) => {
+    if (commit === "-" || commit.length < 7) return null;
+    const name = names.find((n) => n.includes(commit.slice(0, 7)));
+    return name ? await readFile(join(dir, name), "utf8").catch(() => null) : null;
+  };
+}
+
+// ---------------------------------------------------------------------------
+// The analysis (pure: parsed rows in, summary out)
+// ---------------------------------------------------------------------------
+
+export interface SummarizeOptions {
+  results: string;
+  /** Parsed .autoresearch/state.json, or null. */
+  state?: unknown;
+  /** Run log text for a commit, or null. */
+  logFor?: (commit: string) => Promise<string | null>;
+  /** No keep in this many runs = a plateau. */
+  plateau?: number;
+  /** Noise threshold in σ when the loop does not say. */
+  noiseK?: number;
+  now?: Date;
+}
+
+export const DEFAULT_PLATEAU = 10;
+const DEFAULT_NOISE_K = 2;
+/** Near-miss tolerance when there is no noise estimate: this share of |best|. */
+const FALLBACK_TOLERANCE = 0.005;
+const LABEL_CHARS = 30;
+
+export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): Promise<AnalysisSummary> {
+  const k = opts.noiseK ?? DEFAULT_NOISE_K;
+  const window = opts.plateau ?? DEFAULT_PLATEAU;
+  const task = parsed.task;
+  const primary = task ? TASK_METRICS[task].primary : null;
+  const secondary = task ? TASK_METRICS[task].secondary : null;
+  const runs = rowsToRuns(parsed, primary, secondary);
+  const counts = { runs: runs.length, baseline: 0, keep: 0, discard: 0, crash: 0 };
+  for (const r of runs) counts[r.status]++;
+
+  // The running best: baseline and keep rows, compared on (primary, secondary).
+  const better = (a: RunSummary, b: RunSummary | null) => b === null || a.primary > b.primary || (a.primary === b.primary && a.secondary > b.secondary);
+  const bestBefore: (RunSummary | null)[] = [];
+  const bestAfter: (RunSummary | null)[] = [];
+  const frontier: (RunSummary & { gain: number | null })[] = [];
+  let best: RunSummary | null = null;
+  for (const r of runs) {
+    bestBefore.push(best);
+    if (r.status === "baseline" || r.status === "keep") {
+      // A baseline row after the first best is a repeat of the same code (a noise sample), not progress.
+      if (better(r, best) && !(r.status === "baseline" && best !== null)) { frontier.push({ ...r, gain: best === null ? null : r.primary - best.primary }); best = r; }
+      else if (r.status === "keep" && best !== null && r.primary === best.primary && r.secondary === best.secondary) best = r; // a full tie: the later keep is the branch tip
+    }
+    bestAfter.push(best);
+  }
+  const baseline = runs.find((r) => r.status === "baseline") ?? runs.find((r) => r.status === "keep") ?? null;
+
+  const noiseFloor = computeNoise(runs, opts.state, k);
+  const tolerance = noiseFloor.threshold !== null
+    ? { value: noiseFloor.threshold, basis: `noise threshold (${noiseFloor.k}σ, from ${noiseFloor.source === "state" ? "the loop's state.json" : "baseline rows"})` }
+    : { value: best ? Math.abs(best.primary) * FALLBACK_TOLERANCE : 0, basis: `${FALLBACK_TOLERANCE * 100}% of the best (no noise estimate: fewer than two baseline measurements)` };
+
+  const crashes = await Promise.all(runs.filter((r) => r.status === "crash").map(async (r) => {
+    const log = opts.logFor ? await opts.logFor(r.commit) : null;
+    const fromLog = log !== null ? crashReasonFromLog(log) : null;
+    const fromDesc = crashReasonFromDescription(r.description);
+    const reason = fromDesc ?? fromLog ?? "unknown (no run log, and the description gives no reason)";
+    const from = fromDesc ? "description" as const : fromLog ? "log" as const : "unknown" as const;
+    return { run: r.run, commit: r.commit, description: r.description, reason, from, logLine: fromLog };
+  }));
+  const crashReasons = groupCrashes(crashes);
+
+  const nearMisses = runs.flatMap((r, i) => {
+    const parent = bestBefore[i];
+    if (r.status !== "discard" || !parent || !best) return [];
+    const deltaToParent = r.primary - parent.primary;
+    const why: string[] = [];
+    if (deltaToParent >= -tolerance.value) why.push(`${primary} within ${fmt(tolerance.value)} of the best it was measured against`);
+    if (r.secondary > parent.secondary) why.push(`${secondary} ${fmt(r.secondary)} above that best's ${fmt(parent.secondary)}`);
+    return why.length ? [{ ...r, deltaToParent, gapToBest: r.primary - best.primary, why, moves: parseHpMoves(r.description) }] : [];
+  }).sort((a, b) => b.deltaToParent - a.deltaToParent).slice(0, 8);
+
+  const hpAxes = axisStats(runs, bestBefore);
+  const lostRegions = findLostRegions(hpAxes);
+  const lastKeep = runs.map((r) => r.status === "keep" || r.status === "baseline").lastIndexOf(true);
+  const runsSinceLastKeep = lastKeep < 0 ? runs.length : runs.length - 1 - lastKeep;
+  const detected = runs.length > 0 && runsSinceLastKeep >= window;
+  const plateau = {
+    window, runsSinceLastKeep, detected,
+    suggestion: detected
+      ? `no keep in the last ${runsSinceLastKeep} runs: single hyperparameter moves around the best look used up; try a structural change in train.ts (another architecture such as residual or depthwise blocks, a wider or deeper net, another optimizer or schedule, stronger augmentation, or a pretrained backbone)`
+      : null,
+  };
+
+  const frontierRuns = new Set(frontier.map((f) => f.run));
+  const series = runs.map((r, i) => {
+    return {
+      run: r.run, status: r.status, primary: r.status === "crash" ? null : r.primary, secondary: r.status === "crash" ? null : r.secondary,
+      runningBest: bestAfter[i]?.primary ?? null, description: r.description, label: frontierRuns.has(r.run) || r.status === "keep" ? shorten(r.description.replace(/\s*\([^()]*\)\s*$/, "") || r.description, LABEL_CHARS) : null,
+    };
+  });
+
+  const summary: AnalysisSummary = {
+    version: "1", generatedAt: (opts.now ?? new Date()).toISOString(), results: opts.results, task, primary, secondary,
+    parseErrors: parsed.errors, counts, baseline, best,
+    improvement: best && baseline ? { absolute: best.primary - baseline.primary, relative: baseline.primary === 0 ? null : (best.primary - baseline.primary) / Math.abs(baseline.primary) } : null,
+    frontier, noiseFloor, crashes, crashReasons, nearMisses, nearMissTolerance: tolerance, hpAxes, lostRegions, plateau,
+    suggestions: [], series,
+  };
+  summary.suggestions = suggest(summary);
+  return summary;
+}
+
+function rowsToRuns(parsed: ParsedResults, primary: string | null, secondary: string | null): RunSummary[] {
+  return parsed.rows.map((row: ResultRow, i) => {
+    return {
+      run: i + 1, line: parsed.lines?.[i] ?? i + 2, commit: row.commit, status: row.status,
+      primary: primary ? row.metrics[primary] ?? 0 : 0, secondary: secondary ? row.metrics[secondary] ?? 0 : 0,
+      metrics: row.metrics, memory_gb: row.memory_gb, description: row.description,
+    };
+  });
+}
+
+function computeNoise(runs: RunSummary[], state: unknown, k: number): AnalysisSummary["noiseFloor"] {
+  const fromState = noiseFromState(state, k);
+  const baselineRows = runs.filter((r) => r.status === "baseline");
+  const firstKeep = runs.find((r) => r.status === "keep");
+  const samples = [...baselineRows, ...(firstKeep ? [firstKeep] : [])].map((r) => r.primary);
+  const own = samples.length > 0 ? meanSigma(samples) : null;
+  if (fromState) {
+    return { mean: fromState.mean ?? own?.mean ?? null, sigma: fromState.sigma, k: fromState.k, threshold: fromState.threshold, n: fromState.n || samples.length, source: "state" };
+  }
+  const sigma = own?.sigma ?? null;
+  return { mean: own?.mean ?? null, sigma, k, threshold: sigma === null ? null : k * sigma, n: samples.length, source: sigma === null ? "none" : "results" };
+}
+
+function groupCrashes(crashes: AnalysisSummary["crashes"]): AnalysisSummary["crashReasons"] {
+  const groups = new Map<string, { reason: string; count: number; runs: number[] }>();
+  for (const c of crashes) {
+    const key = c.reason.toLowerCase().replace(/[\d.]+(e-?\d+)?/g, "N").replace(/\s+/g, " ").trim();
+    const g = groups.get(key) ?? { reason: c.reason, count: 0, runs: [] };
+    g.count++;
+    g.runs.push(c.run);
+    groups.set(key, g);
+  }
+  return [...groups.values()].sort((a, b) => b.count - a.count || a.runs[0]! - b.runs[0]!);
+}
+
+function axisStats(runs: RunSummary[], bestBefore: (RunSummary | null)[]): AnalysisSummary["hpAxes"] {
+  const axes = new Map<string, AnalysisSummary["hpAxes"][number]>();
+  runs.forEach((r, i) => {
+    if (r.status === "baseline") return;
+    for (const m of parseHpMoves(r.description)) {
+      const a = axes.get(m.axis) ?? { axis: m.axis, tried: 0, wins: 0, losses: 0, crashes: 0, current: null, moves: [] };
+      const parent = bestBefore[i];
+      a.tried++;
+      if (r.status === "keep") a.wins++;
+      else if (r.status === "crash") a.crashes++;
+      else a.losses++;
+      a.moves.push({ run: r.run, from: m.from, to: m.to, direction: m.direction, status: r.status, delta: r.status === "crash" || !parent ? null : r.primary - parent.primary });
+      // The current value: a kept move sets it; any later move starts from it.
+      a.current = r.status === "keep" ? m.to : m.from;
+      axes.set(m.axis, a);
+    }
+  });
+  return [...axes.values()].sort((a, b) => b.tried - a.tried || a.axis.localeCompare(b.axis));
+}
+
+function findLostRegions(axes: AnalysisSummary["hpAxes"]): AnalysisSummary["lostRegions"] {
+  const out: AnalysisSummary["lostRegions"] = [];
+  for (const a of axes) {
+    const regions = new Map<string, { direction: HpMove["direction"]; from: string | null; won: boolean; values: Set<string>; runs: number[] }>();
+    for (const m of a.moves) {
+      const numeric = m.direction === "up" || m.direction === "down";
+      const key = numeric ? `${m.direction} from ${m.from}` : `to ${m.to}`;
+      const g = regions.get(key) ?? { direction: m.direction, from: numeric ? m.from : null, won: false, values: new Set<string>(), runs: [] };
+      if (m.status === "keep") g.won = true;
+      else { g.values.add(m.to); g.runs.push(m.run); }
+      regions.set(key, g);
+    }
+    for (const [region, g] of regions) {
+      if (!g.won && g.runs.length >= 2) out.push({ axis: a.axis, direction: g.direction, from: g.from, region, values: [...g.values], losses: g.runs.length, runs: g.runs });
+    }
+  }
+  return out.sort((x, y) => y.losses - x.losses);
+}
+
+/** A short list of next experiments, most useful first. */
+function suggest(s: AnalysisSummary): Suggestion[] {
+  const out: Suggestion[] = [];
+  if (s.plateau.suggestion) out.push({ kind: "structural", text: s.plateau.suggestion });
+  for (const c of s.crashReasons.filter((c) => c.count >= 2)) {
+    out.push({ kind: "fix-crash", text: `${c.count} runs crashed with "${shorten(c.reason, 80)}" (runs ${c.runs.join(", ")}): fix the cause or stop proposing those changes` });
+  }
+  const lost = (axis: string, dir: string, from: string | null) => s.lostRegions.some((r) => r.axis === axis && r.direction === dir && r.from === from);
+  // Combine near misses on different axes: each was nearly as good alone.
+  const combos: { run: number; move: HpMove }[] = [];
+  for (const n of s.nearMisses) {
+    const m = n.moves[0];
+    if (n.moves.length === 1 && m && !combos.some((c) => c.move.axis === m.axis)) combos.push({ run: n.run, move: m });
+  }
+  if (combos.length >= 2) {
+    const [a, b] = combos as [typeof combos[number], typeof combos[number]];
+    out.push({ kind: "combine", text: `combine two near misses on the current best: ${a.move.axis} -> ${a.move.to} (run ${a.run}) together with ${b.move.axis} -> ${b.move.to} (run ${b.run})` });
+  } else if (combos.length === 1) {
+    const [a] = combos as [typeof combos[number]];
+    out.push({ kind: "retry", axis: a.move.axis, text: `retry the near miss ${a.move.axis} -> ${a.move.to} (run ${a.run}) on the current best, perhaps with another seed: it was within noise` });
+  }
+  for (const a of s.hpAxes) {
+    const last = a.moves.at(-1);
+    const lastWin = [...a.moves].reverse().find((m) => m.status === "keep");
+    if (lastWin && (lastWin.direction === "up" || lastWin.direction === "down") && last === lastWin && !lost(a.axis, lastWin.direction, lastWin.to)) {
+      out.push({ kind: "continue", axis: a.axis, text: `${a.axis}: continue ${lastWin.direction} from ${lastWin.to} (${lastWin.from} -> ${lastWin.to} won${lastWin.delta !== null ? `, ${signed(lastWin.delta)}` : ""})` });
+    }
+  }
+  for (const a of s.hpAxes) {
+    const dirs = new Set(a.moves.map((m) => m.direction));
+    for (const [tried, other] of [["up", "down"], ["down", "up"]] as const) {
+      // Only after a direction lost repeatedly, and never for the seed (it has no direction).
+      if (dirs.has(tried) && !dirs.has(other) && lost(a.axis, tried, a.current) && a.current !== null && !/seed/i.test(a.axis)
+        && !(other === "down" && Number(a.current) <= 0)) {
+        out.push({ kind: "opposite", axis: a.axis, text: `${a.axis}: moving ${tried} lost repeatedly (${a.moves.filter((m) => m.direction === tried).map((m) => m.to).join(", ")}); try ${other} from ${a.current}` });
+      }
+    }
+  }
+  return out.slice(0, 6);
+}
+
+// ---------------------------------------------------------------------------
+// The Markdown brief
+// ---------------------------------------------------------------------------
+
+const fmt = (v: number | null | undefined, digits = 4) => (v === null || v === undefined ? "n/a" : v.toFixed(digits));
+const signed = (v: number, digits = 4) => `${v >= 0 ? "+" : "−"}${Math.abs(v).toFixed(digits)}`;
+/** One line, at most n characters, cut at a word where possible. */
+export function shorten(text: string, n: number): string {
+  const t = text.replace(/\s+/g, " ").trim();
+  if (t.length <= n) return t;
+  const cut = t.slice(0, n - 1);
+  const space = cut.lastIndexOf(" ");
+  return `${space > n * 0.6 ? cut.slice(0, space) : cut}…`;
+}
+const cell = (text: string) => text.replace(/\|/g, "\\|");
+
+export function renderMarkdown(s: AnalysisSummary): string {
+  const L: string[] = [];
+  L.push(`# Research summary${s.task ? ` — ${s.task} task` : ""}`, "");
+  L.push(`_${s.results}, ${s.counts.runs} runs, generated ${s.generatedAt.slice(0, 16).replace("T", " ")} UTC._`, "");
+  if (s.counts.runs === 0) {
+    L.push(s.task === null && s.parseErrors.length === 0 ? "No runs yet: results.tsv is empty or missing." : "No runs yet.", "");
+  } else {
+    const p = s.primary ?? "primary";
+    if (s.best) {
+      const gain = s.improvement ? ` — ${signed(s.improvement.absolute)} over the baseline ${fmt(s.baseline?.primary)}${s.improvement.relative !== null ? ` (${signed(100 * s.improvement.relative, 1)}%)` : ""}` : "";
+      L.push(`**Best ${p}: ${fmt(s.best.primary)}** at run ${s.best.run}, commit \`${s.best.commit}\` (“${shorten(s.best.description, 60)}”)${gain}.`, "");
+    } else {
+      L.push(`No run has been kept yet (no baseline or keep row).`, "");
+    }
+    const nf = s.noiseFloor;
+    L.push(`- Runs: ${s.counts.runs} — ${s.counts.keep} kept, ${s.counts.discard} discarded, ${s.counts.crash} crashed, ${s.counts.baseline} baseline.`);
+    L.push(`- Noise floor: ${nf.sigma !== null ? `σ ${fmt(nf.sigma)}` : "σ unknown"}${nf.threshold !== null ? `, threshold ${fmt(nf.threshold)} (${nf.k}σ)` : ""}${nf.mean !== null ? ` around ${fmt(nf.mean)}` : ""} — ${nf.source === "state" ? "from the loop's state.json" : nf.source === "results" ? `from ${nf.n} baseline measurements` : "fewer than two baseline measurements: gains below ~0.5% may be noise"}.`);
+    L.push(`- Plateau: ${s.plateau.detected ? `**yes** — no keep in the last ${s.plateau.runsSinceLastKeep} runs` : `no (last keep ${s.plateau.runsSinceLastKeep} run${s.plateau.runsSinceLastKeep === 1 ? "" : "s"} ago, window ${s.plateau.window})`}.`, "");
+    if (s.frontier.length > 0) {
+      L.push("## Frontier (each run that raised the best)", "", `| run | commit | ${p} | gain | description |`, "|---:|---|---:|---:|---|");
+      for (const f of s.frontier) L.push(`| ${f.run} | \`${f.commit}\` | ${fmt(f.primary)} | ${f.gain === null ? "—" : signed(f.gain)} | ${cell(shorten(f.description, 70))} |`);
+      L.push("");
+    }
+    if (s.nearMisses.length > 0) {
+      L.push(`## Near misses worth combining (tolerance ${fmt(s.nearMissTolerance.value)}: ${s.nearMissTolerance.basis})`, "");
+      for (const n of s.nearMisses) L.push(`- run ${n.run} \`${n.commit}\` ${fmt(n.primary)} (${signed(n.deltaToParent)} vs its best): ${cell(shorten(n.description, 60))} — ${n.why.join("; ")}`);
+      L.push("");
+    }
+    if (s.hpAxes.length > 0) {
+      L.push("## Hyperparameter moves", "", "| axis | tried | won | lost | crashed | current | moves (run: from→to, Δ) |", "|---|---:|---:|---:|---:|---|---|");
+      for (const a of s.hpAxes) {
+        const moves = a.moves.slice(-6).map((m) => `${m.run}: ${m.from}→${m.to} ${m.status === "keep" ? "✔" : m.status === "crash" ? "✖crash" : "✖"}${m.delta !== null ? ` ${signed(m.delta, 3)}` : ""}`).join("; ");
+        L.push(`| ${a.axis} | ${a.tried} | ${a.wins} | ${a.losses} | ${a.crashes} | ${a.current ?? "?"} | ${cell(moves)} |`);
+      }
+      L.push("");
+    }
+    if (s.lostRegions.length > 0) {
+      L.push("## Regions that lost repeatedly (avoid)", "");
+      for (const r of s.lostRegions) L.push(`- ${r.axis} ${r.region}: lost ${r.losses}× (tried ${r.values.join(", ")}; runs ${r.runs.join(", ")})`);
+      L.push("");
+    }
+    if (s.crashes.length > 0) {
+      L.push("## Crashes", "");
+      for (const c of s.crashReasons) L.push(`- ${c.count}× ${cell(shorten(c.reason, 120))} (runs ${c.runs.join(", ")})`);
+      L.push("");
+    }
+    if (s.suggestions.length > 0) {
+      L.push("## Suggested next experiments", "");
+      s.suggestions.forEach((x, i) => L.push(`${i + 1}. ${x.text}`));
+      L.push("");
+    }
+  }
+  if (s.parseErrors.length > 0) {
+    L.push("## Lines of results.tsv that are not rows (skipped)", "");
+    for (const e of s.parseErrors) L.push(`- line ${e.line}: ${e.message}`);
+    L.push("");
+  }
+  return `${L.join("\n").trimEnd()}\n`;
+}
+
+// ---------------------------------------------------------------------------
+// The progress chart: Vega-Lite → vega's headless View → SVG → sharp → PNG
+// ---------------------------------------------------------------------------
+
+/** Size of progress.svg in CSS pixels; progress.png is CHART.scale times larger. */
+export const CHART = { width: 1000, height: 560, scale: 2 } as const;
+/** Fixed margins around the plot (autosize "none"), so the plot's pixel geometry is known here. */
+const MARGIN = { left: 88, right: 24, top: 66, bottom: 84 };
+const LABEL_FONT = 11;
+/** DejaVu Sans averages about 0.6 em per character: enough to keep labels apart. */
+const textWidth = (t: string) => t.length * LABEL_FONT * 0.62;
+
+const STATUS_STYLE = {
+  domain: ["baseline", "keep", "discard", "crash"],
+  colors: ["#3b6fb6", "#2e9e44", "#9a9a9a", "#d1342f"],
+  shapes: ["square", "circle", "diamond", "cross"],
+};
+
+interface Box { x0: number; y0: number; x1: number; y1: number; weight?: number }
+const overlaps = (a: Box, b: Box) => a.x0 < b.x1 && b.x0 < a.x1 && a.y0 < b.y1 && b.y0 < a.y1;
+
+/**
+ * Place each kept run's label next to its point (pixel space of the plot): the first of a few
+ * spots around the point that stays inside the plot and clear of points, the best-so-far line and
+ * the labels already placed; else the spot with the fewest collisions.
+ */
+function placeLabels(
+  labels: { x: number; y: number; text: string }[], obstacles: Box[], w: number, h: number,
+): { x: number; y: number; text: string; lx: number; ly: number; align: "left" | "right" }[] {
+  const placed: Box[] = [];
+  const lh = LABEL_FONT + 3, gap = 7;
+  return labels.map((l) => {
+    const tw = textWidth(l.text);
+    const spots: { lx: number; ly: number; align: "left" | "right" }[] = [];
+    for (let level = 0; level < 6; level++) {
+      for (const sign of [-1, 1]) {
+        const ly = l.y + sign * (gap + (level + 0.5) * lh);
+        spots.push({ lx: l.x + gap, ly, align: "left" }, { lx: l.x - gap, ly, align: "right" });
+      }
+    }
+    const boxOf = (p: { lx: number; ly: number; align: "left" | "right" }): Box => ({
+      x0: p.align === "left" ? p.lx : p.lx - tw, x1: p.align === "left" ? p.lx + tw : p.lx, y0: p.ly - lh / 2, y1: p.ly + lh / 2,
+    });
+    // Crossing another label or a caption is worst, the best-so-far line next, a point least.
+    const cost = (b: Box) => (b.x0 < 0 || b.x1 > w || b.y0 < 0 || b.y1 > h ? 1000 : 0)
+      + [...obstacles, ...placed].reduce((sum, o) => sum + (overlaps(b, o) ? o.weight ?? 10 : 0), 0);
+    let best = spots[0]!, bestCost = Infinity;
+    for (const spot of spots) {
+      const c = cost(boxOf(spot));
+      if (c < bestCost) { best = spot; bestCost = c; }
+      if (c === 0) break;
+    }
+    placed.push(boxOf(best));
+    return { ...l, ...best };
+  });
+}
+
+/** The Vega-Lite spec of the progress chart (exported so a test or a notebook can inspect it). */
+export function chartSpec(s: AnalysisSummary): TopLevelSpec {
+  const w = CHART.width - MARGIN.left - MARGIN.right, h = CHART.height - MARGIN.top - MARGIN.bottom;
+  const nf = s.noiseFloor;
+  const center = nf.mean ?? s.baseline?.primary ?? null;
+  const band = center !== null && nf.threshold !== null ? { lo: center - nf.threshold, hi: center + nf.threshold } : null;
+  const scored = s.series.flatMap((p) => (p.primary === null ? [] : [p.primary]));
+  const ys = [...scored, ...(band ? [band.lo, band.hi] : [])];
+  const lo0 = ys.length ? Math.min(...ys) : 0, hi0 = ys.length ? Math.max(...ys) : 1;
+  const span = Math.max(hi0 - lo0, Math.abs(hi0) * 0.02, 1e-3);
+  // Room above for labels, and a floor below where crashes (no score) are drawn.
+  const yLo = lo0 - span * 0.13, yHi = hi0 + span * 0.16;
+  const crashY = lo0 - span * 0.075;
+  const runsN = Math.max(1, s.series.length);
+  // Enough decimals that neighbouring ticks (about 8 on the axis) never print the same.
+  const raw = (yHi - yLo) / 8, mag = 10 ** Math.floor(Math.log10(raw)), norm = raw / mag;
+  const step = (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * mag;
+  const digits = Math.min(6, Math.max(2, Math.ceil(-Math.log10(step) - 1e-9)));
+  const xPx = (run: number) => ((run - 0.5) / runsN) * w;
+  const yPx = (v: number) => h * (1 - (v - yLo) / (yHi - yLo));
+  const xRun = (px: number) => px / w * runsN + 0.5;
+  const yVal = (px: number) => yLo + (1 - px / h) * (yHi - yLo);
+
+  const points = s.series.map((p) => ({ ...p, y: p.primary ?? crashY, shown: p.status === "crash" ? "crashed (no score)" : fmt(p.primary) }));
+  const best = s.series.filter((p) => p.runningBest !== null).map((p) => ({ run: p.run, best: p.runningBest }));
+  const lastBest = best.at(-1);
+
+  // Obstacles for the labels: every point, the best-so-far line, the baseline and best captions.
+  const obstacles: Box[] = points.map((p) => ({ x0: xPx(p.run) - 6, x1: xPx(p.run) + 6, y0: yPx(p.y) - 6, y1: yPx(p.y) + 6, weight: 1 }));
+  best.forEach((b, i) => {
+    const next = best[i + 1];
+    if (!next || b.best === null || next.best === null) return;
+    obstacles.push({ x0: xPx(b.run), x1: xPx(next.run), y0: yPx(b.best) - 1.5, y1: yPx(b.best) + 1.5, weight: 3 });
+    if (next.best !== b.best) obstacles.push({ x0: xPx(next.run) - 1.5, x1: xPx(next.run) + 1.5, y0: yPx(next.best), y1: yPx(b.best), weight: 3 });
+  });
+  const baselineText = center !== null ? `baseline ${fmt(center)}${band ? ` ± ${fmt(nf.threshold)}` : ""}` : "";
+  if (center !== null) obstacles.push({ x0: w - textWidth(baselineText) - 4, x1: w, y0: yPx(center), y1: yPx(center) + 16 });
+  const bestText = lastBest && lastBest.best !== null ? `best ${fmt(lastBest.best)}` : "";
+  if (lastBest && lastBest.best !== null) obstacles.push({ x0: w - textWidth(bestText) - 4, x1: w, y0: yPx(lastBest.best) - 16, y1: yPx(lastBest.best) });
+
+  const wanted = s.series.flatMap((p) => (p.label !== null && p.primary !== null ? [{ x: xPx(p.run), y: yPx(p.primary), text: p.label }] : []));
+  const labels = placeLabels(wanted, obstacles, w, h).map((l) => ({
+    run: xRun(l.x), y: yVal(l.y), lrun: xRun(l.lx + (l.align === "left" ? -2 : 2)), ly: yVal(l.y < l.ly ? l.ly - (LABEL_FONT + 3) / 2 : l.ly + (LABEL_FONT + 3) / 2),
+    textRun: xRun(l.lx), textY: yVal(l.ly), text: l.text, align: l.align,
+  }));
+
+  const title = s.counts.runs === 0
+    ? { text: "autoresearch progress: no runs yet", subtitle: s.results }
+    : {
+      text: `${s.task ?? "?"} · ${s.primary ?? "primary"} over ${s.counts.runs} run${s.counts.runs === 1 ? "" : "s"} (higher is better)`,
+      subtitle: `best ${fmt(s.best?.primary)}${s.best ? ` at run ${s.best.run} (${s.best.commit})` : ""} · baseline ${fmt(s.baseline?.primary)}${s.improvement ? ` · gain ${signed(s.improvement.absolute)}` : ""}`
+        + ` · ${s.counts.keep} kept, ${s.counts.discard} discarded, ${s.counts.crash} crashed`
+        + (band ? ` · band: baseline ± noise threshold (${nf.k}σ)` : ""),
+    };
+  const x = { field: "run", type: "quantitative" as const, title: "run", scale: { domain: [0.5, runsN + 0.5], nice: false, zero: false }, axis: { tickMinStep: 1, format: "d", grid: false } };
+  const y = { type: "quantitative" as const, scale: { domain: [yLo, yHi], nice: false, zero: false }, axis: { title: s.primary ?? "primary metric", format: `.${digits}f`, tickCount: 8 } };
+  // Captions at the right edge: the baseline's below its line, the best's above its line.
+  const caption = (text: string, value: number, color: string, below: boolean) => ({
+    data: { values: [{ run: runsN + 0.5, y: value, text }] },
+    mark: { type: "text" as const, align: "right" as const, baseline: below ? "top" as const : "bottom" as const, dx: -4, dy: below ? 3 : -3, color, fontSize: 11 },
+    encoding: { x: { ...x, field: "run" }, y: { ...y, field: "y" }, text: { field: "text" } },
+  });
+  const labelLayer = (align: "left" | "right") => ({
+    data: { values: labels.filter((l) => l.align === align) },
+    mark: { type: "text" as const, align, baseline: "middle" as const, fontSize: LABEL_FONT, color: "#1d5e2a" },
+    encoding: { x: { ...x, field: "textRun" }, y: { ...y, field: "textY" }, text: { field: "text" } },
+  });
+  return {
+    $schema: "https://vega.github.io/schema/vega-lite/v6.json",
+    width: w, height: h,
+    autosize: { type: "none" },
+    padding: MARGIN,
+    background: "white",
+    title: { ...title, anchor: "start", fontSize: 17, subtitleFontSize: 12, subtitleColor: "#444", offset: 10, frame: "group" },
+    config: {
+      font: "DejaVu Sans, Helvetica, Arial, sans-serif",
+      axis: { labelFontSize: 12, titleFontSize: 13, titleFontWeight: "normal" },
+      legend: { labelFontSize: 12, labelLimit: 300 },
+      view: { stroke: "#bbb" },
+    },
+    layer: [
+      ...(band ? [{
+        data: { values: [band] },
+        mark: { type: "rect" as const, color: "#9aa7b8", opacity: 0.25 },
+        encoding: { y: { ...y, field: "lo" }, y2: { field: "hi" } },
+      }] : []),
+      ...(center !== null ? [{
+        data: { values: [{ y: center }] },
+        mark: { type: "rule" as const, color: "#3b6fb6", strokeDash: [6, 4], strokeWidth: 1.5 },
+        encoding: { y: { ...y, field: "y" } },
+      }, caption(baselineText, center, "#3b6fb6", true)] : []),
+      ...(best.length > 0 ? [{
+        data: { values: best },
+        mark: { type: "line" as const, interpolate: "step-after" as const, color: "#2e9e44", strokeWidth: 2.5, opacity: 0.8 },
+        encoding: { x, y: { ...y, field: "best" } },
+      }] : []),
+      ...(lastBest && lastBest.best !== null ? [caption(bestText, lastBest.best, "#1d5e2a", false)] : []),
+      {
+        data: { values: labels },
+        mark: { type: "rule" as const, color: "#8fbf98", strokeWidth: 0.8 },
+        encoding: { x: { ...x, field: "run" }, y: { ...y, field: "y" }, x2: { field: "lrun" }, y2: { field: "ly" } },
+      },
+      {
+        data: { values: points },
+        mark: { type: "point" as const, filled: true, size: runsN > 80 ? 40 : 85, opacity: 0.95 },
+        encoding: {
+          x, y: { ...y, field: "y" },
+          color: {
+            field: "status", type: "nominal" as const, scale: { domain: STATUS_STYLE.domain, range: STATUS_STYLE.colors },
+            legend: { title: null, orient: "bottom" as const, direction: "horizontal" as const, offset: 12, symbolSize: 90, labelLimit: 400, labelExpr: "datum.label == 'crash' ? 'crash (no score, drawn at the bottom)' : datum.label" },
+          },
+          shape: { field: "status", type: "nominal" as const, scale: { domain: STATUS_STYLE.domain, range: STATUS_STYLE.shapes } },
+          tooltip: [{ field: "run" }, { field: "status" }, { field: "shown", title: s.primary ?? "primary" }, { field: "description" }],
+        },
+      },
+      labelLayer("left"),
+      labelLayer("right"),
+    ],
+  };
+}
+
+/** Render the chart: SVG text (vega, headless, no canvas) and its PNG (sharp), CHART.scale× larger. */
+export async function renderChart(s: AnalysisSummary): Promise<{ svg: string; png: Uint8Array }> {
+  const [vega, vl, { default: sharp }] = await Promise.all([import("vega"), import("vega-lite"), import("sharp")]);
+  const view = new vega.View(vega.parse(vl.compile(chartSpec(s)).spec), { renderer: "none" });
+  const svg = await view.toSVG();
+  view.finalize();
+  const png = await sharp(Buffer.from(svg), { density: 72 * CHART.scale }).png({ compressionLevel: 9 }).toBuffer();
+  return { svg, png: new Uint8Array(png.buffer, png.byteOffset, png.byteLength) };
+}
+
+// ---------------------------------------------------------------------------
+// Writing everything
+// ---------------------------------------------------------------------------
+
+export interface WriteOptions { results: string; outDir: string; plateau?: number; state?: string; logs?: string; chart?: boolean; noiseK?: number }
+
+/** Read the inputs, write analysis_summary.{json,md} (and progress.{svg,png}); returns the summary. */
+export async function writeSummary(o: WriteOptions): Promise<{ summary: AnalysisSummary; files: string[] }> {
+  const parsed = await readResults(o.results);
+  const statePath = o.state ?? join(".autoresearch", "state.json");
+  let state: unknown = null;
+  if (existsSync(statePath)) {
+    try { state = JSON.parse(await readFile(statePath, "utf8")); } catch { state = null; } // mid-write or garbage: compute our own
+  }
+  const summary = await summarize(parsed, { results: o.results, state, logFor: logFinder(o.logs ?? join(".autoresearch", "logs")), plateau: o.plateau, noiseK: o.noiseK });
+  const checked = AnalysisSummary(summary);
+  if (checked instanceof type.errors) throw new Error(`internal error: the summary does not match its schema: ${checked.summary}`);
+  await mkdir(o.outDir, { recursive: true });
+  const files: string[] = [];
+  const put = async (name: string, data: string | Uint8Array) => {
+    const path = join(o.outDir, name);
+    await writeFile(`${path}.tmp-${process.pid}`, data);
+    await rename(`${path}.tmp-${process.pid}`, path); // readers never see half a file
+    files.push(path);
+  };
+  await put("analysis_summary.json", `${JSON.stringify(summary, null, 2)}\n`);
+  await put("analysis_summary.md", renderMarkdown(summary));
+  if (o.chart !== false) {
+    const { svg, png } = await renderChart(summary);
+    await put("progress.svg", svg);
+    await put("progress.png", png);
+  }
+  return { summary, files };
+}
+
+const Flags = type({
+  results: "string > 0", outDir: "string > 0", plateau: "number.integer >= 1", state: "string > 0", logs: "string > 0",
+  chart: "boolean", noiseK: "number > 0",
+});
+
+async function main(): Promise<void> {
+  const cli = cac("summarize_results.ts");
+  cli.option("--results <file>", "results.tsv to read", { default: "results.tsv" })
+    .option("--out-dir <dir>", "where analysis_summary.{json,md} and progress.{svg,png} go", { default: "." })
+    .option("--plateau <n>", "no keep in this many runs = plateau", { default: DEFAULT_PLATEAU })
+    .option("--state <file>", "the loop's state (noise floor)", { default: join(".autoresearch", "state.json") })
+    .option("--logs <dir>", "run logs, found by commit in the file name", { default: join(".autoresearch", "logs") })
+    .option("--noise-k <k>", "noise threshold in σ when the loop's state does not say", { default: DEFAULT_NOISE_K })
+    .option("--no-chart", "skip progress.svg/.png");
+  cli.help();
+  const { options: o } = cli.parse(process.argv, { run: false });
+  if (o.help === true) return;
+  const flags = Flags({
+    results: String(o.results), outDir: String(o.outDir), plateau: Number(o.plateau), state: String(o.state), logs: String(o.logs),
+    chart: o.chart !== false, noiseK: Number(o.noiseK),
+  });
+  if (flags instanceof type.errors) throw new Error(`summarize_results.ts: ${flags.summary}`);
+  if (!existsSync(flags.results)) console.error(`note: ${flags.results} does not exist yet: writing an empty summary`);
+  const { summary: s, files } = await writeSummary(flags);
+  for (const e of s.parseErrors) console.error(`${flags.results}:${e.line}: skipped: ${e.message}`);
+  const best = s.best ? `best ${s.primary} ${fmt(s.best.primary)} at run ${s.best.run} (${s.best.commit})` : "no kept run yet";
+  console.log(`${s.counts.runs} runs (${s.counts.keep} keep, ${s.counts.discard} discard, ${s.counts.crash} crash); ${best}${s.plateau.detected ? "; PLATEAU" : ""}`);
+  console.log(`wrote ${files.join(", ")}`);
+}
+
+if (import.meta.main) {
+  main().catch((err: unknown) => {
+    console.error(`error: ${err instanceof Error ? err.message : String(err)}`);
+    process.exit(1);
+  });
+}
