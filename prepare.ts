@@ -648,7 +648,7 @@ async function main(): Promise<void> {
       const ds = await loadCache();
       const ckpt = await loadCheckpoint(dir, ds);
       const t0 = performance.now();
-      const result = await evaluate(predictorFor(ckpt), ds);
+      const result = await evaluate(predictorFor(ckpt, ds), ds);
       const seconds = (performance.now() - t0) / 1000;
       printFooter(result, { training_seconds: 0, total_seconds: seconds, peak_memory_mb: peakMemoryMb(), num_steps: 0, num_params: ckpt.numParams, backend: backendLabel() }, ds.manifest.synthetic);
       console.log(`eval_json: ${JSON.stringify(result)}`);

@@ -362,7 +362,13 @@ export async function ensureUrlModel(spec: BackboneSpec, o: UrlModelOptions = {}
       await rm(dest, { recursive: true, force: true });
     }
   }
-  await downloadModelFiles({ name: spec.name, mirrors: o.mirrors ?? spec.source.mirrors, dest, pinned: spec.source.pinned, attempts: o.attempts, backoffMs: o.backoffMs, timeoutMs: o.timeoutMs, log });
+  try {
+    await downloadModelFiles({ name: spec.name, mirrors: o.mirrors ?? spec.source.mirrors, dest, pinned: spec.source.pinned, attempts: o.attempts, backoffMs: o.backoffMs, timeoutMs: o.timeoutMs, log });
+  } catch (err) {
+    // Another process may have finished the same download first (our rename then fails).
+    if (existsSync(dest) && await verifyDir(dest).then(() => true, () => false)) return dest;
+    throw err;
+  }
   return dest;
 }
 
@@ -418,8 +424,9 @@ function ancestors(layers: (typeof KerasLayerJson.infer)[], layer: string): Set<
  * A layers model cut at `cut`, with input `size`×`size`: the JSON is rebuilt with the new input
  * shape and only the layers the cut needs, then the weights are copied layer by layer.
  */
-async function layersTrunk(a: Artifacts, cut: string, size: number): Promise<tf.LayersModel> {
+async function layersTrunk(a: Artifacts, cut: string, size: number, nativeSize: number): Promise<tf.LayersModel> {
   const full = await tf.loadLayersModel(tf.io.fromMemory({ modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs: a.json.weightsManifest.flatMap((g) => g.weights) as tf.io.WeightsManifestEntry[], weightData: a.weightData }));
+  if (size === nativeSize) return tf.model({ inputs: full.inputs, outputs: full.getLayer(cut).output as tf.SymbolicTensor });
   try {
     const topo = a.json.modelTopology as Record<string, unknown>;
     const cfg = KerasFunctional(structuredClone(topo.model_config ?? topo));
@@ -479,7 +486,7 @@ export async function loadBackbone(id: string, o: LoadBackboneOptions = {}): Pro
   const key = JSON.stringify([spec, size, resolve(o.cacheRoot ?? CACHE_ROOT), o.mirrors ?? null]);
   let p = o.reload ? undefined : loaded.get(key);
   if (!p) {
-    p = build(spec, size, o);
+    p = build(spec, size, o).then((bb) => ({ ...bb, dispose: () => { loaded.delete(key); bb.dispose(); } }));
     loaded.set(key, p);
     p.catch(() => loaded.delete(key));
   }
@@ -493,7 +500,7 @@ async function build(spec: BackboneSpec, size: number, o: LoadBackboneOptions): 
   let run: (x: tf.Tensor4D) => tf.Tensor;
   let dispose: () => void;
   if (spec.format === "layers") {
-    const trunk = await layersTrunk(a, spec.featureNode, size).catch((err: unknown) => {
+    const trunk = await layersTrunk(a, spec.featureNode, size, spec.nativeSize).catch((err: unknown) => {
       throw new Error(`backbone ${spec.name}: cannot cut at "${spec.featureNode}" for ${size}×${size}: ${err instanceof Error ? err.message : String(err)}`);
     });
     run = (x) => trunk.predict(x) as tf.Tensor;

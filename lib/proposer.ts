@@ -1,0 +1,165 @@
+/**
+ * The built-in proposer: hyperparameter search with no LLM, so an unattended night is useful
+ * out of the box.
+ *
+ * train.ts declares `export const HP = { … }` and `export const HP_SPACE` (the allowed values of
+ * each key, in order). One proposal moves one key of the current best to a neighbouring value in
+ * its list, e.g. `lr 0.003 -> 0.005`, and writes it by rewriting that one literal in the HP block,
+ * so the line keeps its comment and the diff is one line.
+ *
+ * Choice order (all deterministic for a seed):
+ *   1. the last kept move's key, again in the same direction (a step that helped may help twice);
+ *   2. keys never tried this session;
+ *   3. keys tried least from the current best, then moves that lost least often, then least tried;
+ *   4. a seeded hash of (seed, tries from this base, move), so equal candidates are not always taken
+ *      in file order.
+ * A (key, value) already measured from the same base commit is never proposed again; when every
+ * neighbour is used up the radius grows (two steps away, …).
+ */
+import { type } from "arktype";
+import type { HpValue, Move, TriedMove } from "./journal.ts";
+
+/** What `bun train.ts --print-hp` prints. */
+export const HpDump = type({ HP: "Record<string, number | boolean | string>", HP_SPACE: "Record<string, (number | boolean | string)[]>" });
+export type HpDump = typeof HpDump.infer;
+
+/**
+ * Values `radius` steps from `value` in `space` (list order). A number missing from the list sits
+ * between its numeric neighbours; a missing string or boolean has no neighbours but the others.
+ */
+export function neighbours(value: HpValue, space: readonly HpValue[], radius = 1): HpValue[] {
+  const defined = (v: HpValue | undefined): v is HpValue => v !== undefined;
+  const i = space.findIndex((v) => v === value);
+  if (i >= 0) return [space[i - radius], space[i + radius]].filter(defined);
+  if (typeof value !== "number") return radius === 1 ? space.filter((v) => typeof v === typeof value && v !== value) : [];
+  const nums = space.filter((v): v is number => typeof v === "number").sort((a, b) => a - b);
+  const below = nums.filter((v) => v < value);
+  const above = nums.filter((v) => v > value);
+  return [below[below.length - radius], above[radius - 1]].filter(defined);
+}
+
+/** Up or down: numeric for numbers and booleans, lexicographic for strings (only used for "same again"). */
+export function direction(m: { from: HpValue; to: HpValue }): 1 | -1 {
+  if (typeof m.from === "string" || typeof m.to === "string") return String(m.to) > String(m.from) ? 1 : -1;
+  return Number(m.to) > Number(m.from) ? 1 : -1;
+}
+
+/** FNV-1a: a stable pseudo-random rank for tie-breaking. */
+function rank(text: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) h = Math.imul(h ^ text.charCodeAt(i), 0x01000193) >>> 0;
+  return h;
+}
+
+export interface ProposeArgs {
+  hp: Record<string, HpValue>;
+  space: Record<string, readonly HpValue[]>;
+  /** Keys whose value is a plain literal in the HP block (others cannot be rewritten safely). */
+  editable: ReadonlySet<string>;
+  /** The commit the move starts from (the current best). */
+  base: string;
+  tried: readonly TriedMove[];
+  seed: number;
+  lastKept: { axis: string; direction: 1 | -1 } | null;
+}
+
+/** The next single-axis move, or null when every reachable value was measured from this base. */
+export function proposeMove(a: ProposeArgs): Move | null {
+  const axes = Object.keys(a.space).filter((k) => a.editable.has(k) && k in a.hp).sort();
+  const longest = Math.max(1, ...axes.map((k) => a.space[k]?.length ?? 0));
+  for (let radius = 1; radius < longest; radius++) {
+    const scored: { move: Move; key: number[] }[] = [];
+    for (const axis of axes) {
+      const from = a.hp[axis]!;
+      for (const to of neighbours(from, a.space[axis] ?? [], radius)) {
+        if (a.tried.some((t) => t.base === a.base && t.axis === axis && t.value === to)) continue;
+        const onAxis = a.tried.filter((t) => t.axis === axis);
+        const fromBase = a.tried.filter((t) => t.base === a.base).length;
+        const move = { axis, from, to };
+        scored.push({
+          move,
+          key: [
+            a.lastKept && a.lastKept.axis === axis && a.lastKept.direction === direction(move) ? 0 : 1,
+            onAxis.length === 0 ? 0 : 1,
+            onAxis.filter((t) => t.base === a.base).length,
+            onAxis.filter((t) => t.value === to && t.status !== "keep").length,
+            onAxis.length,
+            // Not the commit hash: the same seed and history give the same choice in any repository.
+            rank(`${a.seed}:${fromBase}:${axis}:${String(to)}`),
+          ],
+        });
+      }
+    }
+    if (scored.length === 0) continue;
+    scored.sort((x, y) => {
+      for (let i = 0; i < x.key.length; i++) if (x.key[i] !== y.key[i]) return x.key[i]! - y.key[i]!;
+      return 0;
+    });
+    return scored[0]!.move;
+  }
+  return null;
+}
+
+// ---------------------------------------------------------------------------
+// Rewriting the HP block of train.ts
+// ---------------------------------------------------------------------------
+
+/** A number, true/false, or a one-line string (group 3 is the quote). */
+const LITERAL = String.raw`-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|true|false|(["'])[^"'\n\\]*\3`;
+
+/** [start, end) of the text between the braces of `export const HP = { … }`. */
+export function hpBlock(src: string): { start: number; end: number } {
+  const m = /export\s+const\s+HP\s*(?::[^=]*)?=\s*\{/.exec(src);
+  if (!m) throw new Error("train.ts has no `export const HP = {` block");
+  const start = m.index + m[0].length;
+  let depth = 1;
+  for (let i = start; i < src.length; i++) {
+    if (src[i] === "{") depth++;
+    else if (src[i] === "}" && --depth === 0) return { start, end: i };
+  }
+  throw new Error("train.ts: the HP block is not closed");
+}
+
+function escapeRe(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+}
+
+/**
+ * Where the literal value of `key` sits in the HP block, or null if it is not a plain literal.
+ * A type assertion after it (`"none" as Backbone`) is allowed and kept.
+ */
+export function findLiteral(src: string, key: string): { start: number; end: number; value: HpValue; quote: string } | null {
+  const block = hpBlock(src);
+  const body = src.slice(block.start, block.end);
+  const re = new RegExp(String.raw`(?<=^|[\s{,])(["']?)${escapeRe(key)}\1\s*:\s*(${LITERAL})(?=(?:\s+as\s+[\w.]+)?\s*(?:,|$|//|/\*))`, "m");
+  const m = re.exec(body);
+  if (!m || m[2] === undefined) return null;
+  const text = m[2];
+  const start = block.start + m.index + m[0].length - text.length;
+  const quote = m[3] ?? "";
+  const value = quote ? text.slice(1, -1) : text === "true" ? true : text === "false" ? false : Number(text);
+  return { start, end: start + text.length, value, quote };
+}
+
+/** Keys of `hp` whose literal in the source holds exactly the value train.ts reports. */
+export function editableKeys(src: string, hp: Record<string, HpValue>): Set<string> {
+  return new Set(Object.keys(hp).filter((k) => findLiteral(src, k)?.value === hp[k]));
+}
+
+export function formatValue(v: HpValue): string {
+  return String(v); // 0.0005 stays 0.0005; booleans are true/false; strings bare (descriptions)
+}
+
+/** train.ts with the move applied: only the literal changes, comments and layout stay. */
+export function applyMove(src: string, move: Move): string {
+  const lit = findLiteral(src, move.axis);
+  if (!lit) throw new Error(`train.ts: HP.${move.axis} is not a plain literal in the HP block`);
+  if (lit.value !== move.from) throw new Error(`train.ts: HP.${move.axis} is ${String(lit.value)}, expected ${String(move.from)}`);
+  if (typeof move.to === "string" && /["'\\\n]/.test(move.to)) throw new Error(`HP_SPACE.${move.axis}: ${JSON.stringify(move.to)} cannot be written as a plain string literal`);
+  const text = typeof move.to === "string" ? `${lit.quote || '"'}${move.to}${lit.quote || '"'}` : formatValue(move.to);
+  return src.slice(0, lit.start) + text + src.slice(lit.end);
+}
+
+export function describeMove(m: Move): string {
+  return `${m.axis} ${formatValue(m.from)} -> ${formatValue(m.to)}`;
+}

@@ -1,0 +1,779 @@
+/**
+ * loop.ts: pure rules (keep/discard, noise, run.md, crash classification, the built-in proposer)
+ * and end-to-end runs in real git repositories in temp folders with real child processes
+ * (loop.ts, train.ts, prepare.ts evaluate), synthetic data and a 1-second budget.
+ *
+ * Most end-to-end runs use STUB as train.ts: a constant model (it always predicts HP.cls and a
+ * yield of HP.yieldValue), so its metrics follow from HP exactly and keep/discard outcomes are
+ * deterministic; HP.mode makes it throw, print NaN, hang, skip the footer or the checkpoint, or
+ * change prepare.ts. One test runs the real train.ts with a tiny HP. On the synthetic val split
+ * (10 ewaste, 5 recyclable, 8 organic) cls 0 scores accuracy 10/23, cls 2 8/23, cls 1 5/23.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { cpSync, existsSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { prepareData } from "../prepare.ts";
+import { parseResults, type ResultRow } from "../lib/results.ts";
+import { bestCheckpointDir } from "../lib/checkpoint.ts";
+import { pidAlive, readState, type State, type TriedMove } from "../lib/journal.ts";
+import { applyMove, editableKeys, findLiteral, neighbours, proposeMove } from "../lib/proposer.ts";
+import { classifyTrain, computeNoise, countRows, keepOrDiscard, parseRunMd } from "../loop.ts";
+import { ROOT, tempDir } from "./helpers.ts";
+
+const BUN = process.execPath;
+const made: string[] = [];
+let CACHE = "";
+
+beforeAll(async () => {
+  CACHE = tempDir("arv-loop-cache-");
+  made.push(CACHE);
+  await prepareData({ task: "waste", source: "synthetic", cacheRoot: CACHE, log: () => {} });
+});
+afterAll(() => {
+  for (const d of made) rmSync(d, { recursive: true, force: true });
+});
+
+// ---------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------
+
+interface StubHp { cls?: number; yieldValue?: number; mode?: string }
+
+/** A train.ts whose metrics are a function of HP (see the file comment). */
+function stub(hp: StubHp = {}, space = `{ cls: [1], yieldValue: [0.5], mode: ["ok"], seed: [0] }`): string {
+  return `/** Test stub of train.ts: a constant model whose metrics follow from HP exactly. */
+import { appendFileSync, existsSync, readFileSync } from "node:fs";
+import * as tf from "@tensorflow/tfjs";
+import { evaluate, loadCache, printFooter, type Predictor } from "./prepare.ts";
+import { saveCheckpoint } from "./lib/checkpoint.ts";
+
+export const HP = {
+  cls: ${hp.cls ?? 1}, // the class the model always predicts
+  yieldValue: ${hp.yieldValue ?? 0.5}, // its constant yield estimate
+  mode: "${hp.mode ?? "ok"}", // ok | throw | nan | hang | nofooter | nockpt | tamper | linger
+  seed: 0,
+};
+// a line that a simplification may delete
+
+export const HP_SPACE = ${space};
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  if (args.includes("--print-hp")) { console.log(JSON.stringify({ HP, HP_SPACE })); return; }
+  const at = args.indexOf("--checkpoint");
+  const ckpt = at >= 0 ? args[at + 1]! : "checkpoints/latest";
+  console.log("stub train.ts: " + JSON.stringify(HP));
+  if (HP.mode === "throw") throw new Error("boom in train.ts");
+  if (HP.mode === "nan") { console.log("FAIL: loss is NaN at step 3"); process.exit(1); }
+  if (HP.mode === "hang") {
+    const child = Bun.spawn(["sleep", "300"], { stdout: "ignore", stderr: "ignore", stdin: "ignore" });
+    console.log("hanging: pids " + process.pid + " " + child.pid);
+    setInterval(() => {}, 1000);
+    return;
+  }
+  let y = HP.yieldValue;
+  const counter = process.env.STUB_COUNTER; // noise test: run i adds STUB_OFFSETS[i] to the yield
+  if (counter) {
+    const i = existsSync(counter) ? readFileSync(counter, "utf8").length : 0;
+    appendFileSync(counter, "x");
+    y += Number((process.env.STUB_OFFSETS ?? "").split(",")[i] ?? 0) || 0;
+  }
+  const ds = await loadCache();
+  const input = tf.input({ shape: [ds.imageSize, ds.imageSize, 3] });
+  const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as tf.SymbolicTensor;
+  const cls = tf.layers.dense({ units: ds.numClasses, activation: "softmax" });
+  const yld = tf.layers.dense({ units: 1 });
+  const model = tf.model({ inputs: input, outputs: [cls.apply(pooled) as tf.SymbolicTensor, yld.apply(pooled) as tf.SymbolicTensor] });
+  cls.setWeights([tf.zeros([3, ds.numClasses]), tf.tensor1d(Array.from({ length: ds.numClasses }, (_, c) => (c === HP.cls ? 5 : 0)))]);
+  yld.setWeights([tf.zeros([3, 1]), tf.tensor1d([y])]);
+  const predict: Predictor = (images) => { const [probs, yields] = model.predict(images) as tf.Tensor[]; return { probs: probs!, yields }; };
+  const result = await evaluate(predict, ds);
+  if (HP.mode !== "nockpt") {
+    await saveCheckpoint(ckpt, model, {
+      version: "1", task: ds.task, classes: ds.manifest.classes, positiveClass: ds.manifest.positiveClass, imageSize: ds.imageSize,
+      preprocessing: ds.manifest.preprocessing, backbone: null, hasYieldHead: true, numParams: model.countParams(), metrics: result.metrics,
+      commit: null, createdAt: new Date().toISOString(), synthetic: ds.manifest.synthetic,
+    });
+  }
+  if (HP.mode === "tamper") appendFileSync("prepare.ts", "\\n// changed by train.ts\\n");
+  if (HP.mode !== "nofooter") printFooter(result, { training_seconds: 1, total_seconds: 1, peak_memory_mb: 1, num_steps: 1, num_params: model.countParams(), backend: "stub" }, ds.manifest.synthetic);
+  if (HP.mode === "linger") setInterval(() => {}, 1000); // done, but never exits
+}
+main().catch((err: unknown) => { console.error("error: " + (err instanceof Error ? err.message : String(err))); process.exit(1); });
+`;
+}
+
+function sh(dir: string, cmd: string): string {
+  const r = Bun.spawnSync(["sh", "-c", cmd], { cwd: dir, stdout: "pipe", stderr: "pipe" });
+  if (r.exitCode !== 0) throw new Error(`${cmd}: ${r.stderr.toString()}`);
+  return r.stdout.toString().trim();
+}
+
+/** A git repository with the project's fixed files, `train` as train.ts, and one commit. */
+function makeRepo(train: string, opts: { runMd?: string | null; files?: Record<string, string> } = {}): string {
+  const dir = tempDir("arv-loop-");
+  made.push(dir);
+  for (const f of ["prepare.ts", "loop.ts", "program.md", "lib", "package.json", "tsconfig.json", ".gitignore"]) cpSync(join(ROOT, f), join(dir, f), { recursive: true });
+  symlinkSync(join(ROOT, "node_modules"), join(dir, "node_modules"));
+  writeFileSync(join(dir, "train.ts"), train);
+  if (opts.runMd !== null) writeFileSync(join(dir, "run.md"), opts.runMd ?? "True\n");
+  for (const [name, text] of Object.entries(opts.files ?? {})) writeFileSync(join(dir, name), text);
+  // node_modules is a symlink here, which the `node_modules/` ignore pattern (a folder) misses.
+  sh(dir, "git init -q && echo node_modules >> .git/info/exclude && git config user.name test && git config user.email test@example.com && git add -A && git commit -qm init");
+  return dir;
+}
+
+interface LoopRun { code: number | null; signal: string | null; out: string }
+
+/** `bun loop.ts` in `dir` with a 1 s budget; --no-summarize unless asked for. */
+function loop(dir: string, args: string[], env: Record<string, string> = {}, summarize = false): LoopRun {
+  const r = Bun.spawnSync([BUN, "loop.ts", "--budget", "1", "--grace", "0", ...(summarize ? [] : ["--no-summarize"]), ...args], {
+    cwd: dir, stdout: "pipe", stderr: "pipe",
+    env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30", ...env },
+  });
+  return { code: r.exitCode, signal: r.signalCode == null ? null : String(r.signalCode), out: r.stdout.toString() + r.stderr.toString() };
+}
+
+function rows(dir: string): ResultRow[] {
+  const path = join(dir, "results.tsv");
+  if (!existsSync(path)) return [];
+  const parsed = parseResults(readFileSync(path, "utf8"));
+  expect(parsed.errors).toEqual([]);
+  return parsed.rows;
+}
+
+function state(dir: string): State {
+  const st = readState(join(dir, ".autoresearch", "state.json"));
+  if (!st) throw new Error("no state.json");
+  return st;
+}
+
+/** Replace text in train.ts and commit it (what an agent following program.md does). */
+function commitTrain(dir: string, from: string | RegExp, to: string, message: string): void {
+  const path = join(dir, "train.ts");
+  const before = readFileSync(path, "utf8");
+  const after = before.replace(from, to);
+  expect(after).not.toBe(before);
+  writeFileSync(path, after);
+  sh(dir, `git commit -qam '${message}'`);
+}
+
+const head = (dir: string) => sh(dir, "git rev-parse HEAD");
+const clean = (dir: string) => sh(dir, "git status --porcelain");
+const last = <T>(xs: T[]): T => xs[xs.length - 1]!;
+const ACC = { ewaste: 10 / 23, organic: 8 / 23, recyclable: 5 / 23 };
+
+// ---------------------------------------------------------------------------
+// Pure rules
+// ---------------------------------------------------------------------------
+
+describe("keepOrDiscard", () => {
+  const base = { primary: "combined_score", secondary: "val_accuracy", lowerIsBetter: ["yield_mse"], noiseFloor: 0, candidateLines: 100, bestLines: 100 };
+  const best = { combined_score: 0.8, val_accuracy: 0.82 };
+
+  test("a better primary keeps, a worse one discards", () => {
+    expect(keepOrDiscard({ ...base, best, candidate: { combined_score: 0.81, val_accuracy: 0.7 } })).toEqual({ status: "keep", note: "" });
+    expect(keepOrDiscard({ ...base, best, candidate: { combined_score: 0.79, val_accuracy: 0.9 } }).status).toBe("discard");
+  });
+
+  test("a gain within the noise floor is a discard that says why; above it, a keep", () => {
+    const d = keepOrDiscard({ ...base, best, noiseFloor: 0.004, candidate: { combined_score: 0.802, val_accuracy: 0.82 } });
+    expect(d).toEqual({ status: "discard", note: "(+0.002 < noise 0.004)" });
+    expect(keepOrDiscard({ ...base, best, noiseFloor: 0.004, candidate: { combined_score: 0.805, val_accuracy: 0.82 } }).status).toBe("keep");
+    // Exactly the floor is not "more than" the floor.
+    expect(keepOrDiscard({ ...base, best: { combined_score: 0.5, val_accuracy: 0.5 }, noiseFloor: 0.25, candidate: { combined_score: 0.75, val_accuracy: 0.5 } }).status).toBe("discard");
+  });
+
+  test("equal primary: the secondary decides", () => {
+    const up = keepOrDiscard({ ...base, best, candidate: { combined_score: 0.8, val_accuracy: 0.83 } });
+    expect(up.status).toBe("keep");
+    expect(up.note).toContain("same combined_score, val_accuracy +0.01");
+    expect(keepOrDiscard({ ...base, best, candidate: { combined_score: 0.8, val_accuracy: 0.81 } }).status).toBe("discard");
+  });
+
+  test("both equal: a shorter train.ts keeps (simplicity), the same length or longer discards", () => {
+    const shorter = keepOrDiscard({ ...base, best, candidate: { ...best }, candidateLines: 90 });
+    expect(shorter).toEqual({ status: "keep", note: "(same metrics, train.ts 100 -> 90 lines)" });
+    expect(keepOrDiscard({ ...base, best, candidate: { ...best } }).status).toBe("discard");
+    expect(keepOrDiscard({ ...base, best, candidate: { ...best }, candidateLines: 101 }).status).toBe("discard");
+  });
+
+  test("a lower-is-better metric counts a decrease as a gain", () => {
+    const low = { ...base, primary: "yield_mse", secondary: "val_accuracy" };
+    expect(keepOrDiscard({ ...low, best: { yield_mse: 0.05, val_accuracy: 0.5 }, candidate: { yield_mse: 0.04, val_accuracy: 0.5 } }).status).toBe("keep");
+    expect(keepOrDiscard({ ...low, best: { yield_mse: 0.05, val_accuracy: 0.5 }, candidate: { yield_mse: 0.06, val_accuracy: 0.9 } }).status).toBe("discard");
+  });
+});
+
+describe("small rules", () => {
+  test("computeNoise: mean, sample σ, floor = sigmas·σ; one run has no spread", () => {
+    const n = computeNoise("top1", [0.8, 0.82], 2);
+    expect(n.mean).toBeCloseTo(0.81, 12);
+    expect(n.sigma).toBeCloseTo(0.02 / Math.SQRT2, 12);
+    expect(n.floor).toBeCloseTo(2 * 0.02 / Math.SQRT2, 12);
+    expect(computeNoise("top1", [0.7], 2)).toMatchObject({ sigma: 0, floor: 0 });
+  });
+
+  test("parseRunMd: the first non-empty line, exactly True or False; anything else fails closed", () => {
+    expect(parseRunMd("True\nmore text")).toBe("True");
+    expect(parseRunMd("\n\n  False  \nTrue")).toBe("False");
+    for (const bad of [null, "", "true\n", "True, please\n", "yes"]) expect(typeof parseRunMd(bad)).toBe("object");
+  });
+
+  test("classifyTrain: timeout, NaN, exception, missing footer, missing checkpoint, ok", () => {
+    const footer = "---\nval_accuracy:     0.5\nyield_mse:        0.1\ncombined_score:   0.49\n";
+    const cols = ["val_accuracy", "yield_mse", "combined_score"];
+    const base = { code: 0, timedOut: false, deadlineS: 9, stdout: footer, all: footer, columns: cols, checkpointOk: true };
+    expect(classifyTrain(base)).toEqual({ ok: true, reason: "" });
+    expect(classifyTrain({ ...base, timedOut: true, code: 137 }).reason).toBe("timeout: killed after 9s");
+    expect(classifyTrain({ ...base, code: 1, all: "step 1\nFAIL: loss is NaN at step 3\n" }).reason).toBe("FAIL: loss is NaN at step 3");
+    expect(classifyTrain({ ...base, code: 1, all: "step 1\nerror: boom\n" }).reason).toBe("exit 1: error: boom");
+    expect(classifyTrain({ ...base, stdout: "step 1\n", all: "step 1\n" }).reason).toContain("no footer");
+    expect(classifyTrain({ ...base, checkpointOk: false }).reason).toContain("no checkpoint");
+  });
+
+  test("countRows ignores the header and a half line", () => {
+    expect(countRows("")).toBe(0);
+    expect(countRows("h\n")).toBe(0);
+    expect(countRows("h\na\nb\n")).toBe(2);
+    expect(countRows("h\na\nb")).toBe(1);
+  });
+});
+
+describe("built-in proposer", () => {
+  const SRC = `import x from "y";
+export const HP = {
+  backbone: "none" as Backbone, // none or a pretrained one
+  width: 16, // channels
+  lr: 0.003,
+  flip: true, // random flips
+  computed: 3e-3 * 2,
+};
+const other = { lr: 0.1 };
+`;
+  const hp = { backbone: "none", width: 16, lr: 0.003, flip: true, computed: 0.006 };
+  const space = { backbone: ["none", "mobilenet"], width: [8, 12, 16, 24, 32], lr: [0.001, 0.002, 0.003, 0.005], flip: [false, true], computed: [0.006, 0.01] };
+
+  test("neighbours: adjacent in the list; between values when missing; the other boolean or string", () => {
+    expect(neighbours(16, space.width)).toEqual([12, 24]);
+    expect(neighbours(8, space.width)).toEqual([12]);
+    expect(neighbours(16, space.width, 2)).toEqual([8, 32]);
+    expect(neighbours(0.004, space.lr)).toEqual([0.003, 0.005]);
+    expect(neighbours(true, space.flip)).toEqual([false]);
+    expect(neighbours("none", space.backbone)).toEqual(["mobilenet"]);
+  });
+
+  test("applyMove rewrites one literal in the HP block and keeps the comment and type assertion", () => {
+    const out = applyMove(SRC, { axis: "lr", from: 0.003, to: 0.005 });
+    expect(out).toBe(SRC.replace("  lr: 0.003,", "  lr: 0.005,"));
+    expect(out).toContain("const other = { lr: 0.1 };");
+    expect(applyMove(SRC, { axis: "width", from: 16, to: 24 })).toContain("  width: 24, // channels\n");
+    expect(applyMove(SRC, { axis: "flip", from: true, to: false })).toContain("  flip: false, // random flips\n");
+    expect(applyMove(SRC, { axis: "backbone", from: "none", to: "mobilenet" })).toContain(`  backbone: "mobilenet" as Backbone, // none`);
+    expect(() => applyMove(SRC, { axis: "lr", from: 0.002, to: 0.005 })).toThrow(/expected 0.002/);
+    // A computed value is not a literal: the proposer leaves it alone.
+    expect(findLiteral(SRC, "computed")).toBeNull();
+    expect([...editableKeys(SRC, hp)].sort()).toEqual(["backbone", "flip", "lr", "width"]);
+  });
+
+  const args = { hp, space, editable: editableKeys(SRC, hp), base: "b1", tried: [] as TriedMove[], seed: 0, lastKept: null };
+
+  test("deterministic for a seed; never repeats a move from the same base; prefers untried keys", () => {
+    const first = proposeMove(args)!;
+    expect(proposeMove(args)).toEqual(first);
+    expect(first.axis).not.toBe("computed");
+    const tried: TriedMove[] = [];
+    const seen = new Set<string>();
+    for (let i = 0; i < 7; i++) {
+      const m = proposeMove({ ...args, tried })!;
+      expect(m).not.toBeNull();
+      const key = `${m.axis}=${String(m.to)}`;
+      expect(seen.has(key)).toBe(false);
+      seen.add(key);
+      // The first four moves touch four different keys: untried keys come first.
+      if (i < 4) expect(tried.some((t) => t.axis === m.axis)).toBe(false);
+      tried.push({ base: "b1", axis: m.axis, value: m.to, status: "discard" });
+    }
+    // Radius 1 gave 2+2+1+1 = 6 moves; the 7th had to go two steps away.
+    expect(seen.has("width=8") || seen.has("width=32") || seen.has("lr=0.001")).toBe(true);
+    // From another base everything is allowed again.
+    expect(proposeMove({ ...args, tried, base: "b2" })).not.toBeNull();
+  });
+
+  test("after a kept move, the same key in the same direction comes first; null when all is tried", () => {
+    const m = proposeMove({ ...args, lastKept: { axis: "lr", direction: 1 } })!;
+    expect(m).toEqual({ axis: "lr", from: 0.003, to: 0.005 });
+    const everything: TriedMove[] = Object.entries(space).flatMap(([axis, vals]) => vals.map((value) => ({ base: "b1", axis, value, status: "discard" })));
+    expect(proposeMove({ ...args, tried: everything })).toBeNull();
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Refusals: nothing runs, nothing changes
+// ---------------------------------------------------------------------------
+
+describe("refusals and run.md", () => {
+  test("run.md False: stops before creating the branch (exit 0)", () => {
+    const dir = makeRepo(stub(), { runMd: "False\n" });
+    const r = loop(dir, ["--tag", "x"]);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("run.md says False");
+    expect(sh(dir, "git branch --list 'autoresearch/*'")).toBe("");
+    expect(existsSync(join(dir, "results.tsv"))).toBe(false);
+  });
+
+  test("run.md missing or garbage: fails closed (exit 2)", () => {
+    const missing = loop(makeRepo(stub(), { runMd: null }), ["--tag", "x"]);
+    expect(missing.code).toBe(2);
+    expect(missing.out).toContain("run.md is missing");
+    const garbage = loop(makeRepo(stub(), { runMd: "true\nplease run\n" }), ["--tag", "x"]);
+    expect(garbage.code).toBe(2);
+    expect(garbage.out).toContain("must be exactly True or False");
+  });
+
+  test("a dirty tree is refused (modified or untracked files); ignored files are fine", () => {
+    const dir = makeRepo(stub());
+    writeFileSync(join(dir, "run.log"), "ignored\n");
+    writeFileSync(join(dir, "notes.txt"), "untracked\n");
+    const r = loop(dir, ["--tag", "x"]);
+    expect(r.code).toBe(2);
+    expect(r.out).toContain("not clean (notes.txt)");
+    rmSync(join(dir, "notes.txt"));
+    writeFileSync(join(dir, "train.ts"), `${readFileSync(join(dir, "train.ts"), "utf8")}\n// edit\n`);
+    expect(loop(dir, ["--tag", "x"]).out).toContain("not clean (train.ts)");
+    expect(sh(dir, "git branch --list 'autoresearch/*'")).toBe("");
+  });
+
+  test("an existing branch is refused without --resume; --resume needs a journal", () => {
+    const dir = makeRepo(stub());
+    sh(dir, "git branch autoresearch/x");
+    const r = loop(dir, ["--tag", "x"]);
+    expect(r.code).toBe(2);
+    expect(r.out).toContain("branch autoresearch/x already exists");
+    const resumed = loop(dir, ["--tag", "x", "--resume"]);
+    expect(resumed.code).toBe(2);
+    expect(resumed.out).toContain("no journal for autoresearch/x");
+  });
+
+  test("one loop per repository: a live lock refuses, a stale one is taken over", () => {
+    const dir = makeRepo(stub(), { runMd: "False\n" });
+    const lock = join(dir, ".autoresearch", "lock");
+    sh(dir, "mkdir -p .autoresearch");
+    writeFileSync(lock, JSON.stringify({ pid: process.pid, startedAt: "now" }));
+    const held = loop(dir, ["--tag", "x"]);
+    expect(held.code).toBe(2);
+    expect(held.out).toContain(`another loop (pid ${process.pid})`);
+    const dead = Bun.spawnSync(["true"]).pid;
+    expect(pidAlive(dead)).toBe(false);
+    writeFileSync(lock, JSON.stringify({ pid: dead, startedAt: "then" }));
+    const stale = loop(dir, ["--tag", "x"]);
+    expect(stale.code).toBe(0);
+    expect(stale.out).toContain(`taking over a stale lock`);
+    expect(existsSync(lock)).toBe(false); // released on exit
+  });
+
+  test("bad flags are refused with the reason", () => {
+    const dir = makeRepo(stub());
+    expect(loop(dir, ["--baseline-runs", "0"]).out).toContain("baselineRuns");
+    expect(loop(dir, ["--once", "--agent", "true"]).code).toBe(2);
+    expect(loop(dir, ["--bogus"]).out).toContain("Unknown option");
+  });
+});
+
+// ---------------------------------------------------------------------------
+// The real train.ts
+// ---------------------------------------------------------------------------
+
+describe("the real train.ts", () => {
+  test("built-in proposer: baseline, one single-axis move of the HP block, live output, tree at the best", () => {
+    const real = readFileSync(join(ROOT, "train.ts"), "utf8").replace(/^ {2}width: \d+,/m, "  width: 8,").replace(/^ {2}depth: \d+,/m, "  depth: 2,");
+    const dir = makeRepo(real);
+    const start = head(dir);
+    const r = loop(dir, ["--tag", "real", "--baseline-runs", "1", "--max-experiments", "1"], { AR_TEST_ALLOWANCE_S: "120" });
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("step 0000"); // train.ts's own progress lines reach the terminal
+    expect(r.out).toMatch(/\[loop\] #2 \| \d:\d\d:\d\d \| best combined_score/);
+    const rs = rows(dir);
+    expect(rs.map((x) => x.status)[0]).toBe("keep");
+    expect(rs).toHaveLength(2);
+    expect(rs[1]!.description).toMatch(/^\w+ \S+ -> \S+/);
+    expect(["keep", "discard", "crash"]).toContain(rs[1]!.status);
+    const st = state(dir);
+    expect(head(dir)).toBe(st.best!.commit);
+    expect(clean(dir)).toBe("");
+    // A kept move changed exactly one line of train.ts and nothing else.
+    if (rs[1]!.status === "keep") expect(sh(dir, `git diff --numstat ${start} HEAD`)).toMatch(/^1\t1\ttrain\.ts$/);
+    else expect(head(dir)).toBe(start);
+    expect(existsSync(join(dir, bestCheckpointDir("autoresearch/real"), "meta.json"))).toBe(true);
+    expect(existsSync(join(dir, ".autoresearch", "logs", `1-${rs[0]!.commit}.log`))).toBe(true);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// --once: an agent edits and commits, the loop measures HEAD
+// ---------------------------------------------------------------------------
+
+describe("--once (stub train.ts)", () => {
+  let dir = "";
+  let prepareBytes = "";
+  const once = (extra: string[] = [], env: Record<string, string> = {}) => loop(dir, ["--once", "--max-crash-streak", "100", ...extra], env);
+
+  beforeAll(() => {
+    dir = makeRepo(stub({ cls: 1 }));
+    prepareBytes = readFileSync(join(dir, "prepare.ts"), "utf8");
+  });
+
+  test("the first call sets up the session: branch, baseline row, noise over one run", () => {
+    const r = loop(dir, ["--once", "--tag", "once", "--baseline-runs", "1"]);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("baseline measured");
+    expect(sh(dir, "git rev-parse --abbrev-ref HEAD")).toBe("autoresearch/once");
+    const rs = rows(dir);
+    expect(rs).toHaveLength(1);
+    expect(rs[0]).toMatchObject({ status: "keep", description: "baseline" });
+    expect(rs[0]!.metrics.val_accuracy).toBeCloseTo(ACC.recyclable, 6);
+    expect(state(dir).noise).toMatchObject({ sigma: 0, floor: 0 });
+  });
+
+  test("nothing new committed, or uncommitted changes: refused", () => {
+    expect(once().code).toBe(2);
+    writeFileSync(join(dir, "train.ts"), readFileSync(join(dir, "train.ts"), "utf8").replace("cls: 1,", "cls: 0,"));
+    const dirty = once();
+    expect(dirty.code).toBe(2);
+    expect(dirty.out).toContain("commit your change");
+    sh(dir, "git checkout train.ts");
+  });
+
+  test("a better commit is kept: the branch advances and the best checkpoint is copied", () => {
+    commitTrain(dir, "cls: 1,", "cls: 0,", "predict ewaste");
+    const h = head(dir);
+    expect(once().code).toBe(0);
+    const r = last(rows(dir));
+    expect(r).toMatchObject({ status: "keep", description: "predict ewaste", commit: h.slice(0, 7) });
+    expect(r.metrics.val_accuracy).toBeCloseTo(ACC.ewaste, 6);
+    expect(head(dir)).toBe(h);
+    expect(state(dir).best!.commit).toBe(h);
+    const meta = JSON.parse(readFileSync(join(dir, bestCheckpointDir("autoresearch/once"), "meta.json"), "utf8")) as { metrics: Record<string, number> };
+    expect(meta.metrics.val_accuracy).toBeCloseTo(ACC.ewaste, 6);
+  });
+
+  test("a worse commit is discarded and the branch reset to the last kept commit", () => {
+    const kept = head(dir);
+    commitTrain(dir, "cls: 0,", "cls: 2,", "predict organic");
+    expect(once().code).toBe(0);
+    expect(last(rows(dir))).toMatchObject({ status: "discard", description: "predict organic" });
+    expect(head(dir)).toBe(kept);
+    expect(clean(dir)).toBe("");
+  });
+
+  test("same metrics: a shorter train.ts is kept (simplicity), a longer one discarded", () => {
+    const kept = head(dir);
+    commitTrain(dir, "// a line that a simplification may delete\n", "", "drop a line");
+    expect(once().code).toBe(0);
+    const r = last(rows(dir));
+    expect(r.status).toBe("keep");
+    expect(r.description).toMatch(/^drop a line \(same metrics, train\.ts (\d+) -> (\d+) lines\)$/);
+    expect(sh(dir, "git rev-parse HEAD^")).toBe(kept);
+    const shorter = head(dir);
+    commitTrain(dir, "export const HP = {", "// one more line\nexport const HP = {", "add a line");
+    expect(once().code).toBe(0);
+    expect(last(rows(dir))).toMatchObject({ status: "discard", description: "add a line (same metrics, not simpler)" });
+    expect(head(dir)).toBe(shorter);
+  });
+
+  test("a train.ts that prints its footer but never exits is killed after a grace; its result stands", () => {
+    const kept = head(dir);
+    commitTrain(dir, `mode: "ok",`, `mode: "linger",`, "linger");
+    const t0 = performance.now();
+    const r = once([], { AR_TEST_LINGER_S: "1" });
+    expect(r.code).toBe(0);
+    expect(performance.now() - t0).toBeLessThan(25_000);
+    expect(r.out).toContain("printed its result but did not exit within 1s");
+    // Same predictions as the kept commit, same length: measured, and discarded on the rules.
+    expect(last(rows(dir))).toMatchObject({ status: "discard", description: "linger (same metrics, not simpler)" });
+    expect(head(dir)).toBe(kept);
+  });
+
+  const faults: [string, string, RegExp, Record<string, string>?][] = [
+    ["throw", "an exception", /^mode throw \(crash: exit 1: error: boom in train\.ts\)$/],
+    ["nan", "a NaN loss", /^mode nan \(crash: FAIL: loss is NaN at step 3\)$/],
+    ["hang", "a hang (killed at the deadline)", /^mode hang \(crash: timeout: killed after 3s\)$/, { AR_TEST_ALLOWANCE_S: "2" }],
+    ["nofooter", "a missing footer", /^mode nofooter \(crash: no footer/],
+    ["nockpt", "a missing checkpoint", /^mode nockpt \(crash: no checkpoint/],
+    ["tamper", "a train.ts that changes prepare.ts (reverted)", /^mode tamper \(crash: reverted after training: prepare\.ts changed\)$/],
+  ];
+  for (const [mode, what, reason, env] of faults) {
+    test(`crash: ${what} is logged as crash with the reason, and reset`, () => {
+      const kept = head(dir);
+      commitTrain(dir, `mode: "ok",`, `mode: "${mode}",`, `mode ${mode}`);
+      const candidate = head(dir).slice(0, 7);
+      const t0 = performance.now();
+      expect(once([], env).code).toBe(0);
+      const r = last(rows(dir));
+      expect(r.status).toBe("crash");
+      expect(r.commit).toBe(candidate);
+      expect(r.description).toMatch(reason);
+      expect(r.metrics).toEqual({ val_accuracy: 0, yield_mse: 0, combined_score: 0 });
+      expect(head(dir)).toBe(kept);
+      expect(clean(dir)).toBe("");
+      expect(readFileSync(join(dir, "prepare.ts"), "utf8")).toBe(prepareBytes);
+      if (mode === "hang") {
+        expect(performance.now() - t0).toBeLessThan(20_000);
+        // train.ts and its own child (the whole process group) are gone.
+        const log = readFileSync(join(dir, ".autoresearch", "logs", `${state(dir).current!.n}-${candidate}.log`), "utf8");
+        const pids = /hanging: pids (\d+) (\d+)/.exec(log)!.slice(1).map(Number);
+        expect(pids).toHaveLength(2);
+        for (const pid of pids) expect(pidAlive(pid)).toBe(false);
+      }
+    });
+  }
+
+  test("Ctrl-C twice aborts the running experiment: killed, rolled back, no row (exit 130)", async () => {
+    const kept = head(dir);
+    const n = rows(dir).length;
+    commitTrain(dir, `mode: "ok",`, `mode: "hang",`, "hang until aborted");
+    const proc = Bun.spawn([BUN, "loop.ts", "--once", "--budget", "1", "--grace", "0", "--no-summarize"], {
+      cwd: dir, stdout: "pipe", stderr: "pipe", env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "60" },
+    });
+    const reader = proc.stdout.getReader();
+    let out = "";
+    while (!out.includes("hanging: pids")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      out += new TextDecoder().decode(value);
+    }
+    proc.kill("SIGINT");
+    await Bun.sleep(300);
+    proc.kill("SIGINT");
+    expect(await proc.exited).toBe(130);
+    const pids = /hanging: pids (\d+) (\d+)/.exec(out)!.slice(1).map(Number);
+    for (const pid of pids) expect(pidAlive(pid)).toBe(false);
+    expect(rows(dir)).toHaveLength(n);
+    expect(head(dir)).toBe(kept);
+    expect(clean(dir)).toBe("");
+    expect(state(dir).current).toBeNull();
+  });
+
+  test("--once keeps counting crashes across calls: the streak pauses (exit 3)", () => {
+    const streak = state(dir).crashStreak;
+    expect(streak).toBe(faults.length);
+    commitTrain(dir, `mode: "ok",`, `mode: "throw",`, "once more");
+    const r = loop(dir, ["--once", "--max-crash-streak", String(streak + 1)]);
+    expect(r.code).toBe(3);
+    expect(r.out).toContain(`paused: ${streak + 1} crashes in a row`);
+    expect(state(dir).crashStreak).toBe(streak + 1);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// --agent: a command edits train.ts; anything else it touches is reverted
+// ---------------------------------------------------------------------------
+
+describe("--agent (stub train.ts, fake agents)", () => {
+  let dir = "";
+  let outside = "";
+  let prepareBytes = "";
+  const agent = (cmd: string, extra: string[] = []) => loop(dir, ["--resume", "--max-experiments", "1", "--agent", cmd, ...extra]);
+
+  beforeAll(() => {
+    dir = makeRepo(stub({ cls: 1 }));
+    outside = tempDir("arv-agent-");
+    made.push(outside);
+    prepareBytes = readFileSync(join(dir, "prepare.ts"), "utf8");
+  });
+
+  test("the agent gets the prompt on stdin and in AR_PROMPT_FILE; its last line is the description; kept", () => {
+    const cmd = `cat > ${outside}/stdin.txt; cp "$AR_PROMPT_FILE" ${outside}/file.txt; sed -i 's/cls: 1,/cls: 0,/' train.ts; echo thinking; echo "predict ewaste"`;
+    const r = loop(dir, ["--tag", "ag", "--baseline-runs", "1", "--max-experiments", "1", "--agent", cmd], {}, true);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("no summarize_results.ts in this repository");
+    expect(rows(dir).map((x) => [x.status, x.description])).toEqual([["keep", "baseline"], ["keep", "predict ewaste"]]);
+    expect(sh(dir, "git log -1 --format=%s")).toBe("predict ewaste");
+    const prompt = readFileSync(join(outside, "stdin.txt"), "utf8");
+    expect(readFileSync(join(outside, "file.txt"), "utf8")).toBe(prompt);
+    expect(prompt).toContain("# autoresearch-vision: instructions for the research agent"); // program.md
+    expect(prompt).toContain("Make ONE focused change to train.ts");
+    expect(prompt).toContain("commit\taccuracy\tyield_mse\tcombined_score\tmemory_gb\tstatus\tdescription");
+    expect(clean(dir)).toBe("");
+  });
+
+  test("an agent that edits prepare.ts: everything reverted, logged as crash, nothing trained", () => {
+    const kept = head(dir);
+    const r = agent(`echo '// cheat' >> prepare.ts; sed -i 's/cls: 0,/cls: 2,/' train.ts; echo "cheat"`);
+    expect(r.code).toBe(0);
+    expect(last(rows(dir))).toMatchObject({ status: "crash", commit: "-", description: "cheat (reverted: prepare.ts changed)" });
+    expect(readFileSync(join(dir, "prepare.ts"), "utf8")).toBe(prepareBytes);
+    expect(head(dir)).toBe(kept);
+    expect(clean(dir)).toBe("");
+    expect(r.out).not.toContain("stub train.ts:");
+  });
+
+  test("an agent that deletes results.tsv: restored with every row, logged as crash", () => {
+    const before = rows(dir);
+    const r = agent(`rm results.tsv; touch newfile.ts; sed -i 's/cls: 0,/cls: 2,/' train.ts; echo "oops"`);
+    expect(r.code).toBe(0);
+    const after = rows(dir);
+    expect(after.slice(0, before.length)).toEqual(before);
+    expect(after).toHaveLength(before.length + 1);
+    expect(last(after)).toMatchObject({ status: "crash", description: "oops (reverted: newfile.ts added, results.tsv deleted)" });
+    expect(existsSync(join(dir, "newfile.ts"))).toBe(false);
+    expect(clean(dir)).toBe("");
+  });
+
+  test("an agent that commits by itself: its commit message is the description", () => {
+    const r = agent(`sed -i 's/yieldValue: 0.5,/yieldValue: 0.52,/' train.ts && git commit -qam "yield estimate 0.52" && echo "not this line"`);
+    expect(r.code).toBe(0);
+    expect(last(rows(dir))).toMatchObject({ status: "keep", description: "yield estimate 0.52" });
+  });
+
+  test("an agent that times out is killed: crash, reset", () => {
+    const kept = head(dir);
+    const t0 = performance.now();
+    const r = agent(`sed -i 's/cls: 0,/cls: 2,/' train.ts; sleep 60`, ["--agent-timeout", "1"]);
+    expect(r.code).toBe(0);
+    expect(performance.now() - t0).toBeLessThan(30_000);
+    expect(last(rows(dir))).toMatchObject({ status: "crash", description: "agent change (agent timed out after 1s)" });
+    expect(head(dir)).toBe(kept);
+    expect(clean(dir)).toBe("");
+  });
+
+  test("run.md set to False during an experiment: that one is logged, then the loop stops; the reset keeps run.md", () => {
+    const n = rows(dir).length;
+    const r = loop(dir, ["--resume", "--max-experiments", "5", "--agent", `printf 'False\\n' > run.md; sed -i 's/cls: 0,/cls: 2,/' train.ts; echo worse`]);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("run.md says False");
+    expect(rows(dir)).toHaveLength(n + 1);
+    expect(last(rows(dir))).toMatchObject({ status: "discard", description: "worse" });
+    expect(readFileSync(join(dir, "run.md"), "utf8")).toBe("False\n");
+    sh(dir, "git checkout run.md");
+  });
+
+  test("a streak of crashes pauses the loop instead of spinning (exit 3)", () => {
+    const n = rows(dir).length;
+    const r = loop(dir, ["--resume", "--max-experiments", "10", "--max-crash-streak", "2", "--agent", `sed -i 's/mode: "ok",/mode: "throw",/' train.ts; echo "throw"`]);
+    expect(r.code).toBe(3);
+    expect(r.out).toContain("paused: 2 crashes in a row");
+    expect(rows(dir).slice(n).map((x) => x.status)).toEqual(["crash", "crash"]);
+    expect(clean(dir)).toBe("");
+  });
+
+  test("the prepared data changing under the loop: crash row, then a pause (it cannot be restored)", async () => {
+    const cache = tempDir("arv-loop-cache2-");
+    made.push(cache);
+    await prepareData({ task: "waste", source: "synthetic", cacheRoot: cache, log: () => {} });
+    const d2 = makeRepo(stub({ cls: 1 }));
+    const env = { AR_CACHE: cache };
+    expect(loop(d2, ["--once", "--tag", "data", "--baseline-runs", "1"], env).code).toBe(0);
+    const images = join(cache, "waste-synthetic-64", "images.u8");
+    const r = loop(d2, ["--resume", "--agent", `printf 'x' | dd of=${images} bs=1 seek=5 conv=notrunc 2>/dev/null; sed -i 's/cls: 1,/cls: 0,/' train.ts; echo poke`], env);
+    expect(r.code).toBe(3);
+    expect(r.out).toContain("prepared data");
+    expect(last(rows(d2))).toMatchObject({ status: "crash" });
+    expect(last(rows(d2)).description).toContain("prepared data changed");
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Noise floor
+// ---------------------------------------------------------------------------
+
+describe("noise floor", () => {
+  test("the baseline repeats set the floor; a gain below 2σ is discarded with the reason; summarize failures only warn", () => {
+    const dir = makeRepo(stub({ cls: 1, yieldValue: 0.5 }, `{ cls: [1], yieldValue: [0.5, 0.52], mode: ["ok"], seed: [0] }`), {
+      files: { "summarize_results.ts": `console.error("summary is broken"); process.exit(1);\n` },
+    });
+    const counter = join(tempDir("arv-noise-"), "count");
+    made.push(join(counter, ".."));
+    // Baseline runs: yield 0.5 and 0.5 + 0.2 (different yield_mse); the experiment: 0.52, a tiny real gain.
+    const r = loop(dir, ["--tag", "nf", "--baseline-runs", "2", "--max-experiments", "1"], { STUB_COUNTER: counter, STUB_OFFSETS: "0,0.2" }, true);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("warning: summarize_results.ts failed (exit 1): summary is broken");
+    const rs = rows(dir);
+    expect(rs.map((x) => x.status)).toEqual(["keep", "baseline", "discard"]);
+    const st = state(dir);
+    const runs = [rs[0]!.metrics.combined_score!, rs[1]!.metrics.combined_score!];
+    expect(st.noise!.runs).toHaveLength(2);
+    expect(st.noise!.sigma).toBeCloseTo(Math.abs(runs[0]! - runs[1]!) / Math.SQRT2, 6);
+    expect(st.noise!.floor).toBeCloseTo(2 * st.noise!.sigma, 12);
+    expect(rs[1]!.description).toMatch(/^baseline repeat 2\/2 \(noise: mean [\d.]+, σ [\d.e-]+, floor [\d.e-]+\)$/);
+    // Candidates are compared with the mean of the baseline repeats.
+    expect(st.best!.metrics.combined_score).toBeCloseTo((runs[0]! + runs[1]!) / 2, 6);
+    expect(st.baseline!.metrics.combined_score).toBeCloseTo((runs[0]! + runs[1]!) / 2, 6);
+    const gain = rs[2]!.metrics.combined_score! - st.best!.metrics.combined_score!;
+    expect(gain).toBeGreaterThan(0);
+    expect(gain).toBeLessThan(st.noise!.floor);
+    expect(rs[2]!.description).toMatch(/^yieldValue 0\.5 -> 0\.52 \(\+[\d.e-]+ < noise [\d.e-]+\)$/);
+    expect(head(dir)).toBe(st.sessionStart);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// Crash safety: SIGKILL the loop at every phase, then --resume
+// ---------------------------------------------------------------------------
+
+describe("SIGKILL at each phase, then --resume", () => {
+  let dir = "";
+  const SPACE = `{ cls: [0, 1, 2], yieldValue: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], mode: ["ok"], seed: [0, 1, 2, 3] }`;
+  beforeAll(() => {
+    dir = makeRepo(stub({ cls: 1, yieldValue: 0.5 }, SPACE));
+    const r = loop(dir, ["--tag", "kill", "--baseline-runs", "1", "--max-experiments", "0"]);
+    expect(r.code).toBe(0);
+  });
+
+  const unmeasured = ["proposing", "proposed", "committed", "training"];
+  for (const point of [...unmeasured, "evaluating", "logging", "appended", "logged", "decided"]) {
+    test(`killed at ${point}`, async () => {
+      const before = readFileSync(join(dir, "results.tsv"), "utf8");
+      const n = countRows(before);
+      const killed = loop(dir, ["--resume", "--max-experiments", "1"], { AR_TEST_KILL_AT: point });
+      expect(killed.signal).toBe("SIGKILL");
+      const orphan = state(dir).current?.trainPid ?? null;
+      const r = loop(dir, ["--resume", "--max-experiments", "1"]);
+      expect(r.code).toBe(0);
+      if (point !== "decided") expect(r.out).toContain(`was interrupted at phase`);
+      const text = readFileSync(join(dir, "results.tsv"), "utf8");
+      // The interrupted experiment has one row if it got as far as being measured, none if not;
+      // then the resumed loop ran one more.
+      expect(countRows(text)).toBe(n + (unmeasured.includes(point) ? 0 : 1) + 1);
+      expect(text.startsWith(before)).toBe(true);
+      expect(text.endsWith("\n")).toBe(true);
+      const lines = text.trim().split("\n").slice(1);
+      expect(new Set(lines).size).toBe(lines.length);
+      rows(dir); // every line parses
+      const st = state(dir);
+      expect(st.current?.phase).toBe("decided");
+      expect(head(dir)).toBe(st.best!.commit);
+      expect(clean(dir)).toBe("");
+      expect(sh(dir, "git log --format=%s").split("\n").every((s) => s === "init" || / -> /.test(s))).toBe(true);
+      if (orphan !== null) expect(pidAlive(orphan)).toBe(false);
+      if (point === "training") expect(orphan).not.toBeNull();
+    });
+  }
+
+  test("SIGINT: the running experiment finishes and is logged, then the loop stops", async () => {
+    const n = rows(dir).length;
+    const proc = Bun.spawn([BUN, "loop.ts", "--resume", "--budget", "1", "--grace", "0", "--no-summarize", "--max-experiments", "5"], {
+      cwd: dir, stdout: "pipe", stderr: "pipe", env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30" },
+    });
+    const reader = proc.stdout.getReader();
+    const dec = new TextDecoder();
+    let out = "";
+    while (!out.includes("stub train.ts:")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      out += dec.decode(value);
+    }
+    proc.kill("SIGINT");
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      out += dec.decode(value);
+    }
+    expect(await proc.exited).toBe(0);
+    expect(out).toContain("SIGINT: the current experiment will finish and be logged");
+    expect(out).toContain("stopped on request");
+    expect(rows(dir)).toHaveLength(n + 1);
+    expect(head(dir)).toBe(state(dir).best!.commit);
+    expect(clean(dir)).toBe("");
+  });
+});
