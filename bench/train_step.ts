@@ -1,58 +1,103 @@
 /**
  * Benchmark: images/s for one training step (forward + backward + Adam) of
- * the baseline CNN, on every tfjs backend that loads here. Run on demand:
+ * the baseline CNN (train.ts's model) and of a MobileNet-style depthwise
+ * model, at batch 32 and 64×64, on every tfjs backend that loads. On demand:
  *
- *   bun bench/train_step.ts [--backends wasm,cpu] [--steps 10] [--warmup 3]
- *                           [--cpu-steps 1] [--batch 32] [--size 64]
- *                           [--no-profile] [--spec-json]
+ *   bun bench/train_step.ts [--models baseline,mobilenet] [--backends wasm,cpu]
+ *                           [--steps 10] [--warmup 3] [--cpu-steps 1]
+ *                           [--batch 32] [--size 64] [--no-profile]
+ *                           [--before] [--spec-json]
  *
- * Prints one line per backend:
- *   train_step backend=wasm batch=32 size=64 ms_per_step=... images_per_s=...
- * and a tf.profile breakdown of one wasm step (top kernels by time).
+ * Prints one line per (model, backend):
+ *   train_step model=baseline backend=wasm batch=32 size=64 ms_per_step=... images_per_s=...
+ * and a tf.profile breakdown of one wasm step per model (top kernels by time).
+ * Thread count of the wasm backend: AR_WASM_THREADS (default: all cores).
+ * --before runs with this issue's speed work switched off (tfjs' own kernels,
+ * the XNNPACK gradient composites, input gradients of the first conv kept):
+ * together with AR_WASM_THREADS=1 that is the starting point of issue 7.
  *
- * The model is described by a plain BaselineSpec (print it with --spec-json)
- * and the timing/reporting (measureSteps, formatLine) takes any step closure,
- * so a PyTorch (or other) run of the same spec can be timed and printed the
- * same way.
+ * The models are plain data (ModelSpec; print them with --spec-json), so
+ * bench/torch_peer.py builds the very same layers in PyTorch, and
+ * bench/compare.ts times both sides interleaved in one invocation through
+ * --serve (a line protocol on stdin/stdout: "run K" -> "ms t1 t2 ... tK").
  */
 import * as tf from "@tensorflow/tfjs";
 import { backendLabel, initBackend, parseBackendName, type BackendName } from "../lib/backend.ts";
+import { inputConvFilters, registerWasmGradKernels, setSimdKernelsEnabled, withoutInputGradients } from "../lib/wasm_kernels.ts";
 
 // ---------------------------------------------------------------------------
-// The workload, as data.
+// The workloads, as data.
 
-export interface BaselineSpec {
+export type LayerSpec =
+  | { type: "conv"; filters: number; kernel: number; stride: number }
+  | { type: "dwconv"; kernel: number; stride: number }
+  | { type: "bn" }
+  | { type: "relu" }
+  | { type: "maxpool"; size: number };
+
+export interface ModelSpec {
+  name: string;
   batch: number;
-  /** Square input images, size x size x 3. */
+  /** Square input images, size x size x 3, channels last. */
   size: number;
-  /** One block per entry: conv3x3(same, no bias) + batchnorm + relu + maxpool2. */
-  channels: number[];
-  /** Hidden dense units after global average pooling. */
+  /** Convs are 'same'-padded without bias; batchnorm eps 1e-3. Then global average pooling. */
+  layers: LayerSpec[];
+  /** Hidden dense units (relu) after global average pooling. */
   dense: number;
-  /** Classification head width (softmax cross-entropy). */
+  /** Classification head width (softmax cross-entropy) + a 1-unit regression head (MSE); losses summed. */
   classes: number;
-  /** Regression head: 1 unit, MSE; the two losses are summed. */
   lr: number;
 }
 
-export const BASELINE: BaselineSpec = { batch: 32, size: 64, channels: [16, 32, 64], dense: 64, classes: 3, lr: 1e-3 };
+const block = (filters: number): LayerSpec[] => [
+  { type: "conv", filters, kernel: 3, stride: 1 }, { type: "bn" }, { type: "relu" }, { type: "maxpool", size: 2 },
+];
+const separable = (filters: number, stride: number): LayerSpec[] => [
+  { type: "dwconv", kernel: 3, stride }, { type: "bn" }, { type: "relu" },
+  { type: "conv", filters, kernel: 1, stride: 1 }, { type: "bn" }, { type: "relu" },
+];
+
+/** train.ts's default CNN (width 16, depth 3): 3 x [conv3x3 -> batchnorm -> relu -> maxpool], ~28k parameters. */
+export const BASELINE: ModelSpec = {
+  name: "baseline", batch: 32, size: 64, layers: [...block(16), ...block(32), ...block(64)], dense: 64, classes: 3, lr: 1e-3,
+};
+
+/** MobileNet-v1 style: a strided stem, then depthwise-separable blocks. */
+export const MOBILENET: ModelSpec = {
+  name: "mobilenet", batch: 32, size: 64,
+  layers: [
+    { type: "conv", filters: 16, kernel: 3, stride: 2 }, { type: "bn" }, { type: "relu" },
+    ...separable(32, 1), ...separable(64, 2), ...separable(64, 1), ...separable(128, 2), ...separable(128, 1),
+  ],
+  dense: 64, classes: 3, lr: 1e-3,
+};
+
+export const MODELS: Record<string, ModelSpec> = { baseline: BASELINE, mobilenet: MOBILENET };
 
 /** Functional model with two outputs: [class logits, regression]. */
-export function buildBaseline(spec: BaselineSpec): tf.LayersModel {
+export function buildModel(spec: ModelSpec): tf.LayersModel {
   const input = tf.input({ shape: [spec.size, spec.size, 3] });
   let h: tf.SymbolicTensor = input;
-  for (const c of spec.channels) {
-    h = tf.layers.conv2d({ filters: c, kernelSize: 3, padding: "same", useBias: false }).apply(h) as tf.SymbolicTensor;
-    h = tf.layers.batchNormalization().apply(h) as tf.SymbolicTensor;
-    h = tf.layers.reLU().apply(h) as tf.SymbolicTensor;
-    h = tf.layers.maxPooling2d({ poolSize: 2 }).apply(h) as tf.SymbolicTensor;
+  const apply = (layer: tf.layers.Layer) => { h = layer.apply(h) as tf.SymbolicTensor; };
+  for (const l of spec.layers) {
+    switch (l.type) {
+      case "conv": apply(tf.layers.conv2d({ filters: l.filters, kernelSize: l.kernel, strides: l.stride, padding: "same", useBias: false })); break;
+      case "dwconv": apply(tf.layers.depthwiseConv2d({ kernelSize: l.kernel, strides: l.stride, padding: "same", useBias: false })); break;
+      case "bn": apply(tf.layers.batchNormalization({ epsilon: 1e-3 })); break;
+      case "relu": apply(tf.layers.reLU()); break;
+      case "maxpool": apply(tf.layers.maxPooling2d({ poolSize: l.size })); break;
+    }
   }
-  h = tf.layers.globalAveragePooling2d({}).apply(h) as tf.SymbolicTensor;
-  h = tf.layers.dense({ units: spec.dense, activation: "relu" }).apply(h) as tf.SymbolicTensor;
-  const logits = tf.layers.dense({ units: spec.classes, name: "class_logits" }).apply(h) as tf.SymbolicTensor;
-  const reg = tf.layers.dense({ units: 1, name: "regression" }).apply(h) as tf.SymbolicTensor;
+  apply(tf.layers.globalAveragePooling2d({}));
+  apply(tf.layers.dense({ units: spec.dense, activation: "relu" }));
+  const features = h;
+  const logits = tf.layers.dense({ units: spec.classes, name: "class_logits" }).apply(features) as tf.SymbolicTensor;
+  const reg = tf.layers.dense({ units: 1, name: "regression" }).apply(features) as tf.SymbolicTensor;
   return tf.model({ inputs: input, outputs: [logits, reg] });
 }
+
+/** @deprecated the old name; same as buildModel. */
+export const buildBaseline = buildModel;
 
 export interface Batch {
   x: tf.Tensor4D;
@@ -61,7 +106,7 @@ export interface Batch {
 }
 
 /** Synthetic batch; content does not matter for timing, only shapes. */
-export function syntheticBatch(spec: BaselineSpec): Batch {
+export function syntheticBatch(spec: ModelSpec): Batch {
   return tf.tidy(() => ({
     x: tf.randomUniform([spec.batch, spec.size, spec.size, 3], 0, 1, "float32", 1) as tf.Tensor4D,
     yClass: tf.oneHot(tf.tensor1d(Array.from({ length: spec.batch }, (_, i) => i % spec.classes), "int32"), spec.classes).toFloat() as tf.Tensor2D,
@@ -74,28 +119,36 @@ export function syntheticBatch(spec: BaselineSpec): Batch {
  * Adam update) and returning the loss as a number, which also forces the
  * step to complete on asynchronous backends.
  */
-export function makeTrainStep(model: tf.LayersModel, spec: BaselineSpec, batch: Batch): () => number {
+export function makeTrainStep(model: tf.LayersModel, spec: ModelSpec, batch: Batch, opts: { skipInputGrad?: boolean } = {}): () => number {
   const optimizer = tf.train.adam(spec.lr);
   const vars = model.trainableWeights.map((w) => w.read());
   const isVariable = (t: tf.Tensor): t is tf.Variable => t instanceof tf.Variable;
   const varList = vars.filter(isVariable);
+  // no input gradient for the first conv (its input is the image batch), as train.ts does
+  const skip = opts.skipInputGrad ?? true ? inputConvFilters(model) : [];
   return () => {
-    const cost = optimizer.minimize(
+    const cost = withoutInputGradients(skip, () => optimizer.minimize(
       () => {
         const out = model.apply(batch.x, { training: true });
-        if (!Array.isArray(out) || out.length !== 2) throw new Error("baseline model must have two outputs");
+        if (!Array.isArray(out) || out.length !== 2) throw new Error("bench model must have two outputs");
         const [logits, reg] = out;
         if (!(logits instanceof tf.Tensor) || !(reg instanceof tf.Tensor)) throw new Error("model.apply returned symbolic tensors");
         return tf.add(tf.losses.softmaxCrossEntropy(batch.yClass, logits), tf.losses.meanSquaredError(batch.yReg, reg)) as tf.Scalar;
       },
       true,
       varList,
-    );
+    ));
     if (cost == null) throw new Error("optimizer.minimize returned no cost");
     const loss = cost.dataSync()[0];
     cost.dispose();
     return loss;
   };
+}
+
+/** Switches this issue's speed work off ("before") or on again ("after"), for A/B runs in one process. */
+export function setSpeedWork(on: boolean): void {
+  setSimdKernelsEnabled(on);
+  registerWasmGradKernels({ simdKernels: on });
 }
 
 // ---------------------------------------------------------------------------
@@ -107,7 +160,7 @@ export interface StepStats {
   samplesMs: number[];
 }
 
-function median(xs: number[]): number {
+export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = Math.floor(s.length / 2);
   return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
@@ -129,8 +182,8 @@ export async function measureSteps(
   return { msPerStep, imagesPerS: (opts.batch * 1000) / msPerStep, samplesMs };
 }
 
-export function formatLine(backend: string, spec: BaselineSpec, s: StepStats): string {
-  return `train_step backend=${backend} batch=${spec.batch} size=${spec.size} ms_per_step=${s.msPerStep.toFixed(1)} images_per_s=${s.imagesPerS.toFixed(1)}`;
+export function formatLine(model: string, backend: string, spec: ModelSpec, s: StepStats): string {
+  return `train_step model=${model} backend=${backend} batch=${spec.batch} size=${spec.size} ms_per_step=${s.msPerStep.toFixed(1)} images_per_s=${s.imagesPerS.toFixed(1)}`;
 }
 
 /** Kernel time per kernel name for one step, largest first. */
@@ -160,17 +213,24 @@ export async function profileStep(step: () => unknown): Promise<{ wallMs: number
 // CLI
 
 interface Args {
+  models: string[];
   backends: BackendName[];
   steps: number;
   warmup: number;
   cpuSteps: number;
   profile: boolean;
   specJson: boolean;
-  spec: BaselineSpec;
+  serve: boolean;
+  before: boolean;
+  batch?: number;
+  size?: number;
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { backends: ["wasm", "cpu"], steps: 10, warmup: 3, cpuSteps: 1, profile: true, specJson: false, spec: { ...BASELINE } };
+  const a: Args = {
+    models: ["baseline", "mobilenet"], backends: ["wasm", "cpu"], steps: 10, warmup: 3, cpuSteps: 1, profile: true,
+    specJson: false, serve: false, before: false,
+  };
   const num = (i: number): number => {
     const v = Number(argv[i + 1]);
     if (!Number.isFinite(v) || v < 0) throw new Error(`${argv[i]} needs a non-negative number`);
@@ -178,6 +238,11 @@ function parseArgs(argv: string[]): Args {
   };
   for (let i = 0; i < argv.length; i++) {
     switch (argv[i]) {
+      case "--models":
+      case "--model":
+        a.models = (argv[++i] ?? "").split(",").filter(Boolean);
+        for (const m of a.models) if (MODELS[m] == null) throw new Error(`unknown model '${m}' (${Object.keys(MODELS).join(", ")})`);
+        break;
       case "--backends":
         a.backends = (argv[++i] ?? "").split(",").map((s) => {
           const b = parseBackendName(s);
@@ -188,22 +253,64 @@ function parseArgs(argv: string[]): Args {
       case "--steps": a.steps = num(i++); break;
       case "--warmup": a.warmup = num(i++); break;
       case "--cpu-steps": a.cpuSteps = num(i++); break;
-      case "--batch": a.spec.batch = num(i++); break;
-      case "--size": a.spec.size = num(i++); break;
+      case "--batch": a.batch = num(i++); break;
+      case "--size": a.size = num(i++); break;
       case "--no-profile": a.profile = false; break;
       case "--spec-json": a.specJson = true; break;
+      case "--serve": a.serve = true; break;
+      case "--before": a.before = true; break;
       default: throw new Error(`unknown argument ${argv[i]}`);
     }
   }
   return a;
 }
 
+function specFor(args: Args, name: string): ModelSpec {
+  const base = MODELS[name]!;
+  return { ...base, batch: args.batch ?? base.batch, size: args.size ?? base.size };
+}
+
+/**
+ * --serve: one model on one backend, kept warm; reads "run K" lines and
+ * answers "ms t1 ... tK" (per-step wall ms). "info" answers the backend label.
+ */
+async function serve(args: Args): Promise<void> {
+  const backend = args.backends[0] ?? "wasm";
+  await initBackend({ prefer: backend });
+  if (args.before) setSpeedWork(false);
+  const spec = specFor(args, args.models[0] ?? "baseline");
+  const model = buildModel(spec);
+  const batch = syntheticBatch(spec);
+  const step = makeTrainStep(model, spec, batch, { skipInputGrad: !args.before });
+  for (let i = 0; i < 1 + args.warmup; i++) step(); // Adam's slots, kernel set-up
+  console.log(`ready ${backendLabel()}${args.before ? " before" : ""}`);
+  for await (const line of console) {
+    const [cmd, arg] = line.trim().split(/\s+/);
+    if (cmd === "run") {
+      const k = Math.max(1, Number(arg) || 1);
+      const ms: number[] = [];
+      for (let i = 0; i < k; i++) {
+        const t0 = performance.now();
+        step();
+        ms.push(performance.now() - t0);
+      }
+      console.log(`ms ${ms.map((m) => m.toFixed(2)).join(" ")}`);
+    } else if (cmd === "quit") {
+      break;
+    } else if (cmd !== "") {
+      console.log(`error unknown command ${cmd}`);
+    }
+  }
+  process.exit(0);
+}
+
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
   if (args.specJson) {
-    console.log(JSON.stringify(args.spec));
+    console.log(JSON.stringify(args.models.length === 1 ? specFor(args, args.models[0]!) : args.models.map((m) => specFor(args, m))));
     return;
   }
+  if (args.serve) return serve(args);
   for (const b of args.backends) {
     try {
       await initBackend({ prefer: b });
@@ -211,34 +318,40 @@ async function main(): Promise<void> {
       console.log(`train_step backend=${b} skipped: ${e instanceof Error ? e.message : String(e)}`);
       continue;
     }
-    // cpu is so slow (~1 min per step here) that warm-up is pointless and
-    // one timed step is already a long wait.
-    const slow = b === "cpu";
-    const steps = slow ? args.cpuSteps : args.steps;
-    if (steps === 0) continue;
-    const model = buildBaseline(args.spec);
-    const batch = syntheticBatch(args.spec);
-    const trainStep = makeTrainStep(model, args.spec, batch);
-    const losses: number[] = [];
-    const step = (): void => {
-      losses.push(trainStep());
-    };
-    // The first step also creates Adam's slot variables: never time it, except
-    // on cpu where one step is ~1 min and that overhead is noise.
-    if (!slow) step();
-    const stats = await measureSteps(step, { warmup: slow ? 0 : args.warmup, steps, batch: args.spec.batch });
-    const lossInfo = `loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`;
-    console.log(`${formatLine(b, args.spec, stats)}  (${backendLabel()}; samples ms: ${stats.samplesMs.map((m) => m.toFixed(0)).join(" ")}; ${lossInfo})`);
-    if (args.profile && b === "wasm") {
-      const p = await profileStep(step);
-      const total = p.kernels.reduce((s, k) => s + k.ms, 0);
-      console.log(`profile backend=wasm wall_ms=${p.wallMs.toFixed(1)} kernel_ms=${total.toFixed(1)} (rest is JS/engine overhead, incl. profiling itself)`);
-      for (const k of p.kernels.slice(0, 15)) {
-        console.log(`  ${k.name.padEnd(36)} ${k.ms.toFixed(1).padStart(8)} ms  ${String(k.calls).padStart(4)} calls  ${((100 * k.ms) / total).toFixed(1).padStart(5)}%`);
+    if (args.before && b === "wasm") setSpeedWork(false);
+    for (const name of args.models) {
+      // cpu is so slow (~1 min per step here) that warm-up is pointless and
+      // one timed step is already a long wait.
+      const slow = b === "cpu";
+      const steps = slow ? args.cpuSteps : args.steps;
+      if (steps === 0) continue;
+      const spec = specFor(args, name);
+      const model = buildModel(spec);
+      const batch = syntheticBatch(spec);
+      const trainStep = makeTrainStep(model, spec, batch, { skipInputGrad: !args.before });
+      const losses: number[] = [];
+      const step = (): void => {
+        losses.push(trainStep());
+      };
+      // The first step also creates Adam's slot variables: never time it, except
+      // on cpu where one step is ~1 min and that overhead is noise.
+      if (!slow) step();
+      const stats = await measureSteps(step, { warmup: slow ? 0 : args.warmup, steps, batch: spec.batch });
+      const lossInfo = `loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`;
+      const range = `min ${Math.min(...stats.samplesMs).toFixed(0)} max ${Math.max(...stats.samplesMs).toFixed(0)}`;
+      console.log(`${formatLine(name, b, spec, stats)}  (${backendLabel()}${args.before ? ", before" : ""}; ms ${range}; ${lossInfo})`);
+      if (args.profile && b === "wasm") {
+        const p = await profileStep(step);
+        const total = p.kernels.reduce((s, k) => s + k.ms, 0);
+        console.log(`profile model=${name} backend=wasm wall_ms=${p.wallMs.toFixed(1)} kernel_ms=${total.toFixed(1)} (rest is JS/engine overhead, incl. profiling itself)`);
+        for (const k of p.kernels.slice(0, 12)) {
+          console.log(`  ${k.name.padEnd(36)} ${k.ms.toFixed(1).padStart(8)} ms  ${String(k.calls).padStart(4)} calls  ${((100 * k.ms) / total).toFixed(1).padStart(5)}%`);
+        }
       }
+      tf.dispose([batch.x, batch.yClass, batch.yReg]);
+      model.dispose();
     }
-    tf.dispose([batch.x, batch.yClass, batch.yReg]);
-    model.dispose();
+    if (args.before && b === "wasm") setSpeedWork(true);
   }
 }
 

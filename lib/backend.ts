@@ -15,6 +15,11 @@
  * training, so falling back to it without being asked prints a loud warning.
  */
 import * as tf from "@tensorflow/tfjs";
+import { createHash } from "node:crypto";
+import { existsSync, writeFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import os from "node:os";
+import { dirname, join } from "node:path";
 import { registerWasmGradKernels } from "./wasm_kernels.ts";
 
 export type BackendName = "tensorflow-gpu" | "tensorflow" | "wasm" | "cpu";
@@ -83,23 +88,166 @@ async function loadNode(which: "tensorflow-gpu" | "tensorflow"): Promise<void> {
   if (!(await tf.setBackend("tensorflow"))) throw new Error("tf.setBackend('tensorflow') failed");
 }
 
+// ---------------------------------------------------------------------------
+// wasm threads under Bun.
+//
+// tfjs-backend-wasm ships a threaded SIMD build (XNNPACK on a pthreadpool of
+// Web Workers) but never uses it under Node/Bun (tfjs issue #3830): its
+// WASM_HAS_MULTITHREAD_SUPPORT flag is hard-wired false there, and even when
+// forced on, the Emscripten glue starts each pthread worker from a `blob:`
+// URL, which worker_threads' Worker rejects ("must be an absolute path"),
+// and then tells the worker to importScripts() the main script from another
+// Blob, which the Node flavour of that worker reads with fs.readFileSync.
+// Three run-time adjustments make it work, none of them inside node_modules:
+//  1. the flag is set to true (a documented tfjs flag);
+//  2. during init only, the global `Worker` that the glue assigns and then
+//     constructs is an accessor returning a subclass of worker_threads'
+//     Worker that swaps the blob: URL for a file holding the same worker
+//     source (tfjs ships it as wasmWorkerContents) and the Blob main script
+//     for the identical file tfjs ships (wasm-out/...-threaded-simd.js);
+//  3. during init only, os.cpus() reports twice the wanted thread count:
+//     tfjs-wasm sizes its pool as min(requested, logical cores / 2) because
+//     "many x86-64 processors have 2 threads per core", which would cap a
+//     2-core machine at 1 thread.
+// If any of this fails, initBackend falls back to the single-threaded build.
+
+const requireHere = createRequire(import.meta.url);
+/** How long the threaded build may take to start before we fall back (it takes ~0.1 s). */
+const THREAD_INIT_TIMEOUT_S = 30;
+
+/** Threads wanted: AR_WASM_THREADS (1 = single-threaded build), else every core, at most 8 (tfjs' pool). */
+export function wantedWasmThreads(): number {
+  const raw = process.env.AR_WASM_THREADS?.trim();
+  if (raw != null && raw !== "") {
+    const n = Number(raw);
+    if (!Number.isInteger(n) || n < 1) throw new Error(`AR_WASM_THREADS must be a positive integer, got '${raw}'`);
+    return Math.min(n, 8);
+  }
+  const cores = typeof os.availableParallelism === "function" ? os.availableParallelism() : os.cpus().length;
+  return Math.max(1, Math.min(cores, 8));
+}
+
+interface WorkerPatch {
+  /** Undoes the global adjustments (call once init has settled). */
+  restore(): void;
+  /** From now on worker errors go to the Emscripten glue again (they are fatal there). */
+  initDone(): void;
+}
+
+/**
+ * `onInitError` receives an error raised by a pthread worker while the
+ * backend initializes (the glue would rethrow it and kill the process):
+ * initBackend then falls back to the single-threaded build.
+ */
+function patchForWasmThreads(threads: number, onInitError: (e: unknown) => void): WorkerPatch {
+  let initializing = true;
+  const pkgDir = dirname(requireHere.resolve("@tensorflow/tfjs-backend-wasm/package.json"));
+  const mainScript = join(pkgDir, "wasm-out", "tfjs-backend-wasm-threaded-simd.js");
+  const workerModule: unknown = requireHere(join(pkgDir, "wasm-out", "tfjs-backend-wasm-threaded-simd.worker.js"));
+  const contents = (workerModule as { wasmWorkerContents?: unknown }).wasmWorkerContents;
+  if (typeof contents !== "string" || !existsSync(mainScript)) throw new Error("tfjs-backend-wasm's threaded worker sources not found");
+  // Same escaping tfjs applies before making its Blob (literal newlines
+  // inside the source's string literals).
+  const source = contents.replace(/\n/g, "\\n");
+  const workerFile = join(os.tmpdir(), `tfjs-wasm-pthread-${createHash("sha256").update(source).digest("hex").slice(0, 16)}.cjs`);
+  if (!existsSync(workerFile)) {
+    const tmp = `${workerFile}.${process.pid}.tmp`;
+    writeFileSync(tmp, source);
+    // rename is atomic: concurrent processes never see a half-written file
+    requireHere("node:fs").renameSync(tmp, workerFile);
+  }
+  const wt = requireHere("node:worker_threads") as typeof import("node:worker_threads");
+  const Base = wt.Worker;
+  class PthreadWorker extends Base {
+    private glueOnError?: (e: unknown) => void;
+    // The glue sets `worker.onerror` to a handler that rethrows; during init a
+    // failing worker means "no threads here", not a crash.
+    get onerror(): (e: unknown) => void {
+      return (e) => (initializing ? onInitError(e) : this.glueOnError?.(e));
+    }
+    set onerror(fn: (e: unknown) => void) {
+      this.glueOnError = fn;
+    }
+    constructor(file: string | URL, options?: import("node:worker_threads").WorkerOptions) {
+      super(typeof file === "string" && file.startsWith("blob:") ? workerFile : file, options);
+      this.unref();
+    }
+    // The glue ref()s a worker while it runs a pthread, and pthreadpool's
+    // threads run for the life of the process, so the process would never
+    // exit on its own. Workers only compute while the main thread waits on
+    // them, so they never need to keep the process alive.
+    override ref(): void {}
+    override postMessage(message: unknown, transfer?: readonly import("node:worker_threads").Transferable[]): void {
+      if (typeof message === "object" && message != null && "cmd" in message && message.cmd === "load" && "urlOrBlob" in message && message.urlOrBlob instanceof Blob) {
+        message = { ...message, urlOrBlob: mainScript };
+      }
+      super.postMessage(message, transfer);
+    }
+  }
+  const g = globalThis as Record<string, unknown>;
+  const workerDesc = Object.getOwnPropertyDescriptor(globalThis, "Worker");
+  Object.defineProperty(globalThis, "Worker", { configurable: true, get: () => PthreadWorker, set: () => {} });
+  const realCpus = os.cpus;
+  const cpus = realCpus.call(os);
+  const fake = Array.from({ length: Math.max(cpus.length, 2 * threads) }, (_, i) => cpus[i % cpus.length]!);
+  os.cpus = () => fake;
+  return {
+    initDone() {
+      initializing = false;
+    },
+    restore() {
+      os.cpus = realCpus;
+      if (workerDesc != null) Object.defineProperty(globalThis, "Worker", workerDesc);
+      else delete g.Worker;
+    },
+  };
+}
+
 async function loadWasm(): Promise<void> {
   const wasm = await import("@tensorflow/tfjs-backend-wasm");
   // Before the first training step (and before setBackend, so the engine runs
-  // the setupFunc of the kernel we replace): wasm cannot train conv nets
+  // the setupFunc of the kernels we replace): wasm cannot train conv nets
   // without these.
   registerWasmGradKernels();
-  if (!(await tf.setBackend("wasm"))) throw new Error("tf.setBackend('wasm') failed (see the error tfjs printed above)");
+  const threads = wantedWasmThreads();
+  let threadNote: string | undefined;
+  let ready = false;
+  if (threads > 1 && typeof SharedArrayBuffer !== "undefined") {
+    // wasm multithreading under Bun (see above); the single-threaded build if it fails
+    let patch: WorkerPatch | undefined;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    try {
+      let fail: (e: unknown) => void = () => {};
+      const failed = new Promise<never>((_, reject) => { fail = reject; });
+      patch = patchForWasmThreads(threads, (e) => fail(e));
+      timer = setTimeout(() => fail(new Error(`no answer from the pthread workers in ${THREAD_INIT_TIMEOUT_S} s`)), THREAD_INIT_TIMEOUT_S * 1000);
+      tf.env().set("WASM_HAS_MULTITHREAD_SUPPORT", true);
+      wasm.setThreadsCount(threads);
+      // A later setBackend supersedes a hung one: tfjs ignores the outdated init.
+      if (!(await Promise.race([tf.setBackend("wasm"), failed]))) throw new Error("threaded build failed to initialize");
+      patch.initDone();
+      ready = true;
+    } catch (e) {
+      threadNote = `wasm threads unavailable (${message(e)}); running single-threaded`;
+      tf.env().set("WASM_HAS_MULTITHREAD_SUPPORT", false);
+      wasm.setThreadsCount(-1);
+    } finally {
+      if (timer != null) clearTimeout(timer);
+      patch?.restore();
+    }
+  }
+  if (!ready && !(await tf.setBackend("wasm"))) {
+    throw new Error("tf.setBackend('wasm') failed (see the error tfjs printed above)");
+  }
   const simd = await tf.env().getAsync("WASM_HAS_SIMD_SUPPORT");
-  let threads = 1;
+  let actual = 1;
   try {
-    threads = wasm.getThreadsCount();
+    actual = wasm.getThreadsCount();
   } catch {
     // Only throws before init; the single-threaded build reports 1 anyway.
   }
-  // tfjs disables wasm threads under Node/Bun (tfjs issue #3830), so this is
-  // the single-threaded SIMD build: one core.
-  wasmFacts = { simd: simd === true, threads };
+  wasmFacts = { simd: simd === true, threads: actual };
+  if (threadNote != null) console.error(threadNote);
 }
 
 async function load(b: BackendName): Promise<void> {

@@ -27,8 +27,29 @@
  * Only NHWC with dilation 1 is handled for the depthwise kernels (that is all
  * tfjs' own gradient functions ever request); Conv2DBackpropFilter also takes
  * NCHW by transposing, Conv2DBackpropInput hands NCHW to the native kernel.
+ *
+ * Issue 7 (CPU training speed) added, each found in the per-kernel profile
+ * of bench/train_step.ts, most on top of lib/wasm_simd (SIMD C kernels that
+ * run inside tfjs-wasm's own heap, split across threads when tfjs-wasm runs
+ * threaded: lib/backend.ts):
+ * - direct SIMD conv gradients: the filter gradient (any stride, co % 4 == 0)
+ *   and the input gradient (stride 1, ci % 4 == 0) as register-blocked GEMMs,
+ *   and the depthwise filter gradient (multiplier 1); the XNNPACK composites
+ *   above remain for every other case;
+ * - MaxPoolGrad in SIMD with tfjs-cpu's tie rule (tfjs-wasm's is ~40x its forward);
+ * - Sum/Mean over leading axes without tfjs-wasm's full transpose, and
+ *   FusedBatchNorm in SIMD: bit-identical to tfjs-wasm's own (inference path);
+ * - zero-copy Identity and same-dtype Cast (the engine clones every tensor it
+ *   saves for backprop; tfjs-wasm copied each one);
+ * - gradients: batchnorm from two per-channel sums in one pass, the Mean
+ *   gradient written in one pass;
+ * - withoutInputGradients(): no input gradient for the first conv (the fused
+ *   conv's customGrad always computed it, for the image batch).
+ * setSimdKernelsEnabled(false) turns all of that off (tfjs' own kernels).
  */
 import * as tf from "@tensorflow/tfjs";
+import { isWasmBackend, simdKernels, type Simd, type WasmBackendLike } from "./wasm_simd/index.ts";
+import { splitRange } from "./wasm_simd/pool.ts";
 
 type Pad = "same" | "valid" | number | tf.backend_util.ExplicitPadding;
 type Rounding = "floor" | "round" | "ceil" | undefined;
@@ -175,6 +196,20 @@ function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const right = kw + (ow - 1) * sW - w - left;
   const channelsLast = info.dataFormat === "channelsLast";
 
+  // direct SIMD filter gradient: a register-blocked GEMM over the output
+  // pixels (kernels.c), ~2-4x faster than the XNNPACK formulation below,
+  // whose 'filter' is the whole dy (repacked on every call).
+  const s = channelsLast && info.outChannels % 4 === 0 ? simdFor(backend, x, dy) : null;
+  if (s != null) {
+    const dw = s.b.makeOutput([...filterShape], "float32");
+    s.k.zero_fill(at(s.b, dw), sizeOf(filterShape));
+    // threads split the output channels (whole 8-channel tiles where possible)
+    s.run("conv2d_filter_grad", splitRange(info.outChannels, partsFor(s, (sizeOf(dy.shape) * kh * kw * info.inChannels) / 8), info.outChannels % 8 === 0 ? 8 : 4).map(([c0, c1]) => [
+      at(s.b, x), at(s.b, dy), at(s.b, dw), info.batchSize, h, w, info.inChannels, oh, ow, info.outChannels, kh, kw, sH, sW, top, left, c0, c1,
+    ]));
+    return dw;
+  }
+
   return runComposite(backend, [x, dy], (xt, dyt) => {
     // [ci, h, w, b]: input channels become the batch, the batch the channels.
     const xT = tf.transpose(xt, channelsLast ? [3, 1, 2, 0] : [1, 2, 3, 0]) as tf.Tensor4D;
@@ -213,6 +248,19 @@ function depthwiseBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const bottom = kh + (oh - 1) * sH - h - top;
   const right = kw + (ow - 1) * sW - w - left;
 
+  // direct SIMD depthwise filter gradient (multiplier 1): products along
+  // channels accumulated over each row (kernels.c), instead of a depthwise
+  // conv over batch*channels with the whole dy as filter.
+  const s = mult === 1 ? simdFor(backend, x, dy) : null;
+  if (s != null) {
+    const dw = s.b.makeOutput([...filterShape], "float32");
+    s.k.zero_fill(at(s.b, dw), sizeOf(filterShape));
+    s.run("depthwise_filter_grad", splitRange(c, partsFor(s, sizeOf(dy.shape) * kh * kw / 4), 4).map(([c0, c1]) => [
+      at(s.b, x), at(s.b, dy), at(s.b, dw), b, h, w, c, oh, ow, kh, kw, sH, sW, top, left, c0, c1,
+    ]));
+    return dw;
+  }
+
   return runComposite(backend, [x, dy], (xt, dyt) => {
     // Every (b, c) pair is one depthwise channel: input [1, h, w, b*c],
     // filter [oh, ow, b*c, mult] (dy's channel index is c*mult + m).
@@ -236,6 +284,10 @@ function depthwiseBackpropInput(args: KernelArgs): tf.TensorInfo {
   const filter = requireInput(args.inputs, "filter");
   assertUnitDilation(attrs, "DepthwiseConv2dNativeBackpropInput");
   const inputShape = readShape4(attrs, "inputShape");
+  if (skipsInputGrad(filter)) {
+    const z = zerosLike(args, inputShape);
+    if (z != null) return z;
+  }
   const fShape = shape4(filter, "filter");
   const info = tf.backend_util.computeConv2DInfo(
     inputShape, fShape, readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs), true,
@@ -277,15 +329,13 @@ function depthwiseBackpropInput(args: KernelArgs): tf.TensorInfo {
 // the flipped, in/out-swapped filter it costs about one forward conv (stride
 // 1) or one full-resolution conv (stride 2, 3/4 of the taps hit zeros).
 
-/** The kernel wasm registered itself, kept for the cases we delegate (NCHW). */
-let nativeConv2DBackpropInput: tf.KernelConfig | undefined;
-
 function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const attrs = args.attrs ?? {};
-  if (attrs.dataFormat === "NCHW") {
-    if (nativeConv2DBackpropInput == null) throw new Error("wasm Conv2DBackpropInput: NCHW needs the native kernel");
-    return nativeConv2DBackpropInput.kernelFunc(args);
+  if (skipsInputGrad(requireInput(args.inputs, "filter"))) {
+    const z = zerosLike(args, readShape4(attrs, "inputShape"));
+    if (z != null) return z;
   }
+  if (attrs.dataFormat === "NCHW") return delegate("Conv2DBackpropInput", args);
   const backend = requireBackend(args.backend);
   const dy = requireInput(args.inputs, "dy");
   const filter = requireInput(args.inputs, "filter");
@@ -300,6 +350,23 @@ function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] 
   const left = kw - 1 - info.padInfo.left;
   const bottom = h + info.padInfo.top - oh * sH;
   const right = w + info.padInfo.left - ow * sW;
+
+  // direct SIMD input gradient (stride 1): register-blocked like the filter
+  // gradient (kernels.c); skips the flip and the XNNPACK operator set-up.
+  const s = sH === 1 && sW === 1 && info.inChannels % 4 === 0 ? simdFor(backend, dy, filter) : null;
+  if (s != null) {
+    const ft = runComposite(backend, [filter], (f) => tf.transpose(f, [0, 1, 3, 2])); // [kh, kw, co, ci]
+    try {
+      const dx = s.b.makeOutput([...inputShape], "float32");
+      s.run("conv2d_input_grad", splitRange(info.batchSize, partsFor(s, (sizeOf(inputShape) * kh * kw * info.outChannels) / 8)).map(([b0, b1]) => [
+        at(s.b, dy), at(s.b, ft), at(s.b, dx), info.batchSize, h, w, info.inChannels, oh, ow, info.outChannels, kh, kw,
+        info.padInfo.top, info.padInfo.left, b0, b1,
+      ]));
+      return dx;
+    } finally {
+      ft.dispose();
+    }
+  }
 
   return runComposite(backend, [dy, filter], (dyt, ft) => {
     let z = zeroInsert(dyt as tf.Tensor4D, sH, sW);
@@ -336,36 +403,302 @@ function fusedBatchNormGrad(dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], att
   const scaleValue: tf.Tensor = scale ?? tf.scalar(1);
   // Axes over which mean/variance were broadcast, i.e. those to sum over.
   const axes = tf.backend_util.getReductionAxes(mean.shape, x.shape);
-  const reduce = (t: tf.Tensor): tf.Tensor => tf.reshape(axes.length > 0 ? tf.sum(t, axes) : t, mean.shape);
   const invStd = tf.rsqrt(tf.add(variance, tf.scalar(eps)));
-  const xMinusMean = tf.sub(x, mean);
-  const dyScaled = tf.mul(dy, scaleValue);
+  const k = tf.mul(scaleValue, invStd); // d out / d x along the direct path
+  // Every parameter gradient is a per-channel scaling of two sums:
+  //   s1 = sum(dy), s2 = sum(dy * (x - mean))
+  // bn-grad sums in one pass: one SIMD kernel reads x and dy once on wasm,
+  // instead of four full-size products and four reductions.
+  let s1: tf.Tensor, s2: tf.Tensor;
+  const c = x.shape[x.rank - 1];
+  const channelsLast = axes.length === x.rank - 1 && axes.every((a, i) => a === i) && mean.size === c;
+  if (channelsLast && x.dtype === "float32" && onSimdWasm()) {
+    const both = tf.engine().runKernel("ArBnGradSums", { x, dy, mean: tf.reshape(mean, [c]) }, {}) as tf.Tensor;
+    [s1, s2] = tf.unstack(both).map((t) => tf.reshape(t, mean.shape));
+  } else {
+    const reduce = (t: tf.Tensor): tf.Tensor => tf.reshape(axes.length > 0 ? tf.sum(t, axes) : t, mean.shape);
+    s1 = reduce(dy);
+    s2 = reduce(tf.mul(dy, tf.sub(x, mean)));
+  }
   return {
-    x: () => tf.reshape(tf.mul(dyScaled, invStd), x.shape),
-    mean: () => reduce(tf.mul(dyScaled, tf.neg(invStd))),
-    variance: () => reduce(tf.mul(tf.mul(xMinusMean, dyScaled), tf.mul(tf.mul(tf.mul(invStd, invStd), invStd), tf.scalar(-0.5)))),
-    scale: () => reduce(tf.mul(dy, tf.mul(xMinusMean, invStd))),
-    offset: () => reduce(dy),
+    x: () => tf.reshape(tf.mul(dy, k), x.shape),
+    mean: () => tf.reshape(tf.neg(tf.mul(k, s1)), mean.shape),
+    variance: () => tf.reshape(tf.mul(tf.mul(s2, scaleValue), tf.mul(tf.mul(tf.mul(invStd, invStd), invStd), tf.scalar(-0.5))), mean.shape),
+    scale: () => tf.reshape(tf.mul(s2, invStd), mean.shape),
+    offset: () => tf.reshape(s1, mean.shape),
   };
+}
+
+/** tf.registerGradient without tfjs' "Overriding the gradient" warning (the override is intended). */
+function quietRegisterGradient(config: tf.GradConfig): void {
+  const env = tf.env();
+  const prod = env.getBool("PROD");
+  env.set("PROD", true);
+  try {
+    tf.registerGradient(config);
+  } finally {
+    env.set("PROD", prod);
+  }
 }
 
 function registerFastBatchNormGrad(): void {
   const current = tf.getGradient("FusedBatchNorm");
   if (current != null && current.gradFunc === fusedBatchNormGrad) return;
-  // registerGradient warns "Overriding the gradient for 'FusedBatchNorm'" on
-  // every process start; the override is intended, so mute tfjs' log briefly.
-  const env = tf.env();
-  const prod = env.getBool("PROD");
-  env.set("PROD", true);
+  quietRegisterGradient({ kernelName: "FusedBatchNorm", inputsToSave: ["x", "mean", "variance", "scale"], gradFunc: fusedBatchNormGrad });
+}
+
+// ---------------------------------------------------------------------------
+// Replacements backed by the in-heap SIMD kernels (lib/wasm_simd/kernels.c),
+// found by profiling the baseline training step (bench/train_step.ts). Each
+// one handles the common case and hands everything else to the kernel tfjs
+// registered (kept in `native`), so behaviour outside the fast path is
+// unchanged. The inference-path ones (Identity, Cast, Sum, Mean,
+// FusedBatchNorm) are exact: same bits as tfjs-wasm's own kernels (tested),
+// so evaluate() numbers cannot move.
+
+/** The kernels tfjs-wasm registered, for the cases we delegate. */
+const native = new Map<string, tf.KernelConfig>();
+
+function delegate(name: string, args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const k = native.get(name);
+  if (k == null) throw new Error(`wasm ${name}: no native kernel to delegate to`);
+  return k.kernelFunc(args);
+}
+
+/** The SIMD kernels and the backend, when this call can use them. */
+function simdFor(backend: unknown, ...infos: (tf.TensorInfo | undefined)[]): { k: Simd["k"]; run: Simd["run"]; threads: number; forced?: boolean; b: WasmBackendLike } | null {
+  if (!isWasmBackend(backend)) return null;
+  for (const t of infos) if (t != null && t.dtype !== "float32") return null;
+  const simd = simdKernels(backend);
+  return simd == null ? null : { k: simd.k, run: simd.run, threads: simd.threads, forced: simd.forced, b: backend };
+}
+
+const sizeOf = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
+
+/**
+ * Parts to split a kernel call into: one per thread, but only for calls with
+ * at least ~0.1 ms of work (`work` ~ elements touched, or multiply-adds / 8);
+ * below that the ~20-40 µs of waking a helper thread costs more than it saves.
+ */
+function partsFor(s: { threads: number; forced?: boolean }, work: number): number {
+  return s.forced === true || work >= 1 << 18 ? s.threads : 1;
+}
+
+/** Byte offset of a tensor in the wasm heap. */
+function at(b: WasmBackendLike, t: tf.TensorInfo): number {
+  return b.getMemoryOffset(t.dataId);
+}
+
+// zero-copy Identity/Cast: tfjs-wasm copies the whole buffer for Identity and
+// for a Cast to the same dtype; the engine clones (Identity) every tensor it
+// saves for the backward pass, ~30 full-size copies per baseline step. Tensors
+// are immutable, so sharing the buffer (refcounted, like Reshape already does)
+// is exact.
+function identity(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const x = requireInput(args.inputs, "x");
+  const s = x.dtype === "string" ? null : simdFor(args.backend);
+  if (s == null) return delegate("Identity", args);
+  s.b.incRef(x.dataId);
+  return { dataId: x.dataId, shape: [...x.shape], dtype: x.dtype };
+}
+
+function cast(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const x = requireInput(args.inputs, "x");
+  const s = args.attrs?.dtype !== x.dtype || x.dtype === "string" ? null : simdFor(args.backend);
+  if (s == null) return delegate("Cast", args);
+  s.b.incRef(x.dataId);
+  return { dataId: x.dataId, shape: [...x.shape], dtype: x.dtype };
+}
+
+/** n when `axes` are exactly the leading axes 0, 1, .., n-1 of a rank-r tensor, with 0 < n < r; else 0. */
+function leadingAxes(axis: unknown, shape: number[]): number {
+  if (!(typeof axis === "number" || isNumberArray(axis))) return 0;
+  // In the given order: tfjs-wasm sums in the order the axes are listed, and
+  // only ascending order is the row-major order sum_rows uses (same bits).
+  const axes = tf.util.parseAxisParam(axis, shape);
+  if (axes.length === 0 || axes.length >= shape.length) return 0;
+  return axes.every((a, i) => a === i) ? axes.length : 0;
+}
+
+// channel reduction without transpose: a per-channel Sum/Mean of NHWC data
+// (batchnorm statistics and every bias/batchnorm gradient) makes tfjs-wasm
+// transpose the whole tensor to [C, N*H*W] first; sum_rows reads it in place.
+function reduceLeading(name: "Sum" | "Mean", args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const x = requireInput(args.inputs, "x");
+  const s = simdFor(args.backend, x);
+  const n = s == null ? 0 : leadingAxes(args.attrs?.axis, x.shape);
+  if (s == null || n === 0 || sizeOf(x.shape) === 0) return delegate(name, args);
+  const rows = sizeOf(x.shape.slice(0, n));
+  const cols = sizeOf(x.shape.slice(n));
+  const outShape = args.attrs?.keepDims === true ? x.shape.map((d, i) => (i < n ? 1 : d)) : x.shape.slice(n);
+  const out = s.b.makeOutput(outShape, "float32");
+  // threads split the columns: each column is still summed in row order (same bits)
+  s.run("sum_rows", splitRange(cols, partsFor(s, rows * cols), 4).map(([c0, c1]) => [at(s.b, x), at(s.b, out), rows, cols, c0, c1, name === "Mean" ? 1 : 0]));
+  return out;
+}
+
+// MaxPoolGrad in SIMD: tfjs-wasm's own is a scalar loop ~40x slower than the
+// forward pool (the largest item of a baseline step). Same semantics as
+// tfjs-cpu: first maximum of each window gets the gradient (see kernels.c).
+function maxPoolGrad(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const dy = requireInput(args.inputs, "dy");
+  const x = requireInput(args.inputs, "input");
+  const s = simdFor(args.backend, dy, x);
+  if (s == null || x.shape.length !== 4 || sizeOf(x.shape) === 0) return delegate("MaxPoolGrad", args);
+  const attrs = args.attrs ?? {};
+  const info = tf.backend_util.computePool2DInfo(
+    shape4(x, "input"), readPair(attrs, "filterSize"), readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs),
+  );
+  const dx = s.b.makeOutput([...x.shape], "float32");
+  s.run("maxpool_grad", splitRange(info.batchSize, partsFor(s, sizeOf(x.shape))).map(([b0, b1]) => [
+    at(s.b, x), at(s.b, dy), at(s.b, dx), info.batchSize, info.inHeight, info.inWidth, info.inChannels, info.outHeight,
+    info.outWidth, info.filterHeight, info.filterWidth, info.strideHeight, info.strideWidth, info.padInfo.top, info.padInfo.left, b0, b1,
+  ]));
+  return dx;
+}
+
+// batchnorm in SIMD: tfjs-wasm's FusedBatchNorm is a scalar loop with four
+// modulo counters and a float64 division per element; same expression, same
+// precision, same order, 4 lanes at a time (bit-identical: tested).
+function fusedBatchNorm(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const { x, mean, variance, offset, scale } = args.inputs;
+  const eps = args.attrs?.varianceEpsilon;
+  if (x == null || mean == null || variance == null || typeof eps !== "number") return delegate("FusedBatchNorm", args);
+  const s = simdFor(args.backend, x, mean, variance, offset, scale);
+  const size = sizeOf(x.shape);
+  const c = x.shape[x.shape.length - 1] ?? 0;
+  const params = [mean, variance, scale, offset];
+  const ok = (t: tf.TensorInfo | undefined) => t == null || sizeOf(t.shape) === c || sizeOf(t.shape) === 1;
+  if (s == null || size === 0 || c === 0 || !params.every(ok)) return delegate("FusedBatchNorm", args);
+  const out = s.b.makeOutput([...x.shape], "float32");
+  const parts = splitRange(size / c, partsFor(s, size));
+  const scratch = s.b.wasm._malloc(24 * c * parts.length); // 8-byte aligned; one region per part
   try {
-    tf.registerGradient({
-      kernelName: "FusedBatchNorm",
-      inputsToSave: ["x", "mean", "variance", "scale"],
-      gradFunc: fusedBatchNormGrad,
-    });
+    s.run("batchnorm", parts.map(([r0, r1], p) => [
+      at(s.b, x), at(s.b, out), size / c, c, at(s.b, mean), sizeOf(mean.shape), at(s.b, variance), sizeOf(variance.shape),
+      scale == null ? 0 : at(s.b, scale), scale == null ? 1 : sizeOf(scale.shape),
+      offset == null ? 0 : at(s.b, offset), offset == null ? 1 : sizeOf(offset.shape), eps, scratch + 24 * c * p, r0, r1,
+    ]));
   } finally {
-    env.set("PROD", prod);
+    s.b.wasm._free(scratch);
   }
+  return out;
+}
+
+// Two helper kernels of our own, called from the gradients below.
+
+/** ArBroadcastRows: x [C] -> [...shape] with out[r, c] = x[c] / rows. */
+function broadcastRowsKernel(args: KernelArgs): tf.TensorInfo {
+  const x = requireInput(args.inputs, "x");
+  const shape = args.attrs?.shape;
+  if (!isNumberArray(shape)) throw new Error("ArBroadcastRows: attr 'shape' missing");
+  const s = simdFor(args.backend, x);
+  if (s == null) throw new Error("ArBroadcastRows: needs the wasm SIMD kernels");
+  const c = sizeOf(x.shape);
+  const rows = sizeOf(shape) / c;
+  const out = s.b.makeOutput([...shape], "float32");
+  s.run("broadcast_rows", splitRange(rows, partsFor(s, rows * c)).map(([r0, r1]) => [at(s.b, x), at(s.b, out), r0, r1, c, rows]));
+  return out;
+}
+
+/** ArBnGradSums: x, dy [..., C], mean [C] -> [2, C]: sum(dy) and sum(dy * (x - mean)) per channel. */
+function bnGradSumsKernel(args: KernelArgs): tf.TensorInfo {
+  const x = requireInput(args.inputs, "x");
+  const dy = requireInput(args.inputs, "dy");
+  const mean = requireInput(args.inputs, "mean");
+  const s = simdFor(args.backend, x, dy, mean);
+  if (s == null) throw new Error("ArBnGradSums: needs the wasm SIMD kernels");
+  const c = sizeOf(mean.shape);
+  const out = s.b.makeOutput([2, c], "float32");
+  s.run("bn_grad_sums", splitRange(c, partsFor(s, 2 * sizeOf(x.shape)), c % 8 === 0 ? 8 : 4).map(([c0, c1]) => [
+    at(s.b, x), at(s.b, dy), at(s.b, mean), at(s.b, out), sizeOf(x.shape) / c, c, c0, c1,
+  ]));
+  return out;
+}
+
+// Skipping input gradients nobody reads. tfjs' fused conv2d (what tf.layers'
+// Conv2D runs) computes its gradient in a customGrad that always produces
+// dx, even for the first layer, whose input is the image batch: a full
+// Conv2DBackpropInput per step thrown away. Inside withoutInputGradients()
+// the input-gradient kernels return zeros for the listed filters instead.
+
+let skipInputGradFor: readonly tf.Variable[] = [];
+
+function skipsInputGrad(filter: tf.TensorInfo): boolean {
+  for (const v of skipInputGradFor) if (!v.isDisposed && v.dataId === filter.dataId) return true;
+  return false;
+}
+
+function zerosLike(args: KernelArgs, shape: number[]): tf.TensorInfo | null {
+  const s = simdFor(args.backend);
+  if (s == null) return null;
+  const out = s.b.makeOutput([...shape], "float32");
+  s.k.zero_fill(at(s.b, out), sizeOf(shape));
+  return out;
+}
+
+/**
+ * Runs fn (a training step) with the input gradient of the given conv
+ * filters skipped: the Conv2DBackpropInput / DepthwiseConv2dNativeBackpropInput
+ * kernels return zeros when called with one of these variables as filter.
+ * Only for layers whose input needs no gradient (a model's first conv, fed
+ * by the images); the filter gradients are unaffected. Relies on the
+ * zero-copy Identity above (the saved filter shares the variable's buffer),
+ * and is a no-op on other backends.
+ */
+export function withoutInputGradients<T>(filters: readonly tf.Variable[], fn: () => T): T {
+  const before = skipInputGradFor;
+  skipInputGradFor = [...before, ...filters];
+  try {
+    return fn();
+  } finally {
+    skipInputGradFor = before;
+  }
+}
+
+/**
+ * The kernel variables of the conv layers fed directly by a model input
+ * (the ones whose input gradient nobody needs), for withoutInputGradients.
+ */
+export function inputConvFilters(model: tf.LayersModel): tf.Variable[] {
+  const out: tf.Variable[] = [];
+  for (const layer of model.layers) {
+    const cls = layer.getClassName();
+    if (cls !== "Conv2D" && cls !== "DepthwiseConv2D") continue;
+    const nodes = layer.inboundNodes;
+    const fedByInput = nodes.length > 0 && nodes.every((n) => n.inboundLayers.every((l) => l.getClassName() === "InputLayer"));
+    if (!fedByInput) continue;
+    for (const w of layer.trainableWeights) {
+      if (w.shape.length === 4 && /kernel$/.test(w.originalName)) {
+        const v = w.read();
+        if (v instanceof tf.Variable) out.push(v);
+      }
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Gradients (global, not per backend): the wasm fast path when the SIMD
+// kernels can run, tfjs' own formulation otherwise.
+
+function onSimdWasm(): boolean {
+  const b = tf.engine().backend;
+  return isWasmBackend(b) && simdKernels(b) != null;
+}
+
+// Mean gradient in one pass: tfjs-core's materialises ones(x.shape), then a
+// full-size multiply and divide; for a mean over leading axes (batchnorm
+// statistics) ArBroadcastRows writes (dy * 1) / n directly: same values.
+let originalMeanGrad: tf.GradConfig | undefined;
+
+function meanGrad(dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradientMap {
+  const [x] = saved;
+  if (!Array.isArray(dy) && x.dtype === "float32" && leadingAxes(attrs.axis, x.shape) > 0 && onSimdWasm()) {
+    return { x: () => tf.engine().runKernel("ArBroadcastRows", { x: tf.reshape(dy, [-1]) }, { shape: x.shape }) as tf.Tensor };
+  }
+  if (originalMeanGrad?.gradFunc == null) throw new Error("Mean gradient: tfjs' own gradient was not captured");
+  return originalMeanGrad.gradFunc(dy, saved, attrs);
 }
 
 // ---------------------------------------------------------------------------
@@ -374,7 +707,41 @@ const KERNELS: tf.KernelConfig[] = [
   { kernelName: "Conv2DBackpropFilter", backendName: "wasm", kernelFunc: conv2DBackpropFilter },
   { kernelName: "DepthwiseConv2dNativeBackpropFilter", backendName: "wasm", kernelFunc: depthwiseBackpropFilter },
   { kernelName: "DepthwiseConv2dNativeBackpropInput", backendName: "wasm", kernelFunc: depthwiseBackpropInput },
+  { kernelName: "ArBroadcastRows", backendName: "wasm", kernelFunc: broadcastRowsKernel },
+  { kernelName: "ArBnGradSums", backendName: "wasm", kernelFunc: bnGradSumsKernel },
 ];
+
+/** tfjs-wasm kernels we replace; each falls back to the native one outside its fast path. */
+const REPLACEMENTS: Record<string, tf.KernelFunc> = {
+  Conv2DBackpropInput: conv2DBackpropInput,
+  Identity: identity,
+  Cast: cast,
+  Sum: (args) => reduceLeading("Sum", args),
+  Mean: (args) => reduceLeading("Mean", args),
+  MaxPoolGrad: maxPoolGrad,
+  FusedBatchNorm: fusedBatchNorm,
+};
+const ours = new Set<tf.KernelFunc>(Object.values(REPLACEMENTS));
+
+function replaceKernel(name: string, fn: tf.KernelFunc): void {
+  const current = tf.getKernel(name, "wasm");
+  if (current != null && ours.has(current.kernelFunc)) return;
+  if (current != null) {
+    native.set(name, current);
+    tf.unregisterKernel(name, "wasm");
+  }
+  // Keep the native setupFunc: it cwraps the C++ function we delegate to,
+  // and the engine runs it when the wasm backend initializes.
+  tf.registerKernel({ kernelName: name, backendName: "wasm", kernelFunc: fn, setupFunc: current?.setupFunc, disposeFunc: current?.disposeFunc });
+}
+
+function restoreKernel(name: string): void {
+  const current = tf.getKernel(name, "wasm");
+  const orig = native.get(name);
+  if (current == null || !ours.has(current.kernelFunc) || orig == null) return;
+  tf.unregisterKernel(name, "wasm");
+  tf.registerKernel(orig);
+}
 
 export interface WasmGradKernelOptions {
   /**
@@ -383,45 +750,51 @@ export interface WasmGradKernelOptions {
    */
   fastConv2DBackpropInput?: boolean;
   /**
-   * Also replace tfjs-core's FusedBatchNorm gradient with the tile-free one
-   * above (global, all backends, same results). Default true; once replaced
-   * it stays for the process (tfjs has no unregisterGradient).
+   * Replace Identity, Cast, Sum, Mean, MaxPoolGrad and FusedBatchNorm with
+   * the versions above (SIMD kernels in tfjs' heap, zero-copy identity).
+   * Default true; false restores tfjs' own. (setSimdKernelsEnabled(false)
+   * turns their fast paths off without unregistering anything.)
+   */
+  simdKernels?: boolean;
+  /**
+   * Also replace tfjs-core's FusedBatchNorm and Mean gradients with the ones
+   * above (global, all backends; off wasm they compute what tfjs' own do).
+   * Default true; once replaced they stay for the process (tfjs has no
+   * unregisterGradient).
    */
   fastBatchNormGrad?: boolean;
 }
 
 /**
  * Registers the missing wasm gradient kernels and (by default) swaps in the
- * faster Conv2DBackpropInput and FusedBatchNorm gradient. Idempotent; a
- * missing-kernel slot that is already filled for wasm (by us earlier, or by
- * a future tfjs release that ships its own) is left alone. Works before or after tf.setBackend("wasm"),
- * but @tensorflow/tfjs-backend-wasm must have been imported first.
+ * faster kernels and gradients above. Idempotent; a missing-kernel slot
+ * that is already filled for wasm (by us earlier, or by a future tfjs release
+ * that ships its own) is left alone. Works before or after
+ * tf.setBackend("wasm"), but @tensorflow/tfjs-backend-wasm must have been
+ * imported first.
  */
 export function registerWasmGradKernels(opts: WasmGradKernelOptions = {}): void {
   for (const k of KERNELS) {
     if (tf.getKernel(k.kernelName, k.backendName) == null) tf.registerKernel(k);
   }
-  const want = opts.fastConv2DBackpropInput ?? true;
-  const current = tf.getKernel("Conv2DBackpropInput", "wasm");
-  const oursActive = current != null && current.kernelFunc === conv2DBackpropInput;
-  if (want && !oursActive) {
-    nativeConv2DBackpropInput = current ?? undefined;
-    if (current != null) tf.unregisterKernel("Conv2DBackpropInput", "wasm");
-    // Keep the native setupFunc: it cwraps the C++ function our NCHW path
-    // delegates to, and the engine runs it when the wasm backend initializes.
-    tf.registerKernel({
-      kernelName: "Conv2DBackpropInput",
-      backendName: "wasm",
-      kernelFunc: conv2DBackpropInput,
-      setupFunc: current?.setupFunc,
-      disposeFunc: current?.disposeFunc,
-    });
-  } else if (!want && oursActive && nativeConv2DBackpropInput != null) {
-    tf.unregisterKernel("Conv2DBackpropInput", "wasm");
-    tf.registerKernel(nativeConv2DBackpropInput);
+  if (opts.fastConv2DBackpropInput ?? true) replaceKernel("Conv2DBackpropInput", conv2DBackpropInput);
+  else restoreKernel("Conv2DBackpropInput");
+  for (const [name, fn] of Object.entries(REPLACEMENTS)) {
+    if (name === "Conv2DBackpropInput") continue;
+    if (opts.simdKernels ?? true) replaceKernel(name, fn);
+    else restoreKernel(name);
   }
-  if (opts.fastBatchNormGrad ?? true) registerFastBatchNormGrad();
+  if (opts.fastBatchNormGrad ?? true) {
+    registerFastBatchNormGrad();
+    const mean = tf.getGradient("Mean");
+    if (mean != null && mean.gradFunc !== meanGrad) {
+      originalMeanGrad = mean;
+      quietRegisterGradient({ kernelName: "Mean", inputsToSave: mean.inputsToSave ?? ["x"], gradFunc: meanGrad });
+    }
+  }
 }
 
-/** Kernel names this module provides (for tests and diagnostics). */
-export const WASM_GRAD_KERNEL_NAMES: readonly string[] = [...KERNELS.map((k) => k.kernelName), "Conv2DBackpropInput"];
+export { setSimdKernelsEnabled, setSimdSplit } from "./wasm_simd/index.ts";
+
+/** Kernel names this module provides or replaces on wasm (for tests and diagnostics). */
+export const WASM_GRAD_KERNEL_NAMES: readonly string[] = [...KERNELS.map((k) => k.kernelName), ...Object.keys(REPLACEMENTS)];

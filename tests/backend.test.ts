@@ -7,7 +7,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as tf from "@tensorflow/tfjs";
 import { backendLabel, initBackend } from "../lib/backend.ts";
-import { WASM_GRAD_KERNEL_NAMES } from "../lib/wasm_kernels.ts";
+import { evaluate, imageBatch, trainBatches, type Dataset, type Manifest } from "../prepare.ts";
+import { HP, augment, buildModel } from "../train.ts";
+import { WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients } from "../lib/wasm_kernels.ts";
 
 const savedEnv = process.env.AR_BACKEND;
 
@@ -95,7 +97,17 @@ const CASES: Case[] = [
   { op: "conv2d", x: [2, 7, 9, 3], filter: [3, 3, 3, 4], strides: 2, pad: 1, rounding: "ceil" },
   { op: "conv2d", x: [2, 7, 9, 3], filter: [3, 3, 3, 4], strides: 2, pad: explicit },
   { op: "conv2d", x: [2, 7, 9, 3], filter: [1, 1, 3, 4], strides: 2, pad: wide },
+  // Channel counts the direct SIMD kernels take (input grad: stride 1, ci % 4 == 0; filter grad: co % 4 == 0),
+  // with their 8-wide main loops and 4-wide tails, every padding kind, and the fallbacks beside them.
+  { op: "conv2d", x: [2, 7, 9, 4], filter: [3, 3, 4, 8], strides: 1, pad: "same" },
+  { op: "conv2d", x: [2, 7, 9, 8], filter: [3, 3, 8, 4], strides: 1, pad: "valid" },
+  { op: "conv2d", x: [2, 7, 9, 4], filter: [5, 5, 4, 12], strides: 1, pad: explicit },
+  { op: "conv2d", x: [2, 6, 6, 12], filter: [1, 1, 12, 8], strides: 1, pad: wide },
+  { op: "conv2d", x: [2, 7, 9, 4], filter: [3, 3, 4, 6], strides: 1, pad: "same" },
+  { op: "conv2d", x: [1, 5, 4, 20], filter: [3, 2, 20, 36], strides: 1, pad: "same" },
+  { op: "conv2d", x: [2, 9, 9, 5], filter: [3, 3, 5, 16], strides: 2, pad: "same" },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [3, 3, 3, 1], strides: 1, pad: "same" },
+  { op: "depthwise", x: [2, 9, 8, 20], filter: [3, 3, 20, 1], strides: 2, pad: "same" },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [3, 3, 3, 1], strides: 2, pad: "same" },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [3, 3, 3, 2], strides: 2, pad: "same" },
   { op: "depthwise", x: [2, 8, 8, 3], filter: [3, 3, 3, 1], strides: 2, pad: "valid" },
@@ -205,6 +217,190 @@ describe("FusedBatchNorm gradient (tile-free replacement)", () => {
   });
 });
 
+/** Bits of a float32 result, for exact comparisons (NaN-safe, -0 aware). */
+function bits(a: Float32Array): Uint32Array {
+  return new Uint32Array(a.buffer.slice(a.byteOffset, a.byteOffset + a.byteLength));
+}
+
+/** Runs f on wasm twice, with the SIMD/zero-copy replacements off (tfjs' own kernels) and on. */
+function nativeVsOurs(f: () => tf.Tensor): { native: Float32Array; ours: Float32Array } {
+  const run = () => tf.tidy(() => f().dataSync() as Float32Array);
+  setSimdKernelsEnabled(false);
+  let native: Float32Array;
+  try {
+    native = run();
+  } finally {
+    setSimdKernelsEnabled(true);
+  }
+  return { native, ours: run() };
+}
+
+describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's own", () => {
+  // These run in evaluate()/predict: identical bits mean identical metrics.
+  const shape: Shape4 = [3, 5, 7, 20];
+  const n = 3 * 5 * 7 * 20;
+  const cases: [string, () => tf.Tensor][] = [
+    ["Sum over N,H,W", () => tf.sum(tf.tensor4d(seeded(n, 41), shape), [0, 1, 2])],
+    ["Mean over N,H,W keepDims", () => tf.mean(tf.tensor4d(seeded(n, 42), shape), [0, 1, 2], true)],
+    ["Mean over N,H,W listed out of order (delegated)", () => tf.mean(tf.tensor4d(seeded(n, 42), shape), [2, 0, 1])],
+    ["Mean over N (2-D, bias-style)", () => tf.mean(tf.tensor2d(seeded(96 * 13, 43), [96, 13]), 0)],
+    ["Sum over N,H (odd channel count)", () => tf.sum(tf.tensor4d(seeded(2 * 9 * 4 * 7, 44), [2, 9, 4, 7]), [0, 1])],
+    ["FusedBatchNorm, [C] params", () => {
+      const c = (seed: number, off = 0) => tf.add(tf.tensor1d(seeded(20, seed)), off);
+      return tf.batchNorm(tf.tensor4d(seeded(n, 45), shape), c(46), c(47, 1), c(48), c(49), 1e-3);
+    }],
+    ["FusedBatchNorm, [1,1,1,C] mean, no scale/offset", () => {
+      const m = tf.tensor4d(seeded(20, 50), [1, 1, 1, 20]);
+      const v = tf.add(tf.tensor4d(seeded(20, 52), [1, 1, 1, 20]), 1);
+      return tf.batchNorm(tf.tensor4d(seeded(n, 51), shape), m, v, undefined, undefined, 1e-5);
+    }],
+    ["Identity/Cast float32 (clone, cast)", () => tf.cast(tf.clone(tf.tensor4d(seeded(n, 53), shape)), "float32")],
+  ];
+  for (const [name, f] of cases) {
+    test(name, async () => {
+      await initBackend({ prefer: "wasm" });
+      const { native, ours } = nativeVsOurs(f);
+      expect(bits(ours)).toEqual(bits(native));
+    });
+  }
+
+  test("a training-mode forward pass of the baseline's block gives the same bits", async () => {
+    await initBackend({ prefer: "wasm" });
+    const f = () => {
+      const x = tf.tensor4d(seeded(4 * 8 * 8 * 3, 54), [4, 8, 8, 3]);
+      const w = tf.tensor4d(seeded(3 * 3 * 3 * 8, 55), [3, 3, 3, 8]);
+      const y = tf.conv2d(x, w, 1, "same");
+      const { mean, variance } = tf.moments(y, [0, 1, 2]);
+      return tf.maxPool(tf.relu(tf.batchNorm(y, mean, variance, undefined, undefined, 1e-3)) as tf.Tensor4D, 2, 2, "valid");
+    };
+    const { native, ours } = nativeVsOurs(f);
+    expect(bits(ours)).toEqual(bits(native));
+  });
+});
+
+describe("SIMD kernels split across threads", () => {
+  test("any split of the work gives the same bits (forward and all gradients of a conv/bn/pool net)", async () => {
+    await initBackend({ prefer: "wasm" });
+    const run = () => tf.tidy(() => {
+      const x = tf.tensor4d(seeded(6 * 10 * 10 * 4, 95), [6, 10, 10, 4]);
+      const w1 = tf.tensor4d(seeded(3 * 3 * 4 * 24, 96), [3, 3, 4, 24]);
+      const dw = tf.tensor4d(seeded(3 * 3 * 24, 97), [3, 3, 24, 1]);
+      const f = (xt: tf.Tensor, a: tf.Tensor, b: tf.Tensor) => {
+        let h: tf.Tensor = tf.conv2d(xt as tf.Tensor4D, a as tf.Tensor4D, 1, "same");
+        const { mean, variance } = tf.moments(h, [0, 1, 2]);
+        // (with scale and offset: tfjs 4.22 cannot differentiate batchNorm without them, on any backend)
+        h = tf.relu(tf.batchNorm(h, mean, variance, tf.onesLike(mean), tf.onesLike(mean), 1e-3));
+        h = tf.depthwiseConv2d(h as tf.Tensor4D, b as tf.Tensor4D, 1, "same");
+        h = tf.maxPool(h as tf.Tensor4D, 2, 2, "valid");
+        return tf.sum(tf.mul(h, tf.tensor(seeded(h.size, 98), h.shape)));
+      };
+      return tf.grads(f)([x, w1, dw]).map((g) => g.dataSync() as Float32Array);
+    });
+    const one = (() => { setSimdSplit(1); try { return run(); } finally { setSimdSplit(undefined); } })();
+    for (const parts of [2, 3, 7]) {
+      setSimdSplit(parts);
+      try {
+        const got = run();
+        for (let i = 0; i < one.length; i++) expect(bits(got[i]!)).toEqual(bits(one[i]!));
+      } finally {
+        setSimdSplit(undefined);
+      }
+    }
+  });
+});
+
+describe("MaxPoolGrad (SIMD) matches tfjs-cpu", () => {
+  interface PoolCase { x: Shape4; size: number; stride: number; pad: "same" | "valid"; ties?: boolean }
+  const cases: PoolCase[] = [
+    { x: [2, 8, 8, 16], size: 2, stride: 2, pad: "valid" }, // the baseline's pool
+    { x: [2, 7, 9, 6], size: 2, stride: 2, pad: "valid" }, // odd sizes: trailing rows in no window
+    { x: [2, 7, 9, 6], size: 2, stride: 2, pad: "same" },
+    { x: [2, 9, 8, 5], size: 3, stride: 2, pad: "same" }, // overlapping windows add up
+    { x: [1, 6, 6, 8], size: 3, stride: 1, pad: "same" },
+    { x: [2, 8, 8, 16], size: 2, stride: 2, pad: "valid", ties: true },
+    { x: [2, 9, 8, 5], size: 3, stride: 2, pad: "same", ties: true },
+  ];
+  for (const c of cases) {
+    const name = `x=[${c.x}] ${c.size}x${c.size} s${c.stride} ${c.pad}${c.ties ? " with ties" : ""}`;
+    test(name, async () => {
+      const size = c.x.reduce((a, b) => a * b);
+      // Tie-free: distinct seeded values. With ties: relu'd and rounded values,
+      // so most windows hold repeated maxima (zeros above all); the kernel
+      // follows tfjs-cpu's rule (first maximum in window order), so still exact.
+      const values = seeded(size, 61).map((v) => (c.ties ? Math.max(0, Math.round(v * 4)) : v));
+      const run = async (backend: string) => {
+        await tf.setBackend(backend);
+        return tf.tidy(() => {
+          const x = tf.tensor4d(values, c.x);
+          const f = (t: tf.Tensor) => {
+            const y = tf.maxPool(t as tf.Tensor4D, c.size, c.stride, c.pad);
+            return tf.sum(tf.mul(y, tf.tensor(seeded(y.size, 62), y.shape)));
+          };
+          return tf.grad(f)(x).dataSync() as Float32Array;
+        });
+      };
+      const ref = await run("cpu");
+      const got = await run("wasm");
+      // Which positions get a gradient must match exactly (ties included).
+      expect(Array.from(got, (v) => v !== 0)).toEqual(Array.from(ref, (v) => v !== 0));
+      if (c.stride >= c.size) {
+        expect(Array.from(got)).toEqual(Array.from(ref));
+      } else {
+        // Overlapping windows: cpu adds the contributions in float64 and
+        // rounds once, we add in float32; values agree to rounding.
+        expect(relErr(ref, got)).toBeLessThan(1e-6);
+      }
+    });
+  }
+});
+
+describe("gradients with SIMD helpers", () => {
+  test("Mean over leading axes: gradient equals tfjs' own (cpu)", async () => {
+    const run = async (backend: string) => {
+      await tf.setBackend(backend);
+      return tf.tidy(() => {
+        const x = tf.tensor4d(seeded(2 * 3 * 4 * 6, 71), [2, 3, 4, 6]);
+        const r = tf.tensor1d(seeded(6, 72));
+        return tf.grad((t: tf.Tensor) => tf.sum(tf.mul(tf.mean(t, [0, 1, 2]), r)))(x).dataSync() as Float32Array;
+      });
+    };
+    const ref = await run("cpu");
+    const got = await run("wasm");
+    expect(relErr(ref, got)).toBeLessThan(1e-6);
+  });
+
+  test("withoutInputGradients: zero dx for the listed filters, same dw", async () => {
+    await tf.setBackend("wasm");
+    const x = tf.tensor4d(seeded(2 * 6 * 6 * 3, 81), [2, 6, 6, 3]);
+    const w = tf.variable(tf.tensor4d(seeded(3 * 3 * 3 * 4, 82), [3, 3, 3, 4]));
+    // tf.fused.conv2d is what tf.layers' Conv2D runs (a customGrad computing dx eagerly).
+    const f = (xt: tf.Tensor, wt: tf.Tensor) => tf.sum(tf.square(tf.fused.conv2d({ x: xt as tf.Tensor4D, filter: wt as tf.Tensor4D, strides: 1, pad: "same" })));
+    const before = tf.memory().numTensors;
+    const [dxRef, dwRef] = tf.tidy(() => tf.grads(f)([x, w]).map((g) => g.dataSync() as Float32Array));
+    const [dxSkip, dwSkip] = withoutInputGradients([w], () => tf.tidy(() => tf.grads(f)([x, w]).map((g) => g.dataSync() as Float32Array)));
+    expect(tf.memory().numTensors).toBe(before);
+    expect(dxRef.some((v) => v !== 0)).toBe(true);
+    expect(dxSkip.every((v) => v === 0)).toBe(true);
+    expect(Array.from(dwSkip)).toEqual(Array.from(dwRef));
+    // Outside the scope nothing is skipped.
+    const dxAfter = tf.tidy(() => tf.grads(f)([x, w])[0].dataSync() as Float32Array);
+    expect(Array.from(dxAfter)).toEqual(Array.from(dxRef));
+    tf.dispose([x, w]);
+  });
+
+  test("inputConvFilters picks the conv fed by the model input only", () => {
+    const input = tf.input({ shape: [8, 8, 3] });
+    const c1 = tf.layers.conv2d({ filters: 4, kernelSize: 3, useBias: false });
+    const c2 = tf.layers.conv2d({ filters: 4, kernelSize: 3 });
+    const out = c2.apply(c1.apply(input)) as tf.SymbolicTensor;
+    const model = tf.model({ inputs: input, outputs: out });
+    const picked = inputConvFilters(model);
+    expect(picked.length).toBe(1);
+    expect(picked[0]).toBe(c1.getWeights()[0] as tf.Variable);
+    model.dispose();
+  });
+});
+
 describe("training on wasm", () => {
   test("tiny conv net: loss decreases, tensor count flat", async () => {
     await initBackend({ prefer: "wasm" });
@@ -287,5 +483,123 @@ describe("initBackend", () => {
     if (!gpuInstalled) await expect(initBackend({ prefer: "gpu" })).rejects.toThrow(/could not be loaded/);
     // A failed explicit request must not leave tfjs without a backend.
     expect(await initBackend()).toBe("wasm");
+  });
+});
+
+// ---------------------------------------------------------------------------
+// The real train.ts / prepare.ts pieces.
+
+/** An in-memory waste-task dataset of seeded pixels (no files): enough for evaluate() and the training step. */
+function tinyDataset(n = 40, size = 16): Dataset {
+  const px = size * size * 3;
+  const images = new Uint8Array(n * px);
+  let s = 12345;
+  for (let i = 0; i < images.length; i++) images[i] = (s = (Math.imul(s, 1103515245) + 12345) >>> 0) >>> 24;
+  const labels = Int32Array.from({ length: n }, (_, i) => i % 3);
+  const items: Manifest["items"] = Array.from({ length: n }, (_, i) => ({
+    path: `img${i}.raw`, label: i % 3, sha256: String(i), split: i % 4 === 0 ? "val" as const : "train" as const, yield: [0.3, 0.85, 0.6][i % 3]!,
+  }));
+  const manifest: Manifest = {
+    version: "1", task: "waste", classes: ["ewaste", "recyclable", "organic"], positiveClass: null, imageSize: size, preprocessing: "test",
+    source: "memory", synthetic: true, yieldSource: "table", fingerprint: "test", createdAt: "", skipped: 0, duplicates: 0, items,
+  };
+  const idx = (split: "train" | "val") => Int32Array.from(items.flatMap((it, i) => (it.split === split ? [i] : [])));
+  return {
+    dir: "(memory)", manifest, images, labels, yields: Float32Array.from(items, (it) => it.yield), train: idx("train"), val: idx("val"),
+    numClasses: 3, imageSize: size, task: "waste",
+  };
+}
+
+describe("train.ts pieces", () => {
+  /** train.ts's augmentation as it was written with tensor ops: the reference for the index-map version. */
+  function augmentReference(x: tf.Tensor4D, hp: { flip: boolean; shift: number }, rand: () => number): tf.Tensor4D {
+    return tf.tidy(() => {
+      let out = x;
+      if (hp.flip) {
+        const mask = tf.tensor1d(Array.from({ length: x.shape[0] }, () => (rand() < 0.5 ? 1 : 0)), "bool").reshape([-1, 1, 1, 1]);
+        out = tf.where(mask.broadcastTo(out.shape), tf.reverse(out, 2), out) as tf.Tensor4D;
+      }
+      if (hp.shift > 0) {
+        const [, h, w] = out.shape;
+        const dy = Math.floor(rand() * (2 * hp.shift + 1)), dx = Math.floor(rand() * (2 * hp.shift + 1));
+        const padded = tf.mirrorPad(out, [[0, 0], [hp.shift, hp.shift], [hp.shift, hp.shift], [0, 0]], "symmetric");
+        out = tf.slice(padded, [0, dy, dx, 0], [-1, h, w, -1]);
+      }
+      return out;
+    });
+  }
+
+  test("augment() is bit-identical to the tensor-op formulation and draws the same random numbers", async () => {
+    await initBackend({ prefer: "wasm" });
+    const x = tf.tensor4d(seeded(5 * 9 * 7 * 3, 91), [5, 9, 7, 3]);
+    for (const hp of [{ flip: true, shift: 4 }, { flip: true, shift: 0 }, { flip: false, shift: 2 }, { flip: true, shift: 7 }, { flip: false, shift: 0 }]) {
+      for (const seed of [1, 2, 3]) {
+        const mk = () => { let st = seed; return () => ((st = (Math.imul(st, 1664525) + 1013904223) >>> 0) / 2 ** 32); };
+        const r1 = mk(), r2 = mk();
+        const got = tf.tidy(() => augment(x, hp, r1).dataSync() as Float32Array);
+        const ref = tf.tidy(() => augmentReference(x, hp, r2).dataSync() as Float32Array);
+        expect(bits(got)).toEqual(bits(ref));
+        expect(r1()).toBe(r2()); // the generators are in the same state afterwards
+      }
+    }
+    x.dispose();
+  });
+
+  test("training steps of the baseline (train.ts model, augmentation, batches) leak no tensors", async () => {
+    await initBackend({ prefer: "wasm" });
+    const ds = tinyDataset();
+    const hp = { ...HP, batchSize: 8 };
+    const { train: model, infer } = buildModel(ds, hp, null);
+    const optimizer = tf.train.adam(1e-3);
+    const inputConvs = inputConvFilters(model);
+    expect(inputConvs.length).toBe(1);
+    const batches = trainBatches(ds, hp.batchSize, 0);
+    let seed = 7;
+    const rand = () => ((seed = (seed * 1664525 + 1013904223) >>> 0) / 2 ** 32);
+    const counts: number[] = [];
+    for (let step = 0; step < 6; step++) {
+      const { indices } = batches.next().value!;
+      tf.tidy(() => {
+        const x = augment(imageBatch(ds, indices), hp, rand);
+        const labels = tf.oneHot(tf.tensor1d(Array.from(indices, (i: number) => ds.labels[i]!), "int32"), ds.numClasses);
+        const targetYields = tf.tensor2d(Array.from(indices, (i: number) => ds.yields[i]!), [indices.length, 1]);
+        const loss = withoutInputGradients(inputConvs, () => optimizer.minimize(() => {
+          const [logits, yieldPred] = model.apply(x, { training: true }) as tf.Tensor[];
+          return tf.add(tf.losses.softmaxCrossEntropy(labels, logits!, undefined, hp.labelSmoothing), tf.losses.meanSquaredError(targetYields, yieldPred!)) as tf.Scalar;
+        }, true))!;
+        expect(Number.isFinite(loss.dataSync()[0]!)).toBe(true);
+      });
+      counts.push(tf.memory().numTensors);
+    }
+    // Step 1 creates Adam's slots; after that every step leaves the count unchanged.
+    expect(new Set(counts.slice(1)).size).toBe(1);
+    optimizer.dispose();
+    infer.dispose();
+  });
+
+  test("evaluate() numbers of a fixed model are identical with and without the SIMD kernels", async () => {
+    await initBackend({ prefer: "wasm" });
+    const ds = tinyDataset(48);
+    const { infer } = buildModel(ds, { ...HP }, null);
+    // Fixed, non-trivial weights (moving statistics included): seeded values.
+    const names = infer.weights.map((w) => w.originalName);
+    infer.setWeights(infer.getWeights().map((w, i) => {
+      const v = seeded(w.size, 100 + i);
+      return tf.tensor(names[i]!.includes("variance") ? v.map((a) => a + 1) : v, w.shape);
+    }));
+    const predict = (images: tf.Tensor4D) => {
+      const [probs, yields] = infer.predict(images) as tf.Tensor[];
+      return { probs: probs!, yields };
+    };
+    setSimdKernelsEnabled(false);
+    let before: Awaited<ReturnType<typeof evaluate>>;
+    try {
+      before = await evaluate(predict, ds);
+    } finally {
+      setSimdKernelsEnabled(true);
+    }
+    const after = await evaluate(predict, ds);
+    expect(after).toEqual(before);
+    infer.dispose();
   });
 });

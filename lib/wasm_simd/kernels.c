@@ -1,0 +1,508 @@
+/*
+ * SIMD kernels that run inside tfjs-backend-wasm's own linear memory.
+ *
+ * This file is compiled (by lib/wasm_simd/build.ts, clang --target=wasm32
+ * -msimd128) into a tiny standalone module that IMPORTS the memory of the
+ * tfjs wasm backend, so every pointer below is a byte offset into the tfjs
+ * heap: kernels read their inputs and write their outputs in place, with no
+ * copy in or out and no trip through JavaScript per element.
+ *
+ * Rules that keep the module safe inside someone else's memory:
+ * - no static data, no globals, no stack (no local arrays, no calls): the
+ *   build checks that the module has no data section and never touches
+ *   __stack_pointer; all scratch space is passed in by the caller;
+ * - no -ffast-math: every floating-point operation happens in the written
+ *   order, which is what makes sum_rows and batchnorm bit-identical to the
+ *   tfjs-wasm kernels they replace (tests/backend.test.ts checks this).
+ *
+ * All tensors are float32, channels-last (NHWC), densely packed.
+ *
+ * Every kernel takes a part of the work (a range of images, rows or
+ * channels) so that lib/wasm_simd/pool.ts can run the parts on several
+ * threads. Parts never write the same element and each element is computed
+ * with the same operations in the same order whatever the split, so the
+ * results are bit-identical for any thread count.
+ */
+#include <wasm_simd128.h>
+
+#define EXPORT(name) __attribute__((export_name(#name)))
+
+/* Rows per block in the reductions: a block of x (and dy) stays in L1 while
+ * every channel group walks it, so each tensor is read from memory once. */
+static inline int block_rows(int cols) {
+  const int b = 2048 / (cols > 0 ? cols : 1);
+  return b < 8 ? 8 : b;
+}
+
+/*
+ * out[c] = sum over r of x[r * cols + c], for 0 <= c < cols; divided by rows
+ * when `mean` is non-zero.
+ *
+ * Reducing a NHWC tensor over N, H and W is this with rows = N*H*W and
+ * cols = C. tfjs-wasm's Sum/Mean only reduce innermost axes, so for that
+ * case it first transposes the whole tensor to [C, N*H*W]; here each SIMD
+ * lane accumulates one column sequentially, in row order, in float32 (the
+ * running total is carried across row blocks in `out`): the very same
+ * additions in the very same order as tfjs-wasm's scalar loop over the
+ * transposed data, and `sum / rows` like its Mean, hence bit-identical
+ * results without the transpose.
+ */
+EXPORT(sum_rows)
+void sum_rows(const float* x, float* out, int rows, int cols, int c_begin, int c_end, int mean) {
+  // Part: columns [c_begin, c_end) of the [rows, cols] matrix.
+  __builtin_memset(out + c_begin, 0, (unsigned long)(c_end - c_begin) * sizeof(float));
+  const int br = block_rows(cols);
+  for (int r0 = 0; r0 < rows; r0 += br) {
+    const int r1 = r0 + br < rows ? r0 + br : rows;
+    int c = c_begin;
+    for (; c + 16 <= c_end; c += 16) {
+      v128_t a0 = wasm_v128_load(out + c), a1 = wasm_v128_load(out + c + 4);
+      v128_t a2 = wasm_v128_load(out + c + 8), a3 = wasm_v128_load(out + c + 12);
+      const float* p = x + (long)r0 * cols + c;
+      for (int r = r0; r < r1; ++r, p += cols) {
+        a0 = wasm_f32x4_add(a0, wasm_v128_load(p));
+        a1 = wasm_f32x4_add(a1, wasm_v128_load(p + 4));
+        a2 = wasm_f32x4_add(a2, wasm_v128_load(p + 8));
+        a3 = wasm_f32x4_add(a3, wasm_v128_load(p + 12));
+      }
+      wasm_v128_store(out + c, a0);
+      wasm_v128_store(out + c + 4, a1);
+      wasm_v128_store(out + c + 8, a2);
+      wasm_v128_store(out + c + 12, a3);
+    }
+    for (; c + 4 <= c_end; c += 4) {
+      v128_t a = wasm_v128_load(out + c);
+      const float* p = x + (long)r0 * cols + c;
+      for (int r = r0; r < r1; ++r, p += cols) a = wasm_f32x4_add(a, wasm_v128_load(p));
+      wasm_v128_store(out + c, a);
+    }
+    for (; c < c_end; ++c) {
+      float a = out[c];
+      const float* p = x + (long)r0 * cols + c;
+      for (int r = r0; r < r1; ++r, p += cols) a += *p;
+      out[c] = a;
+    }
+  }
+  if (mean) {
+    const float n = (float)rows;
+    for (int c = c_begin; c < c_end; ++c) out[c] = out[c] / n;
+  }
+}
+
+/*
+ * Gradient of a 2-D max pool (NHWC), with tfjs-cpu's semantics exactly: in
+ * each window the gradient goes to the FIRST position (row-major window
+ * order) holding the maximum, found with a strict `>` starting from -inf
+ * (so a window of only NaN/-inf passes no gradient); positions in the
+ * padding are skipped; overlapping windows add up.
+ *
+ * x: [B,H,W,C] pool input, dy: [B,OH,OW,C], dx: [B,H,W,C] (written whole).
+ * Four channels per SIMD step: running max and its element offset per lane,
+ * then a scalar scatter-add of the four dy values.
+ */
+EXPORT(maxpool_grad)
+void maxpool_grad(const float* x, const float* dy, float* dx, int B, int H, int W, int C, int OH, int OW,
+                  int fh, int fw, int sh, int sw, int pad_top, int pad_left, int b_begin, int b_end) {
+  // Part: images [b_begin, b_end) (B is the whole batch).
+  __builtin_memset(dx + (long)b_begin * H * W * C, 0, (unsigned long)(b_end - b_begin) * H * W * C * sizeof(float));
+  const v128_t lane = wasm_i32x4_make(0, 1, 2, 3);
+  const v128_t neg_inf = wasm_f32x4_splat(-__builtin_inff());
+  const v128_t none = wasm_i32x4_splat(-1);
+  for (int b = b_begin; b < b_end; ++b) {
+    const int img = b * H * W * C;
+    for (int oh = 0; oh < OH; ++oh) {
+      const int r0 = oh * sh - pad_top;
+      const int rmin = r0 < 0 ? 0 : r0;
+      const int rmax = r0 + fh > H ? H : r0 + fh;
+      for (int ow = 0; ow < OW; ++ow) {
+        const int c0 = ow * sw - pad_left;
+        const int cmin = c0 < 0 ? 0 : c0;
+        const int cmax = c0 + fw > W ? W : c0 + fw;
+        const float* g = dy + ((b * OH + oh) * OW + ow) * C;
+        int ch = 0;
+        for (; ch + 4 <= C; ch += 4) {
+          v128_t best = neg_inf, at = none;
+          for (int r = rmin; r < rmax; ++r) {
+            for (int cc = cmin; cc < cmax; ++cc) {
+              const int off = img + (r * W + cc) * C + ch;
+              const v128_t v = wasm_v128_load(x + off);
+              const v128_t gt = wasm_f32x4_gt(v, best);
+              best = wasm_v128_bitselect(v, best, gt);
+              at = wasm_v128_bitselect(wasm_i32x4_add(wasm_i32x4_splat(off), lane), at, gt);
+            }
+          }
+          const int i0 = wasm_i32x4_extract_lane(at, 0), i1 = wasm_i32x4_extract_lane(at, 1);
+          const int i2 = wasm_i32x4_extract_lane(at, 2), i3 = wasm_i32x4_extract_lane(at, 3);
+          if (i0 >= 0) dx[i0] += g[ch];
+          if (i1 >= 0) dx[i1] += g[ch + 1];
+          if (i2 >= 0) dx[i2] += g[ch + 2];
+          if (i3 >= 0) dx[i3] += g[ch + 3];
+        }
+        for (; ch < C; ++ch) {
+          float best = -__builtin_inff();
+          int at = -1;
+          for (int r = rmin; r < rmax; ++r) {
+            for (int cc = cmin; cc < cmax; ++cc) {
+              const int off = img + (r * W + cc) * C + ch;
+              if (x[off] > best) {
+                best = x[off];
+                at = off;
+              }
+            }
+          }
+          if (at >= 0) dx[at] += g[ch];
+        }
+      }
+    }
+  }
+}
+
+/*
+ * Batch norm over the last axis, bit-identical to tfjs-wasm's FusedBatchNorm,
+ * which computes (FusedBatchNorm.cc, tfjs 4.22)
+ *   nf  = (double) sqrtf(variance + eps)
+ *   out = (float) ((double) offset + (double) ((x - mean) * scale) / nf)
+ * i.e. the subtraction and product in float32, the division and the addition
+ * in float64. Same operations here, 4 lanes at a time (2 in float64).
+ * Each parameter has C entries (one per channel) or 1 (broadcast); a null
+ * scale/offset means 1/0. `scratch` is caller-provided, 8-byte aligned, 24*C
+ * bytes: the per-channel values, expanded once.
+ */
+EXPORT(batchnorm)
+void batchnorm(const float* x, float* out, int rows, int C, const float* mean, int mean_n, const float* var,
+               int var_n, const float* scale, int scale_n, const float* offset, int offset_n, float eps, void* scratch,
+               int r_begin, int r_end) {
+  // Part: rows [r_begin, r_end) (`rows` is the whole count); scratch is this part's own.
+  double* nf = (double*)scratch;
+  double* o = nf + C;
+  float* m = (float*)(o + C);
+  float* s = m + C;
+  for (int c = 0; c < C; ++c) {
+    nf[c] = (double)__builtin_sqrtf(var[var_n == 1 ? 0 : c] + eps);
+    m[c] = mean[mean_n == 1 ? 0 : c];
+    s[c] = scale ? scale[scale_n == 1 ? 0 : c] : 1.f;
+    o[c] = (double)(offset ? offset[offset_n == 1 ? 0 : c] : 0.f);
+  }
+  for (int r = r_begin; r < r_end; ++r) {
+    const float* xr = x + (long)r * C;
+    float* yr = out + (long)r * C;
+    int c = 0;
+    for (; c + 4 <= C; c += 4) {
+      const v128_t t = wasm_f32x4_mul(wasm_f32x4_sub(wasm_v128_load(xr + c), wasm_v128_load(m + c)), wasm_v128_load(s + c));
+      const v128_t t_lo = wasm_f64x2_promote_low_f32x4(t);
+      const v128_t t_hi = wasm_f64x2_promote_low_f32x4(wasm_i32x4_shuffle(t, t, 2, 3, 0, 1));
+      const v128_t r_lo = wasm_f64x2_add(wasm_v128_load(o + c), wasm_f64x2_div(t_lo, wasm_v128_load(nf + c)));
+      const v128_t r_hi = wasm_f64x2_add(wasm_v128_load(o + c + 2), wasm_f64x2_div(t_hi, wasm_v128_load(nf + c + 2)));
+      const v128_t lo = wasm_f32x4_demote_f64x2_zero(r_lo), hi = wasm_f32x4_demote_f64x2_zero(r_hi);
+      wasm_v128_store(yr + c, wasm_i32x4_shuffle(lo, hi, 0, 1, 4, 5));
+    }
+    for (; c < C; ++c) yr[c] = (float)(o[c] + (double)((xr[c] - m[c]) * s[c]) / nf[c]);
+  }
+}
+
+/*
+ * The two per-channel sums a batch-norm gradient needs, in one pass:
+ *   s1[c] = sum_r dy[r,c]
+ *   s2[c] = sum_r dy[r,c] * (x[r,c] - mean[c])
+ * (mean has C entries). out receives s1 in [0, C) and s2 in [C, 2C).
+ */
+EXPORT(bn_grad_sums)
+void bn_grad_sums(const float* x, const float* dy, const float* mean, float* out, int rows, int C, int c_begin, int c_end) {
+  // Part: channels [c_begin, c_end).
+  float* o1 = out;
+  float* o2 = out + C;
+  __builtin_memset(o1 + c_begin, 0, (unsigned long)(c_end - c_begin) * sizeof(float));
+  __builtin_memset(o2 + c_begin, 0, (unsigned long)(c_end - c_begin) * sizeof(float));
+  const int br = block_rows(2 * C);
+  for (int r0 = 0; r0 < rows; r0 += br) {
+    const int r1 = r0 + br < rows ? r0 + br : rows;
+    int c = c_begin;
+    for (; c + 8 <= c_end; c += 8) {
+      v128_t s1a = wasm_v128_load(o1 + c), s1b = wasm_v128_load(o1 + c + 4);
+      v128_t s2a = wasm_v128_load(o2 + c), s2b = wasm_v128_load(o2 + c + 4);
+      const v128_t ma = wasm_v128_load(mean + c), mb = wasm_v128_load(mean + c + 4);
+      const float* px = x + (long)r0 * C + c;
+      const float* pg = dy + (long)r0 * C + c;
+      for (int r = r0; r < r1; ++r, px += C, pg += C) {
+        const v128_t ga = wasm_v128_load(pg), gb = wasm_v128_load(pg + 4);
+        s1a = wasm_f32x4_add(s1a, ga);
+        s1b = wasm_f32x4_add(s1b, gb);
+        s2a = wasm_f32x4_add(s2a, wasm_f32x4_mul(ga, wasm_f32x4_sub(wasm_v128_load(px), ma)));
+        s2b = wasm_f32x4_add(s2b, wasm_f32x4_mul(gb, wasm_f32x4_sub(wasm_v128_load(px + 4), mb)));
+      }
+      wasm_v128_store(o1 + c, s1a);
+      wasm_v128_store(o1 + c + 4, s1b);
+      wasm_v128_store(o2 + c, s2a);
+      wasm_v128_store(o2 + c + 4, s2b);
+    }
+    for (; c < c_end; ++c) {
+      float s1 = o1[c], s2 = o2[c];
+      const float m = mean[c];
+      for (int r = r0; r < r1; ++r) {
+        const float g = dy[(long)r * C + c];
+        s1 += g;
+        s2 += g * (x[(long)r * C + c] - m);
+      }
+      o1[c] = s1;
+      o2[c] = s2;
+    }
+  }
+}
+
+/*
+ * out[r,c] = v[c] / d for every row: the gradient of a mean over the leading
+ * axes (d = rows) in one write pass, where tfjs-core's gradient materialises
+ * ones(x.shape) and runs two full-size ops; the same (v * 1) / d per element.
+ */
+EXPORT(broadcast_rows)
+void broadcast_rows(const float* v, float* out, int r_begin, int r_end, int C, float d) {
+  // Part: rows [r_begin, r_end).
+  const v128_t dv = wasm_f32x4_splat(d);
+  for (int r = r_begin; r < r_end; ++r) {
+    float* o = out + r * C;
+    int c = 0;
+    for (; c + 4 <= C; c += 4) wasm_v128_store(o + c, wasm_f32x4_div(wasm_v128_load(v + c), dv));
+    for (; c < C; ++c) o[c] = v[c] / d;
+  }
+}
+
+/* out[0..n) = 0 (memory.fill). */
+EXPORT(zero_fill)
+void zero_fill(float* out, int n) { __builtin_memset(out, 0, (unsigned long)n * sizeof(float)); }
+
+/*
+ * Filter gradient of a 2-D convolution (NHWC input, HWIO filter):
+ *   dw[kh,kw,ci,co] = sum over b,oh,ow of x[b, oh*sh+kh-pt, ow*sw+kw-pl, ci] * dy[b,oh,ow,co]
+ * (positions in the padding contribute nothing). A register-blocked GEMM:
+ * for each output row (b, oh) and tap (kh, kw), a tile of 4 input channels
+ * by 8 output channels (8 accumulator vectors) runs along the row, one
+ * broadcast x value times one dy vector per step. The rows involved stay in
+ * L1; dw (the accumulators' home) is read and written once per row and tile.
+ * Requires co % 4 == 0 (the caller falls back otherwise).
+ */
+#define FG_STEP(N_CI)                                                         \
+  for (int ow = ow0; ow < ow1; ++ow) {                                        \
+    const float* xp = xrow + (ow * sw + kw - pl) * CI + ci0;                  \
+    const float* gp = grow + ow * CO + co0;                                   \
+    const v128_t g0 = wasm_v128_load(gp), g1 = wasm_v128_load(gp + 4);        \
+    v128_t s;                                                                 \
+    s = wasm_f32x4_splat(xp[0]);                                              \
+    a00 = wasm_f32x4_add(a00, wasm_f32x4_mul(s, g0));                         \
+    a01 = wasm_f32x4_add(a01, wasm_f32x4_mul(s, g1));                         \
+    if (N_CI > 1) {                                                           \
+      s = wasm_f32x4_splat(xp[1]);                                            \
+      a10 = wasm_f32x4_add(a10, wasm_f32x4_mul(s, g0));                       \
+      a11 = wasm_f32x4_add(a11, wasm_f32x4_mul(s, g1));                       \
+    }                                                                         \
+    if (N_CI > 2) {                                                           \
+      s = wasm_f32x4_splat(xp[2]);                                            \
+      a20 = wasm_f32x4_add(a20, wasm_f32x4_mul(s, g0));                       \
+      a21 = wasm_f32x4_add(a21, wasm_f32x4_mul(s, g1));                       \
+    }                                                                         \
+    if (N_CI > 3) {                                                           \
+      s = wasm_f32x4_splat(xp[3]);                                            \
+      a30 = wasm_f32x4_add(a30, wasm_f32x4_mul(s, g0));                       \
+      a31 = wasm_f32x4_add(a31, wasm_f32x4_mul(s, g1));                       \
+    }                                                                         \
+  }
+
+#define FG_STEP4(N_CI)                                                        \
+  for (int ow = ow0; ow < ow1; ++ow) {                                        \
+    const float* xp = xrow + (ow * sw + kw - pl) * CI + ci0;                  \
+    const v128_t g0 = wasm_v128_load(grow + ow * CO + co0);                   \
+    a00 = wasm_f32x4_add(a00, wasm_f32x4_mul(wasm_f32x4_splat(xp[0]), g0));   \
+    if (N_CI > 1) a10 = wasm_f32x4_add(a10, wasm_f32x4_mul(wasm_f32x4_splat(xp[1]), g0)); \
+    if (N_CI > 2) a20 = wasm_f32x4_add(a20, wasm_f32x4_mul(wasm_f32x4_splat(xp[2]), g0)); \
+    if (N_CI > 3) a30 = wasm_f32x4_add(a30, wasm_f32x4_mul(wasm_f32x4_splat(xp[3]), g0)); \
+  }
+
+EXPORT(conv2d_filter_grad)
+void conv2d_filter_grad(const float* x, const float* dy, float* dw, int B, int H, int W, int CI, int OH, int OW, int CO,
+                        int KH, int KW, int sh, int sw, int pt, int pl, int co_begin, int co_end) {
+  // Part: output channels [co_begin, co_end) (multiples of 4); dw must be zeroed by the caller.
+  for (int b = 0; b < B; ++b) {
+    for (int oh = 0; oh < OH; ++oh) {
+      const float* grow = dy + (long)(b * OH + oh) * OW * CO;
+      for (int kh = 0; kh < KH; ++kh) {
+        const int r = oh * sh + kh - pt;
+        if (r < 0 || r >= H) continue;
+        const float* xrow = x + (long)(b * H + r) * W * CI;
+        for (int kw = 0; kw < KW; ++kw) {
+          // ow such that 0 <= ow*sw + kw - pl < W
+          int ow0 = pl - kw > 0 ? (pl - kw + sw - 1) / sw : 0;
+          int ow1 = (W - 1 + pl - kw) >= 0 ? (W - 1 + pl - kw) / sw + 1 : 0;
+          if (ow1 > OW) ow1 = OW;
+          if (ow0 >= ow1) continue;
+          float* wtap = dw + (long)(kh * KW + kw) * CI * CO;
+          for (int ci0 = 0; ci0 < CI; ci0 += 4) {
+            const int nci = CI - ci0 < 4 ? CI - ci0 : 4;
+            float* w0 = wtap + (long)ci0 * CO;
+            int co0 = co_begin;
+            for (; co0 + 8 <= co_end; co0 += 8) {
+              float* p = w0 + co0;
+              v128_t a00 = wasm_v128_load(p), a01 = wasm_v128_load(p + 4);
+              v128_t a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+              if (nci > 1) { a10 = wasm_v128_load(p + CO); a11 = wasm_v128_load(p + CO + 4); }
+              if (nci > 2) { a20 = wasm_v128_load(p + 2 * CO); a21 = wasm_v128_load(p + 2 * CO + 4); }
+              if (nci > 3) { a30 = wasm_v128_load(p + 3 * CO); a31 = wasm_v128_load(p + 3 * CO + 4); }
+              if (nci == 4) { FG_STEP(4) } else if (nci == 3) { FG_STEP(3) } else if (nci == 2) { FG_STEP(2) } else { FG_STEP(1) }
+              wasm_v128_store(p, a00); wasm_v128_store(p + 4, a01);
+              if (nci > 1) { wasm_v128_store(p + CO, a10); wasm_v128_store(p + CO + 4, a11); }
+              if (nci > 2) { wasm_v128_store(p + 2 * CO, a20); wasm_v128_store(p + 2 * CO + 4, a21); }
+              if (nci > 3) { wasm_v128_store(p + 3 * CO, a30); wasm_v128_store(p + 3 * CO + 4, a31); }
+            }
+            for (; co0 + 4 <= co_end; co0 += 4) {
+              float* p = w0 + co0;
+              v128_t a00 = wasm_v128_load(p), a10 = a00, a20 = a00, a30 = a00;
+              if (nci > 1) a10 = wasm_v128_load(p + CO);
+              if (nci > 2) a20 = wasm_v128_load(p + 2 * CO);
+              if (nci > 3) a30 = wasm_v128_load(p + 3 * CO);
+              if (nci == 4) { FG_STEP4(4) } else if (nci == 3) { FG_STEP4(3) } else if (nci == 2) { FG_STEP4(2) } else { FG_STEP4(1) }
+              wasm_v128_store(p, a00);
+              if (nci > 1) wasm_v128_store(p + CO, a10);
+              if (nci > 2) wasm_v128_store(p + 2 * CO, a20);
+              if (nci > 3) wasm_v128_store(p + 3 * CO, a30);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+/*
+ * Input gradient of a stride-1 2-D convolution (NHWC, HWIO filter):
+ *   dx[b,h,w,ci] = sum over kh,kw,co of dy[b, h+pt-kh, w+pl-kw, co] * f[kh,kw,ci,co]
+ * (dy positions outside [0,OH) x [0,OW) contribute nothing). `ft` is the
+ * filter transposed to [KH,KW,CO,CI] so that input channels are contiguous.
+ * Register-blocked like conv2d_filter_grad: for each input row (b, h) and
+ * tap, tiles of 4 pixels by 8 input channels (8 accumulators) run over the
+ * output channels, one broadcast dy value times one filter vector per step;
+ * dx is the accumulators' home. Requires ci % 4 == 0.
+ */
+#define IG_TILE(NP, NV)                                                          \
+  {                                                                              \
+    float* d = dxrow + w * CI + ci0;                                             \
+    v128_t c00 = wasm_v128_load(d), c01 = NV > 1 ? wasm_v128_load(d + 4) : c00; \
+    v128_t c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;     \
+    if (NP > 1) { c10 = wasm_v128_load(d + CI); if (NV > 1) c11 = wasm_v128_load(d + CI + 4); } \
+    if (NP > 2) { c20 = wasm_v128_load(d + 2 * CI); if (NV > 1) c21 = wasm_v128_load(d + 2 * CI + 4); } \
+    if (NP > 3) { c30 = wasm_v128_load(d + 3 * CI); if (NV > 1) c31 = wasm_v128_load(d + 3 * CI + 4); } \
+    const float* g = dyrow + (w + pl - kw) * CO;                                 \
+    const float* f = ftap + ci0;                                                 \
+    for (int co = 0; co < CO; ++co, f += CI) {                                   \
+      const v128_t f0 = wasm_v128_load(f), f1 = NV > 1 ? wasm_v128_load(f + 4) : f0; \
+      v128_t s = wasm_f32x4_splat(g[co]);                                        \
+      c00 = wasm_f32x4_add(c00, wasm_f32x4_mul(s, f0));                          \
+      if (NV > 1) c01 = wasm_f32x4_add(c01, wasm_f32x4_mul(s, f1));              \
+      if (NP > 1) {                                                              \
+        s = wasm_f32x4_splat(g[CO + co]);                                        \
+        c10 = wasm_f32x4_add(c10, wasm_f32x4_mul(s, f0));                        \
+        if (NV > 1) c11 = wasm_f32x4_add(c11, wasm_f32x4_mul(s, f1));            \
+      }                                                                          \
+      if (NP > 2) {                                                              \
+        s = wasm_f32x4_splat(g[2 * CO + co]);                                    \
+        c20 = wasm_f32x4_add(c20, wasm_f32x4_mul(s, f0));                        \
+        if (NV > 1) c21 = wasm_f32x4_add(c21, wasm_f32x4_mul(s, f1));            \
+      }                                                                          \
+      if (NP > 3) {                                                              \
+        s = wasm_f32x4_splat(g[3 * CO + co]);                                    \
+        c30 = wasm_f32x4_add(c30, wasm_f32x4_mul(s, f0));                        \
+        if (NV > 1) c31 = wasm_f32x4_add(c31, wasm_f32x4_mul(s, f1));            \
+      }                                                                          \
+    }                                                                            \
+    wasm_v128_store(d, c00); if (NV > 1) wasm_v128_store(d + 4, c01);            \
+    if (NP > 1) { wasm_v128_store(d + CI, c10); if (NV > 1) wasm_v128_store(d + CI + 4, c11); } \
+    if (NP > 2) { wasm_v128_store(d + 2 * CI, c20); if (NV > 1) wasm_v128_store(d + 2 * CI + 4, c21); } \
+    if (NP > 3) { wasm_v128_store(d + 3 * CI, c30); if (NV > 1) wasm_v128_store(d + 3 * CI + 4, c31); } \
+  }
+
+EXPORT(conv2d_input_grad)
+void conv2d_input_grad(const float* dy, const float* ft, float* dx, int B, int H, int W, int CI, int OH, int OW, int CO,
+                       int KH, int KW, int pt, int pl, int b_begin, int b_end) {
+  // Part: images [b_begin, b_end).
+  __builtin_memset(dx + (long)b_begin * H * W * CI, 0, (unsigned long)(b_end - b_begin) * H * W * CI * sizeof(float));
+  for (int b = b_begin; b < b_end; ++b) {
+    for (int h = 0; h < H; ++h) {
+      float* dxrow = dx + (long)(b * H + h) * W * CI;
+      for (int kh = 0; kh < KH; ++kh) {
+        const int r = h + pt - kh;
+        if (r < 0 || r >= OH) continue;
+        const float* dyrow = dy + (long)(b * OH + r) * OW * CO;
+        for (int kw = 0; kw < KW; ++kw) {
+          // w such that 0 <= w + pl - kw < OW
+          const int w0 = kw - pl > 0 ? kw - pl : 0;
+          const int w1 = OW + kw - pl < W ? OW + kw - pl : W;
+          if (w0 >= w1) continue;
+          const float* ftap = ft + (long)(kh * KW + kw) * CO * CI;
+          int ci0 = 0;
+          for (; ci0 + 8 <= CI; ci0 += 8) {
+            int w = w0;
+            for (; w + 4 <= w1; w += 4) IG_TILE(4, 2)
+            for (; w < w1; ++w) IG_TILE(1, 2)
+          }
+          for (; ci0 + 4 <= CI; ci0 += 4) {
+            int w = w0;
+            for (; w + 4 <= w1; w += 4) IG_TILE(4, 1)
+            for (; w < w1; ++w) IG_TILE(1, 1)
+          }
+        }
+      }
+    }
+  }
+}
+
+/*
+ * Filter gradient of a depthwise 2-D convolution with channel multiplier 1
+ * (NHWC input, filter [KH,KW,C,1]):
+ *   dw[kh,kw,c] = sum over b,oh,ow of x[b, oh*sh+kh-pt, ow*sw+kw-pl, c] * dy[b,oh,ow,c]
+ * For each output row and tap, 16 channels (4 accumulators) run along the
+ * row. Part: channels [c_begin, c_end); dw must be zeroed by the caller.
+ */
+EXPORT(depthwise_filter_grad)
+void depthwise_filter_grad(const float* x, const float* dy, float* dw, int B, int H, int W, int C, int OH, int OW,
+                           int KH, int KW, int sh, int sw, int pt, int pl, int c_begin, int c_end) {
+  for (int b = 0; b < B; ++b) {
+    for (int oh = 0; oh < OH; ++oh) {
+      const float* grow = dy + (long)(b * OH + oh) * OW * C;
+      for (int kh = 0; kh < KH; ++kh) {
+        const int r = oh * sh + kh - pt;
+        if (r < 0 || r >= H) continue;
+        const float* xrow = x + (long)(b * H + r) * W * C;
+        for (int kw = 0; kw < KW; ++kw) {
+          int ow0 = pl - kw > 0 ? (pl - kw + sw - 1) / sw : 0;
+          int ow1 = (W - 1 + pl - kw) >= 0 ? (W - 1 + pl - kw) / sw + 1 : 0;
+          if (ow1 > OW) ow1 = OW;
+          if (ow0 >= ow1) continue;
+          float* wt = dw + (long)(kh * KW + kw) * C;
+          int c = c_begin;
+          for (; c + 16 <= c_end; c += 16) {
+            v128_t a0 = wasm_v128_load(wt + c), a1 = wasm_v128_load(wt + c + 4);
+            v128_t a2 = wasm_v128_load(wt + c + 8), a3 = wasm_v128_load(wt + c + 12);
+            for (int ow = ow0; ow < ow1; ++ow) {
+              const float* xp = xrow + (ow * sw + kw - pl) * C + c;
+              const float* gp = grow + ow * C + c;
+              a0 = wasm_f32x4_add(a0, wasm_f32x4_mul(wasm_v128_load(xp), wasm_v128_load(gp)));
+              a1 = wasm_f32x4_add(a1, wasm_f32x4_mul(wasm_v128_load(xp + 4), wasm_v128_load(gp + 4)));
+              a2 = wasm_f32x4_add(a2, wasm_f32x4_mul(wasm_v128_load(xp + 8), wasm_v128_load(gp + 8)));
+              a3 = wasm_f32x4_add(a3, wasm_f32x4_mul(wasm_v128_load(xp + 12), wasm_v128_load(gp + 12)));
+            }
+            wasm_v128_store(wt + c, a0); wasm_v128_store(wt + c + 4, a1);
+            wasm_v128_store(wt + c + 8, a2); wasm_v128_store(wt + c + 12, a3);
+          }
+          for (; c + 4 <= c_end; c += 4) {
+            v128_t a = wasm_v128_load(wt + c);
+            for (int ow = ow0; ow < ow1; ++ow)
+              a = wasm_f32x4_add(a, wasm_f32x4_mul(wasm_v128_load(xrow + (ow * sw + kw - pl) * C + c), wasm_v128_load(grow + ow * C + c)));
+            wasm_v128_store(wt + c, a);
+          }
+          for (; c < c_end; ++c) {
+            float a = wt[c];
+            for (int ow = ow0; ow < ow1; ++ow) a += xrow[(ow * sw + kw - pl) * C + c] * grow[ow * C + c];
+            wt[c] = a;
+          }
+        }
+      }
+    }
+  }
+}
