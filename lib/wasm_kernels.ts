@@ -169,6 +169,22 @@ function zeroInsert(dy: tf.Tensor4D, sH: number, sW: number): tf.Tensor4D {
   return tf.reshape(padded, [b, oh * sH, ow * sW, c]);
 }
 
+/**
+ * The input gradient as a stride-1 correlation: dy with stride-1 zeros inserted, then padded by
+ * (top, bottom, left, right). Only negative pads need an explicit (JS-side) crop; positive ones
+ * go straight into the conv's explicit padding.
+ */
+function dilateAndPad(dy: tf.Tensor4D, sH: number, sW: number, top: number, bottom: number, left: number, right: number): { z: tf.Tensor4D; pad: tf.backend_util.ExplicitPadding } {
+  let z = zeroInsert(dy, sH, sW);
+  if (top < 0 || bottom < 0 || left < 0 || right < 0) {
+    z = crop4(z, Math.max(0, -top), Math.max(0, -bottom), Math.max(0, -left), Math.max(0, -right));
+  }
+  const pad: tf.backend_util.ExplicitPadding = [
+    [0, 0], [Math.max(0, top), Math.max(0, bottom)], [Math.max(0, left), Math.max(0, right)], [0, 0],
+  ];
+  return { z, pad };
+}
+
 // ---------------------------------------------------------------------------
 // Conv2DBackpropFilter
 
@@ -304,15 +320,7 @@ function depthwiseBackpropInput(args: KernelArgs): tf.TensorInfo {
   const right = w + info.padInfo.left - ow * sW;
 
   return runComposite(backend, [dy, filter], (dyt, ft) => {
-    let z = zeroInsert(dyt as tf.Tensor4D, sH, sW);
-    // Only negative pads need an explicit (JS-side) crop; positive ones go
-    // straight into the conv's explicit padding.
-    if (top < 0 || bottom < 0 || left < 0 || right < 0) {
-      z = crop4(z, Math.max(0, -top), Math.max(0, -bottom), Math.max(0, -left), Math.max(0, -right));
-    }
-    const pad: tf.backend_util.ExplicitPadding = [
-      [0, 0], [Math.max(0, top), Math.max(0, bottom)], [Math.max(0, left), Math.max(0, right)], [0, 0],
-    ];
+    const { z, pad } = dilateAndPad(dyt as tf.Tensor4D, sH, sW, top, bottom, left, right);
     const flipped = tf.reshape(tf.reverse(ft, [0, 1]), [kh, kw, c * mult, 1]) as tf.Tensor4D;
     const full = tf.depthwiseConv2d(z, flipped, 1, pad); // [b, h, w, c*mult]
     if (mult === 1) return full;
@@ -369,13 +377,7 @@ function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] 
   }
 
   return runComposite(backend, [dy, filter], (dyt, ft) => {
-    let z = zeroInsert(dyt as tf.Tensor4D, sH, sW);
-    if (top < 0 || bottom < 0 || left < 0 || right < 0) {
-      z = crop4(z, Math.max(0, -top), Math.max(0, -bottom), Math.max(0, -left), Math.max(0, -right));
-    }
-    const pad: tf.backend_util.ExplicitPadding = [
-      [0, 0], [Math.max(0, top), Math.max(0, bottom)], [Math.max(0, left), Math.max(0, right)], [0, 0],
-    ];
+    const { z, pad } = dilateAndPad(dyt as tf.Tensor4D, sH, sW, top, bottom, left, right);
     // [kh, kw, co, ci], spatially flipped.
     const flipped = tf.transpose(tf.reverse(ft, [0, 1]), [0, 1, 3, 2]) as tf.Tensor4D;
     return tf.conv2d(z, flipped, 1, pad);
