@@ -23,7 +23,7 @@ import { join, relative, resolve } from "node:path";
 import { type } from "arktype";
 import { cac } from "cac";
 import * as tf from "@tensorflow/tfjs";
-import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
+import { decodeToRgb, mapPool, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./lib/images.ts";
 import {
   downloadCifar100, downloadHfDataset, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES,
 } from "./lib/sources.ts";
@@ -437,13 +437,9 @@ export async function loadCache(dir?: string, cacheRoot = CACHE_ROOT): Promise<D
 /** Images at `indices` as a float32 tensor in [0, 1], shape [B, S, S, 3]. */
 export function imageBatch(ds: Dataset, indices: ArrayLike<number>): tf.Tensor4D {
   const px = ds.imageSize * ds.imageSize * 3;
-  const out = new Float32Array(indices.length * px);
-  for (let b = 0; b < indices.length; b++) {
-    const src = ds.images.subarray(indices[b]! * px, (indices[b]! + 1) * px);
-    const o = b * px;
-    for (let k = 0; k < px; k++) out[o + k] = src[k]! * (1 / 255);
-  }
-  return tf.tensor4d(out, [indices.length, ds.imageSize, ds.imageSize, 3]);
+  const rows = Array.from(indices, (i) => ds.images.subarray(i * px, (i + 1) * px));
+  // The same scaling predict.ts applies to a new photo (lib/images.ts).
+  return tf.tensor4d(pixelsToFloat32(rows, ds.imageSize), [indices.length, ds.imageSize, ds.imageSize, 3]);
 }
 
 /** Endless shuffled epochs of training indices (seeded, so a run is reproducible). */

@@ -39,7 +39,7 @@ import { join, resolve } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
 import { CACHE_ROOT, imageBatch, type Dataset, type Predictor } from "../prepare.ts";
-import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./images.ts";
+import { decodeToRgb, mapPool, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./images.ts";
 
 // ---------------------------------------------------------------------------
 // The registry
@@ -616,10 +616,7 @@ export async function datasetFeatures(ds: Dataset, bb: Backbone, o: { log?: (l: 
       if (sha256Hex(bytes) !== item.sha256) throw new Error(`${file}: changed since prepare.ts cached it (sha256 differs); re-run prepare.ts`);
       return decodeToRgb(bytes, S);
     });
-    const px = S * S * 3;
-    const out = new Float32Array(idx.length * px);
-    pixels.forEach((p, b) => { for (let k = 0; k < px; k++) out[b * px + k] = p[k]! * (1 / 255); });
-    return tf.tensor4d(out, [idx.length, S, S, 3]);
+    return tf.tensor4d(pixelsToFloat32(pixels, S), [idx.length, S, S, 3]);
   };
   let lastLog = performance.now();
   // Decode the next batch (sharp, on its own threads) while the backbone runs on this one.
