@@ -2,7 +2,7 @@
  * The one image preprocessing path. prepare.ts uses it to fill the cache and predict.ts uses it
  * on a user's photo, so a model sees the same pixels at training and at prediction time.
  */
-import sharp from "sharp";
+import sharp, { type OutputInfo } from "sharp";
 
 /** Bumped whenever decodeToRgb changes its output: caches and checkpoints record it. */
 export const PREPROCESSING = "sharp-srgb8-rotate-flattenwhite-cover-centre-v1";
@@ -34,18 +34,46 @@ const MAX_INPUT_PIXELS = 200_000_000;
  */
 export async function decodeToRgb(input: string | Uint8Array, size: number): Promise<Uint8Array> {
   const source = typeof input === "string" ? input : Buffer.from(input.buffer, input.byteOffset, input.byteLength);
-  const { data, info } = await sharp(source, { limitInputPixels: MAX_INPUT_PIXELS, failOn: "error" })
-    .rotate()
-    .flatten({ background: { r: 255, g: 255, b: 255 } })
-    .toColourspace("srgb")
-    .resize(size, size, { fit: "cover", position: "centre", kernel: "lanczos3" })
-    .removeAlpha()
-    .raw({ depth: "uchar" })
-    .toBuffer({ resolveWithObject: true });
+  let decoded: { data: Buffer; info: OutputInfo };
+  try {
+    decoded = await sharp(source, { limitInputPixels: MAX_INPUT_PIXELS, failOn: "error" })
+      .rotate()
+      .flatten({ background: { r: 255, g: 255, b: 255 } })
+      .toColourspace("srgb")
+      .resize(size, size, { fit: "cover", position: "centre", kernel: "lanczos3" })
+      .removeAlpha()
+      .raw({ depth: "uchar" })
+      .toBuffer({ resolveWithObject: true });
+  } catch (err) {
+    const bytes = typeof input === "string" ? new Uint8Array(await Bun.file(input).arrayBuffer().catch(() => new ArrayBuffer(0))) : input;
+    throw new Error(decodeFailure(bytes, err instanceof Error ? err.message : String(err)));
+  }
+  const { data, info } = decoded;
   if (info.channels !== 3 || info.width !== size || info.height !== size || data.length !== size * size * 3) {
     throw new Error(`decoded to ${info.width}x${info.height}x${info.channels}, expected ${size}x${size}x3`);
   }
   return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
+/**
+ * The reason a decode failed, in words a person can act on. libvips keeps its error text in one
+ * process-wide buffer, so when several images decode at once (predict.ts, prepare.ts) a failing
+ * one can come back as just "Unknown error"; the two commonest causes, a download or copy cut
+ * short, are therefore recognised from the bytes themselves and named whatever libvips said.
+ */
+export function decodeFailure(bytes: Uint8Array, libvipsMessage: string): string {
+  const said = libvipsMessage.split("\n").map((l) => l.trim()).filter((l) => l !== "").join("; ") || "no reason given";
+  const tail = (n: number): Uint8Array => bytes.subarray(Math.max(0, bytes.length - n));
+  const isJpeg = bytes.length >= 3 && bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff;
+  // A JPEG ends with the end-of-image marker FF D9; some writers pad a few bytes after it.
+  if (isJpeg && !Buffer.from(tail(64)).includes(Buffer.from([0xff, 0xd9]))) {
+    return `truncated JPEG: the file ends before its end-of-image marker (${bytes.length} bytes; libvips: ${said})`;
+  }
+  const isPng = bytes.length >= 8 && Buffer.from(bytes.subarray(0, 8)).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]));
+  if (isPng && !Buffer.from(tail(64)).includes(Buffer.from("IEND"))) {
+    return `truncated PNG: the file ends before its IEND chunk (${bytes.length} bytes; libvips: ${said})`;
+  }
+  return said;
 }
 
 /** sha256 of a file's bytes, hex: the identity of an image in the cache and the split. */

@@ -4,7 +4,7 @@ import { join } from "node:path";
 import sharp from "sharp";
 import * as tf from "@tensorflow/tfjs";
 import { computeMetrics, evaluate, footerLines, loadCache, parseFooter, prepareData, splitByHash, type Predictor } from "../prepare.ts";
-import { decodeToRgb, sha256Hex } from "../lib/images.ts";
+import { decodeFailure, decodeToRgb, sha256Hex } from "../lib/images.ts";
 import { DATASETS, HAVE_DATASETS, runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const quiet = () => {};
@@ -110,6 +110,24 @@ describe("bad and unusual files", () => {
 
   test("decodeToRgb throws a readable error for non-images", async () => {
     await expect(decodeToRgb(new TextEncoder().encode("hello"), 8)).rejects.toThrow(/unsupported|input/i);
+  });
+
+  test("a cut-short JPEG or PNG is named as truncated, even when libvips only says 'Unknown error'", async () => {
+    const jpeg = await sharp({ create: { width: 40, height: 30, channels: 3, background: { r: 200, g: 30, b: 90 } } }).jpeg().toBuffer();
+    const png = await sharp({ create: { width: 40, height: 30, channels: 3, background: { r: 200, g: 30, b: 90 } } }).png().toBuffer();
+    const cutJpeg = new Uint8Array(jpeg.subarray(0, Math.floor(jpeg.length / 2)));
+    const cutPng = new Uint8Array(png.subarray(0, Math.floor(png.length / 2)));
+    // libvips' error text is process-wide; concurrent decodes can leave only "Unknown error".
+    expect(decodeFailure(cutJpeg, "Unknown error")).toMatch(/^truncated JPEG: .*end-of-image marker \(\d+ bytes; libvips: Unknown error\)$/);
+    expect(decodeFailure(cutPng, "")).toMatch(/^truncated PNG: .*IEND.*libvips: no reason given/);
+    // Whole files and non-images keep libvips' / sharp's own words, on one line.
+    expect(decodeFailure(new Uint8Array(jpeg), "VipsJpeg: bad Huffman\ntable")).toBe("VipsJpeg: bad Huffman; table");
+    expect(decodeFailure(new TextEncoder().encode("hello"), "Input buffer contains unsupported image format")).toBe("Input buffer contains unsupported image format");
+    // And through decodeToRgb itself, from bytes and from a path.
+    await expect(decodeToRgb(cutJpeg, 8)).rejects.toThrow(/truncated JPEG/);
+    const file = join(tempDir(), "cut.png");
+    writeFileSync(file, cutPng);
+    await expect(decodeToRgb(file, 8)).rejects.toThrow(/truncated PNG/);
   });
 });
 
