@@ -24,7 +24,8 @@
  *
  * Test-only environment: AR_TEST_KILL_AT=<point> makes the loop SIGKILL itself right after that
  * point (proposing, proposed, committed, training, evaluating, logging, appended, logged, decided);
- * AR_TEST_ALLOWANCE_S replaces the fixed startup/evaluation allowance of the training deadline.
+ * AR_TEST_ALLOWANCE_S replaces the fixed startup/evaluation allowance of the training deadline;
+ * AR_TEST_SETUP_STALL_S the silence that ends a backbone download or feature extraction.
  */
 import { closeSync, cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync, appendFileSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
@@ -62,6 +63,16 @@ const PROMPT_FILE = join(AR_DIR, "prompt.md");
 const ALLOWANCE_S = Number(process.env.AR_TEST_ALLOWANCE_S ?? 60);
 const EVAL_TIMEOUT_S = 600;
 /**
+ * A cold backbone (download, then features of every image) is prepared by train.ts before its
+ * training timer starts: minutes for a few thousand photos on a CPU, an hour for CIFAR-size sets.
+ * That time is added to the deadline (up to --setup-allowance) for as long as train.ts keeps
+ * printing `features …`/`backbone …` progress; this much silence while preparing is a hang.
+ */
+const SETUP_STALL_S = Number(process.env.AR_TEST_SETUP_STALL_S ?? 300);
+/** train.ts's lines while it prepares a backbone, and the line that starts training. */
+const SETUP_BEGINS = /^(features|backbone) /;
+const SETUP_ENDS = /^backend: /;
+/**
  * A child that printed what the loop needs (train.ts its footer, evaluate its eval_json line) but
  * does not exit (a leftover thread or timer) is killed this long after, and its result stands.
  */
@@ -91,6 +102,7 @@ const Flags = type({
   agentTimeout: "number > 0",
   "budget?": "number > 0",
   grace: "number >= 0",
+  setupAllowance: "number >= 0",
   "baselineRuns?": "1 <= number.integer <= 100",
   "noiseSigmas?": "number >= 0",
   maxCrashStreak: "number.integer >= 1",
@@ -113,6 +125,7 @@ function parseFlags(argv: string[]): Flags {
     .option("--agent-timeout <seconds>", "kill the agent after this long", { default: 900 })
     .option("--budget <seconds>", `training budget passed to train.ts (default ${TIME_BUDGET}, prepare.TIME_BUDGET)`)
     .option("--grace <seconds>", `train.ts is killed at budget + grace + ${ALLOWANCE_S}s`, { default: 30 })
+    .option("--setup-allowance <seconds>", "at most this much more for train.ts to download a backbone and extract features before training", { default: 3600 })
     .option("--baseline-runs <k>", `baseline repeats that measure the noise (default ${DEFAULTS.baselineRuns})`)
     .option("--noise-sigmas <x>", `a keep needs a gain above x·σ of the baseline (default ${DEFAULTS.noiseSigmas})`)
     .option("--max-crash-streak <n>", "pause after this many crashes in a row", { default: 3 })
@@ -135,7 +148,7 @@ function parseFlags(argv: string[]): Flags {
     tag: r.tag === undefined ? undefined : String(r.tag), // cac turns `--tag 1123` into a number
     resume: r.resume === true, once: r.once === true,
     agent: r.agent === undefined ? undefined : String(r.agent),
-    agentTimeout: toNum(r.agentTimeout), budget: toNum(r.budget), grace: toNum(r.grace),
+    agentTimeout: toNum(r.agentTimeout), budget: toNum(r.budget), grace: toNum(r.grace), setupAllowance: toNum(r.setupAllowance),
     baselineRuns: toNum(r.baselineRuns), noiseSigmas: toNum(r.noiseSigmas), maxCrashStreak: toNum(r.maxCrashStreak),
     maxExperiments: toNum(r.maxExperiments), seed: toNum(r.seed), summarize: r.summarize !== false,
   }).filter(([, v]) => v !== undefined));
@@ -404,6 +417,8 @@ interface Ran {
   /** It printed its result (`finished`) but did not exit within LINGER_S, and was killed. */
   lingered: boolean;
   stdout: string; all: string; seconds: number; maxRss: number | null;
+  /** Seconds added to the deadline while it prepared a backbone (`setup`), and whether that stalled. */
+  setupSeconds: number; stalled: boolean;
 }
 
 /**
@@ -411,10 +426,13 @@ interface Ran {
  * terminal as it is printed (a reader on the pipe, not after the end) and the given log files.
  * At `timeoutS` the whole group is SIGKILLed: a hang ends as a timeout, never as a stuck loop.
  * Once `finished(stdout so far)` holds, it has LINGER_S to exit before it is killed.
+ * With `setup`, the time from a stdout line matching `begins` to one matching `ends` is added to
+ * the deadline (at most `maxS`), provided `begins` lines keep coming at least every `stallS`.
  */
 async function runChild(argv: string[], opts: {
   timeoutS: number; echo: boolean; logs?: number[]; stdin?: Blob; env?: Record<string, string>;
   onSpawn?: (pid: number) => void; finished?: (stdout: string) => boolean;
+  setup?: { begins: RegExp; ends: RegExp; stallS: number; maxS: number };
 }): Promise<Ran> {
   const t0 = performance.now();
   const proc = Bun.spawn(argv, {
@@ -426,7 +444,37 @@ async function runChild(argv: string[], opts: {
   let timedOut = false;
   let lingered = false;
   let lingerTimer: ReturnType<typeof setTimeout> | null = null;
-  const timer = setTimeout(() => { timedOut = true; killGroup(proc.pid); }, opts.timeoutS * 1000);
+  // The deadline: timeoutS after the start, plus the time spent in setup (capped).
+  let setupMs = 0;
+  let setupSince: number | null = null;
+  let lastSetupLine = 0;
+  let stalled = false;
+  const setupSoFar = (now: number) => Math.min(setupMs + (setupSince === null ? 0 : now - setupSince), (opts.setup?.maxS ?? 0) * 1000);
+  const timer = setInterval(() => {
+    const now = performance.now();
+    if (opts.setup && setupSince !== null && now - lastSetupLine > opts.setup.stallS * 1000) stalled = true;
+    if (stalled || now - t0 > opts.timeoutS * 1000 + setupSoFar(now)) {
+      timedOut = true;
+      clearInterval(timer);
+      killGroup(proc.pid);
+    }
+  }, 100);
+  let scanned = 0;
+  const scanSetup = (text: string) => {
+    if (!opts.setup) return;
+    const end = text.lastIndexOf("\n") + 1;
+    for (const line of text.slice(scanned, end).split("\n")) {
+      const now = performance.now();
+      if (opts.setup.ends.test(line) && setupSince !== null) {
+        setupMs += now - setupSince;
+        setupSince = null;
+      } else if (opts.setup.begins.test(line)) {
+        setupSince ??= now;
+        lastSetupLine = now;
+      }
+    }
+    scanned = Math.max(scanned, end);
+  };
   let out = "";
   const all: string[] = [];
   const pump = async (stream: ReadableStream<Uint8Array>, sink: NodeJS.WriteStream, keep: boolean) => {
@@ -441,6 +489,7 @@ async function runChild(argv: string[], opts: {
       all.push(s);
       if (!keep) continue;
       out += s;
+      scanSetup(out);
       if (lingerTimer === null && opts.finished?.(out)) {
         lingerTimer = setTimeout(() => { lingered = true; killGroup(proc.pid); }, LINGER_S * 1000);
       }
@@ -448,13 +497,14 @@ async function runChild(argv: string[], opts: {
   };
   const pumps = Promise.all([pump(proc.stdout, process.stdout, true), pump(proc.stderr, process.stderr, false)]);
   const code = await proc.exited;
-  clearTimeout(timer);
+  clearInterval(timer);
   if (lingerTimer !== null) clearTimeout(lingerTimer);
   killGroup(proc.pid); // grandchildren that outlive the command would hold the pipes open
   await Promise.race([pumps, Bun.sleep(2000)]);
   control.child = null;
   if (lingered) say(`${argv.slice(1, 3).join(" ")} printed its result but did not exit within ${LINGER_S}s: killed it, the result stands`);
-  return { code, timedOut: timedOut && !lingered, lingered, stdout: out, all: all.join(""), seconds: (performance.now() - t0) / 1000, maxRss: proc.resourceUsage()?.maxRSS ?? null };
+  return { code, timedOut: timedOut && !lingered, lingered, stdout: out, all: all.join(""), seconds: (performance.now() - t0) / 1000, maxRss: proc.resourceUsage()?.maxRSS ?? null,
+    setupSeconds: setupSoFar(performance.now()) / 1000, stalled };
 }
 
 // ---------------------------------------------------------------------------
@@ -614,7 +664,12 @@ function footerComplete(stdout: string, columns: readonly string[]): boolean {
 /** Why a training run is a crash, or ok. Pure: the tests feed it made-up output. */
 export function classifyTrain(a: {
   code: number; timedOut: boolean; deadlineS: number; stdout: string; all: string; columns: readonly string[]; checkpointOk: boolean;
+  setupSeconds?: number; stalledS?: number | null;
 }): { ok: boolean; reason: string } {
+  if (a.timedOut && a.stalledS != null) return { ok: false, reason: `timeout: no progress for ${a.stalledS}s while preparing the backbone or its features` };
+  if (a.timedOut && (a.setupSeconds ?? 0) >= 1) {
+    return { ok: false, reason: `timeout: killed after ${Math.round(a.deadlineS + a.setupSeconds!)}s (${a.deadlineS}s + ${Math.round(a.setupSeconds!)}s preparing the backbone)` };
+  }
   if (a.timedOut) return { ok: false, reason: `timeout: killed after ${a.deadlineS}s` };
   const lines = a.all.split("\n").map((l) => l.trim()).filter(Boolean);
   const nan = lines.find((l) => /^FAIL: loss is (NaN|-?Infinity)/.test(l));
@@ -638,13 +693,14 @@ async function trainPhase(ctx: Ctx): Promise<void> {
   const deadlineS = budget + ctx.flags.grace + ALLOWANCE_S;
   rmSync(LATEST_CHECKPOINT_DIR, { recursive: true, force: true }); // a stale model must not pass for this run's
   mkdirSync(LOGS_DIR, { recursive: true });
-  status(ctx, `training ${cur.candidate ? shortOf(cur.candidate) : ""}: ${cur.description} (budget ${budget}s, killed at ${deadlineS}s)`);
+  status(ctx, `training ${cur.candidate ? shortOf(cur.candidate) : ""}: ${cur.description} (budget ${budget}s, killed at ${deadlineS}s, plus any backbone preparation)`);
   const expLog = openSync(join(LOGS_DIR, `${cur.n}-${shortOf(cur.candidate!)}.log`), "w"); // summarize finds crash logs by commit
   const runLog = openSync(RUN_LOG, "a");
   let r: Ran;
   try {
     r = await runChild([BUN, TRAIN, "--budget", String(budget), "--checkpoint", LATEST_CHECKPOINT_DIR], {
       timeoutS: deadlineS, echo: true, logs: [expLog, runLog],
+      setup: { begins: SETUP_BEGINS, ends: SETUP_ENDS, stallS: SETUP_STALL_S, maxS: ctx.flags.setupAllowance },
       finished: (out) => footerComplete(out, TASK_METRICS[st.task].columns),
       onSpawn: (pid) => {
         cur.trainPid = pid;
@@ -660,6 +716,7 @@ async function trainPhase(ctx: Ctx): Promise<void> {
   if (control.abort) throw new Stop(EXIT.aborted, "aborted during training");
   let verdict = classifyTrain({
     code: r.lingered ? 0 : r.code, timedOut: r.timedOut, deadlineS, stdout: r.stdout, all: r.all,
+    setupSeconds: r.setupSeconds, stalledS: r.stalled ? SETUP_STALL_S : null,
     columns: TASK_METRICS[st.task].columns, checkpointOk: existsSync(join(LATEST_CHECKPOINT_DIR, "meta.json")),
   });
   // train.ts runs with the repository's permissions: it must not have changed anything either.

@@ -50,7 +50,7 @@ import { saveCheckpoint } from "./lib/checkpoint.ts";
 export const HP = {
   cls: ${hp.cls ?? 1}, // the class the model always predicts
   yieldValue: ${hp.yieldValue ?? 0.5}, // its constant yield estimate
-  mode: "${hp.mode ?? "ok"}", // ok | throw | nan | hang | nofooter | nockpt | tamper | linger
+  mode: "${hp.mode ?? "ok"}", // ok | throw | nan | hang | nofooter | nockpt | tamper | linger | features | featurestall
   seed: 0,
 };
 // a line that a simplification may delete
@@ -70,6 +70,17 @@ async function main(): Promise<void> {
     console.log("hanging: pids " + process.pid + " " + child.pid);
     setInterval(() => {}, 1000);
     return;
+  }
+  if (HP.mode === "features" || HP.mode === "featurestall") {
+    // A cold backbone: progress lines every 0.5 s for STUB_FEATURE_LINES lines, as lib/backbones.ts prints them.
+    const n = Number(process.env.STUB_FEATURE_LINES ?? 12);
+    for (let i = 1; i <= n; i++) {
+      console.log("features stub@8: " + i + "/" + n + " images, 2.0 img/s");
+      if (HP.mode === "featurestall" && i === 2) { console.log("stalling: pid " + process.pid); await new Promise(() => setInterval(() => {}, 1000)); }
+      await Bun.sleep(500);
+    }
+    console.log("features stub@8: " + n + " images in " + (n / 2).toFixed(1) + " s, cached in /nowhere");
+    console.log("backend: stub  budget: 1s");
   }
   let y = HP.yieldValue;
   const counter = process.env.STUB_COUNTER; // noise test: run i adds STUB_OFFSETS[i] to the yield
@@ -226,6 +237,8 @@ describe("small rules", () => {
     const base = { code: 0, timedOut: false, deadlineS: 9, stdout: footer, all: footer, columns: cols, checkpointOk: true };
     expect(classifyTrain(base)).toEqual({ ok: true, reason: "" });
     expect(classifyTrain({ ...base, timedOut: true, code: 137 }).reason).toBe("timeout: killed after 9s");
+    expect(classifyTrain({ ...base, timedOut: true, code: 137, setupSeconds: 70.4 }).reason).toBe("timeout: killed after 79s (9s + 70s preparing the backbone)");
+    expect(classifyTrain({ ...base, timedOut: true, code: 137, setupSeconds: 5, stalledS: 300 }).reason).toBe("timeout: no progress for 300s while preparing the backbone or its features");
     expect(classifyTrain({ ...base, code: 1, all: "step 1\nFAIL: loss is NaN at step 3\n" }).reason).toBe("FAIL: loss is NaN at step 3");
     expect(classifyTrain({ ...base, code: 1, all: "step 1\nerror: boom\n" }).reason).toBe("exit 1: error: boom");
     expect(classifyTrain({ ...base, stdout: "step 1\n", all: "step 1\n" }).reason).toContain("no footer");
@@ -491,6 +504,34 @@ describe("--once (stub train.ts)", () => {
     expect(r.out).toContain("printed its result but did not exit within 1s");
     // Same predictions as the kept commit, same length: measured, and discarded on the rules.
     expect(last(rows(dir))).toMatchObject({ status: "discard", description: "linger (same metrics, not simpler)" });
+    expect(head(dir)).toBe(kept);
+  });
+
+  test("a cold backbone's feature extraction extends the deadline while its progress lines keep coming", () => {
+    const kept = head(dir);
+    commitTrain(dir, `mode: "ok",`, `mode: "features",`, "features");
+    // 12 progress lines 0.5 s apart: 6 s of preparation against a 1 + 0 + 3 = 4 s deadline.
+    const env = { AR_TEST_ALLOWANCE_S: "3", STUB_FEATURE_LINES: "12" };
+    const r = once([], env);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("killed at 4s, plus any backbone preparation");
+    // Same predictions as the kept commit: measured (not a crash), then discarded on the rules.
+    expect(last(rows(dir))).toMatchObject({ status: "discard", description: "features (same metrics, not simpler)" });
+    expect(head(dir)).toBe(kept);
+    // The control: with no setup allowance the same train.ts is killed at the plain deadline.
+    commitTrain(dir, `mode: "ok",`, `mode: "features",`, "features again");
+    expect(once(["--setup-allowance", "0"], env).code).toBe(0);
+    expect(last(rows(dir))).toMatchObject({ status: "crash", description: "features again (crash: timeout: killed after 4s)" });
+    expect(head(dir)).toBe(kept);
+  });
+
+  test("a backbone preparation that stops printing progress is a timeout long before the allowance", () => {
+    const kept = head(dir);
+    commitTrain(dir, `mode: "ok",`, `mode: "featurestall",`, "stall");
+    const t0 = performance.now();
+    expect(once([], { AR_TEST_ALLOWANCE_S: "60", AR_TEST_SETUP_STALL_S: "2" }).code).toBe(0);
+    expect(performance.now() - t0).toBeLessThan(30_000);
+    expect(last(rows(dir))).toMatchObject({ status: "crash", description: "stall (crash: timeout: no progress for 2s while preparing the backbone or its features)" });
     expect(head(dir)).toBe(kept);
   });
 
