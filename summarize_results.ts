@@ -68,12 +68,16 @@ export const AnalysisSummary = type({
   /** Lines of results.tsv that are not rows: reported, skipped. */
   parseErrors: type({ line: "number.integer >= 1", message: "string" }).array(),
   counts: { runs: "number.integer >= 0", baseline: "number.integer >= 0", keep: "number.integer >= 0", discard: "number.integer >= 0", crash: "number.integer >= 0" },
-  /** The first `baseline` row, else the first `keep`. */
+  /** The first `baseline` or `keep` row: the session's starting point. */
   baseline: RunSummary.or("null"),
   /** The best baseline/keep row: highest primary, then secondary; on a full tie the later run (the branch tip). */
   best: RunSummary.or("null"),
-  /** best − baseline on the primary metric (relative: over |baseline|, null when it is 0). */
-  improvement: type({ absolute: "number", relative: "number | null" }).or("null"),
+  /**
+   * best − reference on the primary metric (relative: over |reference|, null when it is 0). The
+   * reference is the mean of the baseline measurements when there are several (noiseFloor.mean),
+   * else the baseline row: one lucky or unlucky baseline run should not set the gain.
+   */
+  improvement: type({ absolute: "number", relative: "number | null", reference: "number", basis: "string" }).or("null"),
   /** Each row that raised the running best (baseline first), with its gain over the previous best. */
   frontier: RunSummary.merge({ gain: "number | null" }).array(),
   /**
@@ -259,7 +263,7 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
     }
     bestAfter.push(best);
   }
-  const baseline = runs.find((r) => r.status === "baseline") ?? runs.find((r) => r.status === "keep") ?? null;
+  const baseline = runs.find((r) => r.status === "baseline" || r.status === "keep") ?? null;
 
   const noiseFloor = computeNoise(runs, opts.state, k);
   const tolerance = noiseFloor.threshold !== null
@@ -309,12 +313,17 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
   const summary: AnalysisSummary = {
     version: "1", generatedAt: (opts.now ?? new Date()).toISOString(), results: opts.results, task, primary, secondary,
     parseErrors: parsed.errors, counts, baseline, best,
-    improvement: best && baseline ? { absolute: best.primary - baseline.primary, relative: baseline.primary === 0 ? null : (best.primary - baseline.primary) / Math.abs(baseline.primary) } : null,
+    improvement: best && baseline ? improvementOver(best.primary, baseline.primary, noiseFloor) : null,
     frontier, noiseFloor, crashes, crashReasons, nearMisses, nearMissTolerance: tolerance, hpAxes, lostRegions, plateau,
     suggestions: [], series,
   };
   summary.suggestions = suggest(summary);
   return summary;
+}
+
+function improvementOver(best: number, baselineRun: number, nf: AnalysisSummary["noiseFloor"]): NonNullable<AnalysisSummary["improvement"]> {
+  const [reference, basis] = nf.mean !== null && nf.n >= 2 ? [nf.mean, `mean of ${nf.n} baseline runs`] : [baselineRun, "the baseline run"];
+  return { absolute: best - reference, relative: reference === 0 ? null : (best - reference) / Math.abs(reference), reference, basis };
 }
 
 function rowsToRuns(parsed: ParsedResults, primary: string | null, secondary: string | null): RunSummary[] {
@@ -457,7 +466,7 @@ export function renderMarkdown(s: AnalysisSummary): string {
   } else {
     const p = s.primary ?? "primary";
     if (s.best) {
-      const gain = s.improvement ? ` — ${signed(s.improvement.absolute)} over the baseline ${fmt(s.baseline?.primary)}${s.improvement.relative !== null ? ` (${signed(100 * s.improvement.relative, 1)}%)` : ""}` : "";
+      const gain = s.improvement ? ` — ${signed(s.improvement.absolute)} over the baseline ${fmt(s.improvement.reference)} (${s.improvement.basis})${s.improvement.relative !== null ? ` (${signed(100 * s.improvement.relative, 1)}%)` : ""}` : "";
       L.push(`**Best ${p}: ${fmt(s.best.primary)}** at run ${s.best.run}, commit \`${s.best.commit}\` (“${shorten(s.best.description, 60)}”)${gain}.`, "");
     } else {
       L.push(`No run has been kept yet (no baseline or keep row).`, "");
@@ -615,7 +624,7 @@ export function chartSpec(s: AnalysisSummary): TopLevelSpec {
     ? { text: "autoresearch progress: no runs yet", subtitle: s.results }
     : {
       text: `${s.task ?? "?"} · ${s.primary ?? "primary"} over ${s.counts.runs} run${s.counts.runs === 1 ? "" : "s"} (higher is better)`,
-      subtitle: `best ${fmt(s.best?.primary)}${s.best ? ` at run ${s.best.run} (${s.best.commit})` : ""} · baseline ${fmt(s.baseline?.primary)}${s.improvement ? ` · gain ${signed(s.improvement.absolute)}` : ""}`
+      subtitle: `best ${fmt(s.best?.primary)}${s.best ? ` at run ${s.best.run} (${s.best.commit})` : ""} · baseline ${fmt(s.improvement?.reference ?? s.baseline?.primary)}${s.improvement ? ` · gain ${signed(s.improvement.absolute)}` : ""}`
         + ` · ${s.counts.keep} kept, ${s.counts.discard} discarded, ${s.counts.crash} crashed`
         + (band ? ` · band: baseline ± noise threshold (${nf.k}σ)` : ""),
     };

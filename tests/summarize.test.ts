@@ -47,7 +47,10 @@ describe("summarize", () => {
     expect(s.best?.run).toBe(7);
     expect(s.frontier.map((f) => f.run)).toEqual([1, 2, 3, 6]);
     expect(s.frontier[3]!.gain).toBe(0);
-    expect(s.improvement!.absolute).toBeCloseTo(0.746 - 0.695, 9);
+    // The gain is over the mean of the baseline measurements (0.695 and 0.705), not one of them.
+    expect(s.improvement!.reference).toBeCloseTo(0.7, 9);
+    expect(s.improvement!.basis).toBe("mean of 2 baseline runs");
+    expect(s.improvement!.absolute).toBeCloseTo(0.746 - 0.7, 9);
     // Noise: the baseline row plus the first keep.
     expect(s.noiseFloor.source).toBe("results");
     expect(s.noiseFloor.n).toBe(2);
@@ -183,6 +186,10 @@ describe("summarize", () => {
     const s = await summaryOf(readFileSync(join(ROOT, "tests", "fixtures", "results-night-FIXTURE.tsv"), "utf8"));
     expect(s.parseErrors).toEqual([]);
     expect(s.counts).toEqual({ runs: 31, baseline: 2, keep: 6, discard: 20, crash: 3 });
+    // The loop writes the first baseline run as a keep ("baseline 1/2") and the repeats as
+    // baseline rows: the starting point is the first of them, the gain is over their mean.
+    expect(s.baseline?.run).toBe(1);
+    expect(s.improvement!.reference).toBeCloseTo(s.noiseFloor.mean!, 9);
     expect(s.plateau.detected).toBe(true);
     expect(s.crashReasons.map((c) => c.reason)).toContain("loss is NaN at step 41");
   });
