@@ -30,6 +30,7 @@ import { cac } from "cac";
 import type * as TF from "@tensorflow/tfjs";
 import type { Checkpoint, CheckpointMeta } from "./lib/checkpoint.ts";
 import type { Prediction, PredictionFailure } from "./lib/prediction.ts";
+import type { Predictor } from "./prepare.ts";
 
 // ---------------------------------------------------------------------------
 // What one prediction looks like: the arktype schema of a --json line is PredictionLine in
@@ -215,12 +216,11 @@ function describeModel(dir: string, why: string, meta: CheckpointMeta, size: num
 // ---------------------------------------------------------------------------
 
 /** Run the model on decoded images and turn its outputs into Prediction objects. */
-export async function classify(ckpt: Checkpoint, modelName: string, batch: { input: InputRef; pixels: Uint8Array }[], topK: number): Promise<Prediction[]> {
-  const { predictorFor } = await import("./lib/checkpoint.ts");
+export async function classify(ckpt: Checkpoint, predict: Predictor, modelName: string, batch: { input: InputRef; pixels: Uint8Array }[], topK: number): Promise<Prediction[]> {
   const { meta } = ckpt;
   const C = meta.classes.length;
   const x = await inputTensor(batch.map((d) => d.pixels), await imageSizeFor(ckpt));
-  const out = await predictorFor(ckpt)(x, new Int32Array(batch.length));
+  const out = await predict(x, new Int32Array(batch.length));
   x.dispose();
   const probs = await out.probs.data();
   const yields = out.yields ? await out.yields.data() : null;
@@ -317,6 +317,8 @@ async function main(): Promise<number> {
   const { dir, why } = await chooseModel(flags.model);
   const ckpt = await loadModel(dir);
   const size = await imageSizeFor(ckpt);
+  // Made once, before decoding: a frozen backbone loads while sharp decodes the first batch.
+  const predict = (await import("./lib/checkpoint.ts")).predictorFor(ckpt);
   for (const line of describeModel(dir, why, ckpt.meta, size)) say(line);
   const nameWidth = Math.min(48, Math.max(4, ...inputs.map((i) => i.name.length)));
   if (!flags.json) emit(tableHeader(nameWidth, ckpt.meta.task));
@@ -331,7 +333,7 @@ async function main(): Promise<number> {
     const decoded = await next;
     if (b + 1 < batches) next = decodeBatch(b + 1);
     const good = decoded.flatMap((d) => ("pixels" in d ? [d] : []));
-    const preds = good.length > 0 ? await classify(ckpt, dir, good, flags.topK) : [];
+    const preds = good.length > 0 ? await classify(ckpt, predict, dir, good, flags.topK) : [];
     let k = 0;
     for (const d of decoded) { // input order, failures in place
       if (!("pixels" in d)) { fail({ ok: false, file: d.input.name, error: d.error }); continue; }

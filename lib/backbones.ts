@@ -468,6 +468,8 @@ export interface LoadBackboneOptions extends UrlModelOptions {
   spec?: BackboneSpec;
   /** Load again even if this process already has it (by default a backbone is loaded once). */
   reload?: boolean;
+  /** Run one forward pass on zeros at load, so a wrong cut fails before a long extraction (default true). */
+  trialPass?: boolean;
 }
 
 const loaded = new Map<string, Promise<Backbone>>();
@@ -531,7 +533,7 @@ async function build(spec: BackboneSpec, size: number, o: LoadBackboneOptions): 
     dispose,
   };
   // One tiny forward pass: a wrong cut or shape fails here, not in the middle of extraction.
-  tf.tidy(() => bb.features(tf.zeros([1, size, size, 3])));
+  if (o.trialPass !== false) tf.tidy(() => bb.features(tf.zeros([1, size, size, 3])));
   return bb;
 }
 

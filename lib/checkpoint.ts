@@ -141,17 +141,17 @@ export function predictorFor(ckpt: Checkpoint, ds?: Dataset): Predictor {
       return { probs: outs[0]!, yields: outs[1] };
     };
   }
-  let ready: Promise<Predictor> | undefined;
-  return async (images, indices) => {
-    ready ??= (async () => {
-      const { backbonePredictor, datasetFeatures, loadBackbone } = await import("./backbones.ts");
-      const bb = await loadBackbone(id).catch((err: unknown) => {
-        throw new Error(`${ckpt.dir}: backbone ${id}: ${err instanceof Error ? err.message : String(err)}`);
-      });
-      return backbonePredictor(ckpt.model, bb, ds ? await datasetFeatures(ds, bb, { log: (l) => console.error(l) }) : undefined);
-    })();
-    return (await ready)(images, indices);
-  };
+  // Start loading the backbone now: predict.ts decodes its photos (sharp's threads) meanwhile.
+  const ready: Promise<Predictor> = (async () => {
+    const { backbonePredictor, datasetFeatures, loadBackbone } = await import("./backbones.ts");
+    // No trial forward pass: the first real batch checks the feature shape just the same.
+    const bb = await loadBackbone(id, { trialPass: false }).catch((err: unknown) => {
+      throw new Error(`${ckpt.dir}: backbone ${id}: ${err instanceof Error ? err.message : String(err)}`);
+    });
+    return backbonePredictor(ckpt.model, bb, ds ? await datasetFeatures(ds, bb, { log: (l) => console.error(l) }) : undefined);
+  })();
+  ready.catch(() => {}); // reported when the predictor is called, not as an unhandled rejection
+  return async (images, indices) => (await ready)(images, indices);
 }
 
 /** The side of the images a checkpoint's model should be fed: its backbone's input, else meta.imageSize. */
