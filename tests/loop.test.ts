@@ -494,19 +494,6 @@ describe("--once (stub train.ts)", () => {
     expect(head(dir)).toBe(shorter);
   });
 
-  test("a train.ts that prints its footer but never exits is killed after a grace; its result stands", () => {
-    const kept = head(dir);
-    commitTrain(dir, `mode: "ok",`, `mode: "linger",`, "linger");
-    const t0 = performance.now();
-    const r = once([], { AR_TEST_LINGER_S: "1" });
-    expect(r.code).toBe(0);
-    expect(performance.now() - t0).toBeLessThan(25_000);
-    expect(r.out).toContain("printed its result but did not exit within 1s");
-    // Same predictions as the kept commit, same length: measured, and discarded on the rules.
-    expect(last(rows(dir))).toMatchObject({ status: "discard", description: "linger (same metrics, not simpler)" });
-    expect(head(dir)).toBe(kept);
-  });
-
   test("a cold backbone's feature extraction extends the deadline while its progress lines keep coming", () => {
     const kept = head(dir);
     commitTrain(dir, `mode: "ok",`, `mode: "features",`, "features");
@@ -532,6 +519,19 @@ describe("--once (stub train.ts)", () => {
     expect(once([], { AR_TEST_ALLOWANCE_S: "60", AR_TEST_SETUP_STALL_S: "2" }).code).toBe(0);
     expect(performance.now() - t0).toBeLessThan(30_000);
     expect(last(rows(dir))).toMatchObject({ status: "crash", description: "stall (crash: timeout: no progress for 2s while preparing the backbone or its features)" });
+    expect(head(dir)).toBe(kept);
+  });
+
+  test("a train.ts that prints its footer but never exits is killed after a grace; its result stands", () => {
+    const kept = head(dir);
+    commitTrain(dir, `mode: "ok",`, `mode: "linger",`, "linger");
+    const t0 = performance.now();
+    const r = once([], { AR_TEST_LINGER_S: "1" });
+    expect(r.code).toBe(0);
+    expect(performance.now() - t0).toBeLessThan(25_000);
+    expect(r.out).toContain("printed its result but did not exit within 1s");
+    // Same predictions as the kept commit, same length: measured, and discarded on the rules.
+    expect(last(rows(dir))).toMatchObject({ status: "discard", description: "linger (same metrics, not simpler)" });
     expect(head(dir)).toBe(kept);
   });
 
