@@ -497,18 +497,18 @@ describe("--once (stub train.ts)", () => {
   test("a cold backbone's feature extraction extends the deadline while its progress lines keep coming", () => {
     const kept = head(dir);
     commitTrain(dir, `mode: "ok",`, `mode: "features",`, "features");
-    // 12 progress lines 0.5 s apart: 6 s of preparation against a 1 + 0 + 3 = 4 s deadline.
-    const env = { AR_TEST_ALLOWANCE_S: "3", STUB_FEATURE_LINES: "12" };
+    // 16 progress lines 0.5 s apart: 8 s of preparation against a 1 + 0 + 6 = 7 s deadline.
+    const env = { AR_TEST_ALLOWANCE_S: "6", STUB_FEATURE_LINES: "16" };
     const r = once([], env);
     expect(r.code).toBe(0);
-    expect(r.out).toContain("killed at 4s, plus any backbone preparation");
+    expect(r.out).toContain("killed at 7s, plus any backbone preparation");
     // Same predictions as the kept commit: measured (not a crash), then discarded on the rules.
     expect(last(rows(dir))).toMatchObject({ status: "discard", description: "features (same metrics, not simpler)" });
     expect(head(dir)).toBe(kept);
     // The control: with no setup allowance the same train.ts is killed at the plain deadline.
     commitTrain(dir, `mode: "ok",`, `mode: "features",`, "features again");
     expect(once(["--setup-allowance", "0"], env).code).toBe(0);
-    expect(last(rows(dir))).toMatchObject({ status: "crash", description: "features again (crash: timeout: killed after 4s)" });
+    expect(last(rows(dir))).toMatchObject({ status: "crash", description: "features again (crash: timeout: killed after 7s)" });
     expect(head(dir)).toBe(kept);
   });
 
