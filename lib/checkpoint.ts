@@ -12,7 +12,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
-import type { Dataset, Predictor } from "../prepare.ts";
+import type { Dataset, Manifest, Predictor } from "../prepare.ts";
 
 export const CheckpointMeta = type({
   version: "'1'",
@@ -34,6 +34,23 @@ export const CheckpointMeta = type({
   "yieldSource?": "string",
 });
 export type CheckpointMeta = typeof CheckpointMeta.infer;
+
+/** What a checkpoint copies from its dataset's manifest: every field the two share but their own version and date. */
+type FromManifest = Exclude<keyof Manifest & keyof CheckpointMeta, "version" | "createdAt">;
+// A Record, so a field added to both types and not listed here is a compile error, not a silent drop.
+const FROM_MANIFEST: Record<FromManifest, true> = {
+  task: true, classes: true, positiveClass: true, imageSize: true, preprocessing: true, synthetic: true,
+  yieldSource: true,
+};
+
+/** The meta of a model trained on `manifest`'s data: the data's facts from the manifest, the model's from `model`. */
+export function checkpointMeta(
+  manifest: Pick<Manifest, FromManifest>,
+  model: Omit<CheckpointMeta, FromManifest | "version" | "createdAt">,
+): CheckpointMeta {
+  const data = Object.fromEntries(Object.keys(FROM_MANIFEST).map((k) => [k, manifest[k as FromManifest]]));
+  return { version: "1", ...(data as Pick<Manifest, FromManifest>), ...model, createdAt: new Date().toISOString() };
+}
 
 const ModelJson = type({
   modelTopology: "object",
@@ -134,13 +151,7 @@ function bytesPerElement(w: tf.io.WeightsManifestEntry): number {
  */
 export function predictorFor(ckpt: Checkpoint, ds?: Dataset): Predictor {
   const id = ckpt.meta.backbone;
-  if (id === null) {
-    return (images) => {
-      const out = ckpt.model.predict(images);
-      const outs = Array.isArray(out) ? out : [out];
-      return { probs: outs[0]!, yields: outs[1] };
-    };
-  }
+  if (id === null) return layersPredictor(ckpt.model);
   // Start loading the backbone now: predict.ts decodes its photos (sharp's threads) meanwhile.
   const ready: Promise<Predictor> = (async () => {
     const { backbonePredictor, datasetFeatures, loadBackbone } = await import("./backbones.ts");
@@ -152,6 +163,15 @@ export function predictorFor(ckpt: Checkpoint, ds?: Dataset): Predictor {
   })();
   ready.catch(() => {}); // reported when the predictor is called, not as an unhandled rejection
   return async (images, indices) => (await ready)(images, indices);
+}
+
+/** The Predictor of a model fed the images themselves: output 0 class probabilities, output 1 (if any) yields. */
+export function layersPredictor(model: tf.LayersModel): Predictor {
+  return (images) => {
+    const out = model.predict(images);
+    const outs = Array.isArray(out) ? out : [out];
+    return { probs: outs[0]!, yields: outs[1] };
+  };
 }
 
 /** The side of the images a checkpoint's model should be fed: its backbone's input, else meta.imageSize. */
