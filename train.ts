@@ -17,7 +17,7 @@
  * prepare.ts's evaluate().
  */
 import * as tf from "@tensorflow/tfjs";
-import { imageBatch, trainBatches, type Dataset } from "./prepare.ts";
+import { imageBatch, trainBatches } from "./prepare.ts";
 import { backendLabel } from "./lib/backend.ts";
 import { inputConvFilters, withoutInputGradients } from "./lib/wasm_kernels.ts";
 import { BACKBONE_NAMES, featureRows, type BackboneName } from "./lib/backbones.ts";
@@ -87,7 +87,7 @@ const { hp, ds, budget, features } = run;
  * A small VGG-style CNN: [conv3x3 → batchnorm → relu → maxpool] × depth, then two heads. With
  * `featureDim` (a frozen backbone) the input is that feature vector instead: dropout → the heads.
  */
-function buildModel(ds: Dataset, featureDim: number | null): { train: tf.LayersModel; infer: tf.LayersModel } {
+function buildModel(featureDim: number | null): { train: tf.LayersModel; infer: tf.LayersModel } {
   const input = tf.input({ shape: featureDim === null ? [ds.imageSize, ds.imageSize, 3] : [featureDim] });
   const apply = (layer: tf.layers.Layer, x: tf.SymbolicTensor) => layer.apply(x) as tf.SymbolicTensor;
   let x = input;
@@ -120,7 +120,7 @@ function buildModel(ds: Dataset, featureDim: number | null): { train: tf.LayersM
   return { train: tf.model({ inputs: input, outputs }), infer: tf.model({ inputs: input, outputs: inferOutputs }) };
 }
 
-const { train: model, infer } = buildModel(ds, features?.dim ?? null);
+const { train: model, infer } = buildModel(features?.dim ?? null);
 const numParams = infer.countParams();
 console.log(`backend: ${backendLabel()}  params: ${numParams}  budget: ${budget}s  hp: ${JSON.stringify(hp)}`);
 

@@ -83,7 +83,7 @@ const Flags = type({ budget: "number > 0", checkpoint: "string", printHp: "boole
 type Flags = typeof Flags.infer;
 
 /** The flags, or null after --help printed the usage. */
-export function parseFlags(argv: string[]): Flags | null {
+function parseFlags(argv: string[]): Flags | null {
   const cli = cac("train.ts");
   cli.usage("[options]\n\n  Trains the model of train.ts on the prepared dataset for a fixed wall-clock budget.\n"
     + "  AR_HP='{\"key\": value, …}' overrides HP keys for one run (checked against HP and HP_SPACE).")
