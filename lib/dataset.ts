@@ -28,13 +28,20 @@ const ManifestItem = type({
   split: "'train' | 'val'",
   yield: "number",
 });
-export const Manifest = type({
-  version: "'1'",
+/**
+ * What a model trained on a dataset must match: the task, the classes in label order, the positive
+ * class (screening), the image side and the preprocessing. A checkpoint records the same fields.
+ */
+export const DatasetSignature = type({
   task: Task,
   classes: "string[]",
   positiveClass: "string | null",
   imageSize: "number.integer > 0",
   preprocessing: "string",
+});
+
+export const Manifest = DatasetSignature.merge({
+  version: "'1'",
   source: "string",
   synthetic: "boolean",
   yieldSource: "string",

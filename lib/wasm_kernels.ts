@@ -108,6 +108,11 @@ function requireInput(inputs: tf.NamedTensorInfoMap, name: string): tf.TensorInf
   return t;
 }
 
+/** The named inputs of a kernel call, in the order asked, each one required. */
+function inputsOf(args: KernelArgs, ...names: string[]): tf.TensorInfo[] {
+  return names.map((n) => requireInput(args.inputs, n));
+}
+
 function requireBackend(backend: unknown): tf.KernelBackend {
   if (!(backend instanceof tf.KernelBackend)) throw new Error("wasm grad kernel: backend is not a KernelBackend");
   return backend;
@@ -196,8 +201,7 @@ function spatialPadding(top: number, bottom: number, left: number, right: number
 function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
-  const x = requireInput(args.inputs, "x");
-  const dy = requireInput(args.inputs, "dy");
+  const [x, dy] = inputsOf(args, "x", "dy");
   const filterShape = readShape4(attrs, "filterShape");
   const dataFormat = tf.backend_util.convertConv2DDataFormat(
     attrs.dataFormat === "NCHW" ? "NCHW" : "NHWC",
@@ -248,23 +252,22 @@ function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
 // ---------------------------------------------------------------------------
 // DepthwiseConv2dNativeBackpropFilter
 
-function assertUnitDilation(attrs: tf.NamedAttrMap, kernel: string): void {
+/** The geometry of a depthwise gradient call; only dilation 1 (all that tfjs' own gradients request). */
+function depthwiseInfo(attrs: tf.NamedAttrMap, kernel: string, inShape: Shape4, filterShape: Shape4) {
   const [dH, dW] = readPair(attrs, "dilations", 1);
   if (dH !== 1 || dW !== 1) {
     throw new Error(`wasm ${kernel}: dilations other than 1 are not supported (got ${dH},${dW})`);
   }
+  const strides = readPair(attrs, "strides");
+  return tf.backend_util.computeConv2DInfo(inShape, filterShape, strides, 1, readPad(attrs), readRounding(attrs), true);
 }
 
 function depthwiseBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
-  const x = requireInput(args.inputs, "x");
-  const dy = requireInput(args.inputs, "dy");
-  assertUnitDilation(attrs, "DepthwiseConv2dNativeBackpropFilter");
+  const [x, dy] = inputsOf(args, "x", "dy");
   const filterShape = readShape4(attrs, "filterShape");
-  const info = tf.backend_util.computeConv2DInfo(
-    shape4(x, "x"), filterShape, readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs), true,
-  );
+  const info = depthwiseInfo(attrs, "DepthwiseConv2dNativeBackpropFilter", shape4(x, "x"), filterShape);
   const { batchSize: b, inHeight: h, inWidth: w, inChannels: c, outHeight: oh, outWidth: ow } = info;
   const { filterHeight: kh, filterWidth: kw, strideHeight: sH, strideWidth: sW } = info;
   const mult = filterShape[3];
@@ -305,18 +308,14 @@ function depthwiseBackpropFilter(args: KernelArgs): tf.TensorInfo {
 function depthwiseBackpropInput(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
-  const dy = requireInput(args.inputs, "dy");
-  const filter = requireInput(args.inputs, "filter");
-  assertUnitDilation(attrs, "DepthwiseConv2dNativeBackpropInput");
+  const [dy, filter] = inputsOf(args, "dy", "filter");
   const inputShape = readShape4(attrs, "inputShape");
+  const fShape = shape4(filter, "filter");
+  const info = depthwiseInfo(attrs, "DepthwiseConv2dNativeBackpropInput", inputShape, fShape);
   if (skipsInputGrad(filter)) {
     const z = zerosLike(args, inputShape);
     if (z != null) return z;
   }
-  const fShape = shape4(filter, "filter");
-  const info = tf.backend_util.computeConv2DInfo(
-    inputShape, fShape, readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs), true,
-  );
   const { batchSize: b, inHeight: h, inWidth: w, inChannels: c, outHeight: oh, outWidth: ow } = info;
   const { filterHeight: kh, filterWidth: kw, strideHeight: sH, strideWidth: sW } = info;
   const mult = fShape[3];
@@ -354,8 +353,7 @@ function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] 
   }
   if (attrs.dataFormat === "NCHW") return delegate("Conv2DBackpropInput", args);
   const backend = requireBackend(args.backend);
-  const dy = requireInput(args.inputs, "dy");
-  const filter = requireInput(args.inputs, "filter");
+  const [dy, filter] = inputsOf(args, "dy", "filter");
   const inputShape = readShape4(attrs, "inputShape");
   const info = tf.backend_util.computeConv2DInfo(
     inputShape, shape4(filter, "filter"), readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs), false,
@@ -563,8 +561,7 @@ function reduceLeading(name: "Sum" | "Mean", args: KernelArgs): tf.TensorInfo | 
 // the forward pool (the largest item of a baseline step). Same semantics as
 // tfjs-cpu: first maximum of each window gets the gradient (see kernels.c).
 function maxPoolGrad(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
-  const dy = requireInput(args.inputs, "dy");
-  const x = requireInput(args.inputs, "input");
+  const [dy, x] = inputsOf(args, "dy", "input");
   const s = simdFor(args.backend, dy, x);
   if (s == null || x.shape.length !== 4 || sizeOf(x.shape) === 0) return delegate("MaxPoolGrad", args);
   const attrs = args.attrs ?? {};
@@ -628,9 +625,7 @@ function broadcastRowsKernel(args: KernelArgs): tf.TensorInfo {
 
 /** ArBnGradSums: x, dy [..., C], mean [C] -> [2, C]: sum(dy) and sum(dy * (x - mean)) per channel. */
 function bnGradSumsKernel(args: KernelArgs): tf.TensorInfo {
-  const x = requireInput(args.inputs, "x");
-  const dy = requireInput(args.inputs, "dy");
-  const mean = requireInput(args.inputs, "mean");
+  const [x, dy, mean] = inputsOf(args, "x", "dy", "mean");
   const s = simdFor(args.backend, x, dy, mean);
   if (s == null) throw new Error("ArBnGradSums: needs the wasm SIMD kernels");
   const c = sizeOf(mean.shape);
