@@ -13,20 +13,30 @@
  *   bun prepare.ts --source synthetic                       # SYNTHETIC images, plumbing tests only
  *   bun prepare.ts evaluate --model checkpoints/latest      # re-measure a saved checkpoint
  *
- * Environment: AR_CACHE (cache root), AR_DATASETS (where ../shared/datasets lives),
- * AR_TASK / AR_SOURCE / AR_POSITIVE (defaults for the flags), AR_BACKEND (see lib/backend.ts).
+ * Environment: AR_CACHE (cache root), AR_TASK / AR_SOURCE / AR_POSITIVE (defaults for the flags),
+ * AR_BACKEND (see lib/backend.ts).
  */
-import { mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { readFile, stat, writeFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
-import { homedir } from "node:os";
 import { join, relative, resolve } from "node:path";
 import { type } from "arktype";
 import { cac } from "cac";
-import * as tf from "@tensorflow/tfjs";
-import { decodeToRgb, mapPool, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./lib/images.ts";
+import { replaceDirAtomic, writeAtomic } from "./lib/atomic.ts";
 import {
-  downloadCifar100, downloadHfDataset, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES,
+  activePointerPath, CACHE_ROOT, cacheFiles, imageBatch, loadCache, Manifest, parseManifest, Task,
+  type Dataset, type Predictor,
+} from "./lib/dataset.ts";
+import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
+import {
+  downloadCifar100, downloadHfDataset, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES, type WasteClass,
 } from "./lib/sources.ts";
+
+// The dataset, its cache layout and the loader live in lib/dataset.ts (checkpoints and backbones read
+// them too); they are part of the harness, so they are reachable from here.
+export {
+  activeCacheDir, activePointerPath, CACHE_ROOT, cacheFiles, cacheFingerprint, imageBatch, loadCache, Manifest, Task,
+  type CacheFingerprint, type Dataset, type Predictor,
+} from "./lib/dataset.ts";
 
 // ---------------------------------------------------------------------------
 // Constants (fixed, do not modify)
@@ -47,8 +57,6 @@ export const YIELD_WEIGHT = 0.1;
 /** Fewer images than this in a class gets a warning: its accuracy is close to meaningless. */
 export const FEW_IMAGES = 30;
 export const HF_WASTE_REPO = "NeoAivara/Waste_Classification_data";
-export const CACHE_ROOT = resolve(process.env.AR_CACHE ?? join(homedir(), ".cache", "autoresearch-vision"));
-export const DATASETS_DIR = resolve(process.env.AR_DATASETS ?? join(import.meta.dir, "..", "shared", "datasets"));
 
 /**
  * ASSUMED recoverable-material yield per waste class (fraction of the item's mass that can be
@@ -59,48 +67,36 @@ export const DATASETS_DIR = resolve(process.env.AR_DATASETS ?? join(import.meta.
  *   recyclable 0.85: clean dry plastic, glass, metal, paper, cardboard mostly goes back into use.
  *   organic 0.60: mass that ends up as compost after water loss.
  */
-export const WASTE_YIELD_TABLE: Record<(typeof WASTE_CLASSES)[number], number> = {
+export const WASTE_YIELD_TABLE: Record<WasteClass, number> = {
   ewaste: 0.3,
   recyclable: 0.85,
   organic: 0.6,
 };
 
 export const WASTE_DATA_NOTE =
-  "waste3 caveat: organic has only a handful of photos, and ewaste/recyclable come from different photo sources (home scenes vs white studio sheets): accuracy partly measures the background";
+  "waste3 caveat: organic has only a handful of photos, and ewaste/recyclable come from different photo " +
+  "sources (home scenes vs white studio sheets): accuracy partly measures the background";
 
 // ---------------------------------------------------------------------------
 // Task configuration
 // ---------------------------------------------------------------------------
 
-export const Task = type("'waste' | 'cifar100' | 'screening'");
-export type Task = typeof Task.infer;
+interface TaskMetrics { columns: string[]; primary: string; secondary: string; lowerIsBetter: string[] }
 
 /** Metric columns of each task, in results.tsv order; the loop keeps on `primary`, ties on `secondary`. */
-export const TASK_METRICS: Record<Task, { columns: string[]; primary: string; secondary: string; lowerIsBetter: string[] }> = {
-  waste: { columns: ["val_accuracy", "yield_mse", "combined_score"], primary: "combined_score", secondary: "val_accuracy", lowerIsBetter: ["yield_mse"] },
+export const TASK_METRICS: Record<Task, TaskMetrics> = {
+  waste: {
+    columns: ["val_accuracy", "yield_mse", "combined_score"],
+    primary: "combined_score", secondary: "val_accuracy", lowerIsBetter: ["yield_mse"],
+  },
   cifar100: { columns: ["top1", "top5"], primary: "top1", secondary: "top5", lowerIsBetter: [] },
   screening: { columns: ["bin_acc", "mc_acc"], primary: "bin_acc", secondary: "mc_acc", lowerIsBetter: [] },
 };
 
-const ManifestItem = type({ path: "string", label: "number.integer >= 0", sha256: "string", split: "'train' | 'val'", yield: "number" });
-export const Manifest = type({
-  version: "'1'",
-  task: Task,
-  classes: "string[]",
-  positiveClass: "string | null",
-  imageSize: "number.integer > 0",
-  preprocessing: "string",
-  source: "string",
-  synthetic: "boolean",
-  yieldSource: "string",
-  fingerprint: "string",
-  createdAt: "string",
-  skipped: "number.integer >= 0",
-  duplicates: "number.integer >= 0",
-  items: ManifestItem.array(),
-});
-export type Manifest = typeof Manifest.infer;
-const ActivePointer = type({ dir: "string" });
+/** The yield target of a class when no measurement is given: the table for waste, none otherwise. */
+function assumedYield(task: Task, cls: string): number {
+  return task === "waste" ? WASTE_YIELD_TABLE[cls as WasteClass] ?? 0 : 0;
+}
 
 // ---------------------------------------------------------------------------
 // Data preparation
@@ -121,6 +117,7 @@ export interface PrepareOptions {
 
 export interface PrepareResult { dir: string; manifest: Manifest; reused: boolean; seconds: number }
 
+type Log = (line: string) => void;
 interface Candidate { path: string; className: string; read: () => Promise<Uint8Array> }
 
 /** Prepare (or reuse) the cache for a task and source, and make it the active dataset. */
@@ -134,18 +131,23 @@ export async function prepareData(opts: PrepareOptions): Promise<PrepareResult> 
   if (opts.task === "cifar100") result = await prepareCifar(opts, cacheRoot, say);
   else if (synthetic) result = await prepareSynthetic(opts, cacheRoot, say);
   else result = await prepareImageFolder(opts, cacheRoot, say);
-  await writeAtomic(join(cacheRoot, "active.json"), JSON.stringify({ dir: result.dir }));
+  writeAtomic(activePointerPath(cacheRoot), JSON.stringify({ dir: result.dir }));
   result.seconds = (performance.now() - t0) / 1000;
   describeDataset(result.manifest, say);
-  say(`cache: ${result.dir} (${result.reused ? "reused" : "written"}, ${(await dirBytes(result.dir) / 1e6).toFixed(1)} MB) in ${result.seconds.toFixed(1)} s`);
+  const mb = (await dirBytes(result.dir)) / 1e6;
+  const how = result.reused ? "reused" : "written";
+  say(`cache: ${result.dir} (${how}, ${mb.toFixed(1)} MB) in ${result.seconds.toFixed(1)} s`);
   return result;
 }
 
-async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: (l: string) => void): Promise<PrepareResult> {
+async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: Log): Promise<PrepareResult> {
   let root = opts.source;
   if (root === "hf") {
-    if (opts.task !== "waste") throw new Error(`--source hf is the waste task's hub dataset; give --source DIR for task ${opts.task}`);
-    root = (await downloadHfDataset({ repo: HF_WASTE_REPO, destDir: join(cacheRoot, "downloads", "hf", HF_WASTE_REPO.replace("/", "__")), hubUrl: opts.hubUrl, log })).root;
+    if (opts.task !== "waste") {
+      throw new Error(`--source hf is the waste task's hub dataset; give --source DIR for task ${opts.task}`);
+    }
+    const destDir = join(cacheRoot, "downloads", "hf", HF_WASTE_REPO.replace("/", "__"));
+    root = (await downloadHfDataset({ repo: HF_WASTE_REPO, destDir, hubUrl: opts.hubUrl, log })).root;
   }
   root = resolve(root);
   const listing = listImageFolder(root);
@@ -160,30 +162,47 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   }
   const positive = opts.task === "screening" ? (opts.positive ?? "") : null;
   if (positive !== null && !classes.includes(positive)) {
-    throw new Error(`${root}: positive class "${positive}" is not one of the class folders (${classes.join(", ")}); pass --positive NAME`);
+    const folders = classes.join(", ");
+    throw new Error(`${root}: positive class "${positive}" is not one of the class folders (${folders}); ` +
+      "pass --positive NAME");
   }
   const unmapped = new Map<string, number>();
   const candidates: Candidate[] = [];
   for (const f of listing.files) {
     const cls = classOf(f.className);
     if (cls === null) { unmapped.set(f.className, (unmapped.get(f.className) ?? 0) + 1); continue; }
-    candidates.push({ path: relative(root, f.path), className: cls, read: async () => new Uint8Array(await readFile(f.path)) });
+    const read = async () => new Uint8Array(await readFile(f.path));
+    candidates.push({ path: relative(root, f.path), className: cls, read });
   }
-  for (const [folder, n] of unmapped) log(`warning: ${root}/${folder}: ${n} files in a folder that maps to no waste class; not used (see WASTE_LABEL_MAP in lib/sources.ts)`);
+  for (const [folder, n] of unmapped) {
+    log(`warning: ${root}/${folder}: ${n} files in a folder that maps to no waste class; not used ` +
+      "(see WASTE_LABEL_MAP in lib/sources.ts)");
+  }
   const yields = await loadYields(opts);
-  const stats = await Promise.all(listing.files.map(async (f) => { const s = await stat(f.path); return `${relative(root, f.path)}:${s.size}:${s.mtimeMs}`; }));
-  const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify({ task: opts.task, classes, positive, size: IMAGE_SIZE, PREPROCESSING, yields: yields.fingerprint, stats })));
+  // Sizes and modification times stand for the files' content: a changed photo re-prepares.
+  const stats = await Promise.all(listing.files.map(async (f) => {
+    const s = await stat(f.path);
+    return `${relative(root, f.path)}:${s.size}:${s.mtimeMs}`;
+  }));
+  const key = {
+    task: opts.task, classes, positive, size: IMAGE_SIZE, PREPROCESSING, yields: yields.fingerprint, stats,
+  };
+  const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
   const dir = join(cacheRoot, `${opts.task}-${slug(root)}-${IMAGE_SIZE}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
-  return await writeCache({ dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false, yieldSource: yields.source, candidates, yieldOf: yields.of, log });
+  return await writeCache({
+    dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false,
+    yieldSource: yields.source, candidates, yieldOf: yields.of, log,
+  });
 }
 
-async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: (l: string) => void): Promise<PrepareResult> {
+async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log): Promise<PrepareResult> {
   const folder = opts.source === "hf" || opts.source === "cifar"
     ? await downloadCifar100({ destDir: join(cacheRoot, "downloads", "cifar100"), url: opts.cifarUrl, log })
     : resolve(opts.source);
-  const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify({ task: "cifar100", folder, size: CIFAR_IMAGE_SIZE })));
+  const key = { task: "cifar100", folder, size: CIFAR_IMAGE_SIZE };
+  const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
   const dir = join(cacheRoot, `cifar100-${CIFAR_IMAGE_SIZE}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
@@ -197,7 +216,8 @@ async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: (l: st
       const pixels = part.images.subarray(i * px, (i + 1) * px);
       images.set(pixels, offset * px);
       // The official split is kept as is: val is the full 10,000-image test set.
-      items.push({ path: `${split === "val" ? "test" : "train"}.bin#${i}`, label: part.labels[i] ?? 0, sha256: sha256Hex(pixels), split, yield: 0 });
+      const path = `${split === "val" ? "test" : "train"}.bin#${i}`;
+      items.push({ path, label: part.labels[i] ?? 0, sha256: sha256Hex(pixels), split, yield: 0 });
       offset++;
     }
   }
@@ -211,22 +231,25 @@ async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: (l: st
 }
 
 /** Coloured shapes, one look per class. Only for plumbing tests: never a measure of model quality. */
-async function prepareSynthetic(opts: PrepareOptions, cacheRoot: string, log: (l: string) => void): Promise<PrepareResult> {
+async function prepareSynthetic(opts: PrepareOptions, cacheRoot: string, log: Log): Promise<PrepareResult> {
   const classes = opts.task === "waste" ? [...WASTE_CLASSES] : ["synthetic_a", "synthetic_b", "synthetic_positive"];
   const positive = opts.task === "screening" ? "synthetic_positive" : null;
   const perClass = 40;
   const candidates: Candidate[] = [];
   for (let c = 0; c < classes.length; c++) {
     for (let i = 0; i < perClass; i++) {
-      candidates.push({ path: `synthetic/${classes[c]}/${i}.raw`, className: classes[c] ?? "", read: async () => syntheticImage(c, i) });
+      const read = async () => syntheticImage(c, i);
+      candidates.push({ path: `synthetic/${classes[c]}/${i}.raw`, className: classes[c] ?? "", read });
     }
   }
   const fingerprint = sha256Hex(new TextEncoder().encode(`synthetic-v1-${opts.task}-${IMAGE_SIZE}`));
   const dir = join(cacheRoot, `${opts.task}-synthetic-${IMAGE_SIZE}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
-  const yieldOf = (cls: string) => (opts.task === "waste" ? WASTE_YIELD_TABLE[cls as keyof typeof WASTE_YIELD_TABLE] ?? 0 : 0);
-  return await writeCache({ dir, fingerprint, task: opts.task, classes, positive, source: "synthetic", synthetic: true, yieldSource: "table", candidates, yieldOf: (_p, cls) => yieldOf(cls), log, raw: true });
+  return await writeCache({
+    dir, fingerprint, task: opts.task, classes, positive, source: "synthetic", synthetic: true, yieldSource: "table",
+    candidates, yieldOf: (_path, cls) => assumedYield(opts.task, cls), log, raw: true,
+  });
 }
 
 /** A raw IMAGE_SIZE² RGB image: class c has its own hue and shape, with seeded noise. */
@@ -236,11 +259,17 @@ function syntheticImage(c: number, i: number): Uint8Array {
   let seed = (c + 1) * 7919 + i * 104729;
   const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const cx = s * (0.3 + 0.4 * rand()), cy = s * (0.3 + 0.4 * rand()), r = s * (0.15 + 0.1 * rand());
+  // Class 0 a disc, class 1 a square, class 2 a diamond.
+  const inside = (x: number, y: number) => c === 0 ? Math.hypot(x - cx, y - cy) < r
+    : c === 1 ? Math.abs(x - cx) < r && Math.abs(y - cy) < r
+    : Math.abs(x - cx) + Math.abs(y - cy) < r;
   for (let y = 0; y < s; y++) {
     for (let x = 0; x < s; x++) {
-      const inside = c === 0 ? Math.hypot(x - cx, y - cy) < r : c === 1 ? Math.abs(x - cx) < r && Math.abs(y - cy) < r : Math.abs(x - cx) + Math.abs(y - cy) < r;
+      const hit = inside(x, y);
       const o = (y * s + x) * 3;
-      for (let k = 0; k < 3; k++) out[o + k] = Math.max(0, Math.min(255, (inside ? (k === c % 3 ? 220 : 40) : 128) + (rand() - 0.5) * 60));
+      for (let k = 0; k < 3; k++) {
+        out[o + k] = Math.max(0, Math.min(255, (hit ? (k === c % 3 ? 220 : 40) : 128) + (rand() - 0.5) * 60));
+      }
     }
   }
   return out;
@@ -249,7 +278,7 @@ function syntheticImage(c: number, i: number): Uint8Array {
 interface WriteCacheArgs {
   dir: string; fingerprint: string; task: Task; classes: string[]; positive: string | null; source: string;
   synthetic: boolean; yieldSource: string; candidates: Candidate[]; yieldOf: (path: string, cls: string) => number;
-  log: (l: string) => void; raw?: boolean;
+  log: Log; raw?: boolean;
 }
 
 /** Decode every candidate (in parallel, bounded), split by content hash, and write the cache. */
@@ -286,15 +315,22 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
     if (seen.has(d.sha)) duplicates++;
     seen.add(d.sha);
     images.set(d.pixels, i * px);
-    return { path: d.c.path, label: a.classes.indexOf(d.c.className), sha256: d.sha, split: splits[i] ?? "train", yield: a.yieldOf(d.c.path, d.c.className) };
+    const { path, className } = d.c;
+    const label = a.classes.indexOf(className);
+    return { path, label, sha256: d.sha, split: splits[i] ?? "train", yield: a.yieldOf(path, className) };
   });
   const manifest: Manifest = {
-    version: "1", task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: IMAGE_SIZE, preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING,
-    source: a.source, synthetic: a.synthetic, yieldSource: a.yieldSource, fingerprint: a.fingerprint, createdAt: new Date().toISOString(),
+    version: "1", task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: IMAGE_SIZE,
+    preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING, source: a.source, synthetic: a.synthetic,
+    yieldSource: a.yieldSource, fingerprint: a.fingerprint, createdAt: new Date().toISOString(),
     skipped: skipped.length, duplicates, items,
   };
-  if (skipped.length > 0) a.log(`skipped ${skipped.length} of ${a.candidates.length} files (listed in ${join(a.dir, "skipped.tsv")})`);
-  if (duplicates > 0) a.log(`${duplicates} exact duplicate files (same sha256): they share one split, so none straddles train/val`);
+  if (skipped.length > 0) {
+    a.log(`skipped ${skipped.length} of ${a.candidates.length} files (listed in ${cacheFiles(a.dir).skipped})`);
+  }
+  if (duplicates > 0) {
+    a.log(`${duplicates} exact duplicate files (same sha256): they share one split, so none straddles train/val`);
+  }
   await commitCache(a.dir, manifest, images, skipped);
   return { dir: a.dir, manifest, reused: false, seconds: 0 };
 }
@@ -320,25 +356,35 @@ export function splitByHash(items: { sha: string; label: number }[]): ("train" |
   return out;
 }
 
-async function loadYields(opts: PrepareOptions): Promise<{ of: (path: string, cls: string) => number; source: string; fingerprint: string }> {
-  const table = (cls: string) => (opts.task === "waste" ? WASTE_YIELD_TABLE[cls as keyof typeof WASTE_YIELD_TABLE] ?? 0 : 0);
-  if (!opts.yieldsCsv) return { of: (_p, cls) => table(cls), source: opts.task === "waste" ? "assumed-table" : "none", fingerprint: "table" };
-  const text = await readFile(opts.yieldsCsv, "utf8").catch(() => { throw new Error(`${opts.yieldsCsv}: cannot read the yields CSV`); });
+interface Yields { of: (path: string, cls: string) => number; source: string; fingerprint: string }
+
+async function loadYields(opts: PrepareOptions): Promise<Yields> {
+  const table = (cls: string) => assumedYield(opts.task, cls);
+  const csv = opts.yieldsCsv;
+  if (!csv) {
+    const source = opts.task === "waste" ? "assumed-table" : "none";
+    return { of: (_p, cls) => table(cls), source, fingerprint: "table" };
+  }
+  const text = await readFile(csv, "utf8").catch(() => { throw new Error(`${csv}: cannot read the yields CSV`); });
   const measured = new Map<string, number>();
   text.split(/\r?\n/).forEach((line, i) => {
     if (i === 0 || line.trim() === "") return;
     const [path, value] = line.split(",");
     const y = Number(value);
-    if (!path || !Number.isFinite(y) || y < 0 || y > 1) throw new Error(`${opts.yieldsCsv}:${i + 1}: expected "path,yield" with yield in [0,1], got "${line}"`);
+    if (!path || !Number.isFinite(y) || y < 0 || y > 1) {
+      throw new Error(`${csv}:${i + 1}: expected "path,yield" with yield in [0,1], got "${line}"`);
+    }
     measured.set(path.trim(), y);
   });
-  return { of: (p, cls) => measured.get(p) ?? table(cls), source: `csv:${resolve(opts.yieldsCsv)}`, fingerprint: sha256Hex(new TextEncoder().encode(text)) };
+  const fingerprint = sha256Hex(new TextEncoder().encode(text));
+  return { of: (p, cls) => measured.get(p) ?? table(cls), source: `csv:${resolve(csv)}`, fingerprint };
 }
 
 async function reuseIfFresh(dir: string, fingerprint: string, force?: boolean): Promise<Manifest | null> {
-  if (force || !existsSync(join(dir, "manifest.json"))) return null;
+  const path = cacheFiles(dir).manifest;
+  if (force || !existsSync(path)) return null;
   try {
-    const m = parseManifest(await readFile(join(dir, "manifest.json"), "utf8"), dir);
+    const m = parseManifest(await readFile(path, "utf8"), dir);
     return m.fingerprint === fingerprint ? m : null;
   } catch {
     return null; // an unreadable cache is rebuilt, not trusted
@@ -346,104 +392,59 @@ async function reuseIfFresh(dir: string, fingerprint: string, force?: boolean): 
 }
 
 /** Write images.u8, manifest.json and skipped.tsv into a temp dir, then swap it in whole. */
-async function commitCache(dir: string, manifest: Manifest, images: Uint8Array, skipped: { path: string; reason: string }[]): Promise<void> {
-  const tmp = `${dir}.tmp-${process.pid}`;
-  await rm(tmp, { recursive: true, force: true });
-  await mkdir(tmp, { recursive: true });
-  await writeFile(join(tmp, "images.u8"), images);
-  await writeFile(join(tmp, "manifest.json"), JSON.stringify(manifest));
-  await writeFile(join(tmp, "skipped.tsv"), ["path\treason", ...skipped.map((s) => `${s.path}\t${s.reason.replace(/\s+/g, " ")}`)].join("\n") + "\n");
-  await rm(dir, { recursive: true, force: true });
-  await rename(tmp, dir);
-}
-
-async function writeAtomic(path: string, text: string): Promise<void> {
-  await mkdir(join(path, ".."), { recursive: true });
-  await writeFile(`${path}.tmp-${process.pid}`, text);
-  await rename(`${path}.tmp-${process.pid}`, path);
+async function commitCache(
+  dir: string, manifest: Manifest, images: Uint8Array, skipped: { path: string; reason: string }[],
+): Promise<void> {
+  const rows = skipped.map((s) => `${s.path}\t${s.reason.replace(/\s+/g, " ")}`);
+  await replaceDirAtomic(dir, async (tmp) => {
+    const files = cacheFiles(tmp);
+    await writeFile(files.images, images);
+    await writeFile(files.manifest, JSON.stringify(manifest));
+    await writeFile(files.skipped, ["path\treason", ...rows].join("\n") + "\n");
+  });
 }
 
 async function dirBytes(dir: string): Promise<number> {
   let total = 0;
-  for (const f of ["images.u8", "manifest.json", "skipped.tsv"]) total += existsSync(join(dir, f)) ? (await stat(join(dir, f))).size : 0;
+  for (const f of Object.values(cacheFiles(dir))) total += existsSync(f) ? (await stat(f)).size : 0;
   return total;
 }
 
 function slug(path: string): string {
-  return path.split(/[\\/]/).filter(Boolean).slice(-2).join("_").replace(/[^A-Za-z0-9_.-]/g, "_") + "-" + sha256Hex(new TextEncoder().encode(path)).slice(0, 8);
+  const tail = path.split(/[\\/]/).filter(Boolean).slice(-2).join("_").replace(/[^A-Za-z0-9_.-]/g, "_");
+  return `${tail}-${sha256Hex(new TextEncoder().encode(path)).slice(0, 8)}`;
 }
 
 /** Per-class counts with a warning for thin classes: printed by prepare, train and evaluate. */
-export function describeDataset(m: Manifest, log: (l: string) => void): void {
+export function describeDataset(m: Manifest, log: Log): void {
   const rows = m.classes.map((name, c) => {
     const train = m.items.filter((it) => it.label === c && it.split === "train").length;
     const val = m.items.filter((it) => it.label === c && it.split === "val").length;
     return { name, train, val };
   });
-  log(`task: ${m.task}${m.positiveClass ? ` (positive class: ${m.positiveClass})` : ""}  source: ${m.source}${m.synthetic ? "  [SYNTHETIC]" : ""}`);
+  const positive = m.positiveClass ? ` (positive class: ${m.positiveClass})` : "";
+  log(`task: ${m.task}${positive}  source: ${m.source}${m.synthetic ? "  [SYNTHETIC]" : ""}`);
   for (const r of rows) {
-    const warn = r.train + r.val === 0 ? "  <- NO IMAGES: this class cannot be learned or measured"
-      : r.train + r.val < FEW_IMAGES ? `  <- only ${r.train + r.val} images: its accuracy is nearly meaningless` : "";
+    const n = r.train + r.val;
+    const warn = n === 0 ? "  <- NO IMAGES: this class cannot be learned or measured"
+      : n < FEW_IMAGES ? `  <- only ${n} images: its accuracy is nearly meaningless` : "";
     log(`  class ${r.name.padEnd(14)} train ${String(r.train).padStart(6)}  val ${String(r.val).padStart(6)}${warn}`);
   }
-  if (m.task === "waste" && !m.synthetic) log(`note: ${WASTE_DATA_NOTE}; yields are ${m.yieldSource === "assumed-table" ? "ASSUMED per-class values (WASTE_YIELD_TABLE), not measurements" : m.yieldSource}`);
+  if (m.task === "waste" && !m.synthetic) {
+    const yields = m.yieldSource === "assumed-table"
+      ? "ASSUMED per-class values (WASTE_YIELD_TABLE), not measurements" : m.yieldSource;
+    log(`note: ${WASTE_DATA_NOTE}; yields are ${yields}`);
+  }
 }
 
 // ---------------------------------------------------------------------------
-// Loading the cache (what train.ts and evaluate() read)
+// Training batches (what train.ts reads; the cache itself is loaded by loadCache, lib/dataset.ts)
 // ---------------------------------------------------------------------------
-
-export interface Dataset {
-  dir: string;
-  manifest: Manifest;
-  /** N×S×S×3 uint8, HWC. */
-  images: Uint8Array;
-  labels: Int32Array;
-  yields: Float32Array;
-  train: Int32Array;
-  val: Int32Array;
-  numClasses: number;
-  imageSize: number;
-  task: Task;
-}
-
-function parseManifest(text: string, dir: string): Manifest {
-  const m = Manifest(JSON.parse(text));
-  if (m instanceof type.errors) throw new Error(`${join(dir, "manifest.json")}: not a valid manifest: ${m.summary}`);
-  return m;
-}
-
-/** The active dataset (the last one prepared), or the cache in `dir`. */
-export async function loadCache(dir?: string, cacheRoot = CACHE_ROOT): Promise<Dataset> {
-  if (!dir) {
-    const pointer = join(cacheRoot, "active.json");
-    if (!existsSync(pointer)) throw new Error(`${pointer}: no prepared dataset; run \`bun prepare.ts --source DIR\` first`);
-    const p = ActivePointer(JSON.parse(await readFile(pointer, "utf8")));
-    if (p instanceof type.errors) throw new Error(`${pointer}: ${p.summary}`);
-    dir = p.dir;
-  }
-  const manifest = parseManifest(await readFile(join(dir, "manifest.json"), "utf8"), dir);
-  const images = new Uint8Array(await readFile(join(dir, "images.u8")));
-  const px = manifest.imageSize * manifest.imageSize * 3;
-  if (images.length !== manifest.items.length * px) {
-    throw new Error(`${join(dir, "images.u8")}: ${images.length} bytes, expected ${manifest.items.length * px}; re-run prepare.ts --force`);
-  }
-  const labels = Int32Array.from(manifest.items, (it) => it.label);
-  const yields = Float32Array.from(manifest.items, (it) => it.yield);
-  const idx = (split: "train" | "val") => Int32Array.from(manifest.items.flatMap((it, i) => (it.split === split ? [i] : [])));
-  return { dir, manifest, images, labels, yields, train: idx("train"), val: idx("val"), numClasses: manifest.classes.length, imageSize: manifest.imageSize, task: manifest.task };
-}
-
-/** Images at `indices` as a float32 tensor in [0, 1], shape [B, S, S, 3]. */
-export function imageBatch(ds: Dataset, indices: ArrayLike<number>): tf.Tensor4D {
-  const px = ds.imageSize * ds.imageSize * 3;
-  const rows = Array.from(indices, (i) => ds.images.subarray(i * px, (i + 1) * px));
-  // The same scaling predict.ts applies to a new photo (lib/images.ts).
-  return tf.tensor4d(pixelsToFloat32(rows, ds.imageSize), [indices.length, ds.imageSize, ds.imageSize, 3]);
-}
 
 /** Endless shuffled epochs of training indices (seeded, so a run is reproducible). */
-export function* trainBatches(ds: Dataset, batchSize: number, seed = 0): Generator<{ indices: Int32Array; epoch: number }> {
+export function* trainBatches(
+  ds: Dataset, batchSize: number, seed = 0,
+): Generator<{ indices: Int32Array; epoch: number }> {
   if (ds.train.length === 0) throw new Error(`${ds.dir}: the training split is empty`);
   let state = (seed * 2654435761 + 1) >>> 0;
   const rand = () => ((state = (state * 1664525 + 1013904223) >>> 0) / 2 ** 32);
@@ -464,13 +465,6 @@ export function* trainBatches(ds: Dataset, batchSize: number, seed = 0): Generat
 // ---------------------------------------------------------------------------
 // Evaluation (the ground truth: do not modify)
 // ---------------------------------------------------------------------------
-
-/**
- * What a model must provide: class probabilities [B, C] (and, for waste, yields [B] or [B, 1])
- * for a batch of val images in [0, 1]. `indices` are the dataset rows, so a predictor built on
- * cached backbone features can look them up.
- */
-export type Predictor = (images: tf.Tensor4D, indices: Int32Array) => { probs: tf.Tensor; yields?: tf.Tensor } | Promise<{ probs: tf.Tensor; yields?: tf.Tensor }>;
 
 export interface PerClass { name: string; count: number; correct: number; accuracy: number | null }
 export interface EvalResult {
@@ -504,13 +498,23 @@ export async function evaluate(predict: Predictor, ds: Dataset): Promise<EvalRes
   }
   const labels = Int32Array.from(ds.val, (i) => ds.labels[i]!);
   const trueYields = Float32Array.from(ds.val, (i) => ds.yields[i]!);
-  return computeMetrics({ task: ds.task, classes: ds.manifest.classes, positiveClass: ds.manifest.positiveClass, labels, probs, predYields: yields, trueYields });
+  const { classes, positiveClass } = ds.manifest;
+  return computeMetrics({ task: ds.task, classes, positiveClass, labels, probs, predYields: yields, trueYields });
+}
+
+interface Predictions {
+  task: Task;
+  classes: string[];
+  positiveClass: string | null;
+  labels: Int32Array;
+  /** [n, C] row-major. */
+  probs: Float32Array;
+  predYields?: Float32Array;
+  trueYields?: Float32Array;
 }
 
 /** Pure scoring of predictions: separate from evaluate() so it can be tested on hand-built inputs. */
-export function computeMetrics(a: {
-  task: Task; classes: string[]; positiveClass: string | null; labels: Int32Array; probs: Float32Array; predYields?: Float32Array; trueYields?: Float32Array;
-}): EvalResult {
+export function computeMetrics(a: Predictions): EvalResult {
   const C = a.classes.length;
   const n = a.labels.length;
   const confusion = a.classes.map(() => new Array<number>(C).fill(0));
@@ -561,7 +565,12 @@ export function computeMetrics(a: {
 // ---------------------------------------------------------------------------
 
 export interface RunFacts {
-  training_seconds: number; total_seconds: number; peak_memory_mb: number; num_steps: number; num_params: number; backend: string;
+  training_seconds: number;
+  total_seconds: number;
+  peak_memory_mb: number;
+  num_steps: number;
+  num_params: number;
+  backend: string;
 }
 
 export function footerLines(r: EvalResult, facts: RunFacts, synthetic = false): string[] {
@@ -578,9 +587,13 @@ export function footerLines(r: EvalResult, facts: RunFacts, synthetic = false): 
     kv("backend", facts.backend),
     kv("val_images", r.n),
   );
-  for (const pc of r.perClass) lines.push(kv(`class_acc_${pc.name}`, `${pc.accuracy === null ? "n/a" : fmt(pc.accuracy)} (n=${pc.count})`));
+  for (const pc of r.perClass) {
+    lines.push(kv(`class_acc_${pc.name}`, `${pc.accuracy === null ? "n/a" : fmt(pc.accuracy)} (n=${pc.count})`));
+  }
   lines.push(kv("confusion", JSON.stringify(r.confusion)));
-  if (synthetic) lines.push(kv("data", "SYNTHETIC (plumbing test only; these numbers say nothing about model quality)"));
+  if (synthetic) {
+    lines.push(kv("data", "SYNTHETIC (plumbing test only; these numbers say nothing about model quality)"));
+  }
   return lines;
 }
 
@@ -611,8 +624,40 @@ export function peakMemoryMb(): number {
 
 const PrepareFlags = type({
   "+": "delete",
-  task: Task, source: "string", "positive?": "string", "yields?": "string", force: "boolean", "hubUrl?": "string", "cifarUrl?": "string",
+  task: Task, source: "string", "positive?": "string", "yields?": "string", force: "boolean",
+  "hubUrl?": "string", "cifarUrl?": "string",
 });
+
+async function prepareCommand(raw: Record<string, unknown>): Promise<void> {
+  const task = raw.task;
+  const source = raw.source ?? (task === "cifar100" ? "cifar" : "hf");
+  // cac leaves unset options as undefined; arktype's optional keys mean "absent", so drop them.
+  const given = Object.entries({ ...raw, task, source, force: raw.force === true }).filter(([, v]) => v !== undefined);
+  const flags = PrepareFlags(Object.fromEntries(given));
+  if (flags instanceof type.errors) throw new Error(`prepare.ts: ${flags.summary}`);
+  await prepareData({
+    task: flags.task, source: flags.source, positive: flags.positive, yieldsCsv: flags.yields, force: flags.force,
+    hubUrl: flags.hubUrl, cifarUrl: flags.cifarUrl,
+  });
+}
+
+/** Re-measure a checkpoint: the footer, then one eval_json line with the whole EvalResult. */
+async function evaluateCommand(raw: Record<string, unknown>): Promise<void> {
+  const dir = String(raw.model);
+  const { initBackend, backendLabel } = await import("./lib/backend.ts");
+  const { loadCheckpoint, predictorFor } = await import("./lib/checkpoint.ts");
+  await initBackend();
+  const ds = await loadCache();
+  const ckpt = await loadCheckpoint(dir, ds);
+  const t0 = performance.now();
+  const result = await evaluate(predictorFor(ckpt, ds), ds);
+  const facts: RunFacts = {
+    training_seconds: 0, total_seconds: (performance.now() - t0) / 1000, peak_memory_mb: peakMemoryMb(),
+    num_steps: 0, num_params: ckpt.numParams, backend: backendLabel(),
+  };
+  printFooter(result, facts, ds.manifest.synthetic);
+  console.log(`eval_json: ${JSON.stringify(result)}`);
+}
 
 async function main(): Promise<void> {
   const cli = cac("prepare.ts");
@@ -624,31 +669,10 @@ async function main(): Promise<void> {
     .option("--force", "rebuild the cache even if it is fresh", { default: false })
     .option("--hub-url <url>", "HuggingFace endpoint (tests point it at 127.0.0.1)")
     .option("--cifar-url <url>", "CIFAR-100 archive URL")
-    .action(async (_args: string[], raw: Record<string, unknown>) => {
-      const task = raw.task;
-      const source = raw.source ?? (task === "cifar100" ? "cifar" : "hf");
-      // cac leaves unset options as undefined; arktype's optional keys mean "absent", so drop them.
-      const given = Object.fromEntries(Object.entries({ ...raw, task, source, force: raw.force === true }).filter(([, v]) => v !== undefined));
-      const flags = PrepareFlags(given);
-      if (flags instanceof type.errors) throw new Error(`prepare.ts: ${flags.summary}`);
-      await prepareData({ task: flags.task, source: flags.source, positive: flags.positive, yieldsCsv: flags.yields, force: flags.force, hubUrl: flags.hubUrl, cifarUrl: flags.cifarUrl });
-    });
+    .action((_args: string[], raw: Record<string, unknown>) => prepareCommand(raw));
   cli.command("evaluate", "re-measure a saved checkpoint on the active dataset's val split")
     .option("--model <dir>", "checkpoint folder", { default: "checkpoints/latest" })
-    .option("--json", "also print one eval_json line", { default: true })
-    .action(async (raw: Record<string, unknown>) => {
-      const dir = String(raw.model);
-      const { initBackend, backendLabel } = await import("./lib/backend.ts");
-      const { loadCheckpoint, predictorFor } = await import("./lib/checkpoint.ts");
-      await initBackend();
-      const ds = await loadCache();
-      const ckpt = await loadCheckpoint(dir, ds);
-      const t0 = performance.now();
-      const result = await evaluate(predictorFor(ckpt, ds), ds);
-      const seconds = (performance.now() - t0) / 1000;
-      printFooter(result, { training_seconds: 0, total_seconds: seconds, peak_memory_mb: peakMemoryMb(), num_steps: 0, num_params: ckpt.numParams, backend: backendLabel() }, ds.manifest.synthetic);
-      console.log(`eval_json: ${JSON.stringify(result)}`);
-    });
+    .action((raw: Record<string, unknown>) => evaluateCommand(raw));
   cli.help();
   cli.parse(process.argv, { run: false });
   await cli.runMatchedCommand();

@@ -10,7 +10,7 @@
  * asks each side in turn for `--block` steps:
  *   ours    bun bench/train_step.ts --serve   (tfjs wasm, AR_WASM_THREADS=N)
  *   torch   /usr/bin/python3 bench/torch_peer.py --serve   (torch.set_num_threads(N))
- *   before  (with --before, threads 1 only) ours with this issue's speed work off: the starting point
+ *   before  (with --before, threads 1 only) ours with the SIMD kernels and skipped input gradients off
  * and prints per side the median ms/step over all timed steps, and the ratio ours/PyTorch as
  * SPEED (images/s ours ÷ images/s PyTorch: 1.0 = parity, 0.5 = half as fast), the median of the
  * per-round ratios with their min..max.
@@ -25,10 +25,19 @@ import { median } from "./train_step.ts";
 const ROOT = resolve(import.meta.dir, "..");
 const PYTHON = "/usr/bin/python3";
 
-interface Args { models: string[]; threads: number[]; rounds: number; block: number; before: boolean; channelsLast: boolean }
+interface Args {
+  models: string[];
+  threads: number[];
+  rounds: number;
+  block: number;
+  before: boolean;
+  channelsLast: boolean;
+}
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { models: ["baseline", "mobilenet"], threads: [1, 2], rounds: 6, block: 5, before: false, channelsLast: false };
+  const a: Args = {
+    models: ["baseline", "mobilenet"], threads: [1, 2], rounds: 6, block: 5, before: false, channelsLast: false,
+  };
   for (let i = 0; i < argv.length; i++) {
     const v = argv[i + 1] ?? "";
     switch (argv[i]) {
@@ -56,7 +65,8 @@ function ensureTorch(): boolean {
   }
   console.log("compare: installing Debian's python3-torch (apt-get update; apt-get install -y python3-torch) ...");
   for (const cmd of [["apt-get", "update"], ["apt-get", "install", "-y", "python3-torch"]]) {
-    const r = Bun.spawnSync(cmd, { stdout: "ignore", stderr: "pipe", env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" } });
+    const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
+    const r = Bun.spawnSync(cmd, { stdout: "ignore", stderr: "pipe", env });
     if (r.exitCode !== 0) {
       console.log(`compare: ${cmd.join(" ")} failed: ${r.stderr.toString().trim().split("\n").at(-1)}`);
       return false;
@@ -124,17 +134,19 @@ class Side {
 const fmt = (x: number, d = 1) => x.toFixed(d);
 
 async function compareGroup(model: string, threads: number, a: Args, withTorch: boolean): Promise<void> {
-  const specJson = Bun.spawnSync([process.execPath, join("bench", "train_step.ts"), "--spec-json", "--models", model], { cwd: ROOT }).stdout.toString().trim();
+  const trainStep = [process.execPath, join("bench", "train_step.ts")];
+  const specRun = Bun.spawnSync([...trainStep, "--spec-json", "--models", model], { cwd: ROOT });
+  const specJson = specRun.stdout.toString().trim();
   const spec = JSON.parse(specJson) as { batch: number };
   const ours = (before: boolean) => new Side(
     before ? "before" : "ours",
-    [process.execPath, join("bench", "train_step.ts"), "--serve", "--models", model, "--backends", "wasm", ...(before ? ["--before"] : [])],
+    [...trainStep, "--serve", "--models", model, "--backends", "wasm", ...(before ? ["--before"] : [])],
     { ...process.env, AR_WASM_THREADS: String(threads) },
   );
   const sides: Side[] = [ours(false)];
   if (withTorch) {
-    sides.push(new Side("torch", [PYTHON, join("bench", "torch_peer.py"), "--spec", specJson, "--threads", String(threads), "--serve",
-      ...(a.channelsLast ? ["--channels-last"] : [])], { ...process.env }));
+    const peer = [PYTHON, join("bench", "torch_peer.py"), "--spec", specJson, "--threads", String(threads), "--serve"];
+    sides.push(new Side("torch", [...peer, ...(a.channelsLast ? ["--channels-last"] : [])], { ...process.env }));
   }
   if (a.before && threads === 1) sides.push(ours(true));
   try {
@@ -148,20 +160,27 @@ async function compareGroup(model: string, threads: number, a: Args, withTorch: 
   }
   const our = sides[0]!;
   const ms = (s: Side) => median(s.samples);
-  const parts = sides.map((s) => `${s.name}_ms=${fmt(ms(s))} ${s.name}_images_per_s=${fmt((spec.batch * 1000) / ms(s))}`);
+  const imagesPerS = (s: Side) => fmt((spec.batch * 1000) / ms(s));
+  const parts = sides.map((s) => `${s.name}_ms=${fmt(ms(s))} ${s.name}_images_per_s=${imagesPerS(s)}`);
   let line = `compare model=${model} threads=${threads} ${parts.join(" ")}`;
+  /** Their ms per step over ours, round by round: median, then the range in brackets. */
+  const ratio = (other: Side) => {
+    const perRound = our.blockMedians.map((m, i) => other.blockMedians[i]! / m);
+    return [fmt(median(perRound), 2), `(rounds ${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)})`];
+  };
   const torch = sides.find((s) => s.name === "torch");
   if (torch != null) {
-    const perRound = our.blockMedians.map((m, i) => torch.blockMedians[i]! / m);
-    line += ` ratio_ours_over_torch=${fmt(median(perRound), 2)} (rounds ${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)})`;
+    const [mid, range] = ratio(torch);
+    line += ` ratio_ours_over_torch=${mid} ${range}`;
   }
   const before = sides.find((s) => s.name === "before");
   if (before != null) {
-    const perRound = our.blockMedians.map((m, i) => before.blockMedians[i]! / m);
-    line += ` speedup_vs_before=${fmt(median(perRound), 2)}x (rounds ${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)})`;
+    const [mid, range] = ratio(before);
+    line += ` speedup_vs_before=${mid}x ${range}`;
   }
   console.log(line);
-  console.log(`  sides: ${sides.map((s) => `${s.name} = ${s.label}`).join("; ")}; ${a.rounds} rounds x ${a.block} steps each, ms per step median over all`);
+  const labels = sides.map((s) => `${s.name} = ${s.label}`).join("; ");
+  console.log(`  sides: ${labels}; ${a.rounds} rounds x ${a.block} steps each, ms per step median over all`);
 }
 
 async function main(): Promise<void> {

@@ -40,15 +40,23 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "arv-bench-loop-"));
   const cache = mkdtempSync(join(tmpdir(), "arv-bench-loop-cache-"));
   try {
-    const skip = new Set(["node_modules", ".git", "checkpoints", "tests", "bench", ".autoresearch", "results.tsv", "run.log"]);
-    for (const f of readdirSync(ROOT)) if (!skip.has(f) && !f.startsWith(".autoresearch")) cpSync(join(ROOT, f), join(dir, f), { recursive: true });
+    const skip = new Set(["node_modules", ".git", "checkpoints", "tests", "bench", ".autoresearch", "results.tsv"]);
+    skip.add("run.log");
+    for (const f of readdirSync(ROOT)) {
+      if (!skip.has(f) && !f.startsWith(".autoresearch")) cpSync(join(ROOT, f), join(dir, f), { recursive: true });
+    }
     symlinkSync(join(ROOT, "node_modules"), join(dir, "node_modules"));
     if (!existsSync(join(dir, "run.md"))) Bun.write(join(dir, "run.md"), "True\n");
-    sh(dir, "git init -q && echo node_modules >> .git/info/exclude && git config user.name bench && git config user.email bench@example.com && git add -A && git commit -qm init");
+    sh(dir, "git init -q && echo node_modules >> .git/info/exclude && git config user.name bench && " +
+      "git config user.email bench@example.com && git add -A && git commit -qm init");
     await prepareData({ task: "waste", source: "synthetic", cacheRoot: cache, log: () => {} });
-    const args = ["loop.ts", "--max-experiments", String(experiments), "--baseline-runs", "1", "--budget", String(budget), "--tag", "bench", ...(summarize ? [] : ["--no-summarize"])];
+    const args = [
+      "loop.ts", "--max-experiments", String(experiments), "--baseline-runs", "1", "--budget", String(budget),
+      "--tag", "bench", ...(summarize ? [] : ["--no-summarize"]),
+    ];
     const t0 = performance.now();
-    const r = Bun.spawnSync([process.execPath, ...args], { cwd: dir, stdout: "pipe", stderr: "pipe", env: { ...process.env, AR_CACHE: cache } });
+    const env = { ...process.env, AR_CACHE: cache };
+    const r = Bun.spawnSync([process.execPath, ...args], { cwd: dir, stdout: "pipe", stderr: "pipe", env });
     const wall = (performance.now() - t0) / 1000;
     const out = r.stdout.toString() + r.stderr.toString();
     if (r.exitCode !== 0) {
@@ -70,7 +78,8 @@ async function main(): Promise<void> {
     if (n === 0) throw new Error("no experiment logs found under .autoresearch/logs");
     console.log(
       `loop experiments=${n} budget_s=${budget} wall_s=${wall.toFixed(1)} training_s=${training.toFixed(1)} ` +
-      `overhead_s_per_experiment=${((wall - training) / n).toFixed(1)}${summarize ? " (with summarize)" : " (--no-summarize)"}`,
+      `overhead_s_per_experiment=${((wall - training) / n).toFixed(1)}` +
+      (summarize ? " (with summarize)" : " (--no-summarize)"),
     );
     for (const p of per) console.log(`  ${p}`);
   } finally {

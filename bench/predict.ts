@@ -23,12 +23,20 @@ const DATASETS = resolve(process.env.AR_DATASETS ?? join(ROOT, "..", "shared", "
 const BENCH_DIR = join(tmpdir(), "arv-bench-predict");
 const ENV = { ...process.env, AR_BACKEND: process.env.AR_BACKEND ?? "wasm" };
 
-const Flags = type({ "model?": "string", runs: "1 <= number.integer <= 50", images: "1 <= number.integer <= 5000", batch: "1 <= number.integer <= 4096" });
+const Flags = type({
+  "model?": "string",
+  runs: "1 <= number.integer <= 50",
+  images: "1 <= number.integer <= 5000",
+  batch: "1 <= number.integer <= 4096",
+});
 
-function run(args: string[], env: Record<string, string | undefined> = ENV): { seconds: number; code: number; stdout: string; stderr: string } {
+interface Run { seconds: number; code: number; stdout: string; stderr: string }
+
+function run(args: string[], env: Record<string, string | undefined> = ENV): Run {
   const t0 = performance.now();
   const r = Bun.spawnSync([process.execPath, ...args], { cwd: ROOT, env, stdout: "pipe", stderr: "pipe" });
-  return { seconds: (performance.now() - t0) / 1000, code: r.exitCode ?? -1, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
+  const seconds = (performance.now() - t0) / 1000;
+  return { seconds, code: r.exitCode ?? -1, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)]!;
@@ -38,9 +46,12 @@ const list = (xs: number[]) => xs.map((x) => x.toFixed(3)).join(" ");
 function imagesFrom(set: string, n: number): string[] {
   const root = join(DATASETS, set);
   const classes = readdirSync(root, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name).sort();
-  const files = classes.map((c) => readdirSync(join(root, c)).filter((f) => /\.(jpe?g|png)$/i.test(f)).sort().map((f) => join(root, c, f)));
+  const photos = (c: string) => readdirSync(join(root, c)).filter((f) => /\.(jpe?g|png)$/i.test(f)).sort();
+  const files = classes.map((c) => photos(c).map((f) => join(root, c, f)));
   const out: string[] = [];
-  for (let i = 0; out.length < n && files.some((f) => i < f.length); i++) for (const f of files) if (i < f.length && out.length < n) out.push(f[i]!);
+  for (let i = 0; out.length < n && files.some((f) => i < f.length); i++) {
+    for (const f of files) if (i < f.length && out.length < n) out.push(f[i]!);
+  }
   return out;
 }
 
@@ -63,36 +74,47 @@ async function main(): Promise<void> {
     .option("--images <n>", "images for the throughput run", { default: 200 })
     .option("--batch <n>", "predict.ts --batch", { default: 32 });
   const o = cli.parse(process.argv, { run: false }).options;
-  const flags = Flags({ runs: Number(o.runs), images: Number(o.images), batch: Number(o.batch), ...(o.model !== undefined ? { model: String(o.model) } : {}) });
+  const given = o.model !== undefined ? { model: String(o.model) } : {};
+  const flags = Flags({ runs: Number(o.runs), images: Number(o.images), batch: Number(o.batch), ...given });
   if (flags instanceof type.errors) throw new Error(`bench/predict.ts: ${flags.summary}`);
   if (!existsSync(join(DATASETS, "waste3"))) throw new Error(`${DATASETS}: no waste3/ here (set AR_DATASETS)`);
-  const model = flags.model ?? (await ensureModel());
+  const ckpt = flags.model ?? (await ensureModel());
 
   const one = imagesFrom("waste3", 1)[0]!;
-  const many = [...imagesFrom("waste3", Math.ceil(flags.images / 2)), ...imagesFrom("trashnet6", Math.floor(flags.images / 2))];
-  console.log(`model: ${model}   backend: AR_BACKEND=${ENV.AR_BACKEND}   cores: ${navigator.hardwareConcurrency}   bun ${Bun.version}`);
+  const half = flags.images / 2;
+  const many = [...imagesFrom("waste3", Math.ceil(half)), ...imagesFrom("trashnet6", Math.floor(half))];
+  const cores = navigator.hardwareConcurrency;
+  console.log(`model: ${ckpt}   backend: AR_BACKEND=${ENV.AR_BACKEND}   cores: ${cores}   bun ${Bun.version}`);
 
-  const coldArgs = ["predict.ts", one, "--model", model];
+  const coldArgs = ["predict.ts", one, "--model", ckpt];
   const first = run(coldArgs);
   if (first.code !== 0) throw new Error(`predict.ts failed:\n${first.stderr}`);
   const cold = Array.from({ length: flags.runs }, () => run(coldArgs).seconds);
   const help = Array.from({ length: flags.runs }, () => run(["predict.ts", "--help"]).seconds);
   console.log(`cold_start  bun ${coldArgs.join(" ")}`);
-  console.log(`            median ${median(cold).toFixed(3)} s over ${flags.runs} runs [${list(cold)}] (first, unrecorded: ${first.seconds.toFixed(3)} s)`);
+  const unrecorded = `(first, unrecorded: ${first.seconds.toFixed(3)} s)`;
+  console.log(`            median ${median(cold).toFixed(3)} s over ${flags.runs} runs [${list(cold)}] ${unrecorded}`);
   console.log(`help_floor  bun predict.ts --help: median ${median(help).toFixed(3)} s [${list(help)}]`);
 
-  const tpArgs = ["predict.ts", ...many, "--json", "--batch", String(flags.batch), "--model", model];
+  const tpArgs = ["predict.ts", ...many, "--json", "--batch", String(flags.batch), "--model", ckpt];
   const tp = Array.from({ length: 3 }, () => {
     const r = run(tpArgs);
     const ok = r.stdout.trim().split("\n").filter((l) => l.startsWith('{"ok":true')).length;
-    if (ok !== many.length) throw new Error(`throughput run predicted ${ok} of ${many.length} images:\n${r.stderr.slice(-1000)}`);
+    if (ok !== many.length) {
+      throw new Error(`throughput run predicted ${ok} of ${many.length} images:\n${r.stderr.slice(-1000)}`);
+    }
     return r.seconds;
   });
   const wall = median(tp);
   const steady = many.length / Math.max(1e-9, wall - median(cold));
-  console.log(`throughput  bun predict.ts <${many.length} images: waste3 + trashnet6> --json --batch ${flags.batch} --model ${model}`);
-  console.log(`            median wall ${wall.toFixed(3)} s over 3 runs [${list(tp)}]: ${(many.length / wall).toFixed(1)} images/s incl. start-up, ${steady.toFixed(1)} images/s after start-up`);
-  console.log(`predict_bench cold_start_s=${median(cold).toFixed(3)} images_per_s=${(many.length / wall).toFixed(1)} images_per_s_after_startup=${steady.toFixed(1)} n=${many.length} batch=${flags.batch}`);
+  const perS = (many.length / wall).toFixed(1);
+  const n = many.length;
+  const command = `bun predict.ts <${n} images: waste3 + trashnet6> --json --batch ${flags.batch} --model ${ckpt}`;
+  console.log(`throughput  ${command}`);
+  console.log(`            median wall ${wall.toFixed(3)} s over 3 runs [${list(tp)}]: ` +
+    `${perS} images/s incl. start-up, ${steady.toFixed(1)} images/s after start-up`);
+  console.log(`predict_bench cold_start_s=${median(cold).toFixed(3)} images_per_s=${perS} ` +
+    `images_per_s_after_startup=${steady.toFixed(1)} n=${n} batch=${flags.batch}`);
 }
 
 if (import.meta.main) {

@@ -13,7 +13,7 @@
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { loadCache, prepareData, type Task } from "../prepare.ts";
+import { cacheFiles, loadCache, prepareData, type Task } from "../prepare.ts";
 import { median } from "./train_step.ts";
 
 const DATASETS = resolve(process.env.AR_DATASETS ?? join(import.meta.dir, "..", "..", "shared", "datasets"));
@@ -49,7 +49,7 @@ async function main(): Promise<void> {
         const res = await prepareData({ task: cfg.task, source, positive: cfg.positive, cacheRoot, log: () => {} });
         decode.push((performance.now() - t0) / 1000);
         images = res.manifest.items.length;
-        mb = statSync(join(res.dir, "images.u8")).size / 1e6;
+        mb = statSync(cacheFiles(res.dir).images).size / 1e6;
         const t1 = performance.now();
         const again = await prepareData({ task: cfg.task, source, positive: cfg.positive, cacheRoot, log: () => {} });
         if (!again.reused) throw new Error("second prepare did not reuse the cache");
@@ -64,9 +64,11 @@ async function main(): Promise<void> {
       }
     }
     const d = median(decode);
+    const runs = decode.map((s) => s.toFixed(2)).join(" ");
     console.log(
-      `prepare set=${name} task=${cfg.task} images=${images} decode_s=${d.toFixed(2)} images_per_s=${(images / d).toFixed(1)} ` +
-      `reuse_s=${reuse.toFixed(2)} load_cache_ms=${median(loadMs).toFixed(1)} cache_mb=${mb.toFixed(1)}  (runs: ${decode.map((s) => s.toFixed(2)).join(" ")} s)`,
+      `prepare set=${name} task=${cfg.task} images=${images} decode_s=${d.toFixed(2)} ` +
+      `images_per_s=${(images / d).toFixed(1)} reuse_s=${reuse.toFixed(2)} ` +
+      `load_cache_ms=${median(loadMs).toFixed(1)} cache_mb=${mb.toFixed(1)}  (runs: ${runs} s)`,
     );
   }
 }

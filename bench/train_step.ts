@@ -12,9 +12,9 @@
  *   train_step model=baseline backend=wasm batch=32 size=64 ms_per_step=... images_per_s=...
  * and a tf.profile breakdown of one wasm step per model (top kernels by time).
  * Thread count of the wasm backend: AR_WASM_THREADS (default: all cores).
- * --before runs with this issue's speed work switched off (tfjs' own kernels,
+ * --before runs with the CPU speed work switched off (tfjs' own kernels plus
  * the XNNPACK gradient composites, input gradients of the first conv kept):
- * together with AR_WASM_THREADS=1 that is the starting point of issue 7.
+ * with AR_WASM_THREADS=1, the "before" column of bench/README.md.
  *
  * The models are plain data (ModelSpec; print them with --spec-json), so
  * bench/torch_peer.py builds the very same layers in PyTorch, and
@@ -23,19 +23,21 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { backendLabel, initBackend, parseBackendName, type BackendName } from "../lib/backend.ts";
-import { inputConvFilters, registerWasmGradKernels, setSimdKernelsEnabled, withoutInputGradients } from "../lib/wasm_kernels.ts";
+import {
+  inputConvFilters, registerWasmGradKernels, setSimdKernelsEnabled, withoutInputGradients,
+} from "../lib/wasm_kernels.ts";
 
 // ---------------------------------------------------------------------------
 // The workloads, as data.
 
-export type LayerSpec =
+type LayerSpec =
   | { type: "conv"; filters: number; kernel: number; stride: number }
   | { type: "dwconv"; kernel: number; stride: number }
   | { type: "bn" }
   | { type: "relu" }
   | { type: "maxpool"; size: number };
 
-export interface ModelSpec {
+interface ModelSpec {
   name: string;
   batch: number;
   /** Square input images, size x size x 3, channels last. */
@@ -58,12 +60,13 @@ const separable = (filters: number, stride: number): LayerSpec[] => [
 ];
 
 /** train.ts's default CNN (width 16, depth 3): 3 x [conv3x3 -> batchnorm -> relu -> maxpool], ~28k parameters. */
-export const BASELINE: ModelSpec = {
-  name: "baseline", batch: 32, size: 64, layers: [...block(16), ...block(32), ...block(64)], dense: 64, classes: 3, lr: 1e-3,
+const BASELINE: ModelSpec = {
+  name: "baseline", batch: 32, size: 64, layers: [...block(16), ...block(32), ...block(64)],
+  dense: 64, classes: 3, lr: 1e-3,
 };
 
 /** MobileNet-v1 style: a strided stem, then depthwise-separable blocks. */
-export const MOBILENET: ModelSpec = {
+const MOBILENET: ModelSpec = {
   name: "mobilenet", batch: 32, size: 64,
   layers: [
     { type: "conv", filters: 16, kernel: 3, stride: 2 }, { type: "bn" }, { type: "relu" },
@@ -72,17 +75,23 @@ export const MOBILENET: ModelSpec = {
   dense: 64, classes: 3, lr: 1e-3,
 };
 
-export const MODELS: Record<string, ModelSpec> = { baseline: BASELINE, mobilenet: MOBILENET };
+const MODELS: Record<string, ModelSpec> = { baseline: BASELINE, mobilenet: MOBILENET };
 
 /** Functional model with two outputs: [class logits, regression]. */
-export function buildModel(spec: ModelSpec): tf.LayersModel {
+function buildModel(spec: ModelSpec): tf.LayersModel {
   const input = tf.input({ shape: [spec.size, spec.size, 3] });
   let h: tf.SymbolicTensor = input;
   const apply = (layer: tf.layers.Layer) => { h = layer.apply(h) as tf.SymbolicTensor; };
   for (const l of spec.layers) {
     switch (l.type) {
-      case "conv": apply(tf.layers.conv2d({ filters: l.filters, kernelSize: l.kernel, strides: l.stride, padding: "same", useBias: false })); break;
-      case "dwconv": apply(tf.layers.depthwiseConv2d({ kernelSize: l.kernel, strides: l.stride, padding: "same", useBias: false })); break;
+      case "conv":
+        apply(tf.layers.conv2d({
+          filters: l.filters, kernelSize: l.kernel, strides: l.stride, padding: "same", useBias: false,
+        }));
+        break;
+      case "dwconv":
+        apply(tf.layers.depthwiseConv2d({ kernelSize: l.kernel, strides: l.stride, padding: "same", useBias: false }));
+        break;
       case "bn": apply(tf.layers.batchNormalization({ epsilon: 1e-3 })); break;
       case "relu": apply(tf.layers.reLU()); break;
       case "maxpool": apply(tf.layers.maxPooling2d({ poolSize: l.size })); break;
@@ -96,20 +105,18 @@ export function buildModel(spec: ModelSpec): tf.LayersModel {
   return tf.model({ inputs: input, outputs: [logits, reg] });
 }
 
-/** @deprecated the old name; same as buildModel. */
-export const buildBaseline = buildModel;
-
-export interface Batch {
+interface Batch {
   x: tf.Tensor4D;
   yClass: tf.Tensor2D;
   yReg: tf.Tensor2D;
 }
 
 /** Synthetic batch; content does not matter for timing, only shapes. */
-export function syntheticBatch(spec: ModelSpec): Batch {
+function syntheticBatch(spec: ModelSpec): Batch {
+  const labels = Array.from({ length: spec.batch }, (_, i) => i % spec.classes);
   return tf.tidy(() => ({
     x: tf.randomUniform([spec.batch, spec.size, spec.size, 3], 0, 1, "float32", 1) as tf.Tensor4D,
-    yClass: tf.oneHot(tf.tensor1d(Array.from({ length: spec.batch }, (_, i) => i % spec.classes), "int32"), spec.classes).toFloat() as tf.Tensor2D,
+    yClass: tf.oneHot(tf.tensor1d(labels, "int32"), spec.classes).toFloat() as tf.Tensor2D,
     yReg: tf.randomNormal([spec.batch, 1], 0, 1, "float32", 2) as tf.Tensor2D,
   }));
 }
@@ -119,7 +126,9 @@ export function syntheticBatch(spec: ModelSpec): Batch {
  * Adam update) and returning the loss as a number, which also forces the
  * step to complete on asynchronous backends.
  */
-export function makeTrainStep(model: tf.LayersModel, spec: ModelSpec, batch: Batch, opts: { skipInputGrad?: boolean } = {}): () => number {
+function makeTrainStep(
+  model: tf.LayersModel, spec: ModelSpec, batch: Batch, opts: { skipInputGrad?: boolean } = {},
+): () => number {
   const optimizer = tf.train.adam(spec.lr);
   const vars = model.trainableWeights.map((w) => w.read());
   const isVariable = (t: tf.Tensor): t is tf.Variable => t instanceof tf.Variable;
@@ -132,8 +141,11 @@ export function makeTrainStep(model: tf.LayersModel, spec: ModelSpec, batch: Bat
         const out = model.apply(batch.x, { training: true });
         if (!Array.isArray(out) || out.length !== 2) throw new Error("bench model must have two outputs");
         const [logits, reg] = out;
-        if (!(logits instanceof tf.Tensor) || !(reg instanceof tf.Tensor)) throw new Error("model.apply returned symbolic tensors");
-        return tf.add(tf.losses.softmaxCrossEntropy(batch.yClass, logits), tf.losses.meanSquaredError(batch.yReg, reg)) as tf.Scalar;
+        if (!(logits instanceof tf.Tensor) || !(reg instanceof tf.Tensor)) {
+          throw new Error("model.apply returned symbolic tensors");
+        }
+        const classLoss = tf.losses.softmaxCrossEntropy(batch.yClass, logits);
+        return tf.add(classLoss, tf.losses.meanSquaredError(batch.yReg, reg)) as tf.Scalar;
       },
       true,
       varList,
@@ -145,8 +157,8 @@ export function makeTrainStep(model: tf.LayersModel, spec: ModelSpec, batch: Bat
   };
 }
 
-/** Switches this issue's speed work off ("before") or on again ("after"), for A/B runs in one process. */
-export function setSpeedWork(on: boolean): void {
+/** Switches the CPU speed work off ("before") or on again ("after"), for A/B runs in one process. */
+function setSpeedWork(on: boolean): void {
   setSimdKernelsEnabled(on);
   registerWasmGradKernels({ simdKernels: on });
 }
@@ -154,7 +166,7 @@ export function setSpeedWork(on: boolean): void {
 // ---------------------------------------------------------------------------
 // Timing and reporting, independent of the framework.
 
-export interface StepStats {
+interface StepStats {
   msPerStep: number;
   imagesPerS: number;
   samplesMs: number[];
@@ -167,7 +179,7 @@ export function median(xs: number[]): number {
 }
 
 /** Runs warmup untimed steps, then `steps` timed ones; median ms per step. */
-export async function measureSteps(
+async function measureSteps(
   step: () => unknown | Promise<unknown>,
   opts: { warmup: number; steps: number; batch: number },
 ): Promise<StepStats> {
@@ -182,12 +194,15 @@ export async function measureSteps(
   return { msPerStep, imagesPerS: (opts.batch * 1000) / msPerStep, samplesMs };
 }
 
-export function formatLine(model: string, backend: string, spec: ModelSpec, s: StepStats): string {
-  return `train_step model=${model} backend=${backend} batch=${spec.batch} size=${spec.size} ms_per_step=${s.msPerStep.toFixed(1)} images_per_s=${s.imagesPerS.toFixed(1)}`;
+function formatLine(model: string, backend: string, spec: ModelSpec, s: StepStats): string {
+  return `train_step model=${model} backend=${backend} batch=${spec.batch} size=${spec.size} ` +
+    `ms_per_step=${s.msPerStep.toFixed(1)} images_per_s=${s.imagesPerS.toFixed(1)}`;
 }
 
 /** Kernel time per kernel name for one step, largest first. */
-export async function profileStep(step: () => unknown): Promise<{ wallMs: number; kernels: { name: string; ms: number; calls: number }[] }> {
+interface KernelTime { name: string; ms: number; calls: number }
+
+async function profileStep(step: () => unknown): Promise<{ wallMs: number; kernels: KernelTime[] }> {
   const t0 = performance.now();
   const info = await tf.profile(() => {
     step();
@@ -241,7 +256,9 @@ function parseArgs(argv: string[]): Args {
       case "--models":
       case "--model":
         a.models = (argv[++i] ?? "").split(",").filter(Boolean);
-        for (const m of a.models) if (MODELS[m] == null) throw new Error(`unknown model '${m}' (${Object.keys(MODELS).join(", ")})`);
+        for (const m of a.models) {
+          if (MODELS[m] == null) throw new Error(`unknown model '${m}' (${Object.keys(MODELS).join(", ")})`);
+        }
         break;
       case "--backends":
         a.backends = (argv[++i] ?? "").split(",").map((s) => {
@@ -307,7 +324,8 @@ async function serve(args: Args): Promise<void> {
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
   if (args.specJson) {
-    console.log(JSON.stringify(args.models.length === 1 ? specFor(args, args.models[0]!) : args.models.map((m) => specFor(args, m))));
+    const specs = args.models.map((m) => specFor(args, m));
+    console.log(JSON.stringify(specs.length === 1 ? specs[0] : specs));
     return;
   }
   if (args.serve) return serve(args);
@@ -320,8 +338,8 @@ async function main(): Promise<void> {
     }
     if (args.before && b === "wasm") setSpeedWork(false);
     for (const name of args.models) {
-      // cpu is so slow (~1 min per step here) that warm-up is pointless and
-      // one timed step is already a long wait.
+      // cpu is so slow (bench/README.md) that warm-up is pointless and one
+      // timed step is already a long wait.
       const slow = b === "cpu";
       const steps = slow ? args.cpuSteps : args.steps;
       if (steps === 0) continue;
@@ -334,18 +352,22 @@ async function main(): Promise<void> {
         losses.push(trainStep());
       };
       // The first step also creates Adam's slot variables: never time it, except
-      // on cpu where one step is ~1 min and that overhead is noise.
+      // on cpu where one step is so long that this overhead is noise.
       if (!slow) step();
       const stats = await measureSteps(step, { warmup: slow ? 0 : args.warmup, steps, batch: spec.batch });
       const lossInfo = `loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`;
       const range = `min ${Math.min(...stats.samplesMs).toFixed(0)} max ${Math.max(...stats.samplesMs).toFixed(0)}`;
-      console.log(`${formatLine(name, b, spec, stats)}  (${backendLabel()}${args.before ? ", before" : ""}; ms ${range}; ${lossInfo})`);
+      const label = `${backendLabel()}${args.before ? ", before" : ""}`;
+      console.log(`${formatLine(name, b, spec, stats)}  (${label}; ms ${range}; ${lossInfo})`);
       if (args.profile && b === "wasm") {
         const p = await profileStep(step);
         const total = p.kernels.reduce((s, k) => s + k.ms, 0);
-        console.log(`profile model=${name} backend=wasm wall_ms=${p.wallMs.toFixed(1)} kernel_ms=${total.toFixed(1)} (rest is JS/engine overhead, incl. profiling itself)`);
+        console.log(`profile model=${name} backend=wasm wall_ms=${p.wallMs.toFixed(1)} kernel_ms=${total.toFixed(1)} ` +
+          "(rest is JS/engine overhead, incl. profiling itself)");
         for (const k of p.kernels.slice(0, 12)) {
-          console.log(`  ${k.name.padEnd(36)} ${k.ms.toFixed(1).padStart(8)} ms  ${String(k.calls).padStart(4)} calls  ${((100 * k.ms) / total).toFixed(1).padStart(5)}%`);
+          const [ms, calls] = [k.ms.toFixed(1).padStart(8), String(k.calls).padStart(4)];
+          const share = ((100 * k.ms) / total).toFixed(1).padStart(5);
+          console.log(`  ${k.name.padEnd(36)} ${ms} ms  ${calls} calls  ${share}%`);
         }
       }
       tf.dispose([batch.x, batch.yClass, batch.yReg]);

@@ -19,9 +19,9 @@
  * - "mobilenet-v1-imagenet" (online): Google's ImageNet MobileNetV1 1.0/224, tfjs layers format
  *   (the tfjs examples' model), input [-1, 1]; other input sizes work (rebuilt, see below).
  * Online backbones are downloaded on first use into CACHE_ROOT/backbones/<name>/ (temp folder +
- * rename, each file retried, sizes checked against model.json's weightsManifest and any pinned
- * size/sha256), with a files.json of sha256s that is re-checked on every load; later loads need
- * no network. A cache that fails the check is deleted and downloaded again.
+ * rename, each file retried (lib/download.ts), sizes checked against model.json's weightsManifest
+ * and any pinned size/sha256), with a files.json of sha256s that is re-checked on every load; later
+ * loads need no network. A cache that fails the check is deleted and downloaded again.
  *
  * Features are the last conv block's output, global-average-pooled (1280-d for MobileNetV2). A
  * layers model runs at another input size by rebuilding it from its JSON with a new input shape,
@@ -34,11 +34,13 @@
  * change recomputes.
  */
 import { existsSync } from "node:fs";
-import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
-import { CACHE_ROOT, imageBatch, type Dataset, type Predictor } from "../prepare.ts";
+import { replaceDirAtomic, writeAtomic } from "./atomic.ts";
+import { CACHE_ROOT, imageBatch, type Dataset, type Predictor } from "./dataset.ts";
+import { fetchBytes, withRetry } from "./download.ts";
 import { decodeToRgb, mapPool, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./images.ts";
 
 // ---------------------------------------------------------------------------
@@ -72,12 +74,15 @@ export interface BackboneSpec {
   inputRange: readonly [number, number];
 }
 
+const TFHUB_MOBILENET_V2 = "google/imagenet/mobilenet_v2_100_224/classification/2/";
+
 export const BACKBONES: Record<BackboneName, BackboneSpec> = {
   "nsfwjs-mobilenetv2": {
     name: "nsfwjs-mobilenetv2",
     title: "MobileNetV2 1.0 from the nsfwjs npm package (offline)",
     imagenet: false,
-    weights: "fine-tuned by nsfwjs for NSFW classification (ImageNet start, then trained on their 5-class task): NOT ImageNet weights",
+    weights: "fine-tuned by nsfwjs for NSFW classification (ImageNet start, then trained on their 5-class task): " +
+      "NOT ImageNet weights",
     license: "MIT (nsfwjs)",
     format: "layers",
     source: { kind: "nsfwjs" },
@@ -100,11 +105,12 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
       // on. Downloads are checked against model.json's weightsManifest sizes and their sha256s are
       // recorded in the cache's files.json, which every later load re-checks.
       mirrors: [
-        { base: "https://storage.googleapis.com/tfhub-tfjs-modules/google/imagenet/mobilenet_v2_100_224/classification/2/" },
-        { base: "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/classification/2/", query: "?tfjs-format=file" },
+        { base: `https://storage.googleapis.com/tfhub-tfjs-modules/${TFHUB_MOBILENET_V2}` },
+        { base: `https://tfhub.dev/${TFHUB_MOBILENET_V2}`, query: "?tfjs-format=file" },
       ],
     },
-    featureNode: "module_apply_default/MobilenetV2/Logits/AvgPool", // what @tensorflow-models/mobilenet's infer(img, true) returns
+    // What @tensorflow-models/mobilenet's infer(img, true) returns.
+    featureNode: "module_apply_default/MobilenetV2/Logits/AvgPool",
     featureDim: 1280,
     nativeSize: 224,
     resizable: false,
@@ -117,7 +123,10 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
     weights: "ImageNet (ILSVRC-2012) classification",
     license: "Apache-2.0 (Google)",
     format: "layers",
-    source: { kind: "url", mirrors: [{ base: "https://storage.googleapis.com/tfjs-models/tfjs/mobilenet_v1_1.0_224/" }] },
+    source: {
+      kind: "url",
+      mirrors: [{ base: "https://storage.googleapis.com/tfjs-models/tfjs/mobilenet_v1_1.0_224/" }],
+    },
     featureNode: "conv_pw_13_relu",
     featureDim: 1024,
     nativeSize: 224,
@@ -126,7 +135,7 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
   },
 };
 
-export function isBackboneName(s: string): s is BackboneName {
+function isBackboneName(s: string): s is BackboneName {
   return (BACKBONE_NAMES as readonly string[]).includes(s);
 }
 
@@ -189,8 +198,14 @@ function groupBytes(mj: ModelJson): number[] {
 }
 
 function safePath(p: string): string {
-  if (p.includes("..") || p.startsWith("/") || p.includes("\\") || p.includes("?")) throw new Error(`model.json names an unsafe weights path "${p}"`);
+  if (p.includes("..") || p.startsWith("/") || p.includes("\\") || p.includes("?")) {
+    throw new Error(`model.json names an unsafe weights path "${p}"`);
+  }
   return p;
+}
+
+function weightSpecsOf(a: Artifacts): tf.io.WeightsManifestEntry[] {
+  return a.json.weightsManifest.flatMap((g) => g.weights) as tf.io.WeightsManifestEntry[];
 }
 
 function concat(parts: Uint8Array[]): ArrayBuffer {
@@ -205,7 +220,7 @@ function concat(parts: Uint8Array[]): ArrayBuffer {
 // Download + verify + cache (URL backbones)
 // ---------------------------------------------------------------------------
 
-export interface DownloadOptions {
+interface DownloadOptions {
   name: string;
   mirrors: Mirror[];
   /** The verified folder (e.g. CACHE_ROOT/backbones/<name>); written whole or not at all. */
@@ -222,69 +237,49 @@ export interface DownloadOptions {
 
 /** Fetch one file, retrying; `check` throws if the bytes are wrong (which also retries). */
 async function fetchChecked(url: string, o: DownloadOptions, check: (bytes: Uint8Array) => void): Promise<Uint8Array> {
-  const attempts = o.attempts ?? 3;
-  let delay = o.backoffMs ?? 1000;
-  const reasons: string[] = [];
-  for (let a = 1; a <= attempts; a++) {
-    try {
-      const res = await fetch(url, { signal: AbortSignal.timeout(o.timeoutMs ?? 120_000), redirect: "follow" });
-      if (!res.ok) {
-        const why = `HTTP ${res.status} ${res.statusText}`.trim();
-        if (res.status === 404 || res.status === 403 || res.status === 410) throw new Error(`${url}: ${why}`); // not going to change on retry
-        throw new Retry(why);
-      }
-      const bytes = new Uint8Array(await res.arrayBuffer());
-      const declared = res.headers.get("content-length");
-      if (declared !== null && res.headers.get("content-encoding") === null && Number(declared) !== bytes.byteLength) {
-        throw new Retry(`got ${bytes.byteLength} bytes, the server announced ${declared} (truncated download)`);
-      }
-      check(bytes);
-      return bytes;
-    } catch (err) {
-      if (err instanceof Error && !(err instanceof Retry) && err.message.startsWith(`${url}: HTTP`)) throw err;
-      reasons.push(`attempt ${a}: ${err instanceof Error ? err.message.split("\n")[0] : String(err)}`);
-      if (a < attempts) {
-        o.log?.(`download ${url}: ${reasons.at(-1)}; retrying in ${(delay / 1000).toFixed(1)} s`);
-        await Bun.sleep(delay);
-        delay *= 2;
-      }
-    }
-  }
-  throw new Error(`${url}: failed after ${attempts} attempts (${reasons.join("; ")})`);
+  const log = o.log;
+  const retry = { attempts: o.attempts, backoffMs: o.backoffMs, log: log && ((l: string) => log(`download ${l}`)) };
+  return withRetry(url, async () => {
+    const bytes = await fetchBytes(url, o.timeoutMs);
+    check(bytes);
+    return bytes;
+  }, retry);
 }
-class Retry extends Error {}
 
 /**
  * Download model.json and its shards into a temp folder next to `dest`, verify them, and rename
  * the folder into place. On any failure the temp folder is removed: `dest` is either absent or
  * complete and verified.
  */
-export async function downloadModelFiles(o: DownloadOptions): Promise<FilesManifest> {
+async function downloadModelFiles(o: DownloadOptions): Promise<FilesManifest> {
   const log = o.log ?? ((l: string) => console.error(l));
-  await mkdir(resolve(o.dest, ".."), { recursive: true });
-  const tmp = `${o.dest}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
   const pinned = new Map((o.pinned ?? []).map((p) => [p.path, p]));
   const checkPinned = (path: string) => (bytes: Uint8Array) => {
     const pin = pinned.get(path);
     if (!pin) return;
-    if (bytes.byteLength !== pin.size) throw new Retry(`${path}: got ${bytes.byteLength} bytes, expected ${pin.size} (truncated or wrong file)`);
+    if (bytes.byteLength !== pin.size) {
+      throw new Error(`${path}: got ${bytes.byteLength} bytes, expected ${pin.size} (truncated or wrong file)`);
+    }
     const sha = sha256Hex(bytes);
-    if (sha !== pin.sha256) throw new Retry(`${path}: sha256 ${sha.slice(0, 12)}…, expected ${pin.sha256.slice(0, 12)}… (corrupt or changed file)`);
+    if (sha !== pin.sha256) {
+      const [got, want] = [sha.slice(0, 12), pin.sha256.slice(0, 12)];
+      throw new Error(`${path}: sha256 ${got}…, expected ${want}… (corrupt or changed file)`);
+    }
   };
   const errors: string[] = [];
-  try {
-    for (const mirror of o.mirrors) {
-      const url = (p: string) => `${mirror.base}${p}${mirror.query ?? ""}`;
-      try {
-        await rm(tmp, { recursive: true, force: true });
-        await mkdir(tmp, { recursive: true });
+  for (const mirror of o.mirrors) {
+    const url = (p: string) => `${mirror.base}${p}${mirror.query ?? ""}`;
+    try {
+      const manifest = await replaceDirAtomic(o.dest, async (tmp): Promise<FilesManifest> => {
         log(`backbone ${o.name}: downloading ${url("model.json")}`);
         const jsonBytes = await fetchChecked(url("model.json"), o, (b) => {
           checkPinned("model.json")(b);
           parseModelJson(JSON.parse(new TextDecoder().decode(b)), url("model.json"));
         });
         const mj = parseModelJson(JSON.parse(new TextDecoder().decode(jsonBytes)), url("model.json"));
-        const files: FilesManifest["files"] = [{ path: "model.json", size: jsonBytes.byteLength, sha256: sha256Hex(jsonBytes) }];
+        const files: FilesManifest["files"] = [
+          { path: "model.json", size: jsonBytes.byteLength, sha256: sha256Hex(jsonBytes) },
+        ];
         await writeFile(join(tmp, "model.json"), jsonBytes);
         const expected = groupBytes(mj);
         for (const [g, group] of mj.weightsManifest.entries()) {
@@ -295,7 +290,8 @@ export async function downloadModelFiles(o: DownloadOptions): Promise<FilesManif
             for (const p of group.paths.map(safePath)) got.push(await fetchChecked(url(p), o, checkPinned(p)));
             const total = got.reduce((s, b) => s + b.byteLength, 0);
             if (total === expected[g]) break;
-            const why = `weights group ${g + 1} (${group.paths.join(", ")}): got ${total} bytes, model.json's weightsManifest needs ${expected[g]} (truncated download)`;
+            const why = `weights group ${g + 1} (${group.paths.join(", ")}): got ${total} bytes, ` +
+              `model.json's weightsManifest needs ${expected[g]} (truncated download)`;
             if (round >= (o.attempts ?? 3)) throw new Error(`${mirror.base}: ${why}`);
             log(`backbone ${o.name}: ${why}; retrying`);
           }
@@ -305,20 +301,18 @@ export async function downloadModelFiles(o: DownloadOptions): Promise<FilesManif
             files.push({ path: p, size: bytes.byteLength, sha256: sha256Hex(bytes) });
           }
         }
-        const manifest: FilesManifest = { version: "1", name: o.name, url: mirror.base, downloadedAt: new Date().toISOString(), files };
-        await writeFile(join(tmp, "files.json"), JSON.stringify(manifest, null, 2));
+        const downloadedAt = new Date().toISOString();
+        const m: FilesManifest = { version: "1", name: o.name, url: mirror.base, downloadedAt, files };
+        await writeFile(join(tmp, "files.json"), JSON.stringify(m, null, 2));
         await verifyDir(tmp); // what is on disk is what was checked
-        await rm(o.dest, { recursive: true, force: true });
-        await rename(tmp, o.dest);
-        const mb = files.reduce((s, f) => s + f.size, 0) / 1e6;
-        log(`backbone ${o.name}: ${files.length} files, ${mb.toFixed(1)} MB verified and cached in ${o.dest}`);
-        return manifest;
-      } catch (err) {
-        errors.push(err instanceof Error ? err.message : String(err));
-      }
+        return m;
+      });
+      const mb = manifest.files.reduce((s, f) => s + f.size, 0) / 1e6;
+      log(`backbone ${o.name}: ${manifest.files.length} files, ${mb.toFixed(1)} MB verified and cached in ${o.dest}`);
+      return manifest;
+    } catch (err) {
+      errors.push(err instanceof Error ? err.message : String(err));
     }
-  } finally {
-    await rm(tmp, { recursive: true, force: true });
   }
   throw new Error(`backbone ${o.name}: download failed, nothing was cached:\n  ${errors.join("\n  ")}`);
 }
@@ -333,7 +327,9 @@ async function verifyDir(dir: string): Promise<FilesManifest> {
     const p = join(dir, safePath(f.path));
     if (!existsSync(p)) throw new Error(`${p}: missing`);
     const bytes = new Uint8Array(await readFile(p));
-    if (bytes.byteLength !== f.size) throw new Error(`${p}: ${bytes.byteLength} bytes, files.json says ${f.size} (truncated)`);
+    if (bytes.byteLength !== f.size) {
+      throw new Error(`${p}: ${bytes.byteLength} bytes, files.json says ${f.size} (truncated)`);
+    }
     if (sha256Hex(bytes) !== f.sha256) throw new Error(`${p}: sha256 does not match files.json (corrupt)`);
   }
   return m;
@@ -341,11 +337,19 @@ async function verifyDir(dir: string): Promise<FilesManifest> {
 
 async function readArtifactsDir(dir: string): Promise<Artifacts> {
   const json = parseModelJson(JSON.parse(await readFile(join(dir, "model.json"), "utf8")), join(dir, "model.json"));
-  const parts = await Promise.all(json.weightsManifest.flatMap((g) => g.paths).map(async (p) => new Uint8Array(await readFile(join(dir, safePath(p))))));
+  const paths = json.weightsManifest.flatMap((g) => g.paths).map((p) => join(dir, safePath(p)));
+  const parts = await Promise.all(paths.map(async (p) => new Uint8Array(await readFile(p))));
   return { json, weightData: concat(parts) };
 }
 
-export interface UrlModelOptions { cacheRoot?: string; mirrors?: Mirror[]; attempts?: number; backoffMs?: number; timeoutMs?: number; log?: (l: string) => void }
+export interface UrlModelOptions {
+  cacheRoot?: string;
+  mirrors?: Mirror[];
+  attempts?: number;
+  backoffMs?: number;
+  timeoutMs?: number;
+  log?: (l: string) => void;
+}
 
 /** The verified cache folder of a URL backbone, downloading it first if absent or corrupt. */
 export async function ensureUrlModel(spec: BackboneSpec, o: UrlModelOptions = {}): Promise<string> {
@@ -358,12 +362,16 @@ export async function ensureUrlModel(spec: BackboneSpec, o: UrlModelOptions = {}
       await verifyDir(dest);
       return dest;
     } catch (err) {
-      log(`backbone ${spec.name}: cached copy is damaged (${err instanceof Error ? err.message : String(err)}); deleting it and downloading again`);
+      const why = err instanceof Error ? err.message : String(err);
+      log(`backbone ${spec.name}: cached copy is damaged (${why}); deleting it and downloading again`);
       await rm(dest, { recursive: true, force: true });
     }
   }
   try {
-    await downloadModelFiles({ name: spec.name, mirrors: o.mirrors ?? spec.source.mirrors, dest, pinned: spec.source.pinned, attempts: o.attempts, backoffMs: o.backoffMs, timeoutMs: o.timeoutMs, log });
+    await downloadModelFiles({
+      name: spec.name, mirrors: o.mirrors ?? spec.source.mirrors, dest, pinned: spec.source.pinned,
+      attempts: o.attempts, backoffMs: o.backoffMs, timeoutMs: o.timeoutMs, log,
+    });
   } catch (err) {
     // Another process may have finished the same download first (our rename then fails).
     if (existsSync(dest) && await verifyDir(dest).then(() => true, () => false)) return dest;
@@ -387,12 +395,16 @@ async function nsfwjsArtifacts(): Promise<Artifacts> {
   const parts: Uint8Array[] = [];
   for (const [i, bundle] of MobileNetV2Model.weightBundles.entries()) {
     const shard = ModuleDefault(await bundle());
-    if (shard instanceof type.errors || typeof shard.default !== "string") throw new Error(`nsfwjs: weight bundle ${i + 1} is not a base64 string`);
+    if (shard instanceof type.errors || typeof shard.default !== "string") {
+      throw new Error(`nsfwjs: weight bundle ${i + 1} is not a base64 string`);
+    }
     parts.push(new Uint8Array(Buffer.from(shard.default, "base64")));
   }
   const weightData = concat(parts);
   const need = groupBytes(json).reduce((a, b) => a + b, 0);
-  if (weightData.byteLength !== need) throw new Error(`nsfwjs: weights have ${weightData.byteLength} bytes, model.json needs ${need}`);
+  if (weightData.byteLength !== need) {
+    throw new Error(`nsfwjs: weights have ${weightData.byteLength} bytes, model.json needs ${need}`);
+  }
   return { json, weightData };
 }
 
@@ -400,8 +412,13 @@ async function nsfwjsArtifacts(): Promise<Artifacts> {
 // Building the feature extractor
 // ---------------------------------------------------------------------------
 
-const KerasLayerJson = type({ name: "string", class_name: "string", config: "Record<string, unknown>", inbound_nodes: "unknown[]" });
-const KerasFunctional = type({ class_name: "string", config: { layers: KerasLayerJson.array(), input_layers: "unknown[]", output_layers: "unknown[]" } });
+const KerasLayerJson = type({
+  name: "string", class_name: "string", config: "Record<string, unknown>", inbound_nodes: "unknown[]",
+});
+const KerasFunctional = type({
+  class_name: "string",
+  config: { layers: KerasLayerJson.array(), input_layers: "unknown[]", output_layers: "unknown[]" },
+});
 
 /** Names of the layers `inbound_nodes` reaches from `layer` (itself included). */
 function ancestors(layers: (typeof KerasLayerJson.infer)[], layer: string): Set<string> {
@@ -415,7 +432,10 @@ function ancestors(layers: (typeof KerasLayerJson.infer)[], layer: string): Set<
     if (!l) throw new Error(`layer "${n}" not found in the model`);
     seen.add(n);
     // Keras 2 JSON: inbound_nodes = [[[name, nodeIndex, tensorIndex, kwargs], ...], ...]
-    for (const node of l.inbound_nodes) if (Array.isArray(node)) for (const t of node) if (Array.isArray(t) && typeof t[0] === "string") stack.push(t[0]);
+    for (const node of l.inbound_nodes) {
+      if (!Array.isArray(node)) continue;
+      for (const t of node) if (Array.isArray(t) && typeof t[0] === "string") stack.push(t[0]);
+    }
   }
   return seen;
 }
@@ -425,8 +445,13 @@ function ancestors(layers: (typeof KerasLayerJson.infer)[], layer: string): Set<
  * shape and only the layers the cut needs, then the weights are copied layer by layer.
  */
 async function layersTrunk(a: Artifacts, cut: string, size: number, nativeSize: number): Promise<tf.LayersModel> {
-  const full = await tf.loadLayersModel(tf.io.fromMemory({ modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs: a.json.weightsManifest.flatMap((g) => g.weights) as tf.io.WeightsManifestEntry[], weightData: a.weightData }));
-  if (size === nativeSize) return tf.model({ inputs: full.inputs, outputs: full.getLayer(cut).output as tf.SymbolicTensor });
+  const full = await tf.loadLayersModel(tf.io.fromMemory({
+    modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs: weightSpecsOf(a),
+    weightData: a.weightData,
+  }));
+  if (size === nativeSize) {
+    return tf.model({ inputs: full.inputs, outputs: full.getLayer(cut).output as tf.SymbolicTensor });
+  }
   try {
     const topo = a.json.modelTopology as Record<string, unknown>;
     const cfg = KerasFunctional(structuredClone(topo.model_config ?? topo));
@@ -438,7 +463,8 @@ async function layersTrunk(a: Artifacts, cut: string, size: number, nativeSize: 
     inputs[0]!.config.batch_input_shape = [null, size, size, 3];
     cfg.config.output_layers = [[cut, 0, 0]];
     // (validated above; tfjs types its JSON input as PyJsonDict)
-    const trunk = await tf.models.modelFromJSON({ modelTopology: { class_name: cfg.class_name, config: cfg.config } as unknown as tf.serialization.ConfigDict });
+    const modelTopology = { class_name: cfg.class_name, config: cfg.config } as unknown as tf.serialization.ConfigDict;
+    const trunk = await tf.models.modelFromJSON({ modelTopology });
     for (const layer of trunk.layers) {
       if (layer.weights.length > 0) layer.setWeights(full.getLayer(layer.name).getWeights());
     }
@@ -481,10 +507,14 @@ export async function loadBackbone(id: string, o: LoadBackboneOptions = {}): Pro
   if (!spec) throw new Error(`unknown backbone "${parsed.name}": choose one of ${BACKBONE_NAMES.join(", ")}`);
   let size = o.inputSize ?? parsed.inputSize ?? spec.nativeSize;
   if (!spec.resizable && size !== spec.nativeSize) {
-    (o.log ?? ((l: string) => console.error(l)))(`backbone ${spec.name}: a ${spec.format} model with a fixed ${spec.nativeSize}×${spec.nativeSize} input; using that instead of ${size}`);
+    const log = o.log ?? ((l: string) => console.error(l));
+    const fixed = `${spec.nativeSize}×${spec.nativeSize}`;
+    log(`backbone ${spec.name}: a ${spec.format} model with a fixed ${fixed} input; using that instead of ${size}`);
     size = spec.nativeSize;
   }
-  if (!Number.isInteger(size) || size < 32 || size > 512) throw new Error(`backbone ${spec.name}: input size ${size} is out of range (32..512)`);
+  if (!Number.isInteger(size) || size < 32 || size > 512) {
+    throw new Error(`backbone ${spec.name}: input size ${size} is out of range (32..512)`);
+  }
   const key = JSON.stringify([spec, size, resolve(o.cacheRoot ?? CACHE_ROOT), o.mirrors ?? null]);
   let p = o.reload ? undefined : loaded.get(key);
   if (!p) {
@@ -496,22 +526,25 @@ export async function loadBackbone(id: string, o: LoadBackboneOptions = {}): Pro
 }
 
 async function build(spec: BackboneSpec, size: number, o: LoadBackboneOptions): Promise<Backbone> {
-  const a = spec.source.kind === "nsfwjs" ? await nsfwjsArtifacts() : await readArtifactsDir(await ensureUrlModel(spec, o));
+  const a = spec.source.kind === "nsfwjs"
+    ? await nsfwjsArtifacts()
+    : await readArtifactsDir(await ensureUrlModel(spec, o));
   const weightsId = sha256Hex(new Uint8Array(a.weightData)).slice(0, 16);
   const [lo, hi] = spec.inputRange;
   let run: (x: tf.Tensor4D) => tf.Tensor;
   let dispose: () => void;
   if (spec.format === "layers") {
     const trunk = await layersTrunk(a, spec.featureNode, size, spec.nativeSize).catch((err: unknown) => {
-      throw new Error(`backbone ${spec.name}: cannot cut at "${spec.featureNode}" for ${size}×${size}: ${err instanceof Error ? err.message : String(err)}`);
+      const why = err instanceof Error ? err.message : String(err);
+      throw new Error(`backbone ${spec.name}: cannot cut at "${spec.featureNode}" for ${size}×${size}: ${why}`);
     });
     run = (x) => trunk.predict(x) as tf.Tensor;
     dispose = () => trunk.dispose();
   } else {
     const graph = await tf.loadGraphModel(tf.io.fromMemory({
       modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], format: "graph-model",
-      weightSpecs: a.json.weightsManifest.flatMap((g) => g.weights) as tf.io.WeightsManifestEntry[], weightData: a.weightData,
-      signature: a.json.signature, userDefinedMetadata: a.json.userDefinedMetadata as tf.io.ModelArtifacts["userDefinedMetadata"],
+      weightSpecs: weightSpecsOf(a), weightData: a.weightData, signature: a.json.signature,
+      userDefinedMetadata: a.json.userDefinedMetadata as tf.io.ModelArtifacts["userDefinedMetadata"],
       modelInitializer: a.json.modelInitializer,
     }));
     run = (x) => graph.execute(x, spec.featureNode) as tf.Tensor;
@@ -526,7 +559,9 @@ async function build(spec: BackboneSpec, size: number, o: LoadBackboneOptions): 
         x = tf.add(tf.mul(x, hi - lo), lo);
         let f = run(x);
         if (f.rank === 4) f = tf.mean(f, [1, 2]); // global average pooling
-        if (f.rank !== 2 || f.shape[1] !== spec.featureDim) throw new Error(`backbone ${spec.name}: features of shape [${f.shape}], expected [B, ${spec.featureDim}]`);
+        if (f.rank !== 2 || f.shape[1] !== spec.featureDim) {
+          throw new Error(`backbone ${spec.name}: features of shape [${f.shape}], expected [B, ${spec.featureDim}]`);
+        }
         return f as tf.Tensor2D;
       });
     },
@@ -542,7 +577,7 @@ async function build(spec: BackboneSpec, size: number, o: LoadBackboneOptions): 
 // ---------------------------------------------------------------------------
 
 /** Bump when the way features are computed changes (and it includes decodeToRgb's version). */
-export const EXTRACTION = `features-v1/${PREPROCESSING}`;
+const EXTRACTION = `features-v1/${PREPROCESSING}`;
 
 const FeatureCacheMeta = type({
   version: "'1'",
@@ -582,12 +617,17 @@ export function featureCachePath(ds: Pick<Dataset, "dir">, backbone: Pick<Backbo
  * Backbone features of every row of `ds` (train and val), from the cache next to the image cache
  * when its key matches, else computed (with progress lines) and written atomically.
  */
-export async function datasetFeatures(ds: Dataset, bb: Backbone, o: { log?: (l: string) => void; force?: boolean; batchSize?: number } = {}): Promise<FeatureCache> {
+export async function datasetFeatures(
+  ds: Dataset, bb: Backbone, o: { log?: (l: string) => void; force?: boolean; batchSize?: number } = {},
+): Promise<FeatureCache> {
   const log = o.log ?? ((l: string) => console.log(l));
   const t0 = performance.now();
   const path = featureCachePath(ds, bb);
   const fromFiles = !(ds.manifest.synthetic || ds.task === "cifar100");
-  const key = { backbone: bb.id, weightsId: bb.weightsId, inputSize: bb.inputSize, extraction: EXTRACTION, datasetFingerprint: ds.manifest.fingerprint, pixels: fromFiles ? "source-files" : "upsampled-cache" } as const;
+  const key = {
+    backbone: bb.id, weightsId: bb.weightsId, inputSize: bb.inputSize, extraction: EXTRACTION,
+    datasetFingerprint: ds.manifest.fingerprint, pixels: fromFiles ? "source-files" : "upsampled-cache",
+  } as const;
   const n = ds.manifest.items.length;
   if (!o.force && existsSync(`${path}.json`) && existsSync(path)) {
     const meta = FeatureCacheMeta(JSON.parse(await readFile(`${path}.json`, "utf8")));
@@ -595,12 +635,18 @@ export async function datasetFeatures(ds: Dataset, bb: Backbone, o: { log?: (l: 
       && meta.n === n && meta.dim === bb.featureDim && (await stat(path)).size === n * bb.featureDim * 4) {
       const data = new Float32Array((await readFile(path)).buffer.slice(0));
       const seconds = (performance.now() - t0) / 1000;
-      log(`features ${bb.id}: ${n} rows from ${path} (cached: extraction took ${meta.seconds.toFixed(1)} s; loaded in ${seconds.toFixed(2)} s)`);
-      return { backbone: bb.id, n, dim: bb.featureDim, data, extractSeconds: meta.seconds, seconds, reused: true, path };
+      const took = `extraction took ${meta.seconds.toFixed(1)} s; loaded in ${seconds.toFixed(2)} s`;
+      log(`features ${bb.id}: ${n} rows from ${path} (cached: ${took})`);
+      const extractSeconds = meta.seconds;
+      return { backbone: bb.id, n, dim: bb.featureDim, data, extractSeconds, seconds, reused: true, path };
     }
     log(`features ${bb.id}: cache at ${path} is stale or damaged; recomputing`);
   }
-  if (!fromFiles) log(`features ${bb.id}: ${ds.manifest.synthetic ? "synthetic" : "CIFAR"} data has no source files: upsampling the cached ${ds.imageSize}×${ds.imageSize} pixels`);
+  if (!fromFiles) {
+    const what = ds.manifest.synthetic ? "synthetic" : "CIFAR";
+    const size = `${ds.imageSize}×${ds.imageSize}`;
+    log(`features ${bb.id}: ${what} data has no source files: upsampling the cached ${size} pixels`);
+  }
   const data = new Float32Array(n * bb.featureDim);
   const S = bb.inputSize;
   // Smaller batches at large inputs: the wasm heap never shrinks, and training runs in this process after.
@@ -613,9 +659,12 @@ export async function datasetFeatures(ds: Dataset, bb: Backbone, o: { log?: (l: 
       const file = join(ds.manifest.source, item.path);
       let bytes: Uint8Array;
       try { bytes = new Uint8Array(await readFile(file)); } catch {
-        throw new Error(`${file}: source image missing; features are computed from the original files (re-run prepare.ts if the dataset moved)`);
+        throw new Error(`${file}: source image missing; features are computed from the original files ` +
+          "(re-run prepare.ts if the dataset moved)");
       }
-      if (sha256Hex(bytes) !== item.sha256) throw new Error(`${file}: changed since prepare.ts cached it (sha256 differs); re-run prepare.ts`);
+      if (sha256Hex(bytes) !== item.sha256) {
+        throw new Error(`${file}: changed since prepare.ts cached it (sha256 differs); re-run prepare.ts`);
+      }
       return decodeToRgb(bytes, S);
     });
     return tf.tensor4d(pixelsToFloat32(pixels, S), [idx.length, S, S, 3]);
@@ -634,16 +683,17 @@ export async function datasetFeatures(ds: Dataset, bb: Backbone, o: { log?: (l: 
     if (performance.now() - lastLog > 5000 || done === n) {
       lastLog = performance.now();
       const s = (performance.now() - t0) / 1000;
-      log(`features ${bb.id}: ${done}/${n} images, ${(done / s).toFixed(1)} img/s${done < n ? `, ~${((n - done) / (done / s)).toFixed(0)} s left` : ""}`);
+      const left = done < n ? `, ~${((n - done) / (done / s)).toFixed(0)} s left` : "";
+      log(`features ${bb.id}: ${done}/${n} images, ${(done / s).toFixed(1)} img/s${left}`);
     }
   }
   const seconds = (performance.now() - t0) / 1000;
-  const meta: FeatureCacheMeta = { version: "1", ...key, n, dim: bb.featureDim, seconds: Number(seconds.toFixed(3)), createdAt: new Date().toISOString() };
-  const tmp = `${path}.tmp-${process.pid}`;
-  await writeFile(tmp, new Uint8Array(data.buffer));
-  await writeFile(`${tmp}.json`, JSON.stringify(meta, null, 2));
-  await rename(tmp, path);
-  await rename(`${tmp}.json`, `${path}.json`); // the JSON is written last: it is what says "complete"
+  const meta: FeatureCacheMeta = {
+    version: "1", ...key, n, dim: bb.featureDim, seconds: Number(seconds.toFixed(3)),
+    createdAt: new Date().toISOString(),
+  };
+  writeAtomic(path, new Uint8Array(data.buffer));
+  writeAtomic(`${path}.json`, JSON.stringify(meta, null, 2)); // written last: it is what says "complete"
   log(`features ${bb.id}: ${n} images in ${seconds.toFixed(1)} s, cached in ${path}`);
   return { backbone: bb.id, n, dim: bb.featureDim, data, extractSeconds: seconds, seconds, reused: false, path };
 }
@@ -676,7 +726,10 @@ export function backbonePredictor(head: tf.LayersModel, bb: Backbone, cache?: Fe
 
 /** Human-readable line for meta.notes and logs. */
 export function describeBackbone(bb: Backbone): string {
-  return `frozen backbone ${bb.id}: ${bb.spec.title}; input ${bb.inputSize}x${bb.inputSize}, pixels scaled to [${bb.spec.inputRange.join(", ")}]; weights ${bb.spec.imagenet ? "ImageNet" : bb.spec.weights} (sha256 ${bb.weightsId}…); the checkpoint holds only the head over ${bb.featureDim}-d pooled features`;
+  const weights = bb.spec.imagenet ? "ImageNet" : bb.spec.weights;
+  return `frozen backbone ${bb.id}: ${bb.spec.title}; input ${bb.inputSize}x${bb.inputSize}, ` +
+    `pixels scaled to [${bb.spec.inputRange.join(", ")}]; weights ${weights} (sha256 ${bb.weightsId}…); ` +
+    `the checkpoint holds only the head over ${bb.featureDim}-d pooled features`;
 }
 
 /** Temp folders of downloads whose process is gone (killed mid-download): never a valid cache. */

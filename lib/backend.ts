@@ -11,21 +11,22 @@
  * load, initBackend throws instead of silently running something else, so a
  * benchmark labelled "cpu" or "gpu" is what it says.
  *
- * The cpu backend is ~60x (filter gradients: >300x) slower than wasm for conv
- * training, so falling back to it without being asked prints a loud warning.
+ * The cpu backend is far slower than wasm for conv training (bench/README.md
+ * has both), so falling back to it without being asked prints a loud warning.
  */
 import * as tf from "@tensorflow/tfjs";
 import { createHash } from "node:crypto";
-import { existsSync, writeFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
 import os from "node:os";
 import { dirname, join } from "node:path";
+import { writeAtomic } from "./atomic.ts";
 import { registerWasmGradKernels } from "./wasm_kernels.ts";
 
 export type BackendName = "tensorflow-gpu" | "tensorflow" | "wasm" | "cpu";
 
 /** Automatic preference order, fastest first. */
-export const BACKEND_ORDER: readonly BackendName[] = ["tensorflow-gpu", "tensorflow", "wasm", "cpu"];
+const BACKEND_ORDER: readonly BackendName[] = ["tensorflow-gpu", "tensorflow", "wasm", "cpu"];
 
 export interface InitBackendOptions {
   /** Same values as AR_BACKEND; wins over the environment variable. */
@@ -81,7 +82,8 @@ async function loadNode(which: "tensorflow-gpu" | "tensorflow"): Promise<void> {
     const spec: string = which === "tensorflow-gpu" ? "@tensorflow/tfjs-node-gpu" : "@tensorflow/tfjs-node";
     await import(spec);
     if (tf.findBackendFactory("tensorflow") == null) {
-      throw new Error(`${spec} loaded but registered no 'tensorflow' backend in this @tensorflow/tfjs (duplicate tfjs-core version?)`);
+      throw new Error(`${spec} loaded but registered no 'tensorflow' backend in this @tensorflow/tfjs ` +
+        "(duplicate tfjs-core version?)");
     }
     nodeFlavor = which;
   }
@@ -92,7 +94,7 @@ async function loadNode(which: "tensorflow-gpu" | "tensorflow"): Promise<void> {
 // wasm threads under Bun.
 //
 // tfjs-backend-wasm ships a threaded SIMD build (XNNPACK on a pthreadpool of
-// Web Workers) but never uses it under Node/Bun (tfjs issue #3830): its
+// Web Workers) but never uses it under Node/Bun (tensorflow/tfjs#3830): its
 // WASM_HAS_MULTITHREAD_SUPPORT flag is hard-wired false there, and even when
 // forced on, the Emscripten glue starts each pthread worker from a `blob:`
 // URL, which worker_threads' Worker rejects ("must be an absolute path"),
@@ -112,11 +114,11 @@ async function loadNode(which: "tensorflow-gpu" | "tensorflow"): Promise<void> {
 // If any of this fails, initBackend falls back to the single-threaded build.
 
 const requireHere = createRequire(import.meta.url);
-/** How long the threaded build may take to start before we fall back (it takes ~0.1 s). */
+/** How long the threaded build may take to start before we fall back (it normally needs a fraction of a second). */
 const THREAD_INIT_TIMEOUT_S = 30;
 
 /** Threads wanted: AR_WASM_THREADS (1 = single-threaded build), else every core, at most 8 (tfjs' pool). */
-export function wantedWasmThreads(): number {
+function wantedWasmThreads(): number {
   const raw = process.env.AR_WASM_THREADS?.trim();
   if (raw != null && raw !== "") {
     const n = Number(raw);
@@ -145,17 +147,16 @@ function patchForWasmThreads(threads: number, onInitError: (e: unknown) => void)
   const mainScript = join(pkgDir, "wasm-out", "tfjs-backend-wasm-threaded-simd.js");
   const workerModule: unknown = requireHere(join(pkgDir, "wasm-out", "tfjs-backend-wasm-threaded-simd.worker.js"));
   const contents = (workerModule as { wasmWorkerContents?: unknown }).wasmWorkerContents;
-  if (typeof contents !== "string" || !existsSync(mainScript)) throw new Error("tfjs-backend-wasm's threaded worker sources not found");
+  if (typeof contents !== "string" || !existsSync(mainScript)) {
+    throw new Error("tfjs-backend-wasm's threaded worker sources not found");
+  }
   // Same escaping tfjs applies before making its Blob (literal newlines
   // inside the source's string literals).
   const source = contents.replace(/\n/g, "\\n");
-  const workerFile = join(os.tmpdir(), `tfjs-wasm-pthread-${createHash("sha256").update(source).digest("hex").slice(0, 16)}.cjs`);
-  if (!existsSync(workerFile)) {
-    const tmp = `${workerFile}.${process.pid}.tmp`;
-    writeFileSync(tmp, source);
-    // rename is atomic: concurrent processes never see a half-written file
-    requireHere("node:fs").renameSync(tmp, workerFile);
-  }
+  const hash = createHash("sha256").update(source).digest("hex").slice(0, 16);
+  const workerFile = join(os.tmpdir(), `tfjs-wasm-pthread-${hash}.cjs`);
+  // Atomic: a process starting its workers at the same moment never reads a half-written file.
+  if (!existsSync(workerFile)) writeAtomic(workerFile, source);
   const wt = requireHere("node:worker_threads") as typeof import("node:worker_threads");
   const Base = wt.Worker;
   class PthreadWorker extends Base {
@@ -178,8 +179,10 @@ function patchForWasmThreads(threads: number, onInitError: (e: unknown) => void)
     // them, so they never need to keep the process alive.
     override ref(): void {}
     override postMessage(message: unknown, transfer?: readonly import("node:worker_threads").Transferable[]): void {
-      if (typeof message === "object" && message != null && "cmd" in message && message.cmd === "load" && "urlOrBlob" in message && message.urlOrBlob instanceof Blob) {
-        message = { ...message, urlOrBlob: mainScript };
+      const m = message;
+      const loadsBlob = typeof m === "object" && m != null && "cmd" in m && m.cmd === "load" && "urlOrBlob" in m;
+      if (loadsBlob && m.urlOrBlob instanceof Blob) {
+        message = { ...m, urlOrBlob: mainScript };
       }
       super.postMessage(message, transfer);
     }
@@ -220,11 +223,13 @@ async function loadWasm(): Promise<void> {
       let fail: (e: unknown) => void = () => {};
       const failed = new Promise<never>((_, reject) => { fail = reject; });
       patch = patchForWasmThreads(threads, (e) => fail(e));
-      timer = setTimeout(() => fail(new Error(`no answer from the pthread workers in ${THREAD_INIT_TIMEOUT_S} s`)), THREAD_INIT_TIMEOUT_S * 1000);
+      const silent = new Error(`no answer from the pthread workers in ${THREAD_INIT_TIMEOUT_S} s`);
+      timer = setTimeout(() => fail(silent), THREAD_INIT_TIMEOUT_S * 1000);
       tf.env().set("WASM_HAS_MULTITHREAD_SUPPORT", true);
       wasm.setThreadsCount(threads);
       // A later setBackend supersedes a hung one: tfjs ignores the outdated init.
-      if (!(await Promise.race([tf.setBackend("wasm"), failed]))) throw new Error("threaded build failed to initialize");
+      const ok = await Promise.race([tf.setBackend("wasm"), failed]);
+      if (!ok) throw new Error("threaded build failed to initialize");
       patch.initDone();
       ready = true;
     } catch (e) {

@@ -12,11 +12,11 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
-import type { Dataset, Manifest, Predictor } from "../prepare.ts";
+import { Task, type Dataset, type Manifest, type Predictor } from "./dataset.ts";
 
 export const CheckpointMeta = type({
   version: "'1'",
-  task: "'waste' | 'cifar100' | 'screening'",
+  task: Task,
   classes: "string[]",
   positiveClass: "string | null",
   imageSize: "number.integer > 0",

@@ -45,7 +45,9 @@ export async function decodeToRgb(input: string | Uint8Array, size: number): Pro
       .raw({ depth: "uchar" })
       .toBuffer({ resolveWithObject: true });
   } catch (err) {
-    const bytes = typeof input === "string" ? new Uint8Array(await Bun.file(input).arrayBuffer().catch(() => new ArrayBuffer(0))) : input;
+    const bytes = typeof input === "string"
+      ? new Uint8Array(await Bun.file(input).arrayBuffer().catch(() => new ArrayBuffer(0)))
+      : input;
     throw new Error(decodeFailure(bytes, err instanceof Error ? err.message : String(err)));
   }
   const { data, info } = decoded;
@@ -69,7 +71,8 @@ export function decodeFailure(bytes: Uint8Array, libvipsMessage: string): string
   if (isJpeg && !Buffer.from(tail(64)).includes(Buffer.from([0xff, 0xd9]))) {
     return `truncated JPEG: the file ends before its end-of-image marker (${bytes.length} bytes; libvips: ${said})`;
   }
-  const isPng = bytes.length >= 8 && Buffer.from(bytes.subarray(0, 8)).equals(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]));
+  const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  const isPng = bytes.length >= 8 && Buffer.from(bytes.subarray(0, 8)).equals(PNG_SIGNATURE);
   if (isPng && !Buffer.from(tail(64)).includes(Buffer.from("IEND"))) {
     return `truncated PNG: the file ends before its IEND chunk (${bytes.length} bytes; libvips: ${said})`;
   }
@@ -81,8 +84,22 @@ export function sha256Hex(bytes: Uint8Array): string {
   return new Bun.CryptoHasher("sha256").update(bytes).digest("hex");
 }
 
+/** sha256 of the file at `path`, hex, read as a stream (a cache's images.u8 need not fit twice in memory). */
+export async function sha256File(path: string): Promise<string> {
+  const hasher = new Bun.CryptoHasher("sha256");
+  const reader = Bun.file(path).stream().getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    hasher.update(value);
+  }
+  return hasher.digest("hex");
+}
+
 /** Run `fn` over `items` with at most `limit` in flight, keeping input order in the result. */
-export async function mapPool<T, R>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<R>): Promise<R[]> {
+export async function mapPool<T, R>(
+  items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<R>,
+): Promise<R[]> {
   const out = new Array<R>(items.length);
   let next = 0;
   const worker = async (): Promise<void> => {
@@ -98,8 +115,8 @@ export async function mapPool<T, R>(items: readonly T[], limit: number, fn: (ite
 /**
  * A batch of decoded images (each `size`×`size`×3 uint8, HWC, as decodeToRgb returns) as the
  * float32 values in [0, 1] the model is fed, batch-major: byte × (1/255) rounded to float32 once.
- * prepare.ts's imageBatch computes exactly this expression; predict.ts uses this function, and a
- * test checks that both give byte-equal tensors for the same file.
+ * Training and evaluate() (imageBatch, lib/dataset.ts) and predict.ts all go through it, and a test
+ * checks that a cached image and the same file decoded for prediction give byte-equal tensors.
  */
 export function pixelsToFloat32(images: readonly Uint8Array[], size: number): Float32Array {
   const px = size * size * 3;

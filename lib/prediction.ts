@@ -3,10 +3,11 @@
  * order. A script reading them can validate each line with `PredictionLine(JSON.parse(line))`.
  */
 import { type } from "arktype";
+import { Task } from "./dataset.ts";
 
-export const ClassProbability = type({ class: "string", index: "number.integer >= 0", probability: "0 <= number <= 1" });
+const ClassProbability = type({ class: "string", index: "number.integer >= 0", probability: "0 <= number <= 1" });
 
-export const YieldEstimate = type({
+const YieldEstimate = type({
   /** Estimated recoverable fraction of the item's mass, from the model's yield head. */
   estimate: "0 <= number <= 1",
   /** "assumed": trained on the per-class placeholder table; "measured": on supplied yield labels. */
@@ -22,7 +23,7 @@ export const Prediction = type({
   confidence: "0 <= number <= 1",
   /** The --top-k most probable classes, best first (the predicted class included). */
   top: ClassProbability.array().atLeastLength(1),
-  task: "'waste' | 'cifar100' | 'screening'",
+  task: Task,
   model: "string",
   "yield?": YieldEstimate,
   /** screening: the positive class and whether this image was predicted as it. */

@@ -9,11 +9,14 @@
  * - `listImageFolder`: a local ImageFolder (`root/<class>/**\/<image>`).
  *
  * Every download is atomic: it is written to a sibling temp dir and renamed
- * into place only when complete, so a failed run leaves no half dataset, and a
- * completed one (marked by a marker file) is reused with no network access.
+ * into place only when complete (lib/atomic.ts), so a failed run leaves no half
+ * dataset, and a completed one (marked by a marker file) is reused with no
+ * network access. Hub requests that fail for a moment are retried (lib/download.ts).
  */
 import { downloadFile, listFiles, type RepoId } from "@huggingface/hub";
 import { type } from "arktype";
+import { replaceDirAtomic } from "./atomic.ts";
+import { httpError, oneLine, withRetry } from "./download.ts";
 import { IMAGE_EXTENSIONS, isImagePath } from "./images.ts";
 import {
   asyncBufferFromFile,
@@ -25,7 +28,7 @@ import {
 } from "hyparquet";
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { mkdir, open, readFile, rename, rm, rmdir, stat, writeFile } from "node:fs/promises";
-import { basename, dirname, extname, join, posix, resolve } from "node:path";
+import { dirname, extname, join, posix, resolve } from "node:path";
 
 // ---------------------------------------------------------------------------
 // Waste classes and the label mapping table
@@ -129,7 +132,7 @@ export const WASTE_LABEL_MAP: Record<string, WasteClass> = {
 };
 
 /** Lowercase, trim, and turn runs of spaces/underscores into "-". */
-export function normalizeLabel(name: string): string {
+function normalizeLabel(name: string): string {
   return name.trim().toLowerCase().replace(/[\s_]+/g, "-");
 }
 
@@ -146,50 +149,21 @@ export function mapWasteLabel(name: string): WasteClass | null {
 type Log = (line: string) => void;
 const noLog: Log = () => {};
 
-
-/** One line, no trailing period (it is embedded in a sentence). */
-function errorMessage(e: unknown): string {
-  const msg = e instanceof Error ? e.message : String(e);
-  return msg.replace(/\s+/g, " ").trim().replace(/[.\s]+$/, "");
-}
+/** Hub requests are small and many: a short first pause before a retry. */
+const HUB_RETRY = { backoffMs: 200 };
 
 /** Code-unit order: deterministic across locales. */
 function byString(a: string, b: string): number {
   return a < b ? -1 : a > b ? 1 : 0;
 }
 
-function tempSibling(dest: string, tag: string): string {
-  const rnd = Math.random().toString(36).slice(2, 8);
-  return join(dirname(dest), `.${basename(dest)}.${tag}-${process.pid}-${rnd}`);
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-function statusOf(e: unknown): number | undefined {
-  if (e instanceof Error && "statusCode" in e && typeof e.statusCode === "number") return e.statusCode;
-  return undefined;
-}
-
-/** Retry transient failures (network errors, 5xx, 429) with a short backoff; 4xx fail at once. */
-async function withRetry<T>(what: string, fn: () => Promise<T>, attempts = 3): Promise<T> {
-  let last: unknown;
-  for (let i = 0; i < attempts; i++) {
-    try {
-      return await fn();
-    } catch (e) {
-      last = e;
-      const status = statusOf(e);
-      if (status !== undefined && status >= 400 && status < 500 && status !== 429) break;
-      if (i + 1 < attempts) await sleep(200 * 2 ** i);
-    }
-  }
-  throw new Error(`${what}: ${errorMessage(last)}`);
-}
-
-/** Runs fn over items with bounded concurrency; on failure, stops taking new items, waits for the in-flight ones, rethrows. */
-async function runPool<T>(items: readonly T[], concurrency: number, fn: (item: T, i: number) => Promise<void>): Promise<void> {
+/**
+ * Runs fn over items with bounded concurrency; on failure, stops taking new items, waits for the
+ * in-flight ones, rethrows.
+ */
+async function runPool<T>(
+  items: readonly T[], concurrency: number, fn: (item: T, i: number) => Promise<void>,
+): Promise<void> {
   let next = 0;
   let failed = false;
   const worker = async () => {
@@ -277,7 +251,9 @@ function sniffImageExt(b: Uint8Array): string | null {
   if (at(0) === 0x89 && at(1) === 0x50 && at(2) === 0x4e && at(3) === 0x47) return ".png";
   if (at(0) === 0x47 && at(1) === 0x49 && at(2) === 0x46) return ".gif";
   if (at(0) === 0x42 && at(1) === 0x4d) return ".bmp";
-  if ((at(0) === 0x49 && at(1) === 0x49 && at(2) === 0x2a) || (at(0) === 0x4d && at(1) === 0x4d && at(3) === 0x2a)) return ".tiff";
+  const tiffLittle = at(0) === 0x49 && at(1) === 0x49 && at(2) === 0x2a;
+  const tiffBig = at(0) === 0x4d && at(1) === 0x4d && at(3) === 0x2a;
+  if (tiffLittle || tiffBig) return ".tiff";
   const ascii = (from: number, to: number) => String.fromCharCode(...b.subarray(from, to));
   if (b.length >= 12 && ascii(0, 4) === "RIFF" && ascii(8, 12) === "WEBP") return ".webp";
   if (b.length >= 12 && ascii(4, 8) === "ftyp") {
@@ -347,11 +323,16 @@ export type HfDatasetOptions = {
   log?: (l: string) => void;
 };
 
-/** Key in `unmapped` for images with no label: no label folder (repo root or right under a split folder), or a null / -1 label. */
-export const NO_LABEL = "(no label)";
+/**
+ * Key in `unmapped` for images with no label: no label folder (repo root or right under a split
+ * folder), or a null / -1 label.
+ */
+const NO_LABEL = "(no label)";
 
 /** Directory names that are splits, never labels (a file right under one has no label). */
-const SPLIT_DIRS = new Set(["train", "test", "val", "valid", "validation", "dev", "eval", "evaluation", "data", "dataset", "images"]);
+const SPLIT_DIRS = new Set([
+  "train", "test", "val", "valid", "validation", "dev", "eval", "evaluation", "data", "dataset", "images",
+]);
 
 /**
  * Downloads a Hugging Face dataset repo and materializes it as an ImageFolder at
@@ -376,13 +357,14 @@ export async function downloadHfDataset(opts: HfDatasetOptions): Promise<HfDatas
   const markerPath = join(dest, HF_MARKER);
   if (existsSync(dest)) {
     if (!existsSync(markerPath)) {
-      throw fail(`the destination exists but holds no completed download (${HF_MARKER} missing); remove it or point --source at it`);
+      throw fail(`the destination exists but holds no completed download (${HF_MARKER} missing); ` +
+        "remove it or point --source at it");
     }
     let json: unknown;
     try {
       json = JSON.parse(readFileSync(markerPath, "utf8"));
     } catch (e) {
-      throw fail(`unreadable ${HF_MARKER} (${errorMessage(e)}); remove ${dest} and retry`);
+      throw fail(`unreadable ${HF_MARKER} (${oneLine(e)}); remove ${dest} and retry`);
     }
     const parsed = Marker(json);
     if (parsed instanceof type.errors) throw fail(`corrupt ${HF_MARKER}: ${parsed.summary}`);
@@ -393,73 +375,73 @@ export async function downloadHfDataset(opts: HfDatasetOptions): Promise<HfDatas
     return { root: dest, classes: parsed.classes, counts: parsed.counts, unmapped: parsed.unmapped };
   }
 
-  const hubUrl = opts.hubUrl?.replace(/\/+$/, "");
   const createdParent = await mkdir(dirname(dest), { recursive: true });
-  const tmp = tempSibling(dest, "partial");
-  await mkdir(tmp, { recursive: true });
   try {
-    const ctx: HfCtx = {
-      repo: { type: "dataset", name: repoName },
-      revision,
-      hubUrl,
-      accessToken: opts.accessToken,
-      log,
-      tmp,
-      counts: {},
-      unmapped: {},
-    };
-    log(`hf: listing ${repoName}@${revision}`);
-    const files = await withRetry("listing the repo", async () => {
-      const out: { path: string; size: number }[] = [];
-      for await (const entry of listFiles({
-        repo: ctx.repo,
-        revision,
-        recursive: true,
-        hubUrl,
-        accessToken: opts.accessToken,
-      })) {
-        const e = TreeEntry(entry);
-        if (e instanceof type.errors) throw new Error(`unexpected tree entry: ${e.summary}`);
-        if (e.type === "file") out.push({ path: e.path, size: e.size ?? 0 });
-      }
-      return out;
-    });
-    files.sort((a, b) => byString(a.path, b.path));
-
-    const parquet = files.filter((f) => f.path.toLowerCase().endsWith(".parquet"));
-    const images = files.filter((f) => isImagePath(f.path));
-    if (parquet.length > 0) {
-      log(`hf: parquet layout, ${parquet.length} file(s)`);
-      await materializeParquet(ctx, parquet, files.some((f) => f.path === "README.md"));
-    } else if (images.length > 0) {
-      log(`hf: image-folder layout, ${images.length} image(s)`);
-      await materializeImageFolder(ctx, images);
-    } else {
-      const exts = [...new Set(files.map((f) => extname(f.path).toLowerCase() || f.path))].slice(0, 8);
-      throw new Error(`no parquet or image files in the repo (found ${files.length} file(s): ${exts.join(", ")})`);
-    }
-
-    const classes = Object.keys(ctx.counts).filter((c) => ctx.counts[c] > 0).sort(byString);
-    const counts = Object.fromEntries(classes.map((c) => [c, ctx.counts[c]]));
-    const unmapped = Object.fromEntries(Object.keys(ctx.unmapped).sort(byString).map((l) => [l, ctx.unmapped[l]]));
-    if (classes.length === 0) {
-      throw new Error(`no label maps to a waste class (unmapped: ${JSON.stringify(unmapped)}); extend WASTE_LABEL_MAP`);
-    }
-    for (const c of WASTE_CLASSES) if (!ctx.counts[c]) log(`hf: warning: no images for class ${c}`);
-    if (Object.keys(unmapped).length > 0) {
-      log(`hf: skipped unmapped labels (not in WASTE_LABEL_MAP): ${Object.entries(unmapped).map(([l, n]) => `${l}=${n}`).join(" ")}`);
-    }
-    await rm(join(tmp, ".raw"), { recursive: true, force: true });
-    const marker: Marker = { repo: repoName, revision, classes, counts, unmapped };
-    await writeFile(join(tmp, HF_MARKER), JSON.stringify(marker, null, 2) + "\n");
-    await rename(tmp, dest);
-    log(`hf: done: ${dest} (${classes.map((c) => `${c}=${counts[c]}`).join(" ")})`);
-    return { root: dest, classes, counts, unmapped };
+    const result = await replaceDirAtomic(dest, (tmp) => materializeHf(opts, repoName, revision, tmp, log));
+    log(`hf: done: ${dest} (${result.classes.map((c) => `${c}=${result.counts[c]}`).join(" ")})`);
+    return { root: dest, ...result };
   } catch (e) {
-    await rm(tmp, { recursive: true, force: true });
     await removeEmptyDirs(dirname(dest), createdParent);
-    throw fail(errorMessage(e));
+    throw fail(oneLine(e));
   }
+}
+
+/** Lists the repo, writes its images as `tmp/<waste class>/<file>` and the completion marker. */
+async function materializeHf(
+  opts: HfDatasetOptions, repoName: string, revision: string, tmp: string, log: Log,
+): Promise<Omit<HfDatasetResult, "root">> {
+  const hubUrl = opts.hubUrl?.replace(/\/+$/, "");
+  const ctx: HfCtx = {
+    repo: { type: "dataset", name: repoName },
+    revision,
+    hubUrl,
+    accessToken: opts.accessToken,
+    log,
+    tmp,
+    counts: {},
+    unmapped: {},
+  };
+  log(`hf: listing ${repoName}@${revision}`);
+  const files = await withRetry("listing the repo", async () => {
+    const out: { path: string; size: number }[] = [];
+    const listing = listFiles({ repo: ctx.repo, revision, recursive: true, hubUrl, accessToken: opts.accessToken });
+    for await (const entry of listing) {
+      const e = TreeEntry(entry);
+      if (e instanceof type.errors) throw new Error(`unexpected tree entry: ${e.summary}`);
+      if (e.type === "file") out.push({ path: e.path, size: e.size ?? 0 });
+    }
+    return out;
+  }, HUB_RETRY);
+  files.sort((a, b) => byString(a.path, b.path));
+
+  const parquet = files.filter((f) => f.path.toLowerCase().endsWith(".parquet"));
+  const images = files.filter((f) => isImagePath(f.path));
+  if (parquet.length > 0) {
+    log(`hf: parquet layout, ${parquet.length} file(s)`);
+    await materializeParquet(ctx, parquet, files.some((f) => f.path === "README.md"));
+  } else if (images.length > 0) {
+    log(`hf: image-folder layout, ${images.length} image(s)`);
+    await materializeImageFolder(ctx, images);
+  } else {
+    const exts = [...new Set(files.map((f) => extname(f.path).toLowerCase() || f.path))].slice(0, 8);
+    throw new Error(`no parquet or image files in the repo (found ${files.length} file(s): ${exts.join(", ")})`);
+  }
+
+  const classes = Object.keys(ctx.counts).filter((c) => ctx.counts[c] > 0).sort(byString);
+  const counts = Object.fromEntries(classes.map((c) => [c, ctx.counts[c]]));
+  const unmapped = Object.fromEntries(Object.keys(ctx.unmapped).sort(byString).map((l) => [l, ctx.unmapped[l]]));
+  if (classes.length === 0) {
+    throw new Error(`no label maps to a waste class (unmapped: ${JSON.stringify(unmapped)}); extend WASTE_LABEL_MAP`);
+  }
+  for (const c of WASTE_CLASSES) if (!ctx.counts[c]) log(`hf: warning: no images for class ${c}`);
+  if (Object.keys(unmapped).length > 0) {
+    const list = Object.entries(unmapped).map(([l, n]) => `${l}=${n}`).join(" ");
+    log(`hf: skipped unmapped labels (not in WASTE_LABEL_MAP): ${list}`);
+  }
+  await rm(join(tmp, ".raw"), { recursive: true, force: true });
+  const marker: Marker = { repo: repoName, revision, classes, counts, unmapped };
+  await writeFile(join(tmp, HF_MARKER), JSON.stringify(marker, null, 2) + "\n");
+  return { classes, counts, unmapped };
 }
 
 type HfCtx = {
@@ -514,7 +496,8 @@ async function materializeImageFolder(ctx: HfCtx, images: { path: string; size: 
   let done = 0;
   for (const c of new Set(jobs.map((j) => j.cls))) await mkdir(join(ctx.tmp, c), { recursive: true });
   await runPool(jobs, 8, async (job) => {
-    const bytes = await withRetry(`downloading ${job.path}`, async () => new Uint8Array(await (await hfBlob(ctx, job.path)).arrayBuffer()));
+    const fetchOne = async () => new Uint8Array(await (await hfBlob(ctx, job.path)).arrayBuffer());
+    const bytes = await withRetry(`downloading ${job.path}`, fetchOne, HUB_RETRY);
     await writeFile(job.out, bytes);
     ctx.counts[job.cls] = (ctx.counts[job.cls] ?? 0) + 1;
     report(++done);
@@ -555,7 +538,8 @@ export function classNamesFromReadme(readme: string, column: string): string[] |
   }
   const parsed = ReadmeYaml(yaml);
   if (parsed instanceof type.errors) return null;
-  const infos = parsed.dataset_info === undefined ? [] : Array.isArray(parsed.dataset_info) ? parsed.dataset_info : [parsed.dataset_info];
+  const info = parsed.dataset_info;
+  const infos = info === undefined ? [] : Array.isArray(info) ? info : [info];
   for (const info of infos) {
     for (const f of info.features ?? []) {
       if (f.name !== column) continue;
@@ -571,16 +555,19 @@ const LABEL_COLUMNS = ["label", "labels", "class", "category", "target", "class_
 function pickColumns(tree: SchemaTree): { image: string; label: string } {
   const top = tree.children;
   const image = top.find((c) => c.children.some((g) => g.element.name === "bytes"));
-  if (!image) throw new Error(`no image column (struct with "bytes") among: ${top.map((c) => c.element.name).join(", ")}`);
+  const names = () => top.map((c) => c.element.name).join(", ");
+  if (!image) throw new Error(`no image column (struct with "bytes") among: ${names()}`);
   const scalars = top.filter((c) => c.children.length === 0);
   const label =
     LABEL_COLUMNS.map((n) => scalars.find((c) => c.element.name.toLowerCase() === n)).find((c) => c !== undefined) ??
     (scalars.length === 1 ? scalars[0] : undefined);
-  if (!label) throw new Error(`no label column (one of ${LABEL_COLUMNS.join("/")}) among: ${top.map((c) => c.element.name).join(", ")}`);
+  if (!label) throw new Error(`no label column (one of ${LABEL_COLUMNS.join("/")}) among: ${names()}`);
   return { image: image.element.name, label: label.element.name };
 }
 
-async function materializeParquet(ctx: HfCtx, files: { path: string; size: number }[], hasReadme: boolean): Promise<void> {
+async function materializeParquet(
+  ctx: HfCtx, files: { path: string; size: number }[], hasReadme: boolean,
+): Promise<void> {
   const rawDir = join(ctx.tmp, ".raw");
   await mkdir(rawDir, { recursive: true });
   let readme: string | null | undefined; // fetched at most once, only when a parquet lacks class names
@@ -592,7 +579,7 @@ async function materializeParquet(ctx: HfCtx, files: { path: string; size: numbe
       const blob = await hfBlob(ctx, f.path);
       const n = await streamToFile(blob.stream(), local, blob.size, byteProgress(ctx.log, `hf: ${f.path}`));
       if (blob.size > 0 && n !== blob.size) throw new Error(`short read (${n} of ${blob.size} bytes)`);
-    });
+    }, HUB_RETRY);
 
     const file = await asyncBufferFromFile(local);
     const meta = await parquetMetadataAsync(file);
@@ -605,7 +592,8 @@ async function materializeParquet(ctx: HfCtx, files: { path: string; size: numbe
     const report = progress(ctx.log, `hf: rows of ${f.path}`, total);
     for (const rg of meta.row_groups) {
       const rowEnd = rowStart + Number(rg.num_rows);
-      const rows = await parquetReadObjects({ file, metadata: meta, columns: [cols.image, cols.label], rowStart, rowEnd, utf8: false });
+      const columns = [cols.image, cols.label];
+      const rows = await parquetReadObjects({ file, metadata: meta, columns, rowStart, rowEnd, utf8: false });
       for (const [k, row] of rows.entries()) {
         const idx = rowStart + k;
         const raw = row[cols.label];
@@ -620,11 +608,13 @@ async function materializeParquet(ctx: HfCtx, files: { path: string; size: numbe
         if (typeof lv === "number" || typeof lv === "bigint") {
           if (names === null) {
             if (readme === undefined) {
-              readme = hasReadme ? await withRetry("downloading README.md", async () => (await hfBlob(ctx, "README.md")).text()) : null;
+              const fetchReadme = async () => (await hfBlob(ctx, "README.md")).text();
+              readme = hasReadme ? await withRetry("downloading README.md", fetchReadme, HUB_RETRY) : null;
             }
             names = readme === null ? null : classNamesFromReadme(readme, cols.label);
             if (names === null) {
-              throw new Error(`label column "${cols.label}" holds integers but no class names were found (parquet "huggingface" metadata or README dataset_info)`);
+              throw new Error(`label column "${cols.label}" holds integers but no class names were found ` +
+                '(parquet "huggingface" metadata or README dataset_info)');
             }
           }
           const name = names[Number(lv)];
@@ -663,7 +653,7 @@ async function materializeParquet(ctx: HfCtx, files: { path: string; size: numbe
 // CIFAR-100 (official binary release)
 // ---------------------------------------------------------------------------
 
-export const CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz";
+const CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz";
 const CIFAR_DIR = "cifar-100-binary";
 const CIFAR_FILES = ["train.bin", "test.bin", "fine_label_names.txt", "coarse_label_names.txt"] as const;
 const CIFAR_MARKER = ".complete";
@@ -673,7 +663,7 @@ const CIFAR_RECORD = 2 + 32 * 32 * 3;
  * Downloads and extracts the CIFAR-100 binary release into `destDir/cifar-100-binary/`
  * and returns that folder. Streams to disk with progress; atomic; reused when present.
  */
-export async function downloadCifar100(opts: { destDir: string; url?: string; log?: (l: string) => void }): Promise<string> {
+export async function downloadCifar100(opts: { destDir: string; url?: string; log?: Log }): Promise<string> {
   const log = opts.log ?? noLog;
   const url = opts.url ?? CIFAR100_URL;
   const root = resolve(opts.destDir);
@@ -683,43 +673,52 @@ export async function downloadCifar100(opts: { destDir: string; url?: string; lo
     return out;
   }
   if (existsSync(out)) {
-    throw new Error(`CIFAR-100: ${out} exists but is not a completed download; remove it and retry, or pass --source /path/to/ImageFolder`);
+    throw new Error(`CIFAR-100: ${out} exists but is not a completed download; remove it and retry, ` +
+      "or pass --source /path/to/ImageFolder");
   }
   const createdRoot = await mkdir(root, { recursive: true });
-  const tmp = tempSibling(out, "partial");
-  await mkdir(tmp, { recursive: true });
   let ok = false;
   try {
-    const tgz = join(tmp, "cifar-100-binary.tar.gz");
-    log(`cifar100: downloading ${url}`);
-    const res = await fetch(url);
-    if (!res.ok || !res.body) throw new Error(`HTTP ${res.status} ${res.statusText}`.trim());
-    const len = Number(res.headers.get("content-length") ?? NaN);
-    await streamToFile(res.body, tgz, Number.isFinite(len) ? len : undefined, byteProgress(log, "cifar100"));
-    log("cifar100: extracting");
-    const archive = new Bun.Archive(await readFile(tgz));
-    await archive.extract(tmp); // the official archive holds only cifar-100-binary/ (entries may start with "./")
-    await rm(tgz, { force: true });
-    const extracted = join(tmp, CIFAR_DIR);
-    for (const f of CIFAR_FILES) {
-      const p = join(extracted, f);
-      if (!existsSync(p)) throw new Error(`the archive has no ${CIFAR_DIR}/${f}`);
-      if (f.endsWith(".bin")) {
-        const { size } = await stat(p);
-        if (size === 0 || size % CIFAR_RECORD !== 0) throw new Error(`${f} has ${size} bytes, not a multiple of ${CIFAR_RECORD}`);
-      }
-    }
-    await writeFile(join(extracted, CIFAR_MARKER), `${url}\n`);
-    await rename(extracted, out);
+    await replaceDirAtomic(out, (tmp) => fetchCifar100(url, tmp, log));
     log(`cifar100: done: ${out}`);
     ok = true;
     return out;
   } catch (e) {
-    throw new Error(`CIFAR-100 download from ${url} failed: ${errorMessage(e)}. To use a local folder instead, pass --source /path/to/ImageFolder`);
+    throw new Error(`CIFAR-100 download from ${url} failed: ${oneLine(e)}. ` +
+      "To use a local folder instead, pass --source /path/to/ImageFolder");
   } finally {
-    await rm(tmp, { recursive: true, force: true });
     if (!ok) await removeEmptyDirs(root, createdRoot);
   }
+}
+
+/** Downloads the archive into `dir`, checks the four files it must hold, and keeps only them. */
+async function fetchCifar100(url: string, dir: string, log: Log): Promise<void> {
+  const tgz = join(dir, "cifar-100-binary.tar.gz");
+  log(`cifar100: downloading ${url}`);
+  const res = await fetch(url);
+  if (!res.ok || !res.body) throw httpError(res);
+  const len = Number(res.headers.get("content-length") ?? NaN);
+  await streamToFile(res.body, tgz, Number.isFinite(len) ? len : undefined, byteProgress(log, "cifar100"));
+  log("cifar100: extracting");
+  const unpacked = join(dir, ".archive");
+  await mkdir(unpacked);
+  // The official archive holds only cifar-100-binary/ (entries may start with "./").
+  await new Bun.Archive(await readFile(tgz)).extract(unpacked);
+  await rm(tgz, { force: true });
+  const extracted = join(unpacked, CIFAR_DIR);
+  for (const f of CIFAR_FILES) {
+    const p = join(extracted, f);
+    if (!existsSync(p)) throw new Error(`the archive has no ${CIFAR_DIR}/${f}`);
+    if (f.endsWith(".bin")) {
+      const { size } = await stat(p);
+      if (size === 0 || size % CIFAR_RECORD !== 0) {
+        throw new Error(`${f} has ${size} bytes, not a multiple of ${CIFAR_RECORD}`);
+      }
+    }
+    await rename(p, join(dir, f));
+  }
+  await rm(unpacked, { recursive: true, force: true });
+  await writeFile(join(dir, CIFAR_MARKER), `${url}\n`);
 }
 
 /**
@@ -727,9 +726,12 @@ export async function downloadCifar100(opts: { destDir: string; url?: string; lo
  * 1 byte fine label, then 1024 R, 1024 G, 1024 B bytes (row-major 32x32).
  * Returns images as N*32*32*3 bytes in HWC RGB order.
  */
-export function parseCifar100Bin(buf: Uint8Array): { images: Uint8Array; fine: Uint8Array; coarse: Uint8Array; n: number } {
+export function parseCifar100Bin(
+  buf: Uint8Array,
+): { images: Uint8Array; fine: Uint8Array; coarse: Uint8Array; n: number } {
   if (buf.length === 0 || buf.length % CIFAR_RECORD !== 0) {
-    throw new Error(`CIFAR-100 binary has ${buf.length} bytes, not a positive multiple of the ${CIFAR_RECORD}-byte record (1 coarse + 1 fine label + 3072 pixels)`);
+    throw new Error(`CIFAR-100 binary has ${buf.length} bytes, not a positive multiple of the ${CIFAR_RECORD}-byte ` +
+      "record (1 coarse + 1 fine label + 3072 pixels)");
   }
   const n = buf.length / CIFAR_RECORD;
   const images = new Uint8Array(n * 3072);
@@ -757,9 +759,13 @@ export type CifarSplit = { images: Uint8Array; labels: Uint8Array; n: number };
  * `cifar-100-binary` folder (or its parent).
  */
 export function loadCifar100(dir: string): { train: CifarSplit; test: CifarSplit; classNames: string[] } {
-  const d = !existsSync(join(dir, "train.bin")) && existsSync(join(dir, CIFAR_DIR, "train.bin")) ? join(dir, CIFAR_DIR) : dir;
+  const inside = !existsSync(join(dir, "train.bin")) && existsSync(join(dir, CIFAR_DIR, "train.bin"));
+  const d = inside ? join(dir, CIFAR_DIR) : dir;
   for (const f of CIFAR_FILES) {
-    if (!existsSync(join(d, f))) throw new Error(`CIFAR-100: ${join(d, f)} is missing (expected the ${CIFAR_DIR} folder of the official binary release)`);
+    if (!existsSync(join(d, f))) {
+      const expected = `expected the ${CIFAR_DIR} folder of the official binary release`;
+      throw new Error(`CIFAR-100: ${join(d, f)} is missing (${expected})`);
+    }
   }
   const classNames = readFileSync(join(d, "fine_label_names.txt"), "utf8")
     .split(/\r?\n/)
@@ -768,7 +774,10 @@ export function loadCifar100(dir: string): { train: CifarSplit; test: CifarSplit
   const split = (f: string): CifarSplit => {
     const { images, fine, n } = parseCifar100Bin(new Uint8Array(readFileSync(join(d, f))));
     for (let i = 0; i < n; i++) {
-      if (fine[i] >= classNames.length) throw new Error(`CIFAR-100: ${f} record ${i} has fine label ${fine[i]} but only ${classNames.length} class names`);
+      if (fine[i] >= classNames.length) {
+        const only = `only ${classNames.length} class names`;
+        throw new Error(`CIFAR-100: ${f} record ${i} has fine label ${fine[i]} but ${only}`);
+      }
     }
     return { images, labels: fine, n };
   };
@@ -811,7 +820,9 @@ export function listImageFolder(root: string): { classes: string[]; files: { pat
     .filter((e) => !e.name.startsWith(".") && (e.isDirectory() || (e.isSymbolicLink() && isDir(join(abs, e.name)))))
     .map((e) => e.name)
     .sort(byString);
-  if (classDirs.length === 0) throw new Error(`ImageFolder ${abs} has no class folders (expected ${abs}/<class>/<image>)`);
+  if (classDirs.length === 0) {
+    throw new Error(`ImageFolder ${abs} has no class folders (expected ${abs}/<class>/<image>)`);
+  }
   const classes: string[] = [];
   const files: { path: string; className: string }[] = [];
   for (const c of classDirs) {
@@ -822,7 +833,8 @@ export function listImageFolder(root: string): { classes: string[]; files: { pat
     for (const r of rels.sort(byString)) files.push({ path: join(abs, c, r), className: c });
   }
   if (classes.length === 0) {
-    throw new Error(`ImageFolder ${abs} has class folders (${classDirs.join(", ")}) but no image files (${IMAGE_EXTENSIONS.join(" ")})`);
+    const exts = IMAGE_EXTENSIONS.join(" ");
+    throw new Error(`ImageFolder ${abs} has class folders (${classDirs.join(", ")}) but no image files (${exts})`);
   }
   return { classes, files };
 }

@@ -1,6 +1,6 @@
 /**
  * Gradient kernels that @tensorflow/tfjs-backend-wasm 4.22 does not ship
- * (tfjs issue #8474): without them any conv net fails on the first backward
+ * (tensorflow/tfjs#8474): without them any conv net fails on the first backward
  * pass with "Kernel 'Conv2DBackpropFilter' not registered for backend 'wasm'".
  *
  * Each kernel is written as a composition of ops that the wasm backend runs
@@ -19,24 +19,24 @@
  *   stride-1 depthwise conv with explicit padding.
  *
  * Two more replacements, found by profiling a training step (bench/train_step.ts):
- * - Conv2DBackpropInput: wasm ships it as a scalar C++ loop (4-11x slower than
- *   the forward conv); we run it as an XNNPACK conv instead.
+ * - Conv2DBackpropInput: wasm ships it as a scalar C++ loop, several times
+ *   slower than the forward conv; we run it as an XNNPACK conv instead.
  * - the FusedBatchNorm gradient (tfjs-core, all backends): same math without
- *   a full-size tf.tile, which alone took a third of a wasm step.
+ *   a full-size tf.tile, a large share of a wasm step.
  *
  * Only NHWC with dilation 1 is handled for the depthwise kernels (that is all
  * tfjs' own gradient functions ever request); Conv2DBackpropFilter also takes
  * NCHW by transposing, Conv2DBackpropInput hands NCHW to the native kernel.
  *
- * Issue 7 (CPU training speed) added, each found in the per-kernel profile
- * of bench/train_step.ts, most on top of lib/wasm_simd (SIMD C kernels that
- * run inside tfjs-wasm's own heap, split across threads when tfjs-wasm runs
- * threaded: lib/backend.ts):
+ * For CPU training speed, each found in the per-kernel profile of
+ * bench/train_step.ts (figures in bench/README.md), most on top of
+ * lib/wasm_simd (SIMD C kernels that run inside tfjs-wasm's own heap, split
+ * across threads when tfjs-wasm runs threaded: lib/backend.ts):
  * - direct SIMD conv gradients: the filter gradient (any stride, co % 4 == 0)
  *   and the input gradient (stride 1, ci % 4 == 0) as register-blocked GEMMs,
  *   and the depthwise filter gradient (multiplier 1); the XNNPACK composites
  *   above remain for every other case;
- * - MaxPoolGrad in SIMD with tfjs-cpu's tie rule (tfjs-wasm's is ~40x its forward);
+ * - MaxPoolGrad in SIMD with tfjs-cpu's tie rule (tfjs-wasm's is a scalar loop);
  * - Sum/Mean over leading axes without tfjs-wasm's full transpose, and
  *   FusedBatchNorm in SIMD: bit-identical to tfjs-wasm's own (inference path);
  * - zero-copy Identity and same-dtype Cast (the engine clones every tensor it
@@ -108,6 +108,11 @@ function requireInput(inputs: tf.NamedTensorInfoMap, name: string): tf.TensorInf
   return t;
 }
 
+/** The named inputs of a kernel call, in the order asked, each one required. */
+function inputsOf(args: KernelArgs, ...names: string[]): tf.TensorInfo[] {
+  return names.map((n) => requireInput(args.inputs, n));
+}
+
 function requireBackend(backend: unknown): tf.KernelBackend {
   if (!(backend instanceof tf.KernelBackend)) throw new Error("wasm grad kernel: backend is not a KernelBackend");
   return backend;
@@ -174,15 +179,20 @@ function zeroInsert(dy: tf.Tensor4D, sH: number, sW: number): tf.Tensor4D {
  * (top, bottom, left, right). Only negative pads need an explicit (JS-side) crop; positive ones
  * go straight into the conv's explicit padding.
  */
-function dilateAndPad(dy: tf.Tensor4D, sH: number, sW: number, top: number, bottom: number, left: number, right: number): { z: tf.Tensor4D; pad: tf.backend_util.ExplicitPadding } {
+function dilateAndPad(
+  dy: tf.Tensor4D, sH: number, sW: number, top: number, bottom: number, left: number, right: number,
+): { z: tf.Tensor4D; pad: tf.backend_util.ExplicitPadding } {
   let z = zeroInsert(dy, sH, sW);
   if (top < 0 || bottom < 0 || left < 0 || right < 0) {
     z = crop4(z, Math.max(0, -top), Math.max(0, -bottom), Math.max(0, -left), Math.max(0, -right));
   }
-  const pad: tf.backend_util.ExplicitPadding = [
-    [0, 0], [Math.max(0, top), Math.max(0, bottom)], [Math.max(0, left), Math.max(0, right)], [0, 0],
-  ];
+  const pad = spatialPadding(Math.max(0, top), Math.max(0, bottom), Math.max(0, left), Math.max(0, right));
   return { z, pad };
+}
+
+/** NHWC explicit padding of the two spatial axes. */
+function spatialPadding(top: number, bottom: number, left: number, right: number): tf.backend_util.ExplicitPadding {
+  return [[0, 0], [top, bottom], [left, right], [0, 0]];
 }
 
 // ---------------------------------------------------------------------------
@@ -191,8 +201,7 @@ function dilateAndPad(dy: tf.Tensor4D, sH: number, sW: number, top: number, bott
 function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
-  const x = requireInput(args.inputs, "x");
-  const dy = requireInput(args.inputs, "dy");
+  const [x, dy] = inputsOf(args, "x", "dy");
   const filterShape = readShape4(attrs, "filterShape");
   const dataFormat = tf.backend_util.convertConv2DDataFormat(
     attrs.dataFormat === "NCHW" ? "NCHW" : "NHWC",
@@ -213,15 +222,17 @@ function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const channelsLast = info.dataFormat === "channelsLast";
 
   // direct SIMD filter gradient: a register-blocked GEMM over the output
-  // pixels (kernels.c), ~2-4x faster than the XNNPACK formulation below,
-  // whose 'filter' is the whole dy (repacked on every call).
+  // pixels (kernels.c), faster than the XNNPACK formulation below, whose
+  // 'filter' is the whole dy (repacked on every call).
   const s = channelsLast && info.outChannels % 4 === 0 ? simdFor(backend, x, dy) : null;
   if (s != null) {
+    const { batchSize, inChannels: ci, outChannels: co } = info;
     const dw = s.b.makeOutput([...filterShape], "float32");
     s.k.zero_fill(at(s.b, dw), sizeOf(filterShape));
     // threads split the output channels (whole 8-channel tiles where possible)
-    s.run("conv2d_filter_grad", splitRange(info.outChannels, partsFor(s, (sizeOf(dy.shape) * kh * kw * info.inChannels) / 8), info.outChannels % 8 === 0 ? 8 : 4).map(([c0, c1]) => [
-      at(s.b, x), at(s.b, dy), at(s.b, dw), info.batchSize, h, w, info.inChannels, oh, ow, info.outChannels, kh, kw, sH, sW, top, left, c0, c1,
+    const parts = splitRange(co, partsFor(s, (sizeOf(dy.shape) * kh * kw * ci) / 8), co % 8 === 0 ? 8 : 4);
+    s.run("conv2d_filter_grad", parts.map(([c0, c1]) => [
+      at(s.b, x), at(s.b, dy), at(s.b, dw), batchSize, h, w, ci, oh, ow, co, kh, kw, sH, sW, top, left, c0, c1,
     ]));
     return dw;
   }
@@ -231,7 +242,7 @@ function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
     const xT = tf.transpose(xt, channelsLast ? [3, 1, 2, 0] : [1, 2, 3, 0]) as tf.Tensor4D;
     // [oh, ow, b, co]: dy becomes a (huge, dilated) filter.
     const dyF = tf.transpose(dyt, channelsLast ? [1, 2, 0, 3] : [2, 3, 0, 1]) as tf.Tensor4D;
-    const pad: tf.backend_util.ExplicitPadding = [[0, 0], [top, Math.max(0, bottom)], [left, Math.max(0, right)], [0, 0]];
+    const pad = spatialPadding(top, Math.max(0, bottom), left, Math.max(0, right));
     let r = tf.conv2d(xT, dyF, 1, pad, "NHWC", [sH, sW]);
     if (bottom < 0 || right < 0) r = tf.slice(r, [0, 0, 0, 0], [info.inChannels, kh, kw, info.outChannels]);
     return tf.transpose(r, [1, 2, 0, 3]); // -> [kh, kw, ci, co]
@@ -241,21 +252,22 @@ function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
 // ---------------------------------------------------------------------------
 // DepthwiseConv2dNativeBackpropFilter
 
-function assertUnitDilation(attrs: tf.NamedAttrMap, kernel: string): void {
+/** The geometry of a depthwise gradient call; only dilation 1 (all that tfjs' own gradients request). */
+function depthwiseInfo(attrs: tf.NamedAttrMap, kernel: string, inShape: Shape4, filterShape: Shape4) {
   const [dH, dW] = readPair(attrs, "dilations", 1);
-  if (dH !== 1 || dW !== 1) throw new Error(`wasm ${kernel}: dilations other than 1 are not supported (got ${dH},${dW})`);
+  if (dH !== 1 || dW !== 1) {
+    throw new Error(`wasm ${kernel}: dilations other than 1 are not supported (got ${dH},${dW})`);
+  }
+  const strides = readPair(attrs, "strides");
+  return tf.backend_util.computeConv2DInfo(inShape, filterShape, strides, 1, readPad(attrs), readRounding(attrs), true);
 }
 
 function depthwiseBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
-  const x = requireInput(args.inputs, "x");
-  const dy = requireInput(args.inputs, "dy");
-  assertUnitDilation(attrs, "DepthwiseConv2dNativeBackpropFilter");
+  const [x, dy] = inputsOf(args, "x", "dy");
   const filterShape = readShape4(attrs, "filterShape");
-  const info = tf.backend_util.computeConv2DInfo(
-    shape4(x, "x"), filterShape, readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs), true,
-  );
+  const info = depthwiseInfo(attrs, "DepthwiseConv2dNativeBackpropFilter", shape4(x, "x"), filterShape);
   const { batchSize: b, inHeight: h, inWidth: w, inChannels: c, outHeight: oh, outWidth: ow } = info;
   const { filterHeight: kh, filterWidth: kw, strideHeight: sH, strideWidth: sW } = info;
   const mult = filterShape[3];
@@ -282,7 +294,7 @@ function depthwiseBackpropFilter(args: KernelArgs): tf.TensorInfo {
     // filter [oh, ow, b*c, mult] (dy's channel index is c*mult + m).
     const xT = tf.reshape(tf.transpose(xt, [1, 2, 0, 3]), [1, h, w, b * c]) as tf.Tensor4D;
     const dyF = tf.reshape(tf.transpose(dyt, [1, 2, 0, 3]), [oh, ow, b * c, mult]) as tf.Tensor4D;
-    const pad: tf.backend_util.ExplicitPadding = [[0, 0], [top, Math.max(0, bottom)], [left, Math.max(0, right)], [0, 0]];
+    const pad = spatialPadding(top, Math.max(0, bottom), left, Math.max(0, right));
     let r = tf.depthwiseConv2d(xT, dyF, 1, pad, "NHWC", [sH, sW]); // [1, kh', kw', b*c*mult]
     if (bottom < 0 || right < 0) r = tf.slice(r, [0, 0, 0, 0], [1, kh, kw, b * c * mult]);
     const summed = tf.sum(tf.reshape(r, [kh, kw, b, c * mult]), 2); // over the batch
@@ -296,18 +308,14 @@ function depthwiseBackpropFilter(args: KernelArgs): tf.TensorInfo {
 function depthwiseBackpropInput(args: KernelArgs): tf.TensorInfo {
   const backend = requireBackend(args.backend);
   const attrs = args.attrs ?? {};
-  const dy = requireInput(args.inputs, "dy");
-  const filter = requireInput(args.inputs, "filter");
-  assertUnitDilation(attrs, "DepthwiseConv2dNativeBackpropInput");
+  const [dy, filter] = inputsOf(args, "dy", "filter");
   const inputShape = readShape4(attrs, "inputShape");
+  const fShape = shape4(filter, "filter");
+  const info = depthwiseInfo(attrs, "DepthwiseConv2dNativeBackpropInput", inputShape, fShape);
   if (skipsInputGrad(filter)) {
     const z = zerosLike(args, inputShape);
     if (z != null) return z;
   }
-  const fShape = shape4(filter, "filter");
-  const info = tf.backend_util.computeConv2DInfo(
-    inputShape, fShape, readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs), true,
-  );
   const { batchSize: b, inHeight: h, inWidth: w, inChannels: c, outHeight: oh, outWidth: ow } = info;
   const { filterHeight: kh, filterWidth: kw, strideHeight: sH, strideWidth: sW } = info;
   const mult = fShape[3];
@@ -331,11 +339,11 @@ function depthwiseBackpropInput(args: KernelArgs): tf.TensorInfo {
 // ---------------------------------------------------------------------------
 // Conv2DBackpropInput (replacement)
 //
-// wasm does ship this kernel, but as a plain C++ loop that measured 4-11x
-// slower than the forward conv on our shapes (e.g. 150-190 ms vs 17 ms for
-// [32,32,32,16]->32). As a stride-1 XNNPACK conv of the zero-inserted dy with
-// the flipped, in/out-swapped filter it costs about one forward conv (stride
-// 1) or one full-resolution conv (stride 2, 3/4 of the taps hit zeros).
+// wasm does ship this kernel, but as a plain C++ loop, several times slower
+// than the forward conv on our shapes. As a stride-1 XNNPACK conv of the
+// zero-inserted dy with the flipped, in/out-swapped filter it costs about one
+// forward conv (stride 1) or one full-resolution conv (stride 2, 3/4 of the
+// taps hit zeros).
 
 function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const attrs = args.attrs ?? {};
@@ -345,8 +353,7 @@ function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] 
   }
   if (attrs.dataFormat === "NCHW") return delegate("Conv2DBackpropInput", args);
   const backend = requireBackend(args.backend);
-  const dy = requireInput(args.inputs, "dy");
-  const filter = requireInput(args.inputs, "filter");
+  const [dy, filter] = inputsOf(args, "dy", "filter");
   const inputShape = readShape4(attrs, "inputShape");
   const info = tf.backend_util.computeConv2DInfo(
     inputShape, shape4(filter, "filter"), readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs), false,
@@ -366,8 +373,10 @@ function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] 
     const ft = runComposite(backend, [filter], (f) => tf.transpose(f, [0, 1, 3, 2])); // [kh, kw, co, ci]
     try {
       const dx = s.b.makeOutput([...inputShape], "float32");
-      s.run("conv2d_input_grad", splitRange(info.batchSize, partsFor(s, (sizeOf(inputShape) * kh * kw * info.outChannels) / 8)).map(([b0, b1]) => [
-        at(s.b, dy), at(s.b, ft), at(s.b, dx), info.batchSize, h, w, info.inChannels, oh, ow, info.outChannels, kh, kw,
+      const { batchSize, inChannels: ci, outChannels: co } = info;
+      const parts = splitRange(batchSize, partsFor(s, (sizeOf(inputShape) * kh * kw * co) / 8));
+      s.run("conv2d_input_grad", parts.map(([b0, b1]) => [
+        at(s.b, dy), at(s.b, ft), at(s.b, dx), batchSize, h, w, ci, oh, ow, co, kh, kw,
         info.padInfo.top, info.padInfo.left, b0, b1,
       ]));
       return dx;
@@ -389,10 +398,10 @@ function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] 
 //
 // tfjs-core's gradient for FusedBatchNorm materialises 1/sqrt(var+eps) at
 // the full activation size with tf.tile before multiplying by dy. wasm's
-// Tile is a generic per-element index loop: 117 ms for [32,64,64,16], a
-// third of a whole baseline training step, while the same multiply with
-// broadcasting takes 7 ms. This is the same math without the tile. Gradients
-// are global (not per backend), which is fine: the results are identical.
+// Tile is a generic per-element index loop, many times slower than the same
+// multiply with broadcasting. This is the same math without the tile.
+// Gradients are global (not per backend), which is fine: the results are
+// identical.
 
 /** tfjs-core's NamedGradientMap (not re-exported by @tensorflow/tfjs). */
 type GradientMap = { [inputName: string]: () => tf.Tensor };
@@ -425,7 +434,10 @@ function fusedBatchNormGrad(dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], att
   return {
     x: () => tf.reshape(tf.mul(dy, k), x.shape),
     mean: () => tf.reshape(tf.neg(tf.mul(k, s1)), mean.shape),
-    variance: () => tf.reshape(tf.mul(tf.mul(s2, scaleValue), tf.mul(tf.mul(tf.mul(invStd, invStd), invStd), tf.scalar(-0.5))), mean.shape),
+    variance: () => {
+      const invStd3 = tf.mul(tf.mul(invStd, invStd), invStd);
+      return tf.reshape(tf.mul(tf.mul(s2, scaleValue), tf.mul(invStd3, tf.scalar(-0.5))), mean.shape);
+    },
     scale: () => tf.reshape(tf.mul(s2, invStd), mean.shape),
     offset: () => tf.reshape(s1, mean.shape),
   };
@@ -446,7 +458,8 @@ function quietRegisterGradient(config: tf.GradConfig): void {
 function registerFastBatchNormGrad(): void {
   const current = tf.getGradient("FusedBatchNorm");
   if (current != null && current.gradFunc === fusedBatchNormGrad) return;
-  quietRegisterGradient({ kernelName: "FusedBatchNorm", inputsToSave: ["x", "mean", "variance", "scale"], gradFunc: fusedBatchNormGrad });
+  const inputsToSave = ["x", "mean", "variance", "scale"];
+  quietRegisterGradient({ kernelName: "FusedBatchNorm", inputsToSave, gradFunc: fusedBatchNormGrad });
 }
 
 // ---------------------------------------------------------------------------
@@ -467,8 +480,11 @@ function delegate(name: string, args: KernelArgs): tf.TensorInfo | tf.TensorInfo
   return k.kernelFunc(args);
 }
 
+/** The SIMD kernels bound to one call: `b` is the backend whose heap they work in. */
+type SimdCall = Simd & { b: WasmBackendLike };
+
 /** The SIMD kernels and the backend, when this call can use them. */
-function simdFor(backend: unknown, ...infos: (tf.TensorInfo | undefined)[]): { k: Simd["k"]; run: Simd["run"]; threads: number; forced?: boolean; b: WasmBackendLike } | null {
+function simdFor(backend: unknown, ...infos: (tf.TensorInfo | undefined)[]): SimdCall | null {
   if (!isWasmBackend(backend)) return null;
   for (const t of infos) if (t != null && t.dtype !== "float32") return null;
   const simd = simdKernels(backend);
@@ -480,7 +496,7 @@ const sizeOf = (shape: readonly number[]): number => shape.reduce((a, b) => a * 
 /**
  * Parts to split a kernel call into: one per thread, but only for calls with
  * at least ~0.1 ms of work (`work` ~ elements touched, or multiply-adds / 8);
- * below that the ~20-40 µs of waking a helper thread costs more than it saves.
+ * below that, waking a helper thread costs more than it saves.
  */
 function partsFor(s: { threads: number; forced?: boolean }, work: number): number {
   return s.forced === true || work >= 1 << 18 ? s.threads : 1;
@@ -493,7 +509,7 @@ function at(b: WasmBackendLike, t: tf.TensorInfo): number {
 
 // zero-copy Identity/Cast: tfjs-wasm copies the whole buffer for Identity and
 // for a Cast to the same dtype; the engine clones (Identity) every tensor it
-// saves for the backward pass, ~30 full-size copies per baseline step. Tensors
+// saves for the backward pass, dozens of full-size copies per step. Tensors
 // are immutable, so sharing the buffer (refcounted, like Reshape already does)
 // is exact.
 function identity(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
@@ -535,26 +551,29 @@ function reduceLeading(name: "Sum" | "Mean", args: KernelArgs): tf.TensorInfo | 
   const outShape = args.attrs?.keepDims === true ? x.shape.map((d, i) => (i < n ? 1 : d)) : x.shape.slice(n);
   const out = s.b.makeOutput(outShape, "float32");
   // threads split the columns: each column is still summed in row order (same bits)
-  s.run("sum_rows", splitRange(cols, partsFor(s, rows * cols), 4).map(([c0, c1]) => [at(s.b, x), at(s.b, out), rows, cols, c0, c1, name === "Mean" ? 1 : 0]));
+  const mean = name === "Mean" ? 1 : 0;
+  const parts = splitRange(cols, partsFor(s, rows * cols), 4);
+  s.run("sum_rows", parts.map(([c0, c1]) => [at(s.b, x), at(s.b, out), rows, cols, c0, c1, mean]));
   return out;
 }
 
-// MaxPoolGrad in SIMD: tfjs-wasm's own is a scalar loop ~40x slower than the
-// forward pool (the largest item of a baseline step). Same semantics as
+// MaxPoolGrad in SIMD: tfjs-wasm's own is a scalar loop many times slower than
+// the forward pool (the largest item of a baseline step). Same semantics as
 // tfjs-cpu: first maximum of each window gets the gradient (see kernels.c).
 function maxPoolGrad(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
-  const dy = requireInput(args.inputs, "dy");
-  const x = requireInput(args.inputs, "input");
+  const [dy, x] = inputsOf(args, "dy", "input");
   const s = simdFor(args.backend, dy, x);
   if (s == null || x.shape.length !== 4 || sizeOf(x.shape) === 0) return delegate("MaxPoolGrad", args);
   const attrs = args.attrs ?? {};
   const info = tf.backend_util.computePool2DInfo(
-    shape4(x, "input"), readPair(attrs, "filterSize"), readPair(attrs, "strides"), 1, readPad(attrs), readRounding(attrs),
+    shape4(x, "input"), readPair(attrs, "filterSize"), readPair(attrs, "strides"), 1, readPad(attrs),
+    readRounding(attrs),
   );
   const dx = s.b.makeOutput([...x.shape], "float32");
-  s.run("maxpool_grad", splitRange(info.batchSize, partsFor(s, sizeOf(x.shape))).map(([b0, b1]) => [
-    at(s.b, x), at(s.b, dy), at(s.b, dx), info.batchSize, info.inHeight, info.inWidth, info.inChannels, info.outHeight,
-    info.outWidth, info.filterHeight, info.filterWidth, info.strideHeight, info.strideWidth, info.padInfo.top, info.padInfo.left, b0, b1,
+  const { batchSize, inHeight, inWidth, inChannels, outHeight, outWidth, filterHeight, filterWidth } = info;
+  s.run("maxpool_grad", splitRange(batchSize, partsFor(s, sizeOf(x.shape))).map(([b0, b1]) => [
+    at(s.b, x), at(s.b, dy), at(s.b, dx), batchSize, inHeight, inWidth, inChannels, outHeight, outWidth,
+    filterHeight, filterWidth, info.strideHeight, info.strideWidth, info.padInfo.top, info.padInfo.left, b0, b1,
   ]));
   return dx;
 }
@@ -576,10 +595,10 @@ function fusedBatchNorm(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const parts = splitRange(size / c, partsFor(s, size));
   const scratch = s.b.wasm._malloc(24 * c * parts.length); // 8-byte aligned; one region per part
   try {
+    // Each parameter as (address, element count); an absent scale or offset is (0, 1).
+    const refs = params.flatMap((t) => (t == null ? [0, 1] : [at(s.b, t), sizeOf(t.shape)]));
     s.run("batchnorm", parts.map(([r0, r1], p) => [
-      at(s.b, x), at(s.b, out), size / c, c, at(s.b, mean), sizeOf(mean.shape), at(s.b, variance), sizeOf(variance.shape),
-      scale == null ? 0 : at(s.b, scale), scale == null ? 1 : sizeOf(scale.shape),
-      offset == null ? 0 : at(s.b, offset), offset == null ? 1 : sizeOf(offset.shape), eps, scratch + 24 * c * p, r0, r1,
+      at(s.b, x), at(s.b, out), size / c, c, ...refs, eps, scratch + 24 * c * p, r0, r1,
     ]));
   } finally {
     s.b.wasm._free(scratch);
@@ -599,15 +618,14 @@ function broadcastRowsKernel(args: KernelArgs): tf.TensorInfo {
   const c = sizeOf(x.shape);
   const rows = sizeOf(shape) / c;
   const out = s.b.makeOutput([...shape], "float32");
-  s.run("broadcast_rows", splitRange(rows, partsFor(s, rows * c)).map(([r0, r1]) => [at(s.b, x), at(s.b, out), r0, r1, c, rows]));
+  const parts = splitRange(rows, partsFor(s, rows * c));
+  s.run("broadcast_rows", parts.map(([r0, r1]) => [at(s.b, x), at(s.b, out), r0, r1, c, rows]));
   return out;
 }
 
 /** ArBnGradSums: x, dy [..., C], mean [C] -> [2, C]: sum(dy) and sum(dy * (x - mean)) per channel. */
 function bnGradSumsKernel(args: KernelArgs): tf.TensorInfo {
-  const x = requireInput(args.inputs, "x");
-  const dy = requireInput(args.inputs, "dy");
-  const mean = requireInput(args.inputs, "mean");
+  const [x, dy, mean] = inputsOf(args, "x", "dy", "mean");
   const s = simdFor(args.backend, x, dy, mean);
   if (s == null) throw new Error("ArBnGradSums: needs the wasm SIMD kernels");
   const c = sizeOf(mean.shape);
@@ -668,7 +686,8 @@ export function inputConvFilters(model: tf.LayersModel): tf.Variable[] {
     const cls = layer.getClassName();
     if (cls !== "Conv2D" && cls !== "DepthwiseConv2D") continue;
     const nodes = layer.inboundNodes;
-    const fedByInput = nodes.length > 0 && nodes.every((n) => n.inboundLayers.every((l) => l.getClassName() === "InputLayer"));
+    const fromInput = (n: (typeof nodes)[number]) => n.inboundLayers.every((l) => l.getClassName() === "InputLayer");
+    const fedByInput = nodes.length > 0 && nodes.every(fromInput);
     if (!fedByInput) continue;
     for (const w of layer.trainableWeights) {
       if (w.shape.length === 4 && /kernel$/.test(w.originalName)) {
@@ -697,7 +716,8 @@ let originalMeanGrad: tf.GradConfig | undefined;
 function meanGrad(dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradientMap {
   const [x] = saved;
   if (!Array.isArray(dy) && x.dtype === "float32" && leadingAxes(attrs.axis, x.shape) > 0 && onSimdWasm()) {
-    return { x: () => tf.engine().runKernel("ArBroadcastRows", { x: tf.reshape(dy, [-1]) }, { shape: x.shape }) as tf.Tensor };
+    const broadcast = () => tf.engine().runKernel("ArBroadcastRows", { x: tf.reshape(dy, [-1]) }, { shape: x.shape });
+    return { x: () => broadcast() as tf.Tensor };
   }
   if (originalMeanGrad?.gradFunc == null) throw new Error("Mean gradient: tfjs' own gradient was not captured");
   return originalMeanGrad.gradFunc(dy, saved, attrs);
@@ -734,7 +754,8 @@ function replaceKernel(name: string, fn: tf.KernelFunc): void {
   }
   // Keep the native setupFunc: it cwraps the C++ function we delegate to,
   // and the engine runs it when the wasm backend initializes.
-  tf.registerKernel({ kernelName: name, backendName: "wasm", kernelFunc: fn, setupFunc: current?.setupFunc, disposeFunc: current?.disposeFunc });
+  const { setupFunc, disposeFunc } = current ?? {};
+  tf.registerKernel({ kernelName: name, backendName: "wasm", kernelFunc: fn, setupFunc, disposeFunc });
 }
 
 function restoreKernel(name: string): void {
@@ -799,4 +820,6 @@ export function registerWasmGradKernels(opts: WasmGradKernelOptions = {}): void 
 export { setSimdKernelsEnabled, setSimdSplit } from "./wasm_simd/index.ts";
 
 /** Kernel names this module provides or replaces on wasm (for tests and diagnostics). */
-export const WASM_GRAD_KERNEL_NAMES: readonly string[] = [...KERNELS.map((k) => k.kernelName), ...Object.keys(REPLACEMENTS)];
+export const WASM_GRAD_KERNEL_NAMES: readonly string[] = [
+  ...KERNELS.map((k) => k.kernelName), ...Object.keys(REPLACEMENTS),
+];

@@ -5,7 +5,8 @@ import * as tf from "@tensorflow/tfjs";
 import { evaluate, loadCache, parseFooter, prepareData, type Dataset } from "../prepare.ts";
 import { initBackend } from "../lib/backend.ts";
 import {
-  BACKBONES, datasetFeatures, ensureUrlModel, featureCachePath, loadBackbone, parseBackboneId, type Backbone, type BackboneSpec,
+  BACKBONES, datasetFeatures, ensureUrlModel, featureCachePath, loadBackbone, parseBackboneId,
+  type Backbone, type BackboneSpec,
 } from "../lib/backbones.ts";
 import { inputSizeFor, loadCheckpoint, predictorFor } from "../lib/checkpoint.ts";
 import { decodeToRgb, sha256Hex } from "../lib/images.ts";
@@ -13,7 +14,7 @@ import { HAVE_DATASETS, runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const SIZE = 96; // small input: fast on one wasm thread
 const quiet = () => {};
-// Explicit limits: tests/setup.ts's setDefaultTimeout only reaches the first file of a `bun test` run.
+/** Loading a backbone, extracting features or running train.ts outlasts Bun's 5 s default per test. */
 const SLOW = 180_000;
 
 beforeAll(async () => { await initBackend({ prefer: "wasm" }); }, SLOW);
@@ -51,7 +52,8 @@ describe.skipIf(!HAVE_DATASETS)("offline backbone (nsfwjs MobileNetV2) and the f
     // copy, the path every other size takes) it gives the very same features.
     const x224 = tf.image.resizeBilinear(x, [224, 224]);
     const native = await loadBackbone("nsfwjs-mobilenetv2@224");
-    const rebuilt = await loadBackbone("nsfwjs-mobilenetv2@224", { spec: { ...BACKBONES["nsfwjs-mobilenetv2"], nativeSize: 999 } });
+    const asIfResized = { ...BACKBONES["nsfwjs-mobilenetv2"], nativeSize: 999 };
+    const rebuilt = await loadBackbone("nsfwjs-mobilenetv2@224", { spec: asIfResized });
     const n = native.features(x224), r = rebuilt.features(x224);
     expect(n.shape).toEqual([3, 1280]);
     expect(Array.from(await r.data())).toEqual(Array.from(await n.data()));
@@ -59,7 +61,9 @@ describe.skipIf(!HAVE_DATASETS)("offline backbone (nsfwjs MobileNetV2) and the f
     tf.dispose([x, x224, a, b, n, r]);
   }, SLOW);
 
-  test("dataset features: [N, 1280] from the source photos, cached, reused, recomputed when the key changes", async () => {
+  const featuresCase =
+    "dataset features: [N, 1280] from the source photos, cached, reused, recomputed when the key changes";
+  test(featuresCase, async () => {
     const logs: string[] = [];
     const cold = await datasetFeatures(ds, bb, { log: (l) => logs.push(l) });
     expect(cold.reused).toBe(false);
@@ -98,7 +102,11 @@ describe.skipIf(!HAVE_DATASETS)("offline backbone (nsfwjs MobileNetV2) and the f
 // URL backbones against a local server
 // ---------------------------------------------------------------------------
 
-interface Served { files: Map<string, Uint8Array<ArrayBuffer>>; hits: Map<string, number>; truncate: Map<string, number> }
+interface Served {
+  files: Map<string, Uint8Array<ArrayBuffer>>;
+  hits: Map<string, number>;
+  truncate: Map<string, number>;
+}
 
 /** The nsfwjs model as an online layers model would be laid out: model.json + two binary shards. */
 async function nsfwjsAsFiles(): Promise<Map<string, Uint8Array<ArrayBuffer>>> {
@@ -106,7 +114,8 @@ async function nsfwjsAsFiles(): Promise<Map<string, Uint8Array<ArrayBuffer>>> {
   const json = (await MobileNetV2Model.modelJson()).default;
   const weights = new Uint8Array(Buffer.from((await MobileNetV2Model.weightBundles[0]!()).default, "base64"));
   const half = Math.floor(weights.length / 2);
-  const modelJson = { ...json, weightsManifest: [{ ...json.weightsManifest[0]!, paths: ["group1-shard1of2", "group1-shard2of2"] }] };
+  const paths = ["group1-shard1of2", "group1-shard2of2"];
+  const modelJson = { ...json, weightsManifest: [{ ...json.weightsManifest[0]!, paths }] };
   return new Map<string, Uint8Array<ArrayBuffer>>([
     ["model.json", new TextEncoder().encode(JSON.stringify(modelJson))],
     ["group1-shard1of2", weights.slice(0, half)],
@@ -145,14 +154,22 @@ describe("URL backbone download, verification and cache (local HTTP server)", ()
   }, SLOW);
   afterAll(() => server.stop(true));
 
-  const leftovers = (root: string) => (existsSync(join(root, "backbones")) ? readdirSync(join(root, "backbones")).filter((d) => d.includes(".tmp-")) : []);
+  const leftovers = (root: string) => {
+    const dir = join(root, "backbones");
+    return existsSync(dir) ? readdirSync(dir).filter((d) => d.includes(".tmp-")) : [];
+  };
+  const mirror = (url: string): Partial<BackboneSpec> => ({ source: { kind: "url", mirrors: [{ base: url }] } });
 
-  test("downloads once, verifies, caches; later loads need no network and give the offline backbone's features", async () => {
+  const onceCase =
+    "downloads once, verifies, caches; later loads need no network and give the offline backbone's features";
+  test(onceCase, async () => {
     const root = tempDir();
     served.hits.clear();
     const bb = await loadBackbone("served-mobilenetv2", { ...opts, spec: spec(), cacheRoot: root, inputSize: SIZE });
     const dir = join(root, "backbones", "served-mobilenetv2");
-    for (const f of ["model.json", "group1-shard1of2", "group1-shard2of2", "files.json"]) expect(existsSync(join(dir, f))).toBe(true);
+    for (const f of ["model.json", "group1-shard1of2", "group1-shard2of2", "files.json"]) {
+      expect(existsSync(join(dir, f))).toBe(true);
+    }
     expect(served.hits.get("group1-shard2of2")).toBe(1);
     expect(leftovers(root)).toEqual([]);
     const x = tf.randomUniform([2, SIZE, SIZE, 3], 0, 1, "float32", 3) as tf.Tensor4D;
@@ -162,12 +179,16 @@ describe("URL backbone download, verification and cache (local HTTP server)", ()
 
     served.hits.clear();
     const hits = () => [...served.hits.values()].reduce((a, b) => a + b, 0);
-    await loadBackbone("served-mobilenetv2", { ...opts, spec: spec({ source: { kind: "url", mirrors: [{ base: "http://127.0.0.1:9/unreachable/" }] } }), cacheRoot: root, inputSize: SIZE, reload: true });
+    const offlineSpec = spec(mirror("http://127.0.0.1:9/unreachable/"));
+    const again = { ...opts, spec: offlineSpec, cacheRoot: root, inputSize: SIZE, reload: true };
+    await loadBackbone("served-mobilenetv2", again);
     expect(hits()).toBe(0);
     x.dispose();
   }, SLOW);
 
-  test("a truncated shard is retried (group size from model.json), and a pinned file by its size and sha256", async () => {
+  const retryCase =
+    "a truncated shard is retried (group size from model.json), and a pinned file by its size and sha256";
+  test(retryCase, async () => {
     const root = tempDir();
     served.truncate.set("group1-shard2of2", 1);
     served.hits.clear();
@@ -181,8 +202,10 @@ describe("URL backbone download, verification and cache (local HTTP server)", ()
     served.truncate.set("group1-shard1of2", 1);
     served.hits.clear();
     logs.length = 0;
-    await ensureUrlModel(spec({ source: { kind: "url", mirrors: [{ base }], pinned } }), { ...opts, cacheRoot: root2, log: (l) => logs.push(l) });
-    expect(logs.join("\n")).toMatch(/group1-shard1of2: got \d+ bytes, expected \d+ \(truncated or wrong file\); retrying/);
+    const pinnedSpec = spec({ source: { kind: "url", mirrors: [{ base }], pinned } });
+    await ensureUrlModel(pinnedSpec, { ...opts, cacheRoot: root2, log: (l) => logs.push(l) });
+    expect(logs.join("\n"))
+      .toMatch(/group1-shard1of2: got \d+ bytes, expected \d+ \(truncated or wrong file\); retrying/);
     expect(served.hits.get("group1-shard1of2")).toBe(2);
     expect(leftovers(root2)).toEqual([]);
   }, SLOW);
@@ -190,12 +213,14 @@ describe("URL backbone download, verification and cache (local HTTP server)", ()
   test("a shard that stays truncated is a clear error and leaves no cache behind", async () => {
     const root = tempDir();
     served.truncate.set("group1-shard2of2", 99);
-    await expect(ensureUrlModel(spec(), { ...opts, cacheRoot: root })).rejects.toThrow(/served-mobilenetv2: download failed, nothing was cached:[\s\S]*truncated download/);
+    await expect(ensureUrlModel(spec(), { ...opts, cacheRoot: root }))
+      .rejects.toThrow(/served-mobilenetv2: download failed, nothing was cached:[\s\S]*truncated download/);
     expect(existsSync(join(root, "backbones", "served-mobilenetv2"))).toBe(false);
     expect(leftovers(root)).toEqual([]);
     served.truncate.clear();
     // A missing file is not retried: 404 is the answer.
-    await expect(ensureUrlModel(spec({ source: { kind: "url", mirrors: [{ base: `${base}nothing-here/x` }] } }), { ...opts, cacheRoot: root })).rejects.toThrow(/HTTP 404/);
+    const missing = spec(mirror(`${base}nothing-here/x`));
+    await expect(ensureUrlModel(missing, { ...opts, cacheRoot: root })).rejects.toThrow(/HTTP 404/);
   }, SLOW);
 
   test("a damaged cache is detected on load, deleted, and downloaded again", async () => {
@@ -208,12 +233,14 @@ describe("URL backbone download, verification and cache (local HTTP server)", ()
     const logs: string[] = [];
     served.hits.clear();
     await ensureUrlModel(spec(), { ...opts, cacheRoot: root, log: (l) => logs.push(l) });
-    expect(logs.join("\n")).toMatch(/group1-shard1of2: sha256 does not match files\.json \(corrupt\).*downloading again/);
+    expect(logs.join("\n"))
+      .toMatch(/group1-shard1of2: sha256 does not match files\.json \(corrupt\).*downloading again/);
     expect(served.hits.get("group1-shard1of2")).toBe(1);
     expect(readFileSync(shard)).toEqual(Buffer.from(served.files.get("group1-shard1of2")!));
     // Offline and damaged: a clear error, and the damaged copy is gone rather than trusted.
     writeFileSync(shard, bytes.subarray(0, 10));
-    await expect(ensureUrlModel(spec({ source: { kind: "url", mirrors: [{ base: "http://127.0.0.1:9/" }] } }), { ...opts, cacheRoot: root })).rejects.toThrow(/download failed, nothing was cached/);
+    await expect(ensureUrlModel(spec(mirror("http://127.0.0.1:9/")), { ...opts, cacheRoot: root }))
+      .rejects.toThrow(/download failed, nothing was cached/);
     expect(existsSync(dir)).toBe(false);
   }, SLOW);
 });
@@ -224,44 +251,73 @@ describe("graph-model backbones (the TF Hub format)", () => {
     const dims = (...d: number[]) => ({ dim: d.map((size) => ({ size: String(size) })) });
     const f32 = { type: "DT_FLOAT" };
     const b64 = (t: string) => Buffer.from(t).toString("base64");
+    const ones = { list: { i: ["1", "1", "1", "1"] } };
     const modelJson = {
       format: "graph-model", generatedBy: "hand", convertedBy: "tests/backbones.test.ts",
       modelTopology: {
         node: [
           { name: "images", op: "Placeholder", attr: { dtype: f32, shape: { shape: dims(-1, 32, 32, 3) } } },
-          { name: "w", op: "Const", attr: { dtype: f32, value: { tensor: { dtype: "DT_FLOAT", tensorShape: dims(1, 1, 3, 4) } } } },
-          { name: "axes", op: "Const", attr: { dtype: { type: "DT_INT32" }, value: { tensor: { dtype: "DT_INT32", tensorShape: dims(2) } } } },
-          { name: "conv", op: "Conv2D", input: ["images", "w"], attr: { T: f32, strides: { list: { i: ["1", "1", "1", "1"] } }, dilations: { list: { i: ["1", "1", "1", "1"] } }, padding: { s: b64("VALID") }, data_format: { s: b64("NHWC") } } },
+          {
+            name: "w", op: "Const",
+            attr: { dtype: f32, value: { tensor: { dtype: "DT_FLOAT", tensorShape: dims(1, 1, 3, 4) } } },
+          },
+          {
+            name: "axes", op: "Const",
+            attr: { dtype: { type: "DT_INT32" }, value: { tensor: { dtype: "DT_INT32", tensorShape: dims(2) } } },
+          },
+          {
+            name: "conv", op: "Conv2D", input: ["images", "w"],
+            attr: {
+              T: f32, strides: ones, dilations: ones, padding: { s: b64("VALID") }, data_format: { s: b64("NHWC") },
+            },
+          },
           { name: "relu", op: "Relu", input: ["conv"], attr: { T: f32 } },
-          { name: "feat", op: "Mean", input: ["relu", "axes"], attr: { T: f32, Tidx: { type: "DT_INT32" }, keep_dims: { b: true } } },
+          {
+            name: "feat", op: "Mean", input: ["relu", "axes"],
+            attr: { T: f32, Tidx: { type: "DT_INT32" }, keep_dims: { b: true } },
+          },
           { name: "logits", op: "Identity", input: ["feat"], attr: { T: f32 } },
         ],
         library: {}, versions: {},
       },
-      weightsManifest: [{ paths: ["group1-shard1of1.bin"], weights: [{ name: "w", shape: [1, 1, 3, 4], dtype: "float32" }, { name: "axes", shape: [2], dtype: "int32" }] }],
+      weightsManifest: [{
+        paths: ["group1-shard1of1.bin"],
+        weights: [{ name: "w", shape: [1, 1, 3, 4], dtype: "float32" }, { name: "axes", shape: [2], dtype: "int32" }],
+      }],
     };
     const weights = new Uint8Array(w.byteLength + 8);
     weights.set(new Uint8Array(w.buffer, w.byteOffset, w.byteLength));
     weights.set(new Uint8Array(Int32Array.from([1, 2]).buffer), w.byteLength);
-    return new Map<string, Uint8Array<ArrayBuffer>>([["model.json", new TextEncoder().encode(JSON.stringify(modelJson))], ["group1-shard1of1.bin", weights]]);
+    return new Map<string, Uint8Array<ArrayBuffer>>([
+      ["model.json", new TextEncoder().encode(JSON.stringify(modelJson))], ["group1-shard1of1.bin", weights],
+    ]);
   }
 
   test("downloaded, cached and executed at its feature node; fixed input size is kept", async () => {
     const w = Float32Array.from({ length: 12 }, (_, i) => (i % 5) / 5 - 0.3);
     const files = tinyGraphModel(w);
-    const server = Bun.serve({ port: 0, hostname: "127.0.0.1", fetch: (req) => { const b = files.get(new URL(req.url).pathname.split("/").pop() ?? ""); return b ? new Response(b) : new Response("no", { status: 404 }); } });
+    const serve = (req: Request) => {
+      const b = files.get(new URL(req.url).pathname.split("/").pop() ?? "");
+      return b ? new Response(b) : new Response("no", { status: 404 });
+    };
+    const server = Bun.serve({ port: 0, hostname: "127.0.0.1", fetch: serve });
     try {
       const spec: BackboneSpec = {
-        name: "tiny-graph", title: "hand-written graph model", imagenet: false, weights: "test", license: "test", format: "graph",
-        source: { kind: "url", mirrors: [{ base: `http://127.0.0.1:${server.port}/g/` }] }, featureNode: "feat", featureDim: 4, nativeSize: 32, resizable: false, inputRange: [-1, 1],
+        name: "tiny-graph", title: "hand-written graph model", imagenet: false, weights: "test", license: "test",
+        format: "graph", source: { kind: "url", mirrors: [{ base: `http://127.0.0.1:${server.port}/g/` }] },
+        featureNode: "feat", featureDim: 4, nativeSize: 32, resizable: false, inputRange: [-1, 1],
       };
       const logs: string[] = [];
-      const bb = await loadBackbone("tiny-graph", { spec, cacheRoot: tempDir(), inputSize: 64, log: (l) => logs.push(l) });
+      const log = (l: string) => logs.push(l);
+      const bb = await loadBackbone("tiny-graph", { spec, cacheRoot: tempDir(), inputSize: 64, log });
       expect(bb.inputSize).toBe(32); // a graph model keeps its own input size, and says so
       expect(logs.join("\n")).toContain("fixed 32×32 input");
       const x = tf.randomUniform([2, 32, 32, 3], 0, 1, "float32", 5) as tf.Tensor4D;
       const got = bb.features(x);
-      const want = tf.tidy(() => tf.mean(tf.relu(tf.conv2d(tf.sub(tf.mul(x, 2), 1) as tf.Tensor4D, tf.tensor4d(w, [1, 1, 3, 4]), 1, "valid")), [1, 2]));
+      const want = tf.tidy(() => {
+        const scaled = tf.sub(tf.mul(x, 2), 1) as tf.Tensor4D; // inputRange [-1, 1]
+        return tf.mean(tf.relu(tf.conv2d(scaled, tf.tensor4d(w, [1, 1, 3, 4]), 1, "valid")), [1, 2]);
+      });
       expect(got.shape).toEqual([2, 4]);
       const [g, e] = [await got.data(), await want.data()];
       for (let k = 0; k < g.length; k++) expect(g[k]!).toBeCloseTo(e[k]!, 5);
@@ -277,7 +333,9 @@ describe("graph-model backbones (the TF Hub format)", () => {
 // ---------------------------------------------------------------------------
 
 describe.skipIf(!HAVE_DATASETS)("train.ts with a frozen backbone", () => {
-  test("AR_HP selects the backbone; a short run on real waste photos beats chance widely; evaluate() reproduces it", async () => {
+  const trainCase =
+    "AR_HP selects the backbone; a short run on real waste photos beats chance widely; evaluate() reproduces it";
+  test(trainCase, async () => {
     const cache = tempDir();
     await prepareData({ task: "waste", source: sliceOf("waste3", 40), cacheRoot: cache, log: quiet });
     const ckpt = join(tempDir(), "ckpt");
@@ -305,8 +363,10 @@ describe.skipIf(!HAVE_DATASETS)("train.ts with a frozen backbone", () => {
 
     // New photos (predict.ts): no dataset, the backbone runs on the pixels, same answers.
     const val = Array.from(ds.val).slice(0, 8);
-    const pixels = await Promise.all(val.map((i) => decodeToRgb(join(ds.manifest.source, ds.manifest.items[i]!.path), SIZE)));
-    const x = tf.tensor4d(Float32Array.from(pixels.flatMap((p) => Array.from(p)), (v) => v * (1 / 255)), [val.length, SIZE, SIZE, 3]);
+    const fileOf = (i: number) => join(ds.manifest.source, ds.manifest.items[i]!.path);
+    const pixels = await Promise.all(val.map((i) => decodeToRgb(fileOf(i), SIZE)));
+    const scaled = Float32Array.from(pixels.flatMap((p) => Array.from(p)), (v) => v * (1 / 255));
+    const x = tf.tensor4d(scaled, [val.length, SIZE, SIZE, 3]);
     const fresh = await predictorFor(loaded)(x, new Int32Array(val.length));
     const cached = await predictorFor(loaded, ds)(x, Int32Array.from(val));
     const [a, b] = [await fresh.probs.data(), await cached.probs.data()];
@@ -315,14 +375,16 @@ describe.skipIf(!HAVE_DATASETS)("train.ts with a frozen backbone", () => {
     // The harness's evaluate subcommand on the same checkpoint, and a second run reusing the features.
     const ev = runScript(["prepare.ts", "evaluate", "--model", ckpt], { AR_CACHE: cache });
     expect(ev.code).toBe(0);
-    expect(Number(parseFooter(ev.out.split("\neval_json")[0]!).val_accuracy)).toBeCloseTo(loaded.meta.metrics.val_accuracy!, 6);
+    const remeasured = Number(parseFooter(ev.out.split("\neval_json")[0]!).val_accuracy);
+    expect(remeasured).toBeCloseTo(loaded.meta.metrics.val_accuracy!, 6);
     const r2 = runScript(["train.ts", "--budget", "2", "--checkpoint", ckpt], { AR_CACHE: cache, AR_HP: hp });
     expect(r2.code).toBe(0);
     expect(r2.out).toMatch(/feature_seconds: +\d+\.\d \(cached features/);
   }, SLOW);
 
   test("a misspelt AR_HP key is refused before anything runs", () => {
-    const r = runScript(["train.ts", "--budget", "1"], { AR_CACHE: tempDir(), AR_HP: JSON.stringify({ backbon: "nsfwjs-mobilenetv2" }) });
+    const misspelt = JSON.stringify({ backbon: "nsfwjs-mobilenetv2" });
+    const r = runScript(["train.ts", "--budget", "1"], { AR_CACHE: tempDir(), AR_HP: misspelt });
     expect(r.code).not.toBe(0);
     expect(r.out).toMatch(/AR_HP.*backbon/);
   }, SLOW);

@@ -9,14 +9,18 @@ import * as tf from "@tensorflow/tfjs";
 import { backendLabel, initBackend } from "../lib/backend.ts";
 import { evaluate, imageBatch, trainBatches, type Dataset, type Manifest } from "../prepare.ts";
 import { flipAndShift } from "../lib/augment.ts";
-import { WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients } from "../lib/wasm_kernels.ts";
+import {
+  WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients,
+} from "../lib/wasm_kernels.ts";
 
 const savedEnv = process.env.AR_BACKEND;
+/** Starting wasm, and training or differentiating a net on one shared core, can outlast Bun's 5 s default. */
+const SLOW = 180_000;
 
 beforeAll(async () => {
   delete process.env.AR_BACKEND;
   await initBackend();
-});
+}, SLOW);
 
 afterAll(() => {
   if (savedEnv == null) delete process.env.AR_BACKEND;
@@ -125,7 +129,8 @@ describe("wasm gradient kernels vs cpu", () => {
   });
 
   for (const c of CASES) {
-    const name = `${c.op} x=[${c.x}] f=[${c.filter}] s=${JSON.stringify(c.strides)} pad=${JSON.stringify(c.pad)}${c.rounding ? ` ${c.rounding}` : ""}`;
+    const pad = `${JSON.stringify(c.pad)}${c.rounding ? ` ${c.rounding}` : ""}`;
+    const name = `${c.op} x=[${c.x}] f=[${c.filter}] s=${JSON.stringify(c.strides)} pad=${pad}`;
     test(name, async () => {
       // IS_TEST turns on the engine's per-kernel leak check (data ids created
       // inside a kernel but not returned), which is what we want to catch.
@@ -141,7 +146,7 @@ describe("wasm gradient kernels vs cpu", () => {
         tf.env().set("IS_TEST", false);
         await tf.setBackend("wasm");
       }
-    });
+    }, SLOW);
   }
 });
 
@@ -156,17 +161,19 @@ describe("NCHW kernel calls (wasm's forward conv is NHWC-only, so only direct ca
         await tf.setBackend(backend);
         return tf.tidy(() => {
           const dyT = tf.tensor4d(seeded(2 * 4 * 4 * 5, 31), dy);
+          const xT = tf.tensor4d(seeded(2 * 3 * 7 * 9, 32), x);
+          const filter = tf.tensor4d(seeded(3 * 3 * 3 * 4, 33), filterShape);
           const out =
             kernelName === "Conv2DBackpropFilter"
-              ? tf.engine().runKernel(kernelName, { x: tf.tensor4d(seeded(2 * 3 * 7 * 9, 32), x), dy: dyT }, { ...attrs, filterShape })
-              : tf.engine().runKernel(kernelName, { dy: dyT, filter: tf.tensor4d(seeded(3 * 3 * 3 * 4, 33), filterShape) }, { ...attrs, inputShape: x });
+              ? tf.engine().runKernel(kernelName, { x: xT, dy: dyT }, { ...attrs, filterShape })
+              : tf.engine().runKernel(kernelName, { dy: dyT, filter }, { ...attrs, inputShape: x });
           return (out as tf.Tensor).dataSync() as Float32Array;
         });
       };
       const ref = await run("cpu");
       const got = await run("wasm");
       expect(relErr(ref, got)).toBeLessThan(1e-4);
-    });
+    }, SLOW);
   }
 });
 
@@ -194,12 +201,17 @@ describe("FusedBatchNorm gradient (tile-free replacement)", () => {
       const plain = (x: tf.Tensor, m: tf.Tensor, v: tf.Tensor, s: tf.Tensor, o: tf.Tensor) =>
         tf.sum(tf.mul(tf.add(tf.mul(tf.mul(tf.sub(x, m), tf.rsqrt(tf.add(v, eps))), s), o), r));
       const before = tf.memory().numTensors;
-      const got = tf.tidy(() => tf.grads((...a: tf.Tensor[]) => fused(a[0], a[1], a[2], a[3], a[4]))(make()).map((g) => g.dataSync() as Float32Array));
-      const ref = tf.tidy(() => tf.grads((...a: tf.Tensor[]) => plain(a[0], a[1], a[2], a[3], a[4]))(make()).map((g) => g.dataSync() as Float32Array));
+      type Five = (x: tf.Tensor, m: tf.Tensor, v: tf.Tensor, s: tf.Tensor, o: tf.Tensor) => tf.Tensor;
+      const gradsOf = (g: Five) => tf.tidy(() => {
+        const grads = tf.grads((...a: tf.Tensor[]) => g(a[0], a[1], a[2], a[3], a[4]))(make());
+        return grads.map((t) => t.dataSync() as Float32Array);
+      });
+      const got = gradsOf(fused);
+      const ref = gradsOf(plain);
       expect(tf.memory().numTensors).toBe(before);
       r.dispose();
       for (let i = 0; i < 5; i++) expect(relErr(ref[i], got[i])).toBeLessThan(1e-4);
-    });
+    }, SLOW);
   }
 
   test("is the registered FusedBatchNorm gradient and uses no Tile", async () => {
@@ -271,7 +283,8 @@ describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's ow
       const w = tf.tensor4d(seeded(3 * 3 * 3 * 8, 55), [3, 3, 3, 8]);
       const y = tf.conv2d(x, w, 1, "same");
       const { mean, variance } = tf.moments(y, [0, 1, 2]);
-      return tf.maxPool(tf.relu(tf.batchNorm(y, mean, variance, undefined, undefined, 1e-3)) as tf.Tensor4D, 2, 2, "valid");
+      const normed = tf.relu(tf.batchNorm(y, mean, variance, undefined, undefined, 1e-3)) as tf.Tensor4D;
+      return tf.maxPool(normed, 2, 2, "valid");
     };
     const { native, ours } = nativeVsOurs(f);
     expect(bits(ours)).toEqual(bits(native));
@@ -306,7 +319,7 @@ describe("SIMD kernels split across threads", () => {
         setSimdSplit(undefined);
       }
     }
-  });
+  }, SLOW);
 });
 
 describe("MaxPoolGrad (SIMD) matches tfjs-cpu", () => {
@@ -374,10 +387,12 @@ describe("gradients with SIMD helpers", () => {
     const x = tf.tensor4d(seeded(2 * 6 * 6 * 3, 81), [2, 6, 6, 3]);
     const w = tf.variable(tf.tensor4d(seeded(3 * 3 * 3 * 4, 82), [3, 3, 3, 4]));
     // tf.fused.conv2d is what tf.layers' Conv2D runs (a customGrad computing dx eagerly).
-    const f = (xt: tf.Tensor, wt: tf.Tensor) => tf.sum(tf.square(tf.fused.conv2d({ x: xt as tf.Tensor4D, filter: wt as tf.Tensor4D, strides: 1, pad: "same" })));
+    const f = (xt: tf.Tensor, wt: tf.Tensor) =>
+      tf.sum(tf.square(tf.fused.conv2d({ x: xt as tf.Tensor4D, filter: wt as tf.Tensor4D, strides: 1, pad: "same" })));
     const before = tf.memory().numTensors;
-    const [dxRef, dwRef] = tf.tidy(() => tf.grads(f)([x, w]).map((g) => g.dataSync() as Float32Array));
-    const [dxSkip, dwSkip] = withoutInputGradients([w], () => tf.tidy(() => tf.grads(f)([x, w]).map((g) => g.dataSync() as Float32Array)));
+    const grads = () => tf.tidy(() => tf.grads(f)([x, w]).map((g) => g.dataSync() as Float32Array));
+    const [dxRef, dwRef] = grads();
+    const [dxSkip, dwSkip] = withoutInputGradients([w], grads);
     expect(tf.memory().numTensors).toBe(before);
     expect(dxRef.some((v) => v !== 0)).toBe(true);
     expect(dxSkip.every((v) => v === 0)).toBe(true);
@@ -436,7 +451,7 @@ describe("training on wasm", () => {
     const first = losses.slice(0, 3).reduce((a, b) => a + b) / 3;
     const last = losses.slice(-3).reduce((a, b) => a + b) / 3;
     expect(last).toBeLessThan(first * 0.8);
-  });
+  }, SLOW);
 });
 
 describe("initBackend", () => {
@@ -497,15 +512,18 @@ function tinyDataset(n = 40, size = 16): Dataset {
   for (let i = 0; i < images.length; i++) images[i] = (s = (Math.imul(s, 1103515245) + 12345) >>> 0) >>> 24;
   const labels = Int32Array.from({ length: n }, (_, i) => i % 3);
   const items: Manifest["items"] = Array.from({ length: n }, (_, i) => ({
-    path: `img${i}.raw`, label: i % 3, sha256: String(i), split: i % 4 === 0 ? "val" as const : "train" as const, yield: [0.3, 0.85, 0.6][i % 3]!,
+    path: `img${i}.raw`, label: i % 3, sha256: String(i), split: i % 4 === 0 ? "val" as const : "train" as const,
+    yield: [0.3, 0.85, 0.6][i % 3]!,
   }));
   const manifest: Manifest = {
-    version: "1", task: "waste", classes: ["ewaste", "recyclable", "organic"], positiveClass: null, imageSize: size, preprocessing: "test",
-    source: "memory", synthetic: true, yieldSource: "table", fingerprint: "test", createdAt: "", skipped: 0, duplicates: 0, items,
+    version: "1", task: "waste", classes: ["ewaste", "recyclable", "organic"], positiveClass: null, imageSize: size,
+    preprocessing: "test", source: "memory", synthetic: true, yieldSource: "table", fingerprint: "test", createdAt: "",
+    skipped: 0, duplicates: 0, items,
   };
   const idx = (split: "train" | "val") => Int32Array.from(items.flatMap((it, i) => (it.split === split ? [i] : [])));
   return {
-    dir: "(memory)", manifest, images, labels, yields: Float32Array.from(items, (it) => it.yield), train: idx("train"), val: idx("val"),
+    dir: "(memory)", manifest, images, labels, yields: Float32Array.from(items, (it) => it.yield),
+    train: idx("train"), val: idx("val"),
     numClasses: 3, imageSize: size, task: "waste",
   };
 }
@@ -542,7 +560,8 @@ describe("training-step pieces", () => {
     return tf.tidy(() => {
       let out = x;
       if (hp.flip) {
-        const mask = tf.tensor1d(Array.from({ length: x.shape[0] }, () => (rand() < 0.5 ? 1 : 0)), "bool").reshape([-1, 1, 1, 1]);
+        const flips = Array.from({ length: x.shape[0] }, () => (rand() < 0.5 ? 1 : 0));
+        const mask = tf.tensor1d(flips, "bool").reshape([-1, 1, 1, 1]);
         out = tf.where(mask.broadcastTo(out.shape), tf.reverse(out, 2), out) as tf.Tensor4D;
       }
       if (hp.shift > 0) {
@@ -558,9 +577,16 @@ describe("training-step pieces", () => {
   test("flipAndShift() is bit-identical to the tensor-op formulation and draws the same random numbers", async () => {
     await initBackend({ prefer: "wasm" });
     const x = tf.tensor4d(seeded(5 * 9 * 7 * 3, 91), [5, 9, 7, 3]);
-    for (const hp of [{ flip: true, shift: 4 }, { flip: true, shift: 0 }, { flip: false, shift: 2 }, { flip: true, shift: 7 }, { flip: false, shift: 0 }]) {
+    const settings = [
+      { flip: true, shift: 4 }, { flip: true, shift: 0 }, { flip: false, shift: 2 }, { flip: true, shift: 7 },
+      { flip: false, shift: 0 },
+    ];
+    for (const hp of settings) {
       for (const seed of [1, 2, 3]) {
-        const mk = () => { let st = seed; return () => ((st = (Math.imul(st, 1664525) + 1013904223) >>> 0) / 2 ** 32); };
+        const mk = () => {
+          let st = seed;
+          return () => ((st = (Math.imul(st, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+        };
         const r1 = mk(), r2 = mk();
         const got = tf.tidy(() => flipAndShift(x, hp, r1).dataSync() as Float32Array);
         const ref = tf.tidy(() => augmentReference(x, hp, r2).dataSync() as Float32Array);
@@ -569,7 +595,7 @@ describe("training-step pieces", () => {
       }
     }
     x.dispose();
-  });
+  }, SLOW);
 
   test("training steps of a baseline-shaped model (augmentation, batches, input-conv grads) leak nothing", async () => {
     await initBackend({ prefer: "wasm" });
@@ -587,11 +613,13 @@ describe("training-step pieces", () => {
       const { indices } = batches.next().value!;
       tf.tidy(() => {
         const x = flipAndShift(imageBatch(ds, indices), hp, rand);
-        const labels = tf.oneHot(tf.tensor1d(Array.from(indices, (i: number) => ds.labels[i]!), "int32"), ds.numClasses);
+        const classes = Array.from(indices, (i: number) => ds.labels[i]!);
+        const labels = tf.oneHot(tf.tensor1d(classes, "int32"), ds.numClasses);
         const targetYields = tf.tensor2d(Array.from(indices, (i: number) => ds.yields[i]!), [indices.length, 1]);
         const loss = withoutInputGradients(inputConvs, () => optimizer.minimize(() => {
           const [logits, yieldPred] = model.apply(x, { training: true }) as tf.Tensor[];
-          return tf.add(tf.losses.softmaxCrossEntropy(labels, logits!, undefined, hp.labelSmoothing), tf.losses.meanSquaredError(targetYields, yieldPred!)) as tf.Scalar;
+          const classLoss = tf.losses.softmaxCrossEntropy(labels, logits!, undefined, hp.labelSmoothing);
+          return tf.add(classLoss, tf.losses.meanSquaredError(targetYields, yieldPred!)) as tf.Scalar;
         }, true))!;
         expect(Number.isFinite(loss.dataSync()[0]!)).toBe(true);
       });
@@ -601,7 +629,7 @@ describe("training-step pieces", () => {
     expect(new Set(counts.slice(1)).size).toBe(1);
     optimizer.dispose();
     infer.dispose();
-  });
+  }, SLOW);
 
   test("evaluate() numbers of a fixed model are identical with and without the SIMD kernels", async () => {
     await initBackend({ prefer: "wasm" });
@@ -627,5 +655,5 @@ describe("training-step pieces", () => {
     const after = await evaluate(predict, ds);
     expect(after).toEqual(before);
     infer.dispose();
-  });
+  }, SLOW);
 });

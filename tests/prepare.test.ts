@@ -3,14 +3,23 @@ import { cpSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node
 import { join } from "node:path";
 import sharp from "sharp";
 import * as tf from "@tensorflow/tfjs";
-import { computeMetrics, evaluate, footerLines, loadCache, parseFooter, prepareData, splitByHash, type Predictor } from "../prepare.ts";
+import {
+  activeCacheDir, cacheFiles, cacheFingerprint, computeMetrics, evaluate, footerLines, loadCache, parseFooter,
+  prepareData, splitByHash, type Predictor,
+} from "../prepare.ts";
 import { decodeFailure, decodeToRgb, sha256Hex } from "../lib/images.ts";
 import { DATASETS, HAVE_DATASETS, runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const quiet = () => {};
+/** Decoding real photos, building a 12000×12000 PNG or starting `bun prepare.ts` outlasts Bun's 5 s default. */
+const SLOW = 180_000;
+const FACTS = {
+  training_seconds: 1, total_seconds: 2, peak_memory_mb: 3, num_steps: 4, num_params: 5, backend: "wasm",
+};
 
 describe("prepare on real images", () => {
-  test.skipIf(!HAVE_DATASETS)("a slice of waste3: counts, split, reuse, stable split when files are added", async () => {
+  const name = "a slice of waste3: counts, split, reuse, stable split when files are added";
+  test.skipIf(!HAVE_DATASETS)(name, async () => {
     const src = sliceOf("waste3", 12);
     const cache = tempDir();
     const lines: string[] = [];
@@ -38,16 +47,17 @@ describe("prepare on real images", () => {
     const grown = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: quiet });
     expect(grown.reused).toBe(false);
     for (const it of grown.manifest.items) if (before.has(it.sha256)) expect(it.split).toBe(before.get(it.sha256)!);
-  });
+  }, SLOW);
 
   test.skipIf(!HAVE_DATASETS)("screening on trashnet6 needs a known positive class", async () => {
     const src = sliceOf("trashnet6", 4);
     const cache = tempDir();
-    await expect(prepareData({ task: "screening", source: src, positive: "nope", cacheRoot: cache, log: quiet })).rejects.toThrow(/positive class "nope"/);
+    const wrong = prepareData({ task: "screening", source: src, positive: "nope", cacheRoot: cache, log: quiet });
+    await expect(wrong).rejects.toThrow(/positive class "nope"/);
     const r = await prepareData({ task: "screening", source: src, positive: "trash", cacheRoot: cache, log: quiet });
     expect(r.manifest.classes).toEqual(["cardboard", "glass", "metal", "paper", "plastic", "trash"]);
     expect(r.manifest.positiveClass).toBe("trash");
-  });
+  }, SLOW);
 });
 
 describe("bad and unusual files", () => {
@@ -57,6 +67,8 @@ describe("bad and unusual files", () => {
     mkdirSync(dir, { recursive: true });
     mkdirSync(join(root, "ewaste"), { recursive: true });
     const rgb = { width: 40, height: 30, channels: 3 as const, background: { r: 200, g: 30, b: 30 } };
+    const plain = (width: number, height: number, background: { r: number; g: number; b: number; alpha?: number }) =>
+      sharp({ create: { width, height, channels: background.alpha === undefined ? 3 : 4, background } });
     const jpeg = await sharp({ create: rgb }).jpeg().toBuffer();
     writeFileSync(join(dir, "good.jpg"), jpeg);
     writeFileSync(join(dir, "truncated.jpg"), jpeg.subarray(0, Math.floor(jpeg.length / 3)));
@@ -64,16 +76,18 @@ describe("bad and unusual files", () => {
     writeFileSync(join(dir, "text.jpg"), "this is not an image\n");
     writeFileSync(join(dir, "cmyk.jpg"), await sharp({ create: rgb }).toColourspace("cmyk").jpeg().toBuffer());
     writeFileSync(join(dir, "deep.png"), await sharp({ create: rgb }).toColourspace("rgb16").png().toBuffer());
-    writeFileSync(join(dir, "alpha.png"), await sharp({ create: { width: 20, height: 20, channels: 4, background: { r: 0, g: 0, b: 0, alpha: 0 } } }).png().toBuffer());
+    writeFileSync(join(dir, "alpha.png"), await plain(20, 20, { r: 0, g: 0, b: 0, alpha: 0 }).png().toBuffer());
     writeFileSync(join(dir, "grey.png"), await sharp({ create: rgb }).greyscale().png().toBuffer());
     writeFileSync(join(dir, "anim.gif"), await sharp({ create: rgb }).gif().toBuffer());
     writeFileSync(join(dir, "photo.webp"), await sharp({ create: rgb }).webp().toBuffer());
-    writeFileSync(join(dir, "huge.png"), await sharp({ create: { width: 12000, height: 12000, channels: 3, background: { r: 10, g: 200, b: 10 } } }).png({ compressionLevel: 9 }).toBuffer());
+    const huge = await plain(12000, 12000, { r: 10, g: 200, b: 10 }).png({ compressionLevel: 9 }).toBuffer();
+    writeFileSync(join(dir, "huge.png"), huge);
     // EXIF orientation 6: stored landscape (left red, right blue), displayed portrait (top red).
-    const halves = await sharp({ create: { width: 60, height: 30, channels: 3, background: { r: 0, g: 0, b: 255 } } })
-      .composite([{ input: await sharp({ create: { width: 30, height: 30, channels: 3, background: { r: 255, g: 0, b: 0 } } }).png().toBuffer(), left: 0, top: 0 }])
-      .png().toBuffer();
-    writeFileSync(join(dir, "rotated.jpg"), await sharp(halves).jpeg({ quality: 95 }).withMetadata({ orientation: 6 }).toBuffer());
+    const red = await plain(30, 30, { r: 255, g: 0, b: 0 }).png().toBuffer();
+    const halves = await plain(60, 30, { r: 0, g: 0, b: 255 })
+      .composite([{ input: red, left: 0, top: 0 }]).png().toBuffer();
+    const rotated = await sharp(halves).jpeg({ quality: 95 }).withMetadata({ orientation: 6 }).toBuffer();
+    writeFileSync(join(dir, "rotated.jpg"), rotated);
     writeFileSync(join(root, "ewaste", "one.jpg"), jpeg);
 
     const cache = tempDir();
@@ -85,9 +99,8 @@ describe("bad and unusual files", () => {
       expect(paths).not.toContain(`recyclable/${bad}`);
       expect(skippedTsv).toContain(`recyclable/${bad}`);
     }
-    for (const ok of ["good.jpg", "cmyk.jpg", "deep.png", "alpha.png", "grey.png", "anim.gif", "photo.webp", "huge.png", "rotated.jpg"]) {
-      expect(paths).toContain(`recyclable/${ok}`);
-    }
+    const converted = ["good.jpg", "cmyk.jpg", "deep.png", "alpha.png", "grey.png", "anim.gif", "photo.webp"];
+    for (const ok of [...converted, "huge.png", "rotated.jpg"]) expect(paths).toContain(`recyclable/${ok}`);
     // good.jpg and one.jpg have the same bytes: one duplicate, on one side of the split.
     expect(r.manifest.duplicates).toBe(1);
     const ds = await loadCache(undefined, cache);
@@ -106,23 +119,26 @@ describe("bad and unusual files", () => {
     const top = pixel("recyclable/rotated.jpg", 2, 2), bottom = pixel("recyclable/rotated.jpg", 2, 61);
     expect(top[0]!).toBeGreaterThan(200); // EXIF applied: red on top…
     expect(bottom[2]!).toBeGreaterThan(200); // …blue below
-  });
+  }, SLOW);
 
   test("decodeToRgb throws a readable error for non-images", async () => {
     await expect(decodeToRgb(new TextEncoder().encode("hello"), 8)).rejects.toThrow(/unsupported|input/i);
   });
 
   test("a cut-short JPEG or PNG is named as truncated, even when libvips only says 'Unknown error'", async () => {
-    const jpeg = await sharp({ create: { width: 40, height: 30, channels: 3, background: { r: 200, g: 30, b: 90 } } }).jpeg().toBuffer();
-    const png = await sharp({ create: { width: 40, height: 30, channels: 3, background: { r: 200, g: 30, b: 90 } } }).png().toBuffer();
+    const image = () => sharp({ create: { width: 40, height: 30, channels: 3, background: { r: 200, g: 30, b: 90 } } });
+    const jpeg = await image().jpeg().toBuffer();
+    const png = await image().png().toBuffer();
     const cutJpeg = new Uint8Array(jpeg.subarray(0, Math.floor(jpeg.length / 2)));
     const cutPng = new Uint8Array(png.subarray(0, Math.floor(png.length / 2)));
     // libvips' error text is process-wide; concurrent decodes can leave only "Unknown error".
-    expect(decodeFailure(cutJpeg, "Unknown error")).toMatch(/^truncated JPEG: .*end-of-image marker \(\d+ bytes; libvips: Unknown error\)$/);
+    expect(decodeFailure(cutJpeg, "Unknown error"))
+      .toMatch(/^truncated JPEG: .*end-of-image marker \(\d+ bytes; libvips: Unknown error\)$/);
     expect(decodeFailure(cutPng, "")).toMatch(/^truncated PNG: .*IEND.*libvips: no reason given/);
     // Whole files and non-images keep libvips' / sharp's own words, on one line.
     expect(decodeFailure(new Uint8Array(jpeg), "VipsJpeg: bad Huffman\ntable")).toBe("VipsJpeg: bad Huffman; table");
-    expect(decodeFailure(new TextEncoder().encode("hello"), "Input buffer contains unsupported image format")).toBe("Input buffer contains unsupported image format");
+    const unsupported = "Input buffer contains unsupported image format";
+    expect(decodeFailure(new TextEncoder().encode("hello"), unsupported)).toBe(unsupported);
     // And through decodeToRgb itself, from bytes and from a path.
     await expect(decodeToRgb(cutJpeg, 8)).rejects.toThrow(/truncated JPEG/);
     const file = join(tempDir(), "cut.png");
@@ -133,14 +149,18 @@ describe("bad and unusual files", () => {
 
 describe("split", () => {
   test("keyed by content hash: identical files together, additions do not reshuffle", () => {
-    const items = Array.from({ length: 200 }, (_, i) => ({ sha: sha256Hex(new TextEncoder().encode(`img${i}`)), label: i % 3 }));
+    const sha = (text: string) => sha256Hex(new TextEncoder().encode(text));
+    const made = (prefix: string, n: number) =>
+      Array.from({ length: n }, (_, i) => ({ sha: sha(`${prefix}${i}`), label: i % 3 }));
+    const items = made("img", 200);
     const a = splitByHash(items);
     const val = a.filter((s) => s === "val").length;
     expect(val).toBeGreaterThan(20);
     expect(val).toBeLessThan(70);
-    const grown = splitByHash([...items, ...Array.from({ length: 50 }, (_, i) => ({ sha: sha256Hex(new TextEncoder().encode(`new${i}`)), label: i % 3 }))]);
+    const grown = splitByHash([...items, ...made("new", 50)]);
     expect(grown.slice(0, 200)).toEqual(a);
-    const dup = splitByHash([{ sha: items[0]!.sha, label: 0 }, { sha: items[0]!.sha, label: 0 }, { sha: items[1]!.sha, label: 0 }]);
+    const [a0, a1] = [items[0]!.sha, items[1]!.sha];
+    const dup = splitByHash([{ sha: a0, label: 0 }, { sha: a0, label: 0 }, { sha: a1, label: 0 }]);
     expect(dup[0]).toBe(dup[1]!);
     expect(dup).toContain("val"); // a class of 2+ distinct images always gets a val image
   });
@@ -166,25 +186,31 @@ describe("evaluate", () => {
   });
 
   test("a class with no val images has accuracy n/a, not NaN; an empty split does not divide by zero", () => {
-    const r = computeMetrics({ task: "waste", classes: ["a", "b", "c"], positiveClass: null, labels: Int32Array.from([0]), probs: probsOf([[1, 0, 0]]) });
+    const abc = { task: "waste" as const, classes: ["a", "b", "c"], positiveClass: null };
+    const r = computeMetrics({ ...abc, labels: Int32Array.from([0]), probs: probsOf([[1, 0, 0]]) });
     expect(r.perClass[2]!.accuracy).toBeNull();
-    expect(footerLines(r, { training_seconds: 1, total_seconds: 2, peak_memory_mb: 3, num_steps: 4, num_params: 5, backend: "wasm" }).join("\n")).toContain("class_acc_c:      n/a (n=0)");
-    const empty = computeMetrics({ task: "waste", classes: ["a", "b", "c"], positiveClass: null, labels: new Int32Array(0), probs: new Float32Array(0) });
+    expect(footerLines(r, FACTS).join("\n")).toContain("class_acc_c:      n/a (n=0)");
+    const empty = computeMetrics({ ...abc, labels: new Int32Array(0), probs: new Float32Array(0) });
     expect(empty.metrics.val_accuracy).toBe(0);
   });
 
   test("cifar100: top1 and top5", () => {
     const C = 10;
     const rows = [0, 1, 2, 3].map((i) => Array.from({ length: C }, (_, c) => (c === i ? 0.5 : c / 100)));
-    // label 9 is 2nd highest for row 0 (top5 hit, top1 miss); row 1 label 1 (hit); row 2 label 0 (rank 10: miss); row 3 label 6 (4 classes above it: top5 hit)
-    const r = computeMetrics({ task: "cifar100", classes: Array.from({ length: C }, (_, c) => `c${c}`), positiveClass: null, labels: Int32Array.from([9, 1, 0, 6]), probs: probsOf(rows) });
+    // label 9 is 2nd highest for row 0 (top5 hit, top1 miss); row 1 label 1 (hit); row 2 label 0
+    // (rank 10: miss); row 3 label 6 (4 classes above it: top5 hit)
+    const classes = Array.from({ length: C }, (_, c) => `c${c}`);
+    const r = computeMetrics({
+      task: "cifar100", classes, positiveClass: null, labels: Int32Array.from([9, 1, 0, 6]), probs: probsOf(rows),
+    });
     expect(r.metrics.top1).toBeCloseTo(0.25, 6);
     expect(r.metrics.top5).toBeCloseTo(0.75, 6);
   });
 
   test("screening: binary accuracy of positive-vs-rest and multiclass accuracy", () => {
     const r = computeMetrics({
-      task: "screening", classes: ["glass", "paper", "trash"], positiveClass: "trash", labels: Int32Array.from([0, 1, 2, 2]),
+      task: "screening", classes: ["glass", "paper", "trash"], positiveClass: "trash",
+      labels: Int32Array.from([0, 1, 2, 2]),
       // glass→paper (mc wrong, bin right), paper→paper, trash→trash, trash→glass (both wrong)
       probs: probsOf([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]]),
     });
@@ -212,15 +238,43 @@ describe("evaluate", () => {
     expect(seen).toEqual(Array.from(ds.val));
     expect(r.metrics.val_accuracy).toBe(1);
     expect(r.metrics.yield_mse).toBeLessThan(1e-12);
-    const footer = parseFooter(`noise\n${footerLines(r, { training_seconds: 1, total_seconds: 2, peak_memory_mb: 3, num_steps: 4, num_params: 5, backend: "wasm" }, true).join("\n")}\n`);
+    const footer = parseFooter(`noise\n${footerLines(r, FACTS, true).join("\n")}\n`);
     expect(footer.val_accuracy).toBe("1.000000");
     expect(footer.data).toContain("SYNTHETIC");
-  });
+  }, SLOW);
 
   test("a missing cache is a clear error", async () => {
     const cache = tempDir();
     await expect(loadCache(undefined, cache)).rejects.toThrow(/no prepared dataset/);
     expect(existsSync(join(cache, "active.json"))).toBe(false);
+  });
+});
+
+describe("the cache layout other scripts read", () => {
+  const missing = { dir: "missing", images: "missing", manifest: "missing", task: null };
+  test("cacheFingerprint: absent parts say so; re-preparing one source keeps it; new pixels change it", async () => {
+    const cache = tempDir();
+    expect(await cacheFingerprint(cache)).toEqual(missing);
+    const first = await prepareData({ task: "waste", source: "synthetic", cacheRoot: cache, log: quiet });
+    const fp = await cacheFingerprint(cache);
+    expect(fp.dir).toBe(first.dir);
+    expect(activeCacheDir(cache)).toBe(first.dir);
+    expect(fp.task).toBe("waste");
+    expect(fp.images).toMatch(/^[0-9a-f]{64}$/);
+    await prepareData({ task: "waste", source: "synthetic", cacheRoot: cache, log: quiet, force: true });
+    expect(await cacheFingerprint(cache)).toEqual(fp); // a new createdAt, the same content
+    const { images } = cacheFiles(first.dir);
+    const bytes = readFileSync(images);
+    bytes[0] = bytes[0]! ^ 1;
+    writeFileSync(images, bytes);
+    const touched = await cacheFingerprint(cache);
+    expect(touched.images).not.toBe(fp.images);
+    expect(touched.manifest).toBe(fp.manifest);
+    writeFileSync(cacheFiles(first.dir).manifest, "{");
+    expect(await cacheFingerprint(cache)).toEqual({ ...missing, dir: first.dir });
+    writeFileSync(join(cache, "active.json"), "not json");
+    expect(() => activeCacheDir(cache)).toThrow(/active\.json: not valid JSON/);
+    await expect(loadCache(undefined, cache)).rejects.toThrow(/active\.json: not valid JSON/);
   });
 });
 
@@ -230,7 +284,8 @@ describe("sources through prepare", () => {
     mkdirSync(dir, { recursive: true });
     const names = Array.from({ length: 100 }, (_, i) => `class_${i}`);
     writeFileSync(join(dir, "fine_label_names.txt"), names.join("\n") + "\n");
-    writeFileSync(join(dir, "coarse_label_names.txt"), Array.from({ length: 20 }, (_, i) => `super_${i}`).join("\n") + "\n");
+    const coarse = Array.from({ length: 20 }, (_, i) => `super_${i}`);
+    writeFileSync(join(dir, "coarse_label_names.txt"), coarse.join("\n") + "\n");
     const records = (labels: number[]) => {
       const buf = new Uint8Array(labels.length * 3074);
       labels.forEach((fine, r) => {
@@ -260,7 +315,7 @@ describe("sources through prepare", () => {
     expect(r.out).toContain("--source");
     expect(r.out).not.toContain("SYNTHETIC");
     expect(existsSync(join(cache, "active.json"))).toBe(false);
-  });
+  }, SLOW);
 
   test("synthetic data says so on every line it prints", () => {
     const cache = tempDir();
@@ -269,5 +324,5 @@ describe("sources through prepare", () => {
     const lines = r.out.split("\n").filter((l) => l.trim() !== "");
     expect(lines.length).toBeGreaterThan(3);
     for (const l of lines) expect(l).toContain("SYNTHETIC");
-  });
+  }, SLOW);
 });

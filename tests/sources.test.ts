@@ -64,7 +64,8 @@ type FakeHub = {
 
 function fakeHub(repo: string, files: Record<string, Uint8Array | string>, pageSize = 3): FakeHub {
   const enc = new TextEncoder();
-  const blobs = new Map(Object.entries(files).map(([k, v]) => [k, typeof v === "string" ? enc.encode(v) : new Uint8Array(v)]));
+  const bytesOf = (v: Uint8Array | string) => (typeof v === "string" ? enc.encode(v) : new Uint8Array(v));
+  const blobs = new Map(Object.entries(files).map(([k, v]) => [k, bytesOf(v)]));
   const dirs = new Set<string>();
   for (const p of blobs.keys()) {
     const parts = p.split("/");
@@ -92,7 +93,8 @@ function fakeHub(repo: string, files: Record<string, Uint8Array | string>, pageS
         const page = entries.slice(cursor, cursor + pageSize);
         const headers: Record<string, string> = { "content-type": "application/json" };
         if (cursor + pageSize < entries.length) {
-          headers.link = `<${u.origin}${treePrefix}?recursive=true&expand=false&cursor=${cursor + pageSize}>; rel="next"`;
+          const next = `${u.origin}${treePrefix}?recursive=true&expand=false&cursor=${cursor + pageSize}`;
+          headers.link = `<${next}>; rel="next"`;
         }
         return new Response(JSON.stringify(page), { headers });
       }
@@ -162,13 +164,17 @@ describe("mapWasteLabel", () => {
 describe("classNamesFromReadme", () => {
   test("list form, dict form, several configs, missing", () => {
     const card = (body: string) => `---\n${body}\n---\n# card\n`;
-    expect(classNamesFromReadme(card("dataset_info:\n  features:\n  - name: label\n    dtype:\n      class_label:\n        names: [battery, paper]"), "label")).toEqual(["battery", "paper"]);
-    expect(
-      classNamesFromReadme(
-        card("dataset_info:\n- config_name: a\n  features:\n  - name: image\n    dtype: image\n- config_name: b\n  features:\n  - name: label\n    dtype:\n      class_label:\n        names:\n          '1': paper\n          '0': battery"),
-        "label",
-      ),
-    ).toEqual(["battery", "paper"]);
+    const listForm = [
+      "dataset_info:", "  features:", "  - name: label", "    dtype:", "      class_label:",
+      "        names: [battery, paper]",
+    ];
+    expect(classNamesFromReadme(card(listForm.join("\n")), "label")).toEqual(["battery", "paper"]);
+    const dictForm = [
+      "dataset_info:", "- config_name: a", "  features:", "  - name: image", "    dtype: image",
+      "- config_name: b", "  features:", "  - name: label", "    dtype:", "      class_label:", "        names:",
+      "          '1': paper", "          '0': battery",
+    ];
+    expect(classNamesFromReadme(card(dictForm.join("\n")), "label")).toEqual(["battery", "paper"]);
     expect(classNamesFromReadme(card("license: mit"), "label")).toBeNull();
     expect(classNamesFromReadme("# no front matter", "label")).toBeNull();
     expect(classNamesFromReadme(card("a: [unclosed"), "label")).toBeNull();
@@ -230,13 +236,22 @@ describe("downloadHfDataset", () => {
     }
   });
 
-  test("parquet layout: image struct + ClassLabel ints (names from parquet metadata or README), string labels", async () => {
+  const parquetCase =
+    "parquet layout: image struct + ClassLabel ints (names from parquet metadata or README), string labels";
+  test(parquetCase, async () => {
     const repo = "NeoAivara/Waste_Classification_data";
     const imgs = [await jpeg(255, 0, 0), await jpeg(0, 255, 0), await png(0, 0, 255), await jpeg(9, 9, 9)];
     const imageSchema = [
       { name: "image", repetition_type: "OPTIONAL" as const, num_children: 2 },
       { name: "bytes", type: "BYTE_ARRAY" as const, repetition_type: "OPTIONAL" as const },
-      { name: "path", type: "BYTE_ARRAY" as const, converted_type: "UTF8" as const, repetition_type: "OPTIONAL" as const },
+      {
+        name: "path", type: "BYTE_ARRAY" as const, converted_type: "UTF8" as const,
+        repetition_type: "OPTIONAL" as const,
+      },
+    ];
+    const intLabelSchema = [
+      { name: "schema", num_children: 2 }, ...imageSchema,
+      { name: "label", type: "INT64" as const, repetition_type: "OPTIONAL" as const },
     ];
     const hfMeta = JSON.stringify({
       info: { features: { image: { _type: "Image" }, label: { names: NEO_NAMES, _type: "ClassLabel" } } },
@@ -248,7 +263,7 @@ describe("downloadHfDataset", () => {
         { name: "image", data: trainLabels.map((_, i) => ({ bytes: imgs[i % imgs.length], path: `img${i}.jpg` })) },
         { name: "label", data: trainLabels.map((l) => BigInt(l)) },
       ],
-      schema: [{ name: "schema", num_children: 2 }, ...imageSchema, { name: "label", type: "INT64", repetition_type: "OPTIONAL" }],
+      schema: intLabelSchema,
       rowGroupSize: 3,
       kvMetadata: [{ key: "huggingface", value: hfMeta }],
     });
@@ -259,7 +274,7 @@ describe("downloadHfDataset", () => {
         { name: "image", data: testLabels.map((_, i) => ({ bytes: imgs[i], path: null })) },
         { name: "label", data: testLabels.map((l) => BigInt(l)) },
       ],
-      schema: [{ name: "schema", num_children: 2 }, ...imageSchema, { name: "label", type: "INT64", repetition_type: "OPTIONAL" }],
+      schema: intLabelSchema,
     });
     // extra: a string label column
     const extra = parquetWriteBuffer({
@@ -412,7 +427,8 @@ describe("downloadHfDataset", () => {
     const dest = join(work, "hf-foreign", "waste");
     mkdirSync(join(dest, "mine"), { recursive: true });
     writeFileSync(join(dest, "mine", "keep.jpg"), "x");
-    await expect(downloadHfDataset({ repo: "acme/x", destDir: dest, hubUrl: "http://127.0.0.1:9" })).rejects.toThrow("--source");
+    const refused = downloadHfDataset({ repo: "acme/x", destDir: dest, hubUrl: "http://127.0.0.1:9" });
+    await expect(refused).rejects.toThrow("--source");
     expect(existsSync(join(dest, "mine", "keep.jpg"))).toBe(true);
   });
 
@@ -421,7 +437,8 @@ describe("downloadHfDataset", () => {
     const hub = fakeHub(repo, { "README.md": "# z", "dataset-splits.zip": "PK" });
     try {
       const dest = join(work, "hf-zip", "waste");
-      await expect(downloadHfDataset({ repo, destDir: dest, hubUrl: hub.url })).rejects.toThrow(/no parquet or image files.*\.zip.*--source/);
+      await expect(downloadHfDataset({ repo, destDir: dest, hubUrl: hub.url }))
+        .rejects.toThrow(/no parquet or image files.*\.zip.*--source/);
       expect(existsSync(dest)).toBe(false);
     } finally {
       hub.stop();
@@ -433,7 +450,8 @@ describe("downloadHfDataset", () => {
     const hub = fakeHub(repo, { "shoes/a.jpg": await jpeg(1, 1, 1), "clothes/b.jpg": await jpeg(2, 2, 2) });
     try {
       const dest = join(work, "hf-unmapped", "waste");
-      await expect(downloadHfDataset({ repo, destDir: dest, hubUrl: hub.url })).rejects.toThrow(/WASTE_LABEL_MAP.*--source/);
+      await expect(downloadHfDataset({ repo, destDir: dest, hubUrl: hub.url }))
+        .rejects.toThrow(/WASTE_LABEL_MAP.*--source/);
       expect(existsSync(dest)).toBe(false);
     } finally {
       hub.stop();
@@ -559,7 +577,8 @@ describe("CIFAR-100", () => {
         hits++;
         const u = new URL(req.url);
         if (u.pathname === "/cifar-100-binary.tar.gz") {
-          return new Response(tgz, { headers: { "content-type": "application/gzip", "content-length": String(tgz.length) } });
+          const headers = { "content-type": "application/gzip", "content-length": String(tgz.length) };
+          return new Response(tgz, { headers });
         }
         return new Response("missing", { status: 404 });
       },
@@ -568,7 +587,8 @@ describe("CIFAR-100", () => {
       const base = `http://127.0.0.1:${server.port}`;
       const dest = join(work, "cifar");
       const logs: string[] = [];
-      const dir = await downloadCifar100({ destDir: dest, url: `${base}/cifar-100-binary.tar.gz`, log: (l) => logs.push(l) });
+      const url = `${base}/cifar-100-binary.tar.gz`;
+      const dir = await downloadCifar100({ destDir: dest, url, log: (l) => logs.push(l) });
       expect(dir).toBe(join(dest, "cifar-100-binary"));
       expect(siblings(dest)).toEqual(["cifar-100-binary"]);
       expect(logs.some((l) => l.includes("100%"))).toBe(true);
@@ -598,7 +618,8 @@ describe("CIFAR-100", () => {
         fetch: () => new Response(Bun.gzipSync(ustar([{ name: "other/readme.txt", data: enc.encode("hi") }]))),
       });
       try {
-        await expect(downloadCifar100({ destDir: wrong, url: `http://127.0.0.1:${wrongServer.port}/x.tgz` })).rejects.toThrow(/train\.bin/);
+        const url = `http://127.0.0.1:${wrongServer.port}/x.tgz`;
+        await expect(downloadCifar100({ destDir: wrong, url })).rejects.toThrow(/train\.bin/);
         expect(existsSync(wrong)).toBe(false);
       } finally {
         wrongServer.stop(true);

@@ -58,14 +58,18 @@ function check(bytes: Uint8Array<ArrayBuffer>, label: string): void {
     throw new Error(`${label}: must import exactly one memory, got ${JSON.stringify(imports)}`);
   }
   const ids = sections(bytes);
-  if (ids.includes(11) || ids.includes(12)) throw new Error(`${label}: has a data section (static data would be written into tfjs' heap)`);
+  if (ids.includes(11) || ids.includes(12)) {
+    throw new Error(`${label}: has a data section (static data would be written into tfjs' heap)`);
+  }
   // wasm-ld always defines __stack_pointer; what matters is that no code reads
   // or moves it (that would mean stack memory at an address tfjs owns).
   const dis = Bun.spawnSync(["wasm-objdump", "-d", "/dev/stdin"], { stdin: bytes });
   if (dis.exitCode !== 0) throw new Error(`${label}: wasm-objdump failed (apt-get install -y wabt)`);
   const text = dis.stdout.toString();
   if (!text.includes("<maxpool_grad>:")) throw new Error(`${label}: wasm-objdump printed no disassembly`);
-  if (/global\.(get|set)|call /.test(text)) throw new Error(`${label}: code uses globals or calls: some function needs stack memory`);
+  if (/global\.(get|set)|call /.test(text)) {
+    throw new Error(`${label}: code uses globals or calls: some function needs stack memory`);
+  }
   const exports = WebAssembly.Module.exports(mod).map((e) => e.name).sort();
   console.log(`${label}: ${bytes.length} bytes, exports ${exports.join(", ")}`);
 }

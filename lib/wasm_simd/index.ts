@@ -21,9 +21,12 @@ export interface SimdKernels {
   ): void;
   batchnorm(
     x: number, out: number, rows: number, c: number, mean: number, meanN: number, variance: number, varN: number,
-    scale: number, scaleN: number, offset: number, offsetN: number, eps: number, scratch: number, rBegin: number, rEnd: number,
+    scale: number, scaleN: number, offset: number, offsetN: number, eps: number, scratch: number,
+    rBegin: number, rEnd: number,
   ): void;
-  bn_grad_sums(x: number, dy: number, mean: number, out: number, rows: number, c: number, cBegin: number, cEnd: number): void;
+  bn_grad_sums(
+    x: number, dy: number, mean: number, out: number, rows: number, c: number, cBegin: number, cEnd: number,
+  ): void;
   broadcast_rows(v: number, out: number, rBegin: number, rEnd: number, c: number, divisor: number): void;
   zero_fill(out: number, n: number): void;
   conv2d_filter_grad(
@@ -31,8 +34,8 @@ export interface SimdKernels {
     kh: number, kw: number, sh: number, sw: number, padTop: number, padLeft: number, coBegin: number, coEnd: number,
   ): void;
   conv2d_input_grad(
-    dy: number, filterT: number, dx: number, b: number, h: number, w: number, ci: number, oh: number, ow: number, co: number,
-    kh: number, kw: number, padTop: number, padLeft: number, bBegin: number, bEnd: number,
+    dy: number, filterT: number, dx: number, b: number, h: number, w: number, ci: number, oh: number, ow: number,
+    co: number, kh: number, kw: number, padTop: number, padLeft: number, bBegin: number, bEnd: number,
   ): void;
   depthwise_filter_grad(
     x: number, dy: number, dw: number, b: number, h: number, w: number, c: number, oh: number, ow: number,
@@ -63,7 +66,8 @@ export interface WasmBackendLike extends tf.KernelBackend {
 export function isWasmBackend(b: unknown): b is WasmBackendLike {
   if (!(b instanceof tf.KernelBackend)) return false;
   const r = b as unknown as Record<string, unknown>;
-  return typeof r.getMemoryOffset === "function" && typeof r.makeOutput === "function" && typeof r.wasm === "object" && r.wasm != null;
+  const methods = typeof r.getMemoryOffset === "function" && typeof r.makeOutput === "function";
+  return methods && typeof r.wasm === "object" && r.wasm != null;
 }
 
 const cache = new WeakMap<object, Simd | null>();

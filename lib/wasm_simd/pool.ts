@@ -6,7 +6,8 @@
  * helper has a small shared control block (pool_layout.ts) and sleeps in
  * Atomics.wait; the main thread writes a part's arguments, bumps SEQ and
  * notifies, runs part 0 itself, then waits for every helper's DONE. A
- * round trip costs ~20 µs, against kernels of 0.5-10 ms.
+ * round trip is small next to the kernels it splits (partsFor in
+ * lib/wasm_kernels.ts keeps small calls on one thread).
  *
  * Helpers start asynchronously: until one reports READY its parts run on the
  * main thread, which gives the same result (kernels.c: any split computes
@@ -72,7 +73,9 @@ export class SimdPool {
       const t0 = performance.now();
       while (Atomics.load(h.ctrl, CTRL.DONE) !== h.seq) {
         Atomics.wait(h.ctrl, CTRL.DONE, Atomics.load(h.ctrl, CTRL.DONE), 1000);
-        if (performance.now() - t0 > WAIT_LIMIT_MS) throw new Error(`wasm SIMD helper thread did not finish ${fn} in ${WAIT_LIMIT_MS / 1000} s`);
+        if (performance.now() - t0 > WAIT_LIMIT_MS) {
+          throw new Error(`wasm SIMD helper thread did not finish ${fn} in ${WAIT_LIMIT_MS / 1000} s`);
+        }
       }
       if (h.ctrl[CTRL.STATUS] !== 0) failed = true;
     }
@@ -80,7 +83,10 @@ export class SimdPool {
   }
 }
 
-/** Splits [0, n) into `parts` contiguous ranges, each a multiple of `unit` except the last; empty ranges dropped. */
+/**
+ * Splits [0, n) into `parts` contiguous ranges, each a multiple of `unit` except the last; empty
+ * ranges dropped.
+ */
 export function splitRange(n: number, parts: number, unit = 1): [number, number][] {
   const units = Math.ceil(n / unit);
   const out: [number, number][] = [];

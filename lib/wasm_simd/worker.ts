@@ -9,7 +9,8 @@ import { CTRL, FN_NAMES } from "./pool_layout.ts";
 declare const self: Worker;
 
 self.onmessage = (e: MessageEvent) => {
-  const { memory, bytes, ctrl: sab } = e.data as { memory: WebAssembly.Memory; bytes: Uint8Array<ArrayBuffer>; ctrl: SharedArrayBuffer };
+  type Start = { memory: WebAssembly.Memory; bytes: Uint8Array<ArrayBuffer>; ctrl: SharedArrayBuffer };
+  const { memory, bytes, ctrl: sab } = e.data as Start;
   const ctrl = new Int32Array(sab);
   const args = new Float64Array(sab, CTRL.ARGS_BYTE);
   let fns: ((...a: number[]) => void)[];

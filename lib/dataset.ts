@@ -1,0 +1,173 @@
+/**
+ * The prepared dataset as every script sees it: the tasks, the manifest, the cache's layout on disk,
+ * and loading it. prepare.ts writes the cache (and re-exports all of this); train.ts, evaluate(),
+ * the backbones' feature cache, checkpoints and the loop's integrity check read it through here.
+ *
+ * Layout: CACHE_ROOT/active.json names the active dataset's folder (the last one prepared), which
+ * holds images.u8 (N×S×S×3 uint8, HWC, in manifest order), manifest.json and skipped.tsv.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+import { homedir } from "node:os";
+import { join, resolve } from "node:path";
+import { type } from "arktype";
+import * as tf from "@tensorflow/tfjs";
+import { pixelsToFloat32, sha256File } from "./images.ts";
+
+/** The three tasks: what a dataset's labels mean and which metrics evaluate() reports. */
+export const Task = type("'waste' | 'cifar100' | 'screening'");
+export type Task = typeof Task.infer;
+
+/** Where prepared datasets live (AR_CACHE overrides). */
+export const CACHE_ROOT = resolve(process.env.AR_CACHE ?? join(homedir(), ".cache", "autoresearch-vision"));
+
+const ManifestItem = type({
+  path: "string",
+  label: "number.integer >= 0",
+  sha256: "string",
+  split: "'train' | 'val'",
+  yield: "number",
+});
+/**
+ * What a model trained on a dataset must match: the task, the classes in label order, the positive
+ * class (screening), the image side and the preprocessing. A checkpoint records the same fields.
+ */
+export const DatasetSignature = type({
+  task: Task,
+  classes: "string[]",
+  positiveClass: "string | null",
+  imageSize: "number.integer > 0",
+  preprocessing: "string",
+});
+
+export const Manifest = DatasetSignature.merge({
+  version: "'1'",
+  source: "string",
+  synthetic: "boolean",
+  yieldSource: "string",
+  fingerprint: "string",
+  createdAt: "string",
+  skipped: "number.integer >= 0",
+  duplicates: "number.integer >= 0",
+  items: ManifestItem.array(),
+});
+export type Manifest = typeof Manifest.infer;
+
+// ---------------------------------------------------------------------------
+// The layout on disk
+// ---------------------------------------------------------------------------
+
+const ActivePointer = type({ dir: "string" });
+
+/** The file naming the active dataset's folder. */
+export function activePointerPath(cacheRoot = CACHE_ROOT): string {
+  return join(cacheRoot, "active.json");
+}
+
+/** The files of one prepared dataset's folder. */
+export function cacheFiles(dir: string): { images: string; manifest: string; skipped: string } {
+  return { images: join(dir, "images.u8"), manifest: join(dir, "manifest.json"), skipped: join(dir, "skipped.tsv") };
+}
+
+/** The active dataset's folder; a one-line error naming active.json when there is none. */
+export function activeCacheDir(cacheRoot = CACHE_ROOT): string {
+  const pointer = activePointerPath(cacheRoot);
+  if (!existsSync(pointer)) {
+    throw new Error(`${pointer}: no prepared dataset; run \`bun prepare.ts --source DIR\` first`);
+  }
+  let raw: unknown;
+  try { raw = JSON.parse(readFileSync(pointer, "utf8")); } catch { throw new Error(`${pointer}: not valid JSON`); }
+  const p = ActivePointer(raw);
+  if (p instanceof type.errors) throw new Error(`${pointer}: ${p.summary}`);
+  return p.dir;
+}
+
+export function parseManifest(text: string, dir: string): Manifest {
+  const path = cacheFiles(dir).manifest;
+  let raw: unknown;
+  try { raw = JSON.parse(text); } catch { throw new Error(`${path}: not valid JSON`); }
+  const m = Manifest(raw);
+  if (m instanceof type.errors) throw new Error(`${path}: not a valid manifest: ${m.summary}`);
+  return m;
+}
+
+/** What identifies the active dataset's content; "missing" where a part is absent or unreadable. */
+export interface CacheFingerprint {
+  dir: string;
+  /** sha256 of images.u8. */
+  images: string;
+  /** sha256 of the manifest without createdAt: re-preparing the same source gives the same value. */
+  manifest: string;
+  task: Task | null;
+}
+
+/** The active dataset's fingerprint, for a check that nothing changed the data between two moments. */
+export async function cacheFingerprint(cacheRoot = CACHE_ROOT): Promise<CacheFingerprint> {
+  const missing = { dir: "missing", images: "missing", manifest: "missing", task: null };
+  let dir: string;
+  try { dir = activeCacheDir(cacheRoot); } catch { return missing; }
+  const files = cacheFiles(dir);
+  let m: Manifest;
+  try { m = parseManifest(readFileSync(files.manifest, "utf8"), dir); } catch { return { ...missing, dir }; }
+  if (!existsSync(files.images)) return { ...missing, dir };
+  const { createdAt: _createdAt, ...content } = m;
+  const manifest = new Bun.CryptoHasher("sha256").update(JSON.stringify(content)).digest("hex");
+  return { dir, images: await sha256File(files.images), manifest, task: m.task };
+}
+
+// ---------------------------------------------------------------------------
+// Loading the cache (what train.ts and evaluate() read)
+// ---------------------------------------------------------------------------
+
+export interface Dataset {
+  dir: string;
+  manifest: Manifest;
+  /** N×S×S×3 uint8, HWC. */
+  images: Uint8Array;
+  labels: Int32Array;
+  yields: Float32Array;
+  train: Int32Array;
+  val: Int32Array;
+  numClasses: number;
+  imageSize: number;
+  task: Task;
+}
+
+/** The active dataset (the last one prepared), or the cache in `dir`. */
+export async function loadCache(dir?: string, cacheRoot = CACHE_ROOT): Promise<Dataset> {
+  const at = dir ?? activeCacheDir(cacheRoot);
+  const files = cacheFiles(at);
+  const manifest = parseManifest(await readFile(files.manifest, "utf8"), at);
+  const images = new Uint8Array(await readFile(files.images));
+  const px = manifest.imageSize * manifest.imageSize * 3;
+  if (images.length !== manifest.items.length * px) {
+    const expected = manifest.items.length * px;
+    throw new Error(`${files.images}: ${images.length} bytes, expected ${expected}; re-run prepare.ts --force`);
+  }
+  const idx = (split: "train" | "val") =>
+    Int32Array.from(manifest.items.flatMap((it, i) => (it.split === split ? [i] : [])));
+  return {
+    dir: at, manifest, images,
+    labels: Int32Array.from(manifest.items, (it) => it.label),
+    yields: Float32Array.from(manifest.items, (it) => it.yield),
+    train: idx("train"), val: idx("val"),
+    numClasses: manifest.classes.length, imageSize: manifest.imageSize, task: manifest.task,
+  };
+}
+
+/** Images at `indices` as a float32 tensor in [0, 1], shape [B, S, S, 3]. */
+export function imageBatch(ds: Dataset, indices: ArrayLike<number>): tf.Tensor4D {
+  const px = ds.imageSize * ds.imageSize * 3;
+  const rows = Array.from(indices, (i) => ds.images.subarray(i * px, (i + 1) * px));
+  // The same scaling predict.ts applies to a new photo (lib/images.ts).
+  return tf.tensor4d(pixelsToFloat32(rows, ds.imageSize), [indices.length, ds.imageSize, ds.imageSize, 3]);
+}
+
+/**
+ * What a model must provide to evaluate(): class probabilities [B, C] (and, for waste, yields [B]
+ * or [B, 1]) for a batch of val images in [0, 1]. `indices` are the dataset rows, so a predictor
+ * built on cached backbone features can look them up.
+ */
+export type Predictor = (images: tf.Tensor4D, indices: Int32Array) =>
+  | { probs: tf.Tensor; yields?: tf.Tensor }
+  | Promise<{ probs: tf.Tensor; yields?: tf.Tensor }>;
