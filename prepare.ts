@@ -8,6 +8,7 @@
  * Usage:
  *   bun prepare.ts                                          # waste task, from the HuggingFace hub
  *   bun prepare.ts --source ../shared/datasets/waste3       # waste task, from a local ImageFolder
+ *   bun prepare.ts --source sample                          # the small sample in data/sample: trying the tool only
  *   bun prepare.ts --task screening --source DIR --positive trash
  *   bun prepare.ts --task cifar100                          # official CIFAR-100 binary archive
  *   bun prepare.ts --source synthetic                       # SYNTHETIC images, plumbing tests only
@@ -26,6 +27,7 @@ import * as tf from "@tensorflow/tfjs";
 import { decodeToRgb, mapPool, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./lib/images.ts";
 import {
   downloadCifar100, downloadHfDataset, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES,
+  REAL_SETS_HINT, SAMPLE_DIR, SAMPLE_NOTE, sampleFolder,
 } from "./lib/sources.ts";
 
 // ---------------------------------------------------------------------------
@@ -92,6 +94,8 @@ export const Manifest = type({
   preprocessing: "string",
   source: "string",
   synthetic: "boolean",
+  /** True for data/sample (absent in older caches): its numbers are no measure of model quality. */
+  "sample?": "boolean",
   yieldSource: "string",
   fingerprint: "string",
   createdAt: "string",
@@ -108,7 +112,7 @@ const ActivePointer = type({ dir: "string" });
 
 export interface PrepareOptions {
   task: Task;
-  /** "hf" (HuggingFace hub), "cifar" (official archive), "synthetic", or a local ImageFolder path. */
+  /** "hf" (HuggingFace hub), "cifar" (official archive), "sample" (data/sample), "synthetic", or a folder path. */
   source: string;
   positive?: string;
   yieldsCsv?: string;
@@ -147,6 +151,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
     if (opts.task !== "waste") throw new Error(`--source hf is the waste task's hub dataset; give --source DIR for task ${opts.task}`);
     root = (await downloadHfDataset({ repo: HF_WASTE_REPO, destDir: join(cacheRoot, "downloads", "hf", HF_WASTE_REPO.replace("/", "__")), hubUrl: opts.hubUrl, log })).root;
   }
+  if (root === "sample") root = sampleFolder();
   root = resolve(root);
   const listing = listImageFolder(root);
   let classes: string[];
@@ -176,10 +181,16 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   const dir = join(cacheRoot, `${opts.task}-${slug(root)}-${IMAGE_SIZE}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
-  return await writeCache({ dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false, yieldSource: yields.source, candidates, yieldOf: yields.of, log });
+  return await writeCache({
+    dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false, sample: root === SAMPLE_DIR,
+    yieldSource: yields.source, candidates, yieldOf: yields.of, log,
+  });
 }
 
 async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: (l: string) => void): Promise<PrepareResult> {
+  if (opts.source === "sample") {
+    throw new Error("--source sample holds waste photos; cifar100 needs --source cifar or a cifar-100-binary folder");
+  }
   const folder = opts.source === "hf" || opts.source === "cifar"
     ? await downloadCifar100({ destDir: join(cacheRoot, "downloads", "cifar100"), url: opts.cifarUrl, log })
     : resolve(opts.source);
@@ -248,8 +259,8 @@ function syntheticImage(c: number, i: number): Uint8Array {
 
 interface WriteCacheArgs {
   dir: string; fingerprint: string; task: Task; classes: string[]; positive: string | null; source: string;
-  synthetic: boolean; yieldSource: string; candidates: Candidate[]; yieldOf: (path: string, cls: string) => number;
-  log: (l: string) => void; raw?: boolean;
+  synthetic: boolean; sample?: boolean; yieldSource: string; candidates: Candidate[];
+  yieldOf: (path: string, cls: string) => number; log: (l: string) => void; raw?: boolean;
 }
 
 /** Decode every candidate (in parallel, bounded), split by content hash, and write the cache. */
@@ -290,7 +301,8 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
   });
   const manifest: Manifest = {
     version: "1", task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: IMAGE_SIZE, preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING,
-    source: a.source, synthetic: a.synthetic, yieldSource: a.yieldSource, fingerprint: a.fingerprint, createdAt: new Date().toISOString(),
+    source: a.source, synthetic: a.synthetic, sample: a.sample === true, yieldSource: a.yieldSource,
+    fingerprint: a.fingerprint, createdAt: new Date().toISOString(),
     skipped: skipped.length, duplicates, items,
   };
   if (skipped.length > 0) a.log(`skipped ${skipped.length} of ${a.candidates.length} files (listed in ${join(a.dir, "skipped.tsv")})`);
@@ -380,7 +392,12 @@ export function describeDataset(m: Manifest, log: (l: string) => void): void {
     const val = m.items.filter((it) => it.label === c && it.split === "val").length;
     return { name, train, val };
   });
-  log(`task: ${m.task}${m.positiveClass ? ` (positive class: ${m.positiveClass})` : ""}  source: ${m.source}${m.synthetic ? "  [SYNTHETIC]" : ""}`);
+  const tags = `${m.synthetic ? "  [SYNTHETIC]" : ""}${m.sample ? "  [SAMPLE]" : ""}`;
+  log(`task: ${m.task}${m.positiveClass ? ` (positive class: ${m.positiveClass})` : ""}  source: ${m.source}${tags}`);
+  if (m.sample) {
+    log(`SAMPLE: ${m.items.length} photos, ${SAMPLE_NOTE}`);
+    log(`SAMPLE: ${REAL_SETS_HINT}`);
+  }
   for (const r of rows) {
     const warn = r.train + r.val === 0 ? "  <- NO IMAGES: this class cannot be learned or measured"
       : r.train + r.val < FEW_IMAGES ? `  <- only ${r.train + r.val} images: its accuracy is nearly meaningless` : "";
@@ -564,7 +581,10 @@ export interface RunFacts {
   training_seconds: number; total_seconds: number; peak_memory_mb: number; num_steps: number; num_params: number; backend: string;
 }
 
-export function footerLines(r: EvalResult, facts: RunFacts, synthetic = false): string[] {
+/** What the footer's `data:` line says about the images: nothing for a real, full set. */
+export type DataFlags = Pick<Manifest, "synthetic" | "sample">;
+
+export function footerLines(r: EvalResult, facts: RunFacts, data: DataFlags = { synthetic: false }): string[] {
   const fmt = (v: number) => v.toFixed(6);
   const kv = (key: string, value: string | number) => `${`${key}:`.padEnd(17)} ${value}`;
   const lines = ["---"];
@@ -580,12 +600,16 @@ export function footerLines(r: EvalResult, facts: RunFacts, synthetic = false): 
   );
   for (const pc of r.perClass) lines.push(kv(`class_acc_${pc.name}`, `${pc.accuracy === null ? "n/a" : fmt(pc.accuracy)} (n=${pc.count})`));
   lines.push(kv("confusion", JSON.stringify(r.confusion)));
-  if (synthetic) lines.push(kv("data", "SYNTHETIC (plumbing test only; these numbers say nothing about model quality)"));
+  if (data.synthetic) {
+    lines.push(kv("data", "SYNTHETIC (plumbing test only; these numbers say nothing about model quality)"));
+  } else if (data.sample) {
+    lines.push(kv("data", "SAMPLE (data/sample, for trying the tool; NOT a measure of model quality)"));
+  }
   return lines;
 }
 
-export function printFooter(r: EvalResult, facts: RunFacts, synthetic = false): void {
-  for (const l of footerLines(r, facts, synthetic)) console.log(l);
+export function printFooter(r: EvalResult, facts: RunFacts, data: DataFlags = { synthetic: false }): void {
+  for (const l of footerLines(r, facts, data)) console.log(l);
 }
 
 /** `key: value` lines after the last `---`: what the loop reads to see that a run finished. */
@@ -618,7 +642,9 @@ async function main(): Promise<void> {
   const cli = cac("prepare.ts");
   cli.command("[...args]", "prepare the data cache")
     .option("--task <task>", "waste | cifar100 | screening", { default: process.env.AR_TASK ?? "waste" })
-    .option("--source <source>", "hf | cifar | synthetic | path to an ImageFolder", { default: process.env.AR_SOURCE })
+    .option("--source <source>", "hf | cifar | sample | synthetic | an ImageFolder path", {
+      default: process.env.AR_SOURCE,
+    })
     .option("--positive <class>", "screening: the positive class", { default: process.env.AR_POSITIVE })
     .option("--yields <csv>", "waste: measured per-image yields (path,yield)")
     .option("--force", "rebuild the cache even if it is fresh", { default: false })
@@ -646,7 +672,11 @@ async function main(): Promise<void> {
       const t0 = performance.now();
       const result = await evaluate(predictorFor(ckpt, ds), ds);
       const seconds = (performance.now() - t0) / 1000;
-      printFooter(result, { training_seconds: 0, total_seconds: seconds, peak_memory_mb: peakMemoryMb(), num_steps: 0, num_params: ckpt.numParams, backend: backendLabel() }, ds.manifest.synthetic);
+      const facts = {
+        training_seconds: 0, total_seconds: seconds, peak_memory_mb: peakMemoryMb(), num_steps: 0,
+        num_params: ckpt.numParams, backend: backendLabel(),
+      };
+      printFooter(result, facts, ds.manifest);
       console.log(`eval_json: ${JSON.stringify(result)}`);
     });
   cli.help();

@@ -285,7 +285,7 @@ async function main(): Promise<void> {
   printFooter(result, {
     training_seconds: trainingSeconds, total_seconds: (performance.now() - t0) / 1000, peak_memory_mb: peakMemoryMb(),
     num_steps: step, num_params: numParams, backend: backendLabel(),
-  }, ds.manifest.synthetic);
+  }, ds.manifest);
 }
 
 function gitCommit(): string | null {

@@ -212,7 +212,10 @@ describe("evaluate", () => {
     expect(seen).toEqual(Array.from(ds.val));
     expect(r.metrics.val_accuracy).toBe(1);
     expect(r.metrics.yield_mse).toBeLessThan(1e-12);
-    const footer = parseFooter(`noise\n${footerLines(r, { training_seconds: 1, total_seconds: 2, peak_memory_mb: 3, num_steps: 4, num_params: 5, backend: "wasm" }, true).join("\n")}\n`);
+    const facts = {
+      training_seconds: 1, total_seconds: 2, peak_memory_mb: 3, num_steps: 4, num_params: 5, backend: "wasm",
+    };
+    const footer = parseFooter(`noise\n${footerLines(r, facts, { synthetic: true }).join("\n")}\n`);
     expect(footer.val_accuracy).toBe("1.000000");
     expect(footer.data).toContain("SYNTHETIC");
   });
