@@ -8,6 +8,7 @@
  * Usage:
  *   bun prepare.ts                                          # waste task, from the HuggingFace hub
  *   bun prepare.ts --source ../shared/datasets/waste3       # waste task, from a local ImageFolder
+ *   bun prepare.ts --source sample                          # the small sample in data/sample: trying the tool only
  *   bun prepare.ts --task screening --source DIR --positive trash
  *   bun prepare.ts --task cifar100                          # official CIFAR-100 binary archive
  *   bun prepare.ts --source synthetic                       # SYNTHETIC images, plumbing tests only
@@ -29,6 +30,7 @@ import {
 import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
 import {
   downloadCifar100, downloadHfDataset, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES, type WasteClass,
+  REAL_SETS_HINT, SAMPLE_DIR, SAMPLE_NOTE, sampleFolder,
 } from "./lib/sources.ts";
 
 // The dataset, its cache layout and the loader live in lib/dataset.ts (checkpoints and backbones read
@@ -104,7 +106,7 @@ function assumedYield(task: Task, cls: string): number {
 
 export interface PrepareOptions {
   task: Task;
-  /** "hf" (HuggingFace hub), "cifar" (official archive), "synthetic", or a local ImageFolder path. */
+  /** "hf" (HuggingFace hub), "cifar" (official archive), "sample" (data/sample), "synthetic", or a folder path. */
   source: string;
   positive?: string;
   yieldsCsv?: string;
@@ -149,6 +151,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
     const destDir = join(cacheRoot, "downloads", "hf", HF_WASTE_REPO.replace("/", "__"));
     root = (await downloadHfDataset({ repo: HF_WASTE_REPO, destDir, hubUrl: opts.hubUrl, log })).root;
   }
+  if (root === "sample") root = sampleFolder();
   root = resolve(root);
   const listing = listImageFolder(root);
   let classes: string[];
@@ -192,12 +195,15 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   const reused = await reuseIfFresh(dir, fingerprint, opts.force);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   return await writeCache({
-    dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false,
+    dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false, sample: root === SAMPLE_DIR,
     yieldSource: yields.source, candidates, yieldOf: yields.of, log,
   });
 }
 
 async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log): Promise<PrepareResult> {
+  if (opts.source === "sample") {
+    throw new Error("--source sample holds waste photos; cifar100 needs --source cifar or a cifar-100-binary folder");
+  }
   const folder = opts.source === "hf" || opts.source === "cifar"
     ? await downloadCifar100({ destDir: join(cacheRoot, "downloads", "cifar100"), url: opts.cifarUrl, log })
     : resolve(opts.source);
@@ -277,7 +283,8 @@ function syntheticImage(c: number, i: number): Uint8Array {
 
 interface WriteCacheArgs {
   dir: string; fingerprint: string; task: Task; classes: string[]; positive: string | null; source: string;
-  synthetic: boolean; yieldSource: string; candidates: Candidate[]; yieldOf: (path: string, cls: string) => number;
+  synthetic: boolean; sample?: boolean; yieldSource: string; candidates: Candidate[];
+  yieldOf: (path: string, cls: string) => number;
   log: Log; raw?: boolean;
 }
 
@@ -321,7 +328,7 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
   });
   const manifest: Manifest = {
     version: "1", task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: IMAGE_SIZE,
-    preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING, source: a.source, synthetic: a.synthetic,
+    preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING, source: a.source, synthetic: a.synthetic, sample: a.sample === true,
     yieldSource: a.yieldSource, fingerprint: a.fingerprint, createdAt: new Date().toISOString(),
     skipped: skipped.length, duplicates, items,
   };
@@ -423,7 +430,12 @@ export function describeDataset(m: Manifest, log: Log): void {
     return { name, train, val };
   });
   const positive = m.positiveClass ? ` (positive class: ${m.positiveClass})` : "";
-  log(`task: ${m.task}${positive}  source: ${m.source}${m.synthetic ? "  [SYNTHETIC]" : ""}`);
+  const tags = `${m.synthetic ? "  [SYNTHETIC]" : ""}${m.sample ? "  [SAMPLE]" : ""}`;
+  log(`task: ${m.task}${positive}  source: ${m.source}${tags}`);
+  if (m.sample) {
+    log(`SAMPLE: ${m.items.length} photos, ${SAMPLE_NOTE}`);
+    log(`SAMPLE: ${REAL_SETS_HINT}`);
+  }
   for (const r of rows) {
     const n = r.train + r.val;
     const warn = n === 0 ? "  <- NO IMAGES: this class cannot be learned or measured"
@@ -573,7 +585,10 @@ export interface RunFacts {
   backend: string;
 }
 
-export function footerLines(r: EvalResult, facts: RunFacts, synthetic = false): string[] {
+/** What the footer's `data:` line says about the images: nothing for a real, full set. */
+export type DataFlags = Pick<Manifest, "synthetic" | "sample">;
+
+export function footerLines(r: EvalResult, facts: RunFacts, data: DataFlags = { synthetic: false }): string[] {
   const fmt = (v: number) => v.toFixed(6);
   const kv = (key: string, value: string | number) => `${`${key}:`.padEnd(17)} ${value}`;
   const lines = ["---"];
@@ -591,14 +606,16 @@ export function footerLines(r: EvalResult, facts: RunFacts, synthetic = false): 
     lines.push(kv(`class_acc_${pc.name}`, `${pc.accuracy === null ? "n/a" : fmt(pc.accuracy)} (n=${pc.count})`));
   }
   lines.push(kv("confusion", JSON.stringify(r.confusion)));
-  if (synthetic) {
+  if (data.synthetic) {
     lines.push(kv("data", "SYNTHETIC (plumbing test only; these numbers say nothing about model quality)"));
+  } else if (data.sample) {
+    lines.push(kv("data", "SAMPLE (data/sample, for trying the tool; NOT a measure of model quality)"));
   }
   return lines;
 }
 
-export function printFooter(r: EvalResult, facts: RunFacts, synthetic = false): void {
-  for (const l of footerLines(r, facts, synthetic)) console.log(l);
+export function printFooter(r: EvalResult, facts: RunFacts, data: DataFlags = { synthetic: false }): void {
+  for (const l of footerLines(r, facts, data)) console.log(l);
 }
 
 /** `key: value` lines after the last `---`: what the loop reads to see that a run finished. */
@@ -655,7 +672,7 @@ async function evaluateCommand(raw: Record<string, unknown>): Promise<void> {
     training_seconds: 0, total_seconds: (performance.now() - t0) / 1000, peak_memory_mb: peakMemoryMb(),
     num_steps: 0, num_params: ckpt.numParams, backend: backendLabel(),
   };
-  printFooter(result, facts, ds.manifest.synthetic);
+  printFooter(result, facts, ds.manifest);
   console.log(`eval_json: ${JSON.stringify(result)}`);
 }
 
@@ -663,7 +680,9 @@ async function main(): Promise<void> {
   const cli = cac("prepare.ts");
   cli.command("[...args]", "prepare the data cache")
     .option("--task <task>", "waste | cifar100 | screening", { default: process.env.AR_TASK ?? "waste" })
-    .option("--source <source>", "hf | cifar | synthetic | path to an ImageFolder", { default: process.env.AR_SOURCE })
+    .option("--source <source>", "hf | cifar | sample | synthetic | an ImageFolder path", {
+      default: process.env.AR_SOURCE,
+    })
     .option("--positive <class>", "screening: the positive class", { default: process.env.AR_POSITIVE })
     .option("--yields <csv>", "waste: measured per-image yields (path,yield)")
     .option("--force", "rebuild the cache even if it is fresh", { default: false })

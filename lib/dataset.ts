@@ -44,6 +44,8 @@ export const Manifest = DatasetSignature.merge({
   version: "'1'",
   source: "string",
   synthetic: "boolean",
+  /** True for data/sample (absent in older caches): its numbers are no measure of model quality. */
+  "sample?": "boolean",
   yieldSource: "string",
   fingerprint: "string",
   createdAt: "string",

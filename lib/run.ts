@@ -178,5 +178,5 @@ export async function finishRun(run: Run<HpRecord>, model: tf.LayersModel, t: Tr
   printFooter(result, {
     training_seconds: t.trainingSeconds, total_seconds: (performance.now() - run.startedAt) / 1000,
     peak_memory_mb: peakMemoryMb(), num_steps: t.steps, num_params: numParams, backend: backendLabel(),
-  }, ds.manifest.synthetic);
+  }, ds.manifest);
 }

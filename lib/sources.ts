@@ -7,6 +7,8 @@
  * - `downloadCifar100` / `parseCifar100Bin` / `loadCifar100`: the official
  *   CIFAR-100 binary release.
  * - `listImageFolder`: a local ImageFolder (`root/<class>/**\/<image>`).
+ * - `sampleFolder`: data/sample, the few dozen credited waste photos that ship with the
+ *   repository, so the pipeline runs with no network and no ../shared.
  *
  * Every download is atomic: it is written to a sibling temp dir and renamed
  * into place only when complete (lib/atomic.ts), so a failed run leaves no half
@@ -837,4 +839,23 @@ export function listImageFolder(root: string): { classes: string[]; files: { pat
     throw new Error(`ImageFolder ${abs} has class folders (${classDirs.join(", ")}) but no image files (${exts})`);
   }
   return { classes, files };
+}
+
+// ---------------------------------------------------------------------------
+// The sample shipped in the repository
+// ---------------------------------------------------------------------------
+
+/** data/sample, found from the project root (not the cwd): see its README.md for sources and licences. */
+export const SAMPLE_DIR = resolve(import.meta.dir, "..", "data", "sample");
+
+/** What every report about the sample says: it is for trying the tool, not for judging a model. */
+export const SAMPLE_NOTE = "a small sample of real photos (data/sample) for trying the tool: "
+  + "its numbers are NOT a measure of model quality";
+export const REAL_SETS_HINT = "to measure a model, prepare a real set: --source hf (needs the network) "
+  + "or a local ImageFolder, e.g. --source ../shared/datasets/waste3";
+
+/** The folder behind `--source sample`. */
+export function sampleFolder(): string {
+  if (!isDir(SAMPLE_DIR)) throw new Error(`${SAMPLE_DIR}: the sample is missing from this checkout; ${REAL_SETS_HINT}`);
+  return SAMPLE_DIR;
 }

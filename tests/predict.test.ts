@@ -1,5 +1,5 @@
 /**
- * predict.ts on real photos from ../shared with a freshly trained tiny checkpoint: predictions
+ * predict.ts on the real photos of data/sample with a freshly trained tiny checkpoint: predictions
  * and their JSON shape, every kind of bad input, the default model choice, and preprocessing that
  * is byte-identical to what prepare.ts caches and imageBatch feeds the model.
  */
@@ -12,7 +12,7 @@ import { decodeToRgb } from "../lib/images.ts";
 import { decodeInput, inputTensor } from "../predict.ts";
 import { PredictionLine, type Prediction } from "../lib/prediction.ts";
 import { initBackend } from "../lib/backend.ts";
-import { BUN, HAVE_DATASETS, ROOT, runScript, sliceOf, tempDir } from "./helpers.ts";
+import { BUN, ROOT, runScript, sliceOf, tempDir } from "./helpers.ts";
 
 let src = "";
 let cache = "";
@@ -36,10 +36,10 @@ function jsonLines(stdout: string): PredictionLine[] {
 
 const firstOf = (cls: string) => join(src, cls, readdirSync(join(src, cls)).sort()[0]!);
 
-describe.skipIf(!HAVE_DATASETS)("predict.ts on real photos", () => {
+describe("predict.ts on real photos", () => {
   beforeAll(async () => {
-    // A small real slice of waste3 (all 3 classes), a private cache, and a 5-second model.
-    src = sliceOf("waste3", 12);
+    // A small real slice of the sample (all 3 classes), a private cache, and a 5-second model.
+    src = sliceOf("sample", 12);
     cache = tempDir();
     await prepareData({ task: "waste", source: src, cacheRoot: cache, log: () => {} });
     ckpt = join(tempDir(), "ckpt");

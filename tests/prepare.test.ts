@@ -8,7 +8,8 @@ import {
   prepareData, splitByHash, type Predictor,
 } from "../prepare.ts";
 import { decodeFailure, decodeToRgb, sha256Hex } from "../lib/images.ts";
-import { DATASETS, HAVE_DATASETS, runScript, sliceOf, tempDir } from "./helpers.ts";
+import { SAMPLE_DIR } from "../lib/sources.ts";
+import { HAVE_DATASETS, ROOT, runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const quiet = () => {};
 /** Decoding real photos, building a 12000×12000 PNG or starting `bun prepare.ts` outlasts Bun's 5 s default. */
@@ -18,16 +19,15 @@ const FACTS = {
 };
 
 describe("prepare on real images", () => {
-  const name = "a slice of waste3: counts, split, reuse, stable split when files are added";
-  test.skipIf(!HAVE_DATASETS)(name, async () => {
-    const src = sliceOf("waste3", 12);
+  test("a slice of the sample: counts, split, reuse, stable split when files are added", async () => {
+    const src = sliceOf("sample", 12);
     const cache = tempDir();
     const lines: string[] = [];
     const first = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: (l) => lines.push(l) });
     expect(first.reused).toBe(false);
     const m = first.manifest;
     expect(m.classes).toEqual(["ewaste", "recyclable", "organic"]);
-    expect(m.items.length).toBe(12 + 12 + 8); // organic has only 8 photos in waste3
+    expect(m.items.length).toBe(12 + 12 + 8); // organic has only 8 photos, in waste3 and in the sample
     expect(m.skipped).toBe(0);
     // every class is measured at all: at least one val image each
     for (let c = 0; c < 3; c++) expect(m.items.some((it) => it.label === c && it.split === "val")).toBe(true);
@@ -43,10 +43,45 @@ describe("prepare on real images", () => {
 
     // Adding files re-prepares, but no existing file changes side.
     const before = new Map(m.items.map((it) => [it.sha256, it.split]));
-    cpSync(join(DATASETS, "waste3", "recyclable"), join(src, "recyclable"), { recursive: true });
+    cpSync(join(SAMPLE_DIR, "recyclable"), join(src, "recyclable"), { recursive: true });
     const grown = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: quiet });
     expect(grown.reused).toBe(false);
     for (const it of grown.manifest.items) if (before.has(it.sha256)) expect(it.split).toBe(before.get(it.sha256)!);
+  }, SLOW);
+
+  test("--source sample: no ../shared, any cwd, says it is a sample; its files are those of manifest.tsv", async () => {
+    const cache = tempDir();
+    const env = { AR_CACHE: cache, AR_DATASETS: join(tempDir(), "no-such-folder") };
+    const r = runScript([join(ROOT, "prepare.ts"), "--source", "sample"], env, tempDir());
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("NOT a measure of model quality");
+    expect(r.out).toContain("--source hf");
+    expect(r.out).toMatch(/class organic .*only 8 images/);
+    const ds = await loadCache(undefined, cache);
+    expect(ds.manifest.sample).toBe(true);
+    expect(ds.manifest.source).toBe(SAMPLE_DIR);
+    expect(ds.manifest.skipped).toBe(0);
+    // manifest.tsv lists exactly the files prepared, each with the sha256 of its bytes, source and licence.
+    const [header, ...lines] = readFileSync(join(SAMPLE_DIR, "manifest.tsv"), "utf8").trim().split("\n");
+    expect(header).toBe("path\tclass\tsource\tlicence\toriginal_path\tsha256");
+    const rows = lines.map((l) => l.split("\t"));
+    const listed = new Map(rows.map(([path, cls, , , , sha]) => [path, { cls, sha }]));
+    expect(ds.manifest.items.map((it) => it.path).sort()).toEqual([...listed.keys()].sort());
+    for (const it of ds.manifest.items) {
+      const got = { path: it.path, cls: ds.manifest.classes[it.label], sha: it.sha256 };
+      expect(got).toEqual({ path: it.path, ...listed.get(it.path)! });
+    }
+    const count = (cls: string) => rows.filter((row) => row[1] === cls).length;
+    const prepared = ds.manifest.classes.map((_, c) => ds.manifest.items.filter((it) => it.label === c).length);
+    expect(prepared).toEqual(ds.manifest.classes.map(count));
+    expect(count("organic")).toBe(8);
+    for (const row of rows) {
+      const licence = /^(trashnet MIT \(Copyright \(c\) 2017 Gary Thung\)|ecoera CC BY 4\.0|wastedetect CC BY 4\.0)$/;
+      expect(`${row[2]} ${row[3]}`).toMatch(licence);
+    }
+    expect(existsSync(join(SAMPLE_DIR, "LICENSE.trashnet.MIT"))).toBe(true);
+    const cifar = prepareData({ task: "cifar100", source: "sample", cacheRoot: cache, log: quiet });
+    await expect(cifar).rejects.toThrow(/--source sample holds waste photos/);
   }, SLOW);
 
   test.skipIf(!HAVE_DATASETS)("screening on trashnet6 needs a known positive class", async () => {
@@ -238,7 +273,7 @@ describe("evaluate", () => {
     expect(seen).toEqual(Array.from(ds.val));
     expect(r.metrics.val_accuracy).toBe(1);
     expect(r.metrics.yield_mse).toBeLessThan(1e-12);
-    const footer = parseFooter(`noise\n${footerLines(r, FACTS, true).join("\n")}\n`);
+    const footer = parseFooter(`noise\n${footerLines(r, FACTS, { synthetic: true }).join("\n")}\n`);
     expect(footer.val_accuracy).toBe("1.000000");
     expect(footer.data).toContain("SYNTHETIC");
   }, SLOW);

@@ -19,10 +19,9 @@ const SLOW = 180_000;
 const STARTUP = 60_000;
 
 describe("train.ts end to end", () => {
-  test.skipIf(!HAVE_DATASETS)("a short run on real waste photos ends with the footer and a checkpoint that predicts the same after loading", async () => {
+  test("a short run on data/sample's photos ends with the footer and a checkpoint that predicts the same", async () => {
     const cache = tempDir();
-    const src = sliceOf("waste3", 40);
-    await prepareData({ task: "waste", source: src, cacheRoot: cache, log: () => {} });
+    await prepareData({ task: "waste", source: "sample", cacheRoot: cache, log: () => {} });
     const ckpt = join(tempDir(), "ckpt");
     const r = runScript(["train.ts", "--budget", "12", "--checkpoint", ckpt], { AR_CACHE: cache });
     expect(r.out).toContain("step 00001");
@@ -35,6 +34,9 @@ describe("train.ts end to end", () => {
     expect(Number(footer.num_steps)).toBeGreaterThan(2);
     expect(Number(footer.training_seconds)).toBeGreaterThanOrEqual(12);
     expect(r.out).toContain("caveat");
+    // The sample says what it is, before training and in the footer.
+    expect(r.out).toMatch(/SAMPLE: \d+ photos, a small sample of real photos \(data\/sample\) for trying the tool/);
+    expect(footer.data).toContain("NOT a measure of model quality");
 
     for (const f of ["model.json", "weights.bin", "meta.json"]) expect(existsSync(join(ckpt, f))).toBe(true);
     await initBackend();
