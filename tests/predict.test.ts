@@ -36,6 +36,9 @@ function jsonLines(stdout: string): PredictionLine[] {
 
 const firstOf = (cls: string) => join(src, cls, readdirSync(join(src, cls)).sort()[0]!);
 
+/** Each case starts `bun predict.ts` (bun, tfjs, a model) once or more: seconds, more on a busy machine. */
+const SLOW = 120_000;
+
 describe("predict.ts on real photos", () => {
   beforeAll(async () => {
     // A small real slice of the sample (all 3 classes), a private cache, and a 5-second model.
@@ -69,7 +72,7 @@ describe("predict.ts on real photos", () => {
       expect(l.yield!.estimate).toBeLessThanOrEqual(1);
     }
     expect(r.stderr).toContain(`model: ${ckpt} (--model)`);
-  });
+  }, SLOW);
 
   test("the human table: one row per image with the yield column and the assumption note", () => {
     const file = firstOf("ewaste");
@@ -80,7 +83,7 @@ describe("predict.ts on real photos", () => {
     expect(out[1]).toMatch(/(ewaste \(0\)|recyclable \(1\)|organic \(2\))\s+\d+\.\d%\s+0\.\d\d\s/);
     expect(r.stdout).toContain("* yield: estimated recoverable fraction");
     expect(r.stdout).toContain("ASSUMED");
-  });
+  }, SLOW);
 
   test("stdin (-) and batching: the same predictions whatever the batch size", () => {
     const file = firstOf("recyclable");
@@ -97,7 +100,7 @@ describe("predict.ts on real photos", () => {
       expect(p.class).toBe(big[i]!.class);
       expect(p.confidence).toBeCloseTo(big[i]!.confidence, 4);
     });
-  });
+  }, SLOW);
 
   test("bad inputs: one line each naming the file and problem, exit 1, the good image still predicted", () => {
     const dir = tempDir();
@@ -129,7 +132,7 @@ describe("predict.ts on real photos", () => {
     expect(lines.filter((l) => l.ok).map((l) => l.file)).toEqual([good]);
     expect(lines.filter((l) => !l.ok).length).toBe(bad.length);
     expect(r.stderr).toContain(`1 predicted, ${bad.length} failed`);
-  });
+  }, SLOW);
 
   test("bad checkpoints: missing, corrupted, incompatible, not a checkpoint: one line naming it, exit 2", () => {
     const image = firstOf("ewaste");
@@ -163,7 +166,7 @@ describe("predict.ts on real photos", () => {
       expect(lines.at(-1)!).toContain(dir);
       expect(r.stdout).toBe("");
     }
-  });
+  }, SLOW);
 
   test("default model: checkpoints/best-<branch> when it exists, else checkpoints/latest, and it says which", () => {
     const repo = tempDir();
@@ -180,7 +183,7 @@ describe("predict.ts on real photos", () => {
     const best = predict([image], { cwd: repo });
     expect(best.code).toBe(0);
     expect(best.stderr).toContain("model: checkpoints/best-exp_night-1 (the best kept model of branch exp/night-1)");
-  });
+  }, SLOW);
 
   test("preprocessing is prepare.ts's: cached pixels = decodeToRgb(file), predict's tensor = imageBatch's, byte for byte", async () => {
     await initBackend({ prefer: "wasm" });
@@ -204,7 +207,7 @@ describe("predict.ts on real photos", () => {
       ours.dispose();
       theirs.dispose();
     }
-  });
+  }, SLOW);
 });
 
 describe("predict.ts without a model or images", () => {
@@ -215,12 +218,12 @@ describe("predict.ts without a model or images", () => {
     const k = predict(["x.jpg", "--top-k", "0"]);
     expect(k.code).toBe(2);
     expect(k.stderr).toContain("topK must be at least 1");
-  });
+  }, SLOW);
 
   test("only missing files: exit 1 without loading any model", () => {
     const r = predict([join(tempDir(), "a.jpg"), "--model", join(tempDir(), "no-model")]);
     expect(r.code).toBe(1);
     expect(r.stderr).toContain("a.jpg: no such file or directory");
     expect(r.stderr).not.toContain("no-model");
-  });
+  }, SLOW);
 });
