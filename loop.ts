@@ -19,7 +19,8 @@
  *
  * The pieces live in lib/: the keep rule and noise floor (verdict.ts), training and evaluating a
  * commit (trial.ts, child.ts), the proposers (proposer.ts, agent.ts), what may change
- * (integrity.ts), git (worktree.ts, git.ts), the journal and sessions (journal.ts, session.ts).
+ * (integrity.ts), git (worktree.ts, git.ts), the journal and sessions (journal.ts, session.ts),
+ * the command line and exit codes (loop_flags.ts, exit.ts).
  *
  * Exit codes: 0 stopped normally (run.md False, --max-experiments, Ctrl-C after logging, --once
  * done), 1 unexpected error, 2 refused (dirty tree, existing branch, lock held, bad run.md or flags,

@@ -888,9 +888,9 @@ async function main(): Promise<void> {
   cli.option("--results <file>", "results.tsv to read", { default: RESULTS_FILE })
     .option("--out-dir <dir>", "where analysis_summary.{json,md} and progress.{svg,png} go", { default: "." })
     .option("--plateau <n>", "no keep in this many runs = plateau", { default: DEFAULT_PLATEAU })
-    .option("--state <file>", "the loop's journal (noise floor)", { default: STATE_FILE })
+    .option("--state <file>", "the loop's state (noise floor)", { default: STATE_FILE })
     .option("--logs <dir>", "run logs, found by commit in the file name", { default: LOGS_DIR })
-    .option("--noise-k <k>", "noise threshold in σ when the loop's journal does not say", { default: DEFAULT_NOISE_K })
+    .option("--noise-k <k>", "noise threshold in σ when the loop's state does not say", { default: DEFAULT_NOISE_K })
     .option("--no-chart", "skip progress.svg/.png");
   cli.help();
   const { options: o } = cli.parse(process.argv, { run: false });

@@ -38,8 +38,8 @@ const ActivePointer = type({ dir: "string" });
 
 /**
  * The active prepared dataset's folder and its two files, or null when there is none.
- * prepare.ts owns this layout (active.json → a folder with images.u8 and manifest.json); this
- * reads it until prepare.ts exports a helper for it.
+ * prepare.ts owns this layout (<cache root>/active.json names a folder holding images.u8 and
+ * manifest.json). To be replaced by prepare.ts's own helper for it once prepare.ts exports one.
  */
 function activeCache(cacheRoot: string): { dir: string; images: string; manifest: string } | null {
   let raw: unknown = null;

@@ -24,6 +24,86 @@ type Log = (line: string) => void;
 /** The files that make up a session, relative to the repository. */
 const SESSION_FILES = [STATE_FILE, RESULTS_FILE, RESULTS_BACKUP];
 
+interface OpenArgs {
+  root: string;
+  flags: Flags;
+  cacheRoot: string;
+  log: Log;
+  /** run.md's answer before a new session: a False switch must not even create a branch. */
+  mayStart: () => boolean;
+}
+
+/** Which session to run: resume the named (or journaled) one, or start a new branch. */
+export async function openSession(a: OpenArgs): Promise<{ st: State; resumed: boolean }> {
+  const { root, flags } = a;
+  const live = readState(join(root, STATE_FILE));
+  const head = currentBranch(root);
+  const onSession = head?.startsWith("autoresearch/") ? head : null;
+  const wanted = flags.tag !== undefined ? `autoresearch/${flags.tag}` : null;
+  let target: string | null = null;
+  if (flags.resume) {
+    target = wanted ?? live?.branch ?? onSession;
+    if (target === null) {
+      throw new Stop(EXIT.refused,
+        "--resume: no session to resume (no journal in .autoresearch/ and not on an autoresearch/ branch)");
+    }
+  } else if (flags.once) {
+    // An agent calls --once again and again: the session of the branch it is on continues.
+    target = wanted ?? onSession;
+  }
+  if (target !== null) {
+    const st = journalFor(root, target, a.log);
+    if (st) return { st, resumed: true };
+    if (flags.resume) {
+      const why = "nothing to resume (start a new session with another --tag)";
+      throw new Stop(EXIT.refused, `no journal for ${target}: ${why}`);
+    }
+  }
+  if (!a.mayStart()) throw new Stop(EXIT.ok, "");
+  return { st: await startSession(a, wanted ?? `autoresearch/${dateTag()}`), resumed: false };
+}
+
+/** A new branch from HEAD and a new journal: the tree must be clean and a dataset prepared. */
+async function startSession(a: OpenArgs, branch: string): Promise<State> {
+  const { root, flags } = a;
+  if (branchExists(root, branch)) {
+    const tag = branch.slice("autoresearch/".length);
+    throw new Stop(EXIT.refused,
+      `branch ${branch} already exists: continue it with \`bun loop.ts --resume --tag ${tag}\`, or pick another --tag`);
+  }
+  const dirty = dirtyPaths(root);
+  if (dirty.length > 0) {
+    const shown = `${dirty.slice(0, 5).join(", ")}${dirty.length > 5 ? ", …" : ""}`;
+    throw new Stop(EXIT.refused, `the working tree is not clean (${shown}): commit or remove these first; `
+      + "the loop resets the tree between experiments");
+  }
+  const cache = await cacheFingerprint(a.cacheRoot);
+  if (cache.task === null) {
+    throw new Stop(EXIT.refused,
+      `no prepared dataset under ${a.cacheRoot} (or it is unreadable): run \`bun prepare.ts --source …\` first`);
+  }
+  archiveSession(root, readState(join(root, STATE_FILE)), a.log);
+  git(["checkout", "-q", "-b", branch], { cwd: root });
+  const head = rev(root, "HEAD");
+  const st = newState({
+    branch, task: cache.task, head, protected: await protectedHashes(root),
+    cache: { dir: cache.dir, images: cache.images, manifest: cache.manifest },
+    settings: {
+      budgetSeconds: flags.budget ?? TIME_BUDGET, baselineRuns: flags.baselineRuns ?? DEFAULTS.baselineRuns,
+      noiseSigmas: flags.noiseSigmas ?? DEFAULTS.noiseSigmas, seed: flags.seed ?? DEFAULTS.seed,
+    },
+  });
+  saveState(root, st);
+  a.log(`new session on ${branch} from ${shortOf(root, head)}: task ${st.task}, keep on ${st.primary} `
+    + `(then ${st.secondary}), budget ${st.settings.budgetSeconds}s, ${st.baselines.wanted} baseline run(s)`);
+  return st;
+}
+
+/** The default session name: today, e.g. nov23. */
+function dateTag(d = new Date()): string {
+  return `${d.toLocaleString("en-US", { month: "short" }).toLowerCase()}${d.getDate()}`;
+}
+
 /** Move the previous session's journal and results out of the way (they are per session). */
 function archiveSession(root: string, live: State | null, log: Log): void {
   const files = SESSION_FILES.filter((f) => existsSync(join(root, f)));
@@ -71,6 +151,38 @@ export function newState(a: {
     baseline: null, noise: null, best: null, nextN: 1,
     counts: { experiments: 0, keeps: 0, discards: 0, crashes: 0 }, crashStreak: 0,
     tried: [], lastKeptMove: null, timing: { runs: 0, trainSeconds: 0, wallSeconds: 0 }, current: null,
+  };
+}
+
+/**
+ * Flags given to a resumed session: the budget cannot change (results would not be comparable);
+ * a new seed or noise multiplier applies from now on.
+ */
+export function resumeSettings(st: State, f: Pick<Flags, "budget" | "seed" | "noiseSigmas">): void {
+  if (f.budget !== undefined && f.budget !== st.settings.budgetSeconds) {
+    throw new Stop(EXIT.refused, `this session trains with --budget ${st.settings.budgetSeconds}; results with another `
+      + "budget are not comparable: resume without --budget, or start a new session");
+  }
+  if (f.seed !== undefined) st.settings.seed = f.seed;
+  if (f.noiseSigmas !== undefined && f.noiseSigmas !== st.settings.noiseSigmas) {
+    st.settings.noiseSigmas = f.noiseSigmas;
+    if (st.noise) st.noise = computeNoise(st.noise.metric, st.noise.runs, f.noiseSigmas);
+  }
+}
+
+/** The experiment about to start: a baseline repeat from the session start, or a change of the best. */
+export function newExperiment(st: State, kind: "baseline" | "experiment", rowsBefore: number): Experiment {
+  const done = st.baselines.primaries.length;
+  const wanted = st.baselines.wanted;
+  const repeat = done === 0 ? `baseline 1/${wanted}` : `baseline repeat ${done + 1}/${wanted}`;
+  const baseline = wanted === 1 ? "baseline" : repeat;
+  return {
+    n: st.nextN, kind, phase: "proposing",
+    base: kind === "baseline" ? st.sessionStart : st.best!.commit,
+    candidate: null,
+    description: kind === "experiment" ? "" : baseline,
+    move: null, trainPid: null, outcome: null, row: null,
+    rowsBefore, trainLines: 0, startedAt: new Date().toISOString(),
   };
 }
 
@@ -131,36 +243,12 @@ export function loadResultsText(root: string, log: Log): string {
   return file ?? "";
 }
 
-/** The experiment about to start: a baseline repeat from the session start, or a change of the best. */
-export function newExperiment(st: State, kind: "baseline" | "experiment", rowsBefore: number): Experiment {
-  const done = st.baselines.primaries.length;
-  const wanted = st.baselines.wanted;
-  const repeat = done === 0 ? `baseline 1/${wanted}` : `baseline repeat ${done + 1}/${wanted}`;
-  const baseline = wanted === 1 ? "baseline" : repeat;
-  return {
-    n: st.nextN, kind, phase: "proposing",
-    base: kind === "baseline" ? st.sessionStart : st.best!.commit,
-    candidate: null,
-    description: kind === "experiment" ? "" : baseline,
-    move: null, trainPid: null, outcome: null, row: null,
-    rowsBefore, trainLines: 0, startedAt: new Date().toISOString(),
-  };
-}
-
-/**
- * Flags given to a resumed session: the budget cannot change (results would not be comparable);
- * a new seed or noise multiplier applies from now on.
- */
-export function resumeSettings(st: State, f: Pick<Flags, "budget" | "seed" | "noiseSigmas">): void {
-  if (f.budget !== undefined && f.budget !== st.settings.budgetSeconds) {
-    throw new Stop(EXIT.refused, `this session trains with --budget ${st.settings.budgetSeconds}; results with another `
-      + "budget are not comparable: resume without --budget, or start a new session");
-  }
-  if (f.seed !== undefined) st.settings.seed = f.seed;
-  if (f.noiseSigmas !== undefined && f.noiseSigmas !== st.settings.noiseSigmas) {
-    st.settings.noiseSigmas = f.noiseSigmas;
-    if (st.noise) st.noise = computeNoise(st.noise.metric, st.noise.runs, f.noiseSigmas);
-  }
+/** Put results.tsv back to `expected` (the text the loop last wrote) if anything changed it. */
+export function restoreResults(root: string, expected: string, log: Log): void {
+  const now = readText(join(root, RESULTS_FILE));
+  if (now === expected || (now === null && expected === "")) return;
+  writeAtomic(join(root, RESULTS_FILE), expected);
+  log(`restored ${RESULTS_FILE} from the loop's copy (${countRows(expected)} rows)`);
 }
 
 /** The session in one line: counts, best against the baseline, and the loop's own overhead per run. */
@@ -175,91 +263,4 @@ export function sessionReport(st: State): string {
   return `session ${st.branch}: ${st.counts.experiments} experiments, ${st.counts.keeps} kept, `
     + `${st.counts.discards} discarded, ${st.counts.crashes} crashed${vs}; `
     + `loop overhead ${overhead.toFixed(1)}s per run (time not spent in train.ts)`;
-}
-
-/** Put results.tsv back to `expected` (the text the loop last wrote) if anything changed it. */
-export function restoreResults(root: string, expected: string, log: Log): void {
-  const now = readText(join(root, RESULTS_FILE));
-  if (now === expected || (now === null && expected === "")) return;
-  writeAtomic(join(root, RESULTS_FILE), expected);
-  log(`restored ${RESULTS_FILE} from the loop's copy (${countRows(expected)} rows)`);
-}
-
-/** A new branch from HEAD and a new journal: the tree must be clean and a dataset prepared. */
-async function startSession(a: OpenArgs, branch: string): Promise<State> {
-  const { root, flags } = a;
-  if (branchExists(root, branch)) {
-    const tag = branch.slice("autoresearch/".length);
-    throw new Stop(EXIT.refused,
-      `branch ${branch} already exists: continue it with \`bun loop.ts --resume --tag ${tag}\`, or pick another --tag`);
-  }
-  const dirty = dirtyPaths(root);
-  if (dirty.length > 0) {
-    const shown = `${dirty.slice(0, 5).join(", ")}${dirty.length > 5 ? ", …" : ""}`;
-    throw new Stop(EXIT.refused, `the working tree is not clean (${shown}): commit or remove these first; `
-      + "the loop resets the tree between experiments");
-  }
-  const cache = await cacheFingerprint(a.cacheRoot);
-  if (cache.task === null) {
-    throw new Stop(EXIT.refused,
-      `no prepared dataset under ${a.cacheRoot} (or it is unreadable): run \`bun prepare.ts --source …\` first`);
-  }
-  archiveSession(root, readState(join(root, STATE_FILE)), a.log);
-  git(["checkout", "-q", "-b", branch], { cwd: root });
-  const head = rev(root, "HEAD");
-  const st = newState({
-    branch, task: cache.task, head, protected: await protectedHashes(root),
-    cache: { dir: cache.dir, images: cache.images, manifest: cache.manifest },
-    settings: {
-      budgetSeconds: flags.budget ?? TIME_BUDGET, baselineRuns: flags.baselineRuns ?? DEFAULTS.baselineRuns,
-      noiseSigmas: flags.noiseSigmas ?? DEFAULTS.noiseSigmas, seed: flags.seed ?? DEFAULTS.seed,
-    },
-  });
-  saveState(root, st);
-  a.log(`new session on ${branch} from ${shortOf(root, head)}: task ${st.task}, keep on ${st.primary} `
-    + `(then ${st.secondary}), budget ${st.settings.budgetSeconds}s, ${st.baselines.wanted} baseline run(s)`);
-  return st;
-}
-
-interface OpenArgs {
-  root: string;
-  flags: Flags;
-  cacheRoot: string;
-  log: Log;
-  /** run.md's answer before a new session: a False switch must not even create a branch. */
-  mayStart: () => boolean;
-}
-
-/** Which session to run: resume the named (or journaled) one, or start a new branch. */
-export async function openSession(a: OpenArgs): Promise<{ st: State; resumed: boolean }> {
-  const { root, flags } = a;
-  const live = readState(join(root, STATE_FILE));
-  const head = currentBranch(root);
-  const onSession = head?.startsWith("autoresearch/") ? head : null;
-  const wanted = flags.tag !== undefined ? `autoresearch/${flags.tag}` : null;
-  let target: string | null = null;
-  if (flags.resume) {
-    target = wanted ?? live?.branch ?? onSession;
-    if (target === null) {
-      throw new Stop(EXIT.refused,
-        "--resume: no session to resume (no journal in .autoresearch/ and not on an autoresearch/ branch)");
-    }
-  } else if (flags.once) {
-    // An agent calls --once again and again: the session of the branch it is on continues.
-    target = wanted ?? onSession;
-  }
-  if (target !== null) {
-    const st = journalFor(root, target, a.log);
-    if (st) return { st, resumed: true };
-    if (flags.resume) {
-      const why = "nothing to resume (start a new session with another --tag)";
-      throw new Stop(EXIT.refused, `no journal for ${target}: ${why}`);
-    }
-  }
-  if (!a.mayStart()) throw new Stop(EXIT.ok, "");
-  return { st: await startSession(a, wanted ?? `autoresearch/${dateTag()}`), resumed: false };
-}
-
-function dateTag(d = new Date()): string {
-  return `${d.toLocaleString("en-US", { month: "short" }).toLowerCase()}${d.getDate()}`;
 }
