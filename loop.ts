@@ -192,6 +192,7 @@ function repair(ctx: Ctx, base: string, integ: Integrity): void {
 // Propose and commit
 // ---------------------------------------------------------------------------
 
+/** The change to measure: the baseline as it is, HEAD's commit (--once), an agent's edit, or the next built-in move. */
 async function propose(ctx: Ctx): Promise<Proposal> {
   const cur = ctx.st.current!;
   if (cur.kind === "baseline") return { description: cur.description, move: null, failure: null };
