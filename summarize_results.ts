@@ -2,9 +2,9 @@
  * summarize_results.ts — read a night of experiments at a glance.
  *
  * Usage:
- *   bun summarize_results.ts                          # results.tsv -> ./analysis_summary.{json,md}, ./progress.{svg,png}
+ *   bun summarize_results.ts              # results.tsv -> ./analysis_summary.{json,md}, ./progress.{svg,png}
  *   bun summarize_results.ts --results other.tsv --out-dir reports --plateau 8
- *   bun summarize_results.ts --no-chart               # only the JSON and the Markdown
+ *   bun summarize_results.ts --no-chart   # only the JSON and the Markdown
  *
  * analysis_summary.json (schema: AnalysisSummary, below) is for an agent choosing the next
  * experiment: baseline, best and its commit, the frontier, the noise floor, crash reasons, near
@@ -14,26 +14,31 @@
  * rasterised by sharp).
  *
  * Inputs: results.tsv (lib/results.ts's format; lines that are not rows are reported with their
- * line number, never fatal), `.autoresearch/state.json` for the loop's noise floor when it has
- * one (else: mean and σ of the `baseline` rows plus the first `keep`), and run logs in
- * `.autoresearch/logs/` (any file whose name holds a crashed run's commit) for crash reasons.
- * The loop runs this after every experiment.
+ * line number, never fatal), the loop's journal `.autoresearch/state.json` (lib/journal.ts's
+ * State, validated: a journal that does not match is an error) for its noise floor once the
+ * baseline repeats are in (else: the same noise computation over the `baseline` rows plus the
+ * first `keep`), and run logs in `.autoresearch/logs/` (any file whose name holds a crashed
+ * run's commit) for crash reasons. The noise floor and the order of runs come from
+ * lib/verdict.ts, as the loop's do. The loop runs this after every experiment.
  */
 import { existsSync, readdirSync } from "node:fs";
-import { mkdir, readFile, rename, writeFile } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { type } from "arktype";
 import { cac } from "cac";
 import type { TopLevelSpec } from "vega-lite";
 import { TASK_METRICS, Task } from "./prepare.ts";
-import { readResults, Status, type ParsedResults, type ResultRow } from "./lib/results.ts";
+import { writeAtomic } from "./lib/atomic.ts";
+import { LOGS_DIR, STATE_FILE, readState, type State } from "./lib/journal.ts";
+import { RESULTS_FILE, Status, readResults, type ParsedResults, type ResultRow } from "./lib/results.ts";
+import { computeNoise, outranks, type Ranking } from "./lib/verdict.ts";
 
 // ---------------------------------------------------------------------------
-// The summary's schema (loop.ts and the tests validate against it)
+// The summary's schema (writeSummary and the tests validate against it)
 // ---------------------------------------------------------------------------
 
 /** One results.tsv row with its run number (1-based, file order) and line number. */
-export const RunSummary = type({
+const RunSummary = type({
   run: "number.integer >= 1",
   line: "number.integer >= 2",
   commit: "string",
@@ -44,18 +49,18 @@ export const RunSummary = type({
   memory_gb: "number >= 0",
   description: "string",
 });
-export type RunSummary = typeof RunSummary.infer;
+type RunSummary = typeof RunSummary.infer;
 
 /** `lr 0.003 -> 0.006`: one hyperparameter move as the built-in proposer describes it. */
-export const HpMove = type({ axis: "string", from: "string", to: "string", direction: "'up' | 'down' | 'same' | 'change'" });
-export type HpMove = typeof HpMove.infer;
+const HpMove = type({ axis: "string", from: "string", to: "string", direction: "'up' | 'down' | 'same' | 'change'" });
+type HpMove = typeof HpMove.infer;
 
 const Suggestion = type({
   kind: "'structural' | 'fix-crash' | 'combine' | 'continue' | 'opposite' | 'retry'",
   text: "string",
   "axis?": "string",
 });
-export type Suggestion = typeof Suggestion.infer;
+type Suggestion = typeof Suggestion.infer;
 
 export const AnalysisSummary = type({
   version: "'1'",
@@ -67,10 +72,16 @@ export const AnalysisSummary = type({
   secondary: "string | null",
   /** Lines of results.tsv that are not rows: reported, skipped. */
   parseErrors: type({ line: "number.integer >= 1", message: "string" }).array(),
-  counts: { runs: "number.integer >= 0", baseline: "number.integer >= 0", keep: "number.integer >= 0", discard: "number.integer >= 0", crash: "number.integer >= 0" },
+  counts: {
+    runs: "number.integer >= 0", baseline: "number.integer >= 0", keep: "number.integer >= 0",
+    discard: "number.integer >= 0", crash: "number.integer >= 0",
+  },
   /** The first `baseline` or `keep` row: the session's starting point. */
   baseline: RunSummary.or("null"),
-  /** The best baseline/keep row: highest primary, then secondary; on a full tie the later run (the branch tip). */
+  /**
+   * The best baseline/keep row: highest primary, then secondary (lib/verdict.ts's order); on a
+   * full tie the later run (the branch tip).
+   */
   best: RunSummary.or("null"),
   /**
    * best − reference on the primary metric (relative: over |reference|, null when it is 0). The
@@ -83,15 +94,20 @@ export const AnalysisSummary = type({
   /**
    * Spread of repeated baseline measurements. threshold = k·σ: an improvement smaller than this
    * is noise. source: "state" (the loop's .autoresearch/state.json), "results" (baseline rows +
-   * the first keep), "none" (fewer than two measurements).
+   * the first keep), "none" (fewer than two measurements). k is the loop's --noise-sigmas with
+   * "state" (0 is allowed there), else --noise-k.
    */
   noiseFloor: {
-    mean: "number | null", sigma: "number | null", k: "number > 0", threshold: "number | null",
+    mean: "number | null", sigma: "number | null", k: "number >= 0", threshold: "number | null",
     n: "number.integer >= 0", source: "'state' | 'results' | 'none'",
   },
-  /** reason: the loop's own "(crash: …)" note when the description has one, else the run log's last error line. */
+  /**
+   * reason: the loop's own "(crash: …)" note when the description has one, else the run log's
+   * last error line.
+   */
   crashes: type({
-    run: "number.integer >= 1", commit: "string", description: "string", reason: "string", from: "'log' | 'description' | 'unknown'",
+    run: "number.integer >= 1", commit: "string", description: "string", reason: "string",
+    from: "'log' | 'description' | 'unknown'",
     /** The last error-like line of the run's log (.autoresearch/logs/*<commit>*), when there is one. */
     logLine: "string | null",
   }).array(),
@@ -101,15 +117,21 @@ export const AnalysisSummary = type({
    * Discarded runs that nearly made it: primary within the tolerance of the best they were
    * measured against (deltaToParent ≥ −tolerance), or a secondary metric above that best's.
    */
-  nearMisses: RunSummary.merge({ deltaToParent: "number", gapToBest: "number", why: "string[]", moves: HpMove.array() }).array(),
+  nearMisses: RunSummary.merge({
+    deltaToParent: "number", gapToBest: "number", why: "string[]", moves: HpMove.array(),
+  }).array(),
   nearMissTolerance: { value: "number >= 0", basis: "string" },
   /** Per hyperparameter axis (from `axis old -> new` descriptions): what each move did. */
   hpAxes: type({
     axis: "string",
-    tried: "number.integer >= 1", wins: "number.integer >= 0", losses: "number.integer >= 0", crashes: "number.integer >= 0",
+    tried: "number.integer >= 1", wins: "number.integer >= 0", losses: "number.integer >= 0",
+    crashes: "number.integer >= 0",
     /** The axis's value in the current best, as far as the descriptions tell. */
     current: "string | null",
-    moves: type({ run: "number.integer >= 1", from: "string", to: "string", direction: HpMove.get("direction"), status: Status, delta: "number | null" }).array(),
+    moves: type({
+      run: "number.integer >= 1", from: "string", to: "string", direction: HpMove.get("direction"), status: Status,
+      delta: "number | null",
+    }).array(),
   }).array(),
   /**
    * Moves that lost (discard or crash) at least twice and never won: the same axis, direction and
@@ -119,7 +141,10 @@ export const AnalysisSummary = type({
     axis: "string", direction: HpMove.get("direction"), from: "string | null", region: "string",
     values: "string[]", losses: "number.integer >= 2", runs: "number.integer[]",
   }).array(),
-  plateau: { window: "number.integer >= 1", runsSinceLastKeep: "number.integer >= 0", detected: "boolean", suggestion: "string | null" },
+  plateau: {
+    window: "number.integer >= 1", runsSinceLastKeep: "number.integer >= 0", detected: "boolean",
+    suggestion: "string | null",
+  },
   suggestions: Suggestion.array(),
   /** Every run, for the chart: crashes have no score (null). */
   series: type({
@@ -130,7 +155,7 @@ export const AnalysisSummary = type({
 export type AnalysisSummary = typeof AnalysisSummary.infer;
 
 // ---------------------------------------------------------------------------
-// Reading the inputs: HP moves, the loop's noise floor, crash logs
+// Reading the inputs: HP moves, the loop's journal, crash logs
 // ---------------------------------------------------------------------------
 
 const MOVE = /([A-Za-z_][\w.]*)\s+([^\s,;()]+)\s*->\s*([^\s,;()]+)/g;
@@ -150,47 +175,31 @@ export function parseHpMoves(description: string): HpMove[] {
   });
 }
 
-/** Numbers under any of `keys` in an object, else undefined. */
-function pick(o: Record<string, unknown>, keys: string[]): number | undefined {
-  for (const k of keys) {
-    const v = o[k];
-    if (typeof v === "number" && Number.isFinite(v)) return v;
-  }
-  return undefined;
-}
+type NoiseFloor = AnalysisSummary["noiseFloor"];
 
-function isRecord(v: unknown): v is Record<string, unknown> {
-  return typeof v === "object" && v !== null && !Array.isArray(v);
+/** The loop's noise floor from its journal; null until the baseline repeats are all measured. */
+export function noiseFromState(st: State | null): NoiseFloor | null {
+  const n = st?.noise;
+  if (!n) return null;
+  return { mean: n.mean, sigma: n.sigma, k: n.sigmas, threshold: n.floor, n: n.runs.length, source: "state" };
 }
 
 /**
- * The loop's noise floor from state.json, read defensively (its fields are not fixed yet): a
- * number under noiseFloor/noise_floor/noise is the threshold; an object may hold mean, sigma
- * (std, sd), k and threshold, or the raw samples.
+ * The noise floor as the loop computes it (lib/verdict.ts), over what results.tsv shows of the
+ * baseline repeats: the loop writes the first as a `keep` and the others as `baseline` rows.
  */
-export function noiseFromState(state: unknown, k: number): { mean: number | null; sigma: number | null; k: number; threshold: number | null; n: number } | null {
-  if (!isRecord(state)) return null;
-  const raw = state.noiseFloor ?? state.noise_floor ?? state.noise;
-  if (typeof raw === "number" && Number.isFinite(raw)) return { mean: null, sigma: null, k, threshold: raw, n: 0 };
-  if (!isRecord(raw)) return null;
-  const samples = ["samples", "values", "runs", "scores"].map((key) => raw[key]).find((v): v is number[] => Array.isArray(v) && v.length > 0 && v.every((x) => typeof x === "number"));
-  const fromSamples = samples ? meanSigma(samples) : null;
-  const kk = pick(raw, ["k", "sigmas", "multiplier"]) ?? k;
-  const sigma = pick(raw, ["sigma", "std", "sd", "stdev", "σ"]) ?? fromSamples?.sigma ?? null;
-  const mean = pick(raw, ["mean", "baselineMean", "baseline_mean", "mu"]) ?? fromSamples?.mean ?? null;
-  const threshold = pick(raw, ["threshold", "floor", "value", "noiseFloor", "min_improvement", "minImprovement"]) ?? (sigma !== null ? kk * sigma : null);
-  if (mean === null && sigma === null && threshold === null) return null;
-  return { mean, sigma, k: kk, threshold, n: samples?.length ?? pick(raw, ["n", "count", "repeats"]) ?? 0 };
+function noiseFromRuns(runs: RunSummary[], primary: string, k: number): NoiseFloor {
+  const firstKeep = runs.find((r) => r.status === "keep");
+  const repeats = [...runs.filter((r) => r.status === "baseline"), ...(firstKeep ? [firstKeep] : [])];
+  const samples = repeats.map((r) => r.primary);
+  const n = samples.length;
+  if (n < 2) return { mean: samples[0] ?? null, sigma: null, k, threshold: null, n, source: "none" };
+  const noise = computeNoise(primary, samples, k);
+  return { mean: noise.mean, sigma: noise.sigma, k, threshold: noise.floor, n, source: "results" };
 }
 
-function meanSigma(xs: number[]): { mean: number; sigma: number | null } {
-  const mean = xs.reduce((s, x) => s + x, 0) / xs.length;
-  if (xs.length < 2) return { mean, sigma: null };
-  const v = xs.reduce((s, x) => s + (x - mean) ** 2, 0) / (xs.length - 1);
-  return { mean, sigma: Math.sqrt(v) };
-}
-
-const ERROR_LINE = /^(?:error:|FAIL:|.*\b(?:[A-Z]\w*Error|Exception)\b|.*\b(?:out of memory|OOM|Killed|timed out|timeout|NaN)\b).*$/gm;
+const ERROR_LINE = new RegExp(String.raw`^(?:error:|FAIL:|.*\b(?:[A-Z]\w*Error|Exception)\b`
+  + String.raw`|.*\b(?:out of memory|OOM|Killed|timed out|timeout|NaN)\b).*$`, "gm");
 
 /** The last line of a run log that reads like the reason it died, or null. */
 export function crashReasonFromLog(text: string): string | null {
@@ -219,10 +228,10 @@ function logFinder(dir: string): (commit: string) => Promise<string | null> {
 // The analysis (pure: parsed rows in, summary out)
 // ---------------------------------------------------------------------------
 
-export interface SummarizeOptions {
+interface SummarizeOptions {
   results: string;
-  /** Parsed .autoresearch/state.json, or null. */
-  state?: unknown;
+  /** The loop's journal (.autoresearch/state.json, validated), or null. */
+  state?: State | null;
   /** Run log text for a commit, or null. */
   logFor?: (commit: string) => Promise<string | null>;
   /** No keep in this many runs = a plateau. */
@@ -232,24 +241,22 @@ export interface SummarizeOptions {
   now?: Date;
 }
 
-export const DEFAULT_PLATEAU = 10;
+const DEFAULT_PLATEAU = 10;
 const DEFAULT_NOISE_K = 2;
 /** Near-miss tolerance when there is no noise estimate: this share of |best|. */
 const FALLBACK_TOLERANCE = 0.005;
 const LABEL_CHARS = 30;
+const PLATEAU_ADVICE = "single hyperparameter moves around the best look used up; try a structural change in "
+  + "train.ts (another architecture such as residual or depthwise blocks, a wider or deeper net, another optimizer or "
+  + "schedule, stronger augmentation, or a pretrained backbone)";
 
-export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): Promise<AnalysisSummary> {
-  const k = opts.noiseK ?? DEFAULT_NOISE_K;
-  const window = opts.plateau ?? DEFAULT_PLATEAU;
-  const task = parsed.task;
-  const primary = task ? TASK_METRICS[task].primary : null;
-  const secondary = task ? TASK_METRICS[task].secondary : null;
-  const runs = rowsToRuns(parsed, primary, secondary);
-  const counts = { runs: runs.length, baseline: 0, keep: 0, discard: 0, crash: 0 };
-  for (const r of runs) counts[r.status]++;
-
-  // The running best: baseline and keep rows, compared on (primary, secondary).
-  const better = (a: RunSummary, b: RunSummary | null) => b === null || a.primary > b.primary || (a.primary === b.primary && a.secondary > b.secondary);
+/**
+ * The running best over baseline and keep rows, in lib/verdict.ts's order (primary, then
+ * secondary). A baseline row after the first best is a repeat of the same code (a noise sample),
+ * not progress; on a full tie the later keep is the branch tip.
+ */
+function runningBest(runs: RunSummary[], ranking: Ranking | null) {
+  const beats = (a: RunSummary, b: RunSummary) => ranking !== null && outranks(a.metrics, b.metrics, ranking);
   const bestBefore: (RunSummary | null)[] = [];
   const bestAfter: (RunSummary | null)[] = [];
   const frontier: (RunSummary & { gain: number | null })[] = [];
@@ -257,18 +264,39 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
   for (const r of runs) {
     bestBefore.push(best);
     if (r.status === "baseline" || r.status === "keep") {
-      // A baseline row after the first best is a repeat of the same code (a noise sample), not progress.
-      if (better(r, best) && !(r.status === "baseline" && best !== null)) { frontier.push({ ...r, gain: best === null ? null : r.primary - best.primary }); best = r; }
-      else if (r.status === "keep" && best !== null && r.primary === best.primary && r.secondary === best.secondary) best = r; // a full tie: the later keep is the branch tip
+      if (best === null || (r.status === "keep" && beats(r, best))) {
+        frontier.push({ ...r, gain: best === null ? null : r.primary - best.primary });
+        best = r;
+      } else if (r.status === "keep" && !beats(best, r)) {
+        best = r;
+      }
     }
     bestAfter.push(best);
   }
+  return { best, bestBefore, bestAfter, frontier };
+}
+
+export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): Promise<AnalysisSummary> {
+  const k = opts.noiseK ?? DEFAULT_NOISE_K;
+  const window = opts.plateau ?? DEFAULT_PLATEAU;
+  const task = parsed.task;
+  const ranking = task ? TASK_METRICS[task] : null;
+  const primary = ranking?.primary ?? null;
+  const secondary = ranking?.secondary ?? null;
+  const runs = rowsToRuns(parsed, primary, secondary);
+  const counts = { runs: runs.length, baseline: 0, keep: 0, discard: 0, crash: 0 };
+  for (const r of runs) counts[r.status]++;
+  const { best, bestBefore, bestAfter, frontier } = runningBest(runs, ranking);
   const baseline = runs.find((r) => r.status === "baseline" || r.status === "keep") ?? null;
 
-  const noiseFloor = computeNoise(runs, opts.state, k);
+  const noiseFloor = noiseFromState(opts.state ?? null) ?? noiseFromRuns(runs, primary ?? "", k);
+  const from = noiseFloor.source === "state" ? "the loop's state.json" : "baseline rows";
   const tolerance = noiseFloor.threshold !== null
-    ? { value: noiseFloor.threshold, basis: `noise threshold (${noiseFloor.k}σ, from ${noiseFloor.source === "state" ? "the loop's state.json" : "baseline rows"})` }
-    : { value: best ? Math.abs(best.primary) * FALLBACK_TOLERANCE : 0, basis: `${FALLBACK_TOLERANCE * 100}% of the best (no noise estimate: fewer than two baseline measurements)` };
+    ? { value: noiseFloor.threshold, basis: `noise threshold (${noiseFloor.k}σ, from ${from})` }
+    : {
+      value: best ? Math.abs(best.primary) * FALLBACK_TOLERANCE : 0,
+      basis: `${FALLBACK_TOLERANCE * 100}% of the best (no noise estimate: fewer than two baseline measurements)`,
+    };
 
   const crashes = await Promise.all(runs.filter((r) => r.status === "crash").map(async (r) => {
     const log = opts.logFor ? await opts.logFor(r.commit) : null;
@@ -285,9 +313,14 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
     if (r.status !== "discard" || !parent || !best) return [];
     const deltaToParent = r.primary - parent.primary;
     const why: string[] = [];
-    if (deltaToParent >= -tolerance.value) why.push(`${primary} within ${fmt(tolerance.value)} of the best it was measured against`);
-    if (r.secondary > parent.secondary) why.push(`${secondary} ${fmt(r.secondary)} above that best's ${fmt(parent.secondary)}`);
-    return why.length ? [{ ...r, deltaToParent, gapToBest: r.primary - best.primary, why, moves: parseHpMoves(r.description) }] : [];
+    if (deltaToParent >= -tolerance.value) {
+      why.push(`${primary} within ${fmt(tolerance.value)} of the best it was measured against`);
+    }
+    if (r.secondary > parent.secondary) {
+      why.push(`${secondary} ${fmt(r.secondary)} above that best's ${fmt(parent.secondary)}`);
+    }
+    if (why.length === 0) return [];
+    return [{ ...r, deltaToParent, gapToBest: r.primary - best.primary, why, moves: parseHpMoves(r.description) }];
   }).sort((a, b) => b.deltaToParent - a.deltaToParent).slice(0, 8);
 
   const hpAxes = axisStats(runs, bestBefore);
@@ -297,18 +330,18 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
   const detected = runs.length > 0 && runsSinceLastKeep >= window;
   const plateau = {
     window, runsSinceLastKeep, detected,
-    suggestion: detected
-      ? `no keep in the last ${runsSinceLastKeep} runs: single hyperparameter moves around the best look used up; try a structural change in train.ts (another architecture such as residual or depthwise blocks, a wider or deeper net, another optimizer or schedule, stronger augmentation, or a pretrained backbone)`
-      : null,
+    suggestion: detected ? `no keep in the last ${runsSinceLastKeep} runs: ${PLATEAU_ADVICE}` : null,
   };
 
   const frontierRuns = new Set(frontier.map((f) => f.run));
-  const series = runs.map((r, i) => {
-    return {
-      run: r.run, status: r.status, primary: r.status === "crash" ? null : r.primary, secondary: r.status === "crash" ? null : r.secondary,
-      runningBest: bestAfter[i]?.primary ?? null, description: r.description, label: frontierRuns.has(r.run) || r.status === "keep" ? shorten(r.description.replace(/\s*\([^()]*\)\s*$/, "") || r.description, LABEL_CHARS) : null,
-    };
-  });
+  const withoutNote = (d: string) => d.replace(/\s*\([^()]*\)\s*$/, "") || d;
+  const label = (r: RunSummary) => shorten(withoutNote(r.description), LABEL_CHARS);
+  const series = runs.map((r, i) => ({
+    run: r.run, status: r.status,
+    primary: r.status === "crash" ? null : r.primary, secondary: r.status === "crash" ? null : r.secondary,
+    runningBest: bestAfter[i]?.primary ?? null, description: r.description,
+    label: frontierRuns.has(r.run) || r.status === "keep" ? label(r) : null,
+  }));
 
   const summary: AnalysisSummary = {
     version: "1", generatedAt: (opts.now ?? new Date()).toISOString(), results: opts.results, task, primary, secondary,
@@ -321,32 +354,23 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
   return summary;
 }
 
-function improvementOver(best: number, baselineRun: number, nf: AnalysisSummary["noiseFloor"]): NonNullable<AnalysisSummary["improvement"]> {
-  const [reference, basis] = nf.mean !== null && nf.n >= 2 ? [nf.mean, `mean of ${nf.n} baseline runs`] : [baselineRun, "the baseline run"];
-  return { absolute: best - reference, relative: reference === 0 ? null : (best - reference) / Math.abs(reference), reference, basis };
+/** The best's gain over the baseline: over the mean of the baseline repeats when there are several. */
+function improvementOver(
+  best: number, baselineRun: number, nf: NoiseFloor,
+): NonNullable<AnalysisSummary["improvement"]> {
+  const [reference, basis] = nf.mean !== null && nf.n >= 2
+    ? [nf.mean, `mean of ${nf.n} baseline runs`]
+    : [baselineRun, "the baseline run"];
+  const relative = reference === 0 ? null : (best - reference) / Math.abs(reference);
+  return { absolute: best - reference, relative, reference, basis };
 }
 
 function rowsToRuns(parsed: ParsedResults, primary: string | null, secondary: string | null): RunSummary[] {
-  return parsed.rows.map((row: ResultRow, i) => {
-    return {
-      run: i + 1, line: parsed.lines?.[i] ?? i + 2, commit: row.commit, status: row.status,
-      primary: primary ? row.metrics[primary] ?? 0 : 0, secondary: secondary ? row.metrics[secondary] ?? 0 : 0,
-      metrics: row.metrics, memory_gb: row.memory_gb, description: row.description,
-    };
-  });
-}
-
-function computeNoise(runs: RunSummary[], state: unknown, k: number): AnalysisSummary["noiseFloor"] {
-  const fromState = noiseFromState(state, k);
-  const baselineRows = runs.filter((r) => r.status === "baseline");
-  const firstKeep = runs.find((r) => r.status === "keep");
-  const samples = [...baselineRows, ...(firstKeep ? [firstKeep] : [])].map((r) => r.primary);
-  const own = samples.length > 0 ? meanSigma(samples) : null;
-  if (fromState) {
-    return { mean: fromState.mean ?? own?.mean ?? null, sigma: fromState.sigma, k: fromState.k, threshold: fromState.threshold, n: fromState.n || samples.length, source: "state" };
-  }
-  const sigma = own?.sigma ?? null;
-  return { mean: own?.mean ?? null, sigma, k, threshold: sigma === null ? null : k * sigma, n: samples.length, source: sigma === null ? "none" : "results" };
+  return parsed.rows.map((row: ResultRow, i) => ({
+    run: i + 1, line: parsed.lines?.[i] ?? i + 2, commit: row.commit, status: row.status,
+    primary: primary ? row.metrics[primary] ?? 0 : 0, secondary: secondary ? row.metrics[secondary] ?? 0 : 0,
+    metrics: row.metrics, memory_gb: row.memory_gb, description: row.description,
+  }));
 }
 
 function groupCrashes(crashes: AnalysisSummary["crashes"]): AnalysisSummary["crashReasons"] {
@@ -366,13 +390,15 @@ function axisStats(runs: RunSummary[], bestBefore: (RunSummary | null)[]): Analy
   runs.forEach((r, i) => {
     if (r.status === "baseline") return;
     for (const m of parseHpMoves(r.description)) {
-      const a = axes.get(m.axis) ?? { axis: m.axis, tried: 0, wins: 0, losses: 0, crashes: 0, current: null, moves: [] };
+      const a = axes.get(m.axis)
+        ?? { axis: m.axis, tried: 0, wins: 0, losses: 0, crashes: 0, current: null, moves: [] };
       const parent = bestBefore[i];
       a.tried++;
       if (r.status === "keep") a.wins++;
       else if (r.status === "crash") a.crashes++;
       else a.losses++;
-      a.moves.push({ run: r.run, from: m.from, to: m.to, direction: m.direction, status: r.status, delta: r.status === "crash" || !parent ? null : r.primary - parent.primary });
+      const delta = r.status === "crash" || !parent ? null : r.primary - parent.primary;
+      a.moves.push({ run: r.run, from: m.from, to: m.to, direction: m.direction, status: r.status, delta });
       // The current value: a kept move sets it; any later move starts from it.
       a.current = r.status === "keep" ? m.to : m.from;
       axes.set(m.axis, a);
@@ -384,17 +410,24 @@ function axisStats(runs: RunSummary[], bestBefore: (RunSummary | null)[]): Analy
 function findLostRegions(axes: AnalysisSummary["hpAxes"]): AnalysisSummary["lostRegions"] {
   const out: AnalysisSummary["lostRegions"] = [];
   for (const a of axes) {
-    const regions = new Map<string, { direction: HpMove["direction"]; from: string | null; won: boolean; values: Set<string>; runs: number[] }>();
+    const regions = new Map<string, {
+      direction: HpMove["direction"]; from: string | null; won: boolean; values: Set<string>; runs: number[];
+    }>();
     for (const m of a.moves) {
       const numeric = m.direction === "up" || m.direction === "down";
       const key = numeric ? `${m.direction} from ${m.from}` : `to ${m.to}`;
-      const g = regions.get(key) ?? { direction: m.direction, from: numeric ? m.from : null, won: false, values: new Set<string>(), runs: [] };
+      const g = regions.get(key)
+        ?? { direction: m.direction, from: numeric ? m.from : null, won: false, values: new Set<string>(), runs: [] };
       if (m.status === "keep") g.won = true;
       else { g.values.add(m.to); g.runs.push(m.run); }
       regions.set(key, g);
     }
     for (const [region, g] of regions) {
-      if (!g.won && g.runs.length >= 2) out.push({ axis: a.axis, direction: g.direction, from: g.from, region, values: [...g.values], losses: g.runs.length, runs: g.runs });
+      if (g.won || g.runs.length < 2) continue;
+      out.push({
+        axis: a.axis, direction: g.direction, from: g.from, region, values: [...g.values], losses: g.runs.length,
+        runs: g.runs,
+      });
     }
   }
   return out.sort((x, y) => y.losses - x.losses);
@@ -405,9 +438,12 @@ function suggest(s: AnalysisSummary): Suggestion[] {
   const out: Suggestion[] = [];
   if (s.plateau.suggestion) out.push({ kind: "structural", text: s.plateau.suggestion });
   for (const c of s.crashReasons.filter((c) => c.count >= 2)) {
-    out.push({ kind: "fix-crash", text: `${c.count} runs crashed with "${shorten(c.reason, 80)}" (runs ${c.runs.join(", ")}): fix the cause or stop proposing those changes` });
+    const text = `${c.count} runs crashed with "${shorten(c.reason, 80)}" (runs ${c.runs.join(", ")}): `
+      + "fix the cause or stop proposing those changes";
+    out.push({ kind: "fix-crash", text });
   }
-  const lost = (axis: string, dir: string, from: string | null) => s.lostRegions.some((r) => r.axis === axis && r.direction === dir && r.from === from);
+  const lost = (axis: string, dir: string, from: string | null) =>
+    s.lostRegions.some((r) => r.axis === axis && r.direction === dir && r.from === from);
   // Combine near misses on different axes: each was nearly as good alone.
   const combos: { run: number; move: HpMove }[] = [];
   for (const n of s.nearMisses) {
@@ -416,25 +452,34 @@ function suggest(s: AnalysisSummary): Suggestion[] {
   }
   if (combos.length >= 2) {
     const [a, b] = combos as [typeof combos[number], typeof combos[number]];
-    out.push({ kind: "combine", text: `combine two near misses on the current best: ${a.move.axis} -> ${a.move.to} (run ${a.run}) together with ${b.move.axis} -> ${b.move.to} (run ${b.run})` });
+    const text = `combine two near misses on the current best: ${a.move.axis} -> ${a.move.to} (run ${a.run}) `
+      + `together with ${b.move.axis} -> ${b.move.to} (run ${b.run})`;
+    out.push({ kind: "combine", text });
   } else if (combos.length === 1) {
     const [a] = combos as [typeof combos[number]];
-    out.push({ kind: "retry", axis: a.move.axis, text: `retry the near miss ${a.move.axis} -> ${a.move.to} (run ${a.run}) on the current best, perhaps with another seed: it was within noise` });
+    const text = `retry the near miss ${a.move.axis} -> ${a.move.to} (run ${a.run}) on the current best, `
+      + "perhaps with another seed: it was within noise";
+    out.push({ kind: "retry", axis: a.move.axis, text });
   }
   for (const a of s.hpAxes) {
     const last = a.moves.at(-1);
     const lastWin = [...a.moves].reverse().find((m) => m.status === "keep");
-    if (lastWin && (lastWin.direction === "up" || lastWin.direction === "down") && last === lastWin && !lost(a.axis, lastWin.direction, lastWin.to)) {
-      out.push({ kind: "continue", axis: a.axis, text: `${a.axis}: continue ${lastWin.direction} from ${lastWin.to} (${lastWin.from} -> ${lastWin.to} won${lastWin.delta !== null ? `, ${signed(lastWin.delta)}` : ""})` });
-    }
+    if (!lastWin || last !== lastWin || (lastWin.direction !== "up" && lastWin.direction !== "down")) continue;
+    if (lost(a.axis, lastWin.direction, lastWin.to)) continue;
+    const delta = lastWin.delta !== null ? `, ${signed(lastWin.delta)}` : "";
+    const won = `${lastWin.from} -> ${lastWin.to} won${delta}`;
+    const text = `${a.axis}: continue ${lastWin.direction} from ${lastWin.to} (${won})`;
+    out.push({ kind: "continue", axis: a.axis, text });
   }
   for (const a of s.hpAxes) {
     const dirs = new Set(a.moves.map((m) => m.direction));
     for (const [tried, other] of [["up", "down"], ["down", "up"]] as const) {
       // Only after a direction lost repeatedly, and never for the seed (it has no direction).
-      if (dirs.has(tried) && !dirs.has(other) && lost(a.axis, tried, a.current) && a.current !== null && !/seed/i.test(a.axis)
-        && !(other === "down" && Number(a.current) <= 0)) {
-        out.push({ kind: "opposite", axis: a.axis, text: `${a.axis}: moving ${tried} lost repeatedly (${a.moves.filter((m) => m.direction === tried).map((m) => m.to).join(", ")}); try ${other} from ${a.current}` });
+      if (dirs.has(tried) && !dirs.has(other) && lost(a.axis, tried, a.current) && a.current !== null
+        && !/seed/i.test(a.axis) && !(other === "down" && Number(a.current) <= 0)) {
+        const values = a.moves.filter((m) => m.direction === tried).map((m) => m.to).join(", ");
+        const text = `${a.axis}: moving ${tried} lost repeatedly (${values}); try ${other} from ${a.current}`;
+        out.push({ kind: "opposite", axis: a.axis, text });
       }
     }
   }
@@ -448,7 +493,7 @@ function suggest(s: AnalysisSummary): Suggestion[] {
 const fmt = (v: number | null | undefined, digits = 4) => (v === null || v === undefined ? "n/a" : v.toFixed(digits));
 const signed = (v: number, digits = 4) => `${v >= 0 ? "+" : "−"}${Math.abs(v).toFixed(digits)}`;
 /** One line, at most n characters, cut at a word where possible. */
-export function shorten(text: string, n: number): string {
+function shorten(text: string, n: number): string {
   const t = text.replace(/\s+/g, " ").trim();
   if (t.length <= n) return t;
   const cut = t.slice(0, n - 1);
@@ -457,50 +502,90 @@ export function shorten(text: string, n: number): string {
 }
 const cell = (text: string) => text.replace(/\|/g, "\\|");
 
+/** The Markdown's opening lines: the best and its gain, runs, noise floor, plateau. */
+function headline(s: AnalysisSummary): string[] {
+  const L: string[] = [];
+  const p = s.primary ?? "primary";
+  const imp = s.improvement;
+  if (s.best) {
+    const relative = imp?.relative != null ? ` (${signed(100 * imp.relative, 1)}%)` : "";
+    const over = imp ? `${signed(imp.absolute)} over the baseline ${fmt(imp.reference)} (${imp.basis})` : "";
+    const gain = imp ? ` — ${over}${relative}` : "";
+    const where = `at run ${s.best.run}, commit \`${s.best.commit}\` (“${shorten(s.best.description, 60)}”)`;
+    L.push(`**Best ${p}: ${fmt(s.best.primary)}** ${where}${gain}.`, "");
+  } else {
+    L.push(`No run has been kept yet (no baseline or keep row).`, "");
+  }
+  const c = s.counts;
+  L.push(`- Runs: ${c.runs} — ${c.keep} kept, ${c.discard} discarded, ${c.crash} crashed, ${c.baseline} baseline.`);
+  const nf = s.noiseFloor;
+  const sigma = nf.sigma !== null ? `σ ${fmt(nf.sigma)}` : "σ unknown";
+  const threshold = nf.threshold !== null ? `, threshold ${fmt(nf.threshold)} (${nf.k}σ)` : "";
+  const around = nf.mean !== null ? ` around ${fmt(nf.mean)}` : "";
+  const source = nf.source === "state" ? "from the loop's state.json"
+    : nf.source === "results" ? `from ${nf.n} baseline measurements`
+    : "fewer than two baseline measurements: gains below ~0.5% may be noise";
+  L.push(`- Noise floor: ${sigma}${threshold}${around} — ${source}.`);
+  const since = s.plateau.runsSinceLastKeep;
+  const plateau = s.plateau.detected
+    ? `**yes** — no keep in the last ${since} runs`
+    : `no (last keep ${since} run${since === 1 ? "" : "s"} ago, window ${s.plateau.window})`;
+  L.push(`- Plateau: ${plateau}.`, "");
+  return L;
+}
+
 export function renderMarkdown(s: AnalysisSummary): string {
   const L: string[] = [];
   L.push(`# Research summary${s.task ? ` — ${s.task} task` : ""}`, "");
   L.push(`_${s.results}, ${s.counts.runs} runs, generated ${s.generatedAt.slice(0, 16).replace("T", " ")} UTC._`, "");
   if (s.counts.runs === 0) {
-    L.push(s.task === null && s.parseErrors.length === 0 ? "No runs yet: results.tsv is empty or missing." : "No runs yet.", "");
+    const empty = s.task === null && s.parseErrors.length === 0;
+    L.push(empty ? "No runs yet: results.tsv is empty or missing." : "No runs yet.", "");
   } else {
     const p = s.primary ?? "primary";
-    if (s.best) {
-      const gain = s.improvement ? ` — ${signed(s.improvement.absolute)} over the baseline ${fmt(s.improvement.reference)} (${s.improvement.basis})${s.improvement.relative !== null ? ` (${signed(100 * s.improvement.relative, 1)}%)` : ""}` : "";
-      L.push(`**Best ${p}: ${fmt(s.best.primary)}** at run ${s.best.run}, commit \`${s.best.commit}\` (“${shorten(s.best.description, 60)}”)${gain}.`, "");
-    } else {
-      L.push(`No run has been kept yet (no baseline or keep row).`, "");
-    }
-    const nf = s.noiseFloor;
-    L.push(`- Runs: ${s.counts.runs} — ${s.counts.keep} kept, ${s.counts.discard} discarded, ${s.counts.crash} crashed, ${s.counts.baseline} baseline.`);
-    L.push(`- Noise floor: ${nf.sigma !== null ? `σ ${fmt(nf.sigma)}` : "σ unknown"}${nf.threshold !== null ? `, threshold ${fmt(nf.threshold)} (${nf.k}σ)` : ""}${nf.mean !== null ? ` around ${fmt(nf.mean)}` : ""} — ${nf.source === "state" ? "from the loop's state.json" : nf.source === "results" ? `from ${nf.n} baseline measurements` : "fewer than two baseline measurements: gains below ~0.5% may be noise"}.`);
-    L.push(`- Plateau: ${s.plateau.detected ? `**yes** — no keep in the last ${s.plateau.runsSinceLastKeep} runs` : `no (last keep ${s.plateau.runsSinceLastKeep} run${s.plateau.runsSinceLastKeep === 1 ? "" : "s"} ago, window ${s.plateau.window})`}.`, "");
+    L.push(...headline(s));
     if (s.frontier.length > 0) {
-      L.push("## Frontier (each run that raised the best)", "", `| run | commit | ${p} | gain | description |`, "|---:|---|---:|---:|---|");
-      for (const f of s.frontier) L.push(`| ${f.run} | \`${f.commit}\` | ${fmt(f.primary)} | ${f.gain === null ? "—" : signed(f.gain)} | ${cell(shorten(f.description, 70))} |`);
+      L.push("## Frontier (each run that raised the best)", "", `| run | commit | ${p} | gain | description |`,
+        "|---:|---|---:|---:|---|");
+      for (const f of s.frontier) {
+        const gain = f.gain === null ? "—" : signed(f.gain);
+        L.push(`| ${f.run} | \`${f.commit}\` | ${fmt(f.primary)} | ${gain} | ${cell(shorten(f.description, 70))} |`);
+      }
       L.push("");
     }
     if (s.nearMisses.length > 0) {
-      L.push(`## Near misses worth combining (tolerance ${fmt(s.nearMissTolerance.value)}: ${s.nearMissTolerance.basis})`, "");
-      for (const n of s.nearMisses) L.push(`- run ${n.run} \`${n.commit}\` ${fmt(n.primary)} (${signed(n.deltaToParent)} vs its best): ${cell(shorten(n.description, 60))} — ${n.why.join("; ")}`);
+      const tol = s.nearMissTolerance;
+      L.push(`## Near misses worth combining (tolerance ${fmt(tol.value)}: ${tol.basis})`, "");
+      for (const n of s.nearMisses) {
+        L.push(`- run ${n.run} \`${n.commit}\` ${fmt(n.primary)} (${signed(n.deltaToParent)} vs its best): `
+          + `${cell(shorten(n.description, 60))} — ${n.why.join("; ")}`);
+      }
       L.push("");
     }
     if (s.hpAxes.length > 0) {
-      L.push("## Hyperparameter moves", "", "| axis | tried | won | lost | crashed | current | moves (run: from→to, Δ) |", "|---|---:|---:|---:|---:|---|---|");
+      const header = "| axis | tried | won | lost | crashed | current | moves (run: from→to, Δ) |";
+      L.push("## Hyperparameter moves", "", header, "|---|---:|---:|---:|---:|---|---|");
+      const mark = (status: string) => (status === "keep" ? "✔" : status === "crash" ? "✖crash" : "✖");
       for (const a of s.hpAxes) {
-        const moves = a.moves.slice(-6).map((m) => `${m.run}: ${m.from}→${m.to} ${m.status === "keep" ? "✔" : m.status === "crash" ? "✖crash" : "✖"}${m.delta !== null ? ` ${signed(m.delta, 3)}` : ""}`).join("; ");
-        L.push(`| ${a.axis} | ${a.tried} | ${a.wins} | ${a.losses} | ${a.crashes} | ${a.current ?? "?"} | ${cell(moves)} |`);
+        const delta = (d: number | null) => (d !== null ? ` ${signed(d, 3)}` : "");
+        const moves = a.moves.slice(-6).map((m) => `${m.run}: ${m.from}→${m.to} ${mark(m.status)}${delta(m.delta)}`);
+        const counts = `${a.tried} | ${a.wins} | ${a.losses} | ${a.crashes}`;
+        L.push(`| ${a.axis} | ${counts} | ${a.current ?? "?"} | ${cell(moves.join("; "))} |`);
       }
       L.push("");
     }
     if (s.lostRegions.length > 0) {
       L.push("## Regions that lost repeatedly (avoid)", "");
-      for (const r of s.lostRegions) L.push(`- ${r.axis} ${r.region}: lost ${r.losses}× (tried ${r.values.join(", ")}; runs ${r.runs.join(", ")})`);
+      for (const r of s.lostRegions) {
+        L.push(`- ${r.axis} ${r.region}: lost ${r.losses}× (tried ${r.values.join(", ")}; runs ${r.runs.join(", ")})`);
+      }
       L.push("");
     }
     if (s.crashes.length > 0) {
       L.push("## Crashes", "");
-      for (const c of s.crashReasons) L.push(`- ${c.count}× ${cell(shorten(c.reason, 120))} (runs ${c.runs.join(", ")})`);
+      for (const c of s.crashReasons) {
+        L.push(`- ${c.count}× ${cell(shorten(c.reason, 120))} (runs ${c.runs.join(", ")})`);
+      }
       L.push("");
     }
     if (s.suggestions.length > 0) {
@@ -558,7 +643,8 @@ function placeLabels(
       }
     }
     const boxOf = (p: { lx: number; ly: number; align: "left" | "right" }): Box => ({
-      x0: p.align === "left" ? p.lx : p.lx - tw, x1: p.align === "left" ? p.lx + tw : p.lx, y0: p.ly - lh / 2, y1: p.ly + lh / 2,
+      x0: p.align === "left" ? p.lx : p.lx - tw, x1: p.align === "left" ? p.lx + tw : p.lx,
+      y0: p.ly - lh / 2, y1: p.ly + lh / 2,
     });
     // Crossing another label or a caption is worst, the best-so-far line next, a point least.
     const cost = (b: Box) => (b.x0 < 0 || b.x1 > w || b.y0 < 0 || b.y1 > h ? 1000 : 0)
@@ -574,12 +660,14 @@ function placeLabels(
   });
 }
 
-/** The Vega-Lite spec of the progress chart (exported so a test or a notebook can inspect it). */
-export function chartSpec(s: AnalysisSummary): TopLevelSpec {
+/** The Vega-Lite spec of the progress chart. */
+function chartSpec(s: AnalysisSummary): TopLevelSpec {
   const w = CHART.width - MARGIN.left - MARGIN.right, h = CHART.height - MARGIN.top - MARGIN.bottom;
   const nf = s.noiseFloor;
   const center = nf.mean ?? s.baseline?.primary ?? null;
-  const band = center !== null && nf.threshold !== null ? { lo: center - nf.threshold, hi: center + nf.threshold } : null;
+  const band = center !== null && nf.threshold !== null
+    ? { lo: center - nf.threshold, hi: center + nf.threshold }
+    : null;
   const scored = s.series.flatMap((p) => (p.primary === null ? [] : [p.primary]));
   const ys = [...scored, ...(band ? [band.lo, band.hi] : [])];
   const lo0 = ys.length ? Math.min(...ys) : 0, hi0 = ys.length ? Math.max(...ys) : 1;
@@ -597,43 +685,71 @@ export function chartSpec(s: AnalysisSummary): TopLevelSpec {
   const xRun = (px: number) => px / w * runsN + 0.5;
   const yVal = (px: number) => yLo + (1 - px / h) * (yHi - yLo);
 
-  const points = s.series.map((p) => ({ ...p, y: p.primary ?? crashY, shown: p.status === "crash" ? "crashed (no score)" : fmt(p.primary) }));
+  const points = s.series.map((p) => ({
+    ...p, y: p.primary ?? crashY, shown: p.status === "crash" ? "crashed (no score)" : fmt(p.primary),
+  }));
   const best = s.series.filter((p) => p.runningBest !== null).map((p) => ({ run: p.run, best: p.runningBest }));
   const lastBest = best.at(-1);
 
   // Obstacles for the labels: every point, the best-so-far line, the baseline and best captions.
-  const obstacles: Box[] = points.map((p) => ({ x0: xPx(p.run) - 6, x1: xPx(p.run) + 6, y0: yPx(p.y) - 6, y1: yPx(p.y) + 6, weight: 1 }));
+  const obstacles: Box[] = points.map((p) => ({
+    x0: xPx(p.run) - 6, x1: xPx(p.run) + 6, y0: yPx(p.y) - 6, y1: yPx(p.y) + 6, weight: 1,
+  }));
   best.forEach((b, i) => {
     const next = best[i + 1];
     if (!next || b.best === null || next.best === null) return;
     obstacles.push({ x0: xPx(b.run), x1: xPx(next.run), y0: yPx(b.best) - 1.5, y1: yPx(b.best) + 1.5, weight: 3 });
-    if (next.best !== b.best) obstacles.push({ x0: xPx(next.run) - 1.5, x1: xPx(next.run) + 1.5, y0: yPx(next.best), y1: yPx(b.best), weight: 3 });
+    if (next.best !== b.best) {
+      const nx = xPx(next.run);
+      obstacles.push({ x0: nx - 1.5, x1: nx + 1.5, y0: yPx(next.best), y1: yPx(b.best), weight: 3 });
+    }
   });
   const baselineText = center !== null ? `baseline ${fmt(center)}${band ? ` ± ${fmt(nf.threshold)}` : ""}` : "";
-  if (center !== null) obstacles.push({ x0: w - textWidth(baselineText) - 4, x1: w, y0: yPx(center), y1: yPx(center) + 16 });
+  if (center !== null) {
+    obstacles.push({ x0: w - textWidth(baselineText) - 4, x1: w, y0: yPx(center), y1: yPx(center) + 16 });
+  }
   const bestText = lastBest && lastBest.best !== null ? `best ${fmt(lastBest.best)}` : "";
-  if (lastBest && lastBest.best !== null) obstacles.push({ x0: w - textWidth(bestText) - 4, x1: w, y0: yPx(lastBest.best) - 16, y1: yPx(lastBest.best) });
+  if (lastBest && lastBest.best !== null) {
+    obstacles.push({ x0: w - textWidth(bestText) - 4, x1: w, y0: yPx(lastBest.best) - 16, y1: yPx(lastBest.best) });
+  }
 
-  const wanted = s.series.flatMap((p) => (p.label !== null && p.primary !== null ? [{ x: xPx(p.run), y: yPx(p.primary), text: p.label }] : []));
+  const wanted = s.series.flatMap((p) => (p.label !== null && p.primary !== null
+    ? [{ x: xPx(p.run), y: yPx(p.primary), text: p.label }]
+    : []));
+  const half = (LABEL_FONT + 3) / 2;
   const labels = placeLabels(wanted, obstacles, w, h).map((l) => ({
-    run: xRun(l.x), y: yVal(l.y), lrun: xRun(l.lx + (l.align === "left" ? -2 : 2)), ly: yVal(l.y < l.ly ? l.ly - (LABEL_FONT + 3) / 2 : l.ly + (LABEL_FONT + 3) / 2),
+    run: xRun(l.x), y: yVal(l.y), lrun: xRun(l.lx + (l.align === "left" ? -2 : 2)),
+    ly: yVal(l.y < l.ly ? l.ly - half : l.ly + half),
     textRun: xRun(l.lx), textY: yVal(l.ly), text: l.text, align: l.align,
   }));
 
+  const runs = `${s.counts.runs} run${s.counts.runs === 1 ? "" : "s"}`;
+  const bestAt = s.best ? ` at run ${s.best.run} (${s.best.commit})` : "";
+  const reference = fmt(s.improvement?.reference ?? s.baseline?.primary);
+  const gain = s.improvement ? ` · gain ${signed(s.improvement.absolute)}` : "";
   const title = s.counts.runs === 0
     ? { text: "autoresearch progress: no runs yet", subtitle: s.results }
     : {
-      text: `${s.task ?? "?"} · ${s.primary ?? "primary"} over ${s.counts.runs} run${s.counts.runs === 1 ? "" : "s"} (higher is better)`,
-      subtitle: `best ${fmt(s.best?.primary)}${s.best ? ` at run ${s.best.run} (${s.best.commit})` : ""} · baseline ${fmt(s.improvement?.reference ?? s.baseline?.primary)}${s.improvement ? ` · gain ${signed(s.improvement.absolute)}` : ""}`
-        + ` · ${s.counts.keep} kept, ${s.counts.discard} discarded, ${s.counts.crash} crashed`
+      text: `${s.task ?? "?"} · ${s.primary ?? "primary"} over ${runs} (higher is better)`,
+      subtitle: `best ${fmt(s.best?.primary)}${bestAt} · baseline ${reference}`
+        + `${gain} · ${s.counts.keep} kept, ${s.counts.discard} discarded, ${s.counts.crash} crashed`
         + (band ? ` · band: baseline ± noise threshold (${nf.k}σ)` : ""),
     };
-  const x = { field: "run", type: "quantitative" as const, title: "run", scale: { domain: [0.5, runsN + 0.5], nice: false, zero: false }, axis: { tickMinStep: 1, format: "d", grid: false } };
-  const y = { type: "quantitative" as const, scale: { domain: [yLo, yHi], nice: false, zero: false }, axis: { title: s.primary ?? "primary metric", format: `.${digits}f`, tickCount: 8 } };
+  const x = {
+    field: "run", type: "quantitative" as const, title: "run",
+    scale: { domain: [0.5, runsN + 0.5], nice: false, zero: false }, axis: { tickMinStep: 1, format: "d", grid: false },
+  };
+  const y = {
+    type: "quantitative" as const, scale: { domain: [yLo, yHi], nice: false, zero: false },
+    axis: { title: s.primary ?? "primary metric", format: `.${digits}f`, tickCount: 8 },
+  };
   // Captions at the right edge: the baseline's below its line, the best's above its line.
   const caption = (text: string, value: number, color: string, below: boolean) => ({
     data: { values: [{ run: runsN + 0.5, y: value, text }] },
-    mark: { type: "text" as const, align: "right" as const, baseline: below ? "top" as const : "bottom" as const, dx: -4, dy: below ? 3 : -3, color, fontSize: 11 },
+    mark: {
+      type: "text" as const, align: "right" as const, baseline: below ? "top" as const : "bottom" as const,
+      dx: -4, dy: below ? 3 : -3, color, fontSize: 11,
+    },
     encoding: { x: { ...x, field: "run" }, y: { ...y, field: "y" }, text: { field: "text" } },
   });
   const labelLayer = (align: "left" | "right") => ({
@@ -647,7 +763,9 @@ export function chartSpec(s: AnalysisSummary): TopLevelSpec {
     autosize: { type: "none" },
     padding: MARGIN,
     background: "white",
-    title: { ...title, anchor: "start", fontSize: 17, subtitleFontSize: 12, subtitleColor: "#444", offset: 10, frame: "group" },
+    title: {
+      ...title, anchor: "start", fontSize: 17, subtitleFontSize: 12, subtitleColor: "#444", offset: 10, frame: "group",
+    },
     config: {
       font: "DejaVu Sans, Helvetica, Arial, sans-serif",
       axis: { labelFontSize: 12, titleFontSize: 13, titleFontWeight: "normal" },
@@ -667,7 +785,9 @@ export function chartSpec(s: AnalysisSummary): TopLevelSpec {
       }, caption(baselineText, center, "#3b6fb6", true)] : []),
       ...(best.length > 0 ? [{
         data: { values: best },
-        mark: { type: "line" as const, interpolate: "step-after" as const, color: "#2e9e44", strokeWidth: 2.5, opacity: 0.8 },
+        mark: {
+          type: "line" as const, interpolate: "step-after" as const, color: "#2e9e44", strokeWidth: 2.5, opacity: 0.8,
+        },
         encoding: { x, y: { ...y, field: "best" } },
       }] : []),
       ...(lastBest && lastBest.best !== null ? [caption(bestText, lastBest.best, "#1d5e2a", false)] : []),
@@ -682,11 +802,22 @@ export function chartSpec(s: AnalysisSummary): TopLevelSpec {
         encoding: {
           x, y: { ...y, field: "y" },
           color: {
-            field: "status", type: "nominal" as const, scale: { domain: STATUS_STYLE.domain, range: STATUS_STYLE.colors },
-            legend: { title: null, orient: "bottom" as const, direction: "horizontal" as const, offset: 12, symbolSize: 90, labelLimit: 400, labelExpr: "datum.label == 'crash' ? 'crash (no score, drawn at the bottom)' : datum.label" },
+            field: "status", type: "nominal" as const,
+            scale: { domain: STATUS_STYLE.domain, range: STATUS_STYLE.colors },
+            legend: {
+              title: null, orient: "bottom" as const, direction: "horizontal" as const, offset: 12, symbolSize: 90,
+              labelLimit: 400,
+              labelExpr: "datum.label == 'crash' ? 'crash (no score, drawn at the bottom)' : datum.label",
+            },
           },
-          shape: { field: "status", type: "nominal" as const, scale: { domain: STATUS_STYLE.domain, range: STATUS_STYLE.shapes } },
-          tooltip: [{ field: "run" }, { field: "status" }, { field: "shown", title: s.primary ?? "primary" }, { field: "description" }],
+          shape: {
+            field: "status", type: "nominal" as const,
+            scale: { domain: STATUS_STYLE.domain, range: STATUS_STYLE.shapes },
+          },
+          tooltip: [
+            { field: "run" }, { field: "status" }, { field: "shown", title: s.primary ?? "primary" },
+            { field: "description" },
+          ],
         },
       },
       labelLayer("left"),
@@ -709,33 +840,40 @@ export async function renderChart(s: AnalysisSummary): Promise<{ svg: string; pn
 // Writing everything
 // ---------------------------------------------------------------------------
 
-export interface WriteOptions { results: string; outDir: string; plateau?: number; state?: string; logs?: string; chart?: boolean; noiseK?: number }
+interface WriteOptions {
+  results: string;
+  outDir: string;
+  plateau?: number;
+  /** The loop's journal (default .autoresearch/state.json): used when it exists, an error when it is not one. */
+  state?: string;
+  logs?: string;
+  chart?: boolean;
+  noiseK?: number;
+}
 
 /** Read the inputs, write analysis_summary.{json,md} (and progress.{svg,png}); returns the summary. */
 export async function writeSummary(o: WriteOptions): Promise<{ summary: AnalysisSummary; files: string[] }> {
   const parsed = await readResults(o.results);
-  const statePath = o.state ?? join(".autoresearch", "state.json");
-  let state: unknown = null;
-  if (existsSync(statePath)) {
-    try { state = JSON.parse(await readFile(statePath, "utf8")); } catch { state = null; } // mid-write or garbage: compute our own
-  }
-  const summary = await summarize(parsed, { results: o.results, state, logFor: logFinder(o.logs ?? join(".autoresearch", "logs")), plateau: o.plateau, noiseK: o.noiseK });
+  const state = readState(o.state ?? STATE_FILE);
+  const summary = await summarize(parsed, {
+    results: o.results, state, logFor: logFinder(o.logs ?? LOGS_DIR), plateau: o.plateau, noiseK: o.noiseK,
+  });
   const checked = AnalysisSummary(summary);
-  if (checked instanceof type.errors) throw new Error(`internal error: the summary does not match its schema: ${checked.summary}`);
-  await mkdir(o.outDir, { recursive: true });
+  if (checked instanceof type.errors) {
+    throw new Error(`internal error: the summary does not match its schema: ${checked.summary}`);
+  }
   const files: string[] = [];
-  const put = async (name: string, data: string | Uint8Array) => {
+  const put = (name: string, data: string | Uint8Array) => {
     const path = join(o.outDir, name);
-    await writeFile(`${path}.tmp-${process.pid}`, data);
-    await rename(`${path}.tmp-${process.pid}`, path); // readers never see half a file
+    writeAtomic(path, data); // the loop's agent may read these while they are rewritten
     files.push(path);
   };
-  await put("analysis_summary.json", `${JSON.stringify(summary, null, 2)}\n`);
-  await put("analysis_summary.md", renderMarkdown(summary));
+  put("analysis_summary.json", `${JSON.stringify(summary, null, 2)}\n`);
+  put("analysis_summary.md", renderMarkdown(summary));
   if (o.chart !== false) {
     const { svg, png } = await renderChart(summary);
-    await put("progress.svg", svg);
-    await put("progress.png", png);
+    put("progress.svg", svg);
+    put("progress.png", png);
   }
   return { summary, files };
 }
@@ -747,26 +885,30 @@ const Flags = type({
 
 async function main(): Promise<void> {
   const cli = cac("summarize_results.ts");
-  cli.option("--results <file>", "results.tsv to read", { default: "results.tsv" })
+  cli.option("--results <file>", "results.tsv to read", { default: RESULTS_FILE })
     .option("--out-dir <dir>", "where analysis_summary.{json,md} and progress.{svg,png} go", { default: "." })
     .option("--plateau <n>", "no keep in this many runs = plateau", { default: DEFAULT_PLATEAU })
-    .option("--state <file>", "the loop's state (noise floor)", { default: join(".autoresearch", "state.json") })
-    .option("--logs <dir>", "run logs, found by commit in the file name", { default: join(".autoresearch", "logs") })
+    .option("--state <file>", "the loop's state (noise floor)", { default: STATE_FILE })
+    .option("--logs <dir>", "run logs, found by commit in the file name", { default: LOGS_DIR })
     .option("--noise-k <k>", "noise threshold in σ when the loop's state does not say", { default: DEFAULT_NOISE_K })
     .option("--no-chart", "skip progress.svg/.png");
   cli.help();
   const { options: o } = cli.parse(process.argv, { run: false });
   if (o.help === true) return;
   const flags = Flags({
-    results: String(o.results), outDir: String(o.outDir), plateau: Number(o.plateau), state: String(o.state), logs: String(o.logs),
-    chart: o.chart !== false, noiseK: Number(o.noiseK),
+    results: String(o.results), outDir: String(o.outDir), plateau: Number(o.plateau), state: String(o.state),
+    logs: String(o.logs), chart: o.chart !== false, noiseK: Number(o.noiseK),
   });
   if (flags instanceof type.errors) throw new Error(`summarize_results.ts: ${flags.summary}`);
   if (!existsSync(flags.results)) console.error(`note: ${flags.results} does not exist yet: writing an empty summary`);
   const { summary: s, files } = await writeSummary(flags);
   for (const e of s.parseErrors) console.error(`${flags.results}:${e.line}: skipped: ${e.message}`);
-  const best = s.best ? `best ${s.primary} ${fmt(s.best.primary)} at run ${s.best.run} (${s.best.commit})` : "no kept run yet";
-  console.log(`${s.counts.runs} runs (${s.counts.keep} keep, ${s.counts.discard} discard, ${s.counts.crash} crash); ${best}${s.plateau.detected ? "; PLATEAU" : ""}`);
+  const best = s.best
+    ? `best ${s.primary} ${fmt(s.best.primary)} at run ${s.best.run} (${s.best.commit})`
+    : "no kept run yet";
+  const c = s.counts;
+  console.log(`${c.runs} runs (${c.keep} keep, ${c.discard} discard, ${c.crash} crash); ${best}`
+    + (s.plateau.detected ? "; PLATEAU" : ""));
   console.log(`wrote ${files.join(", ")}`);
 }
 

@@ -9,17 +9,22 @@
  *
  * lock holds the pid of the one loop allowed to run in this repository.
  */
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, unlinkSync, writeFileSync, writeSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { type } from "arktype";
 import { Task } from "../prepare.ts";
+import { writeAtomic } from "./atomic.ts";
 import { ResultRow } from "./results.ts";
 
 export const AR_DIR = ".autoresearch";
 export const STATE_FILE = join(AR_DIR, "state.json");
-export const LOCK_FILE = join(AR_DIR, "lock");
+const LOCK_FILE = join(AR_DIR, "lock");
 /** Earlier sessions' state.json and results.tsv, one folder per session. */
 export const SESSIONS_DIR = join(AR_DIR, "sessions");
+/** The loop's own copy of results.tsv: restores it if someone deletes it. */
+export const RESULTS_BACKUP = join(AR_DIR, "results.backup.tsv");
+/** Each experiment's full training output (<n>-<commit>.log), kept for crash reasons. */
+export const LOGS_DIR = join(AR_DIR, "logs");
 
 // ---------------------------------------------------------------------------
 // Schema
@@ -30,7 +35,7 @@ export const SESSIONS_DIR = join(AR_DIR, "sessions");
  * (nothing measured yet); evaluating is finished (the checkpoint is on disk); logging/logged
  * are finished without writing a second row; decided is done.
  */
-export const Phase = type("'proposing' | 'committed' | 'training' | 'evaluating' | 'logging' | 'logged' | 'decided'");
+const Phase = type("'proposing' | 'committed' | 'training' | 'evaluating' | 'logging' | 'logged' | 'decided'");
 export type Phase = typeof Phase.infer;
 
 export const HpValue = type("number | boolean | string");
@@ -45,8 +50,7 @@ export const TriedMove = type({ base: "string", axis: "string", value: HpValue, 
 export type TriedMove = typeof TriedMove.infer;
 
 /** What the training child did, before the checkpoint is measured. */
-export const TrainOutcome = type({ ok: "boolean", reason: "string", memoryGb: "number >= 0", trainSeconds: "number >= 0" });
-export type TrainOutcome = typeof TrainOutcome.infer;
+const TrainOutcome = type({ ok: "boolean", reason: "string", memoryGb: "number >= 0", trainSeconds: "number >= 0" });
 
 export const Experiment = type({
   /** 1-based over the session, baselines included; a rolled-back experiment's number is reused. */
@@ -76,7 +80,7 @@ export type Experiment = typeof Experiment.infer;
  * The last kept run, what candidates are compared with. While it is the baseline, `metrics` is the
  * mean over the baseline repeats: a candidate's single run against the baseline's expected value.
  */
-export const Best = type({
+const Best = type({
   n: "number.integer >= 1",
   commit: "string",
   short: "string",
@@ -84,7 +88,7 @@ export const Best = type({
   trainLines: "number.integer >= 0",
   description: "string",
 });
-export type Best = typeof Best.infer;
+type Best = typeof Best.infer;
 
 /** Spread of the primary metric over the baseline repeats; improvements below `floor` are noise. */
 export const Noise = type({
@@ -133,7 +137,10 @@ export const State = type({
   noise: Noise.or("null"),
   best: Best.or("null"),
   nextN: "number.integer >= 1",
-  counts: { experiments: "number.integer >= 0", keeps: "number.integer >= 0", discards: "number.integer >= 0", crashes: "number.integer >= 0" },
+  counts: {
+    experiments: "number.integer >= 0", keeps: "number.integer >= 0",
+    discards: "number.integer >= 0", crashes: "number.integer >= 0",
+  },
   crashStreak: "number.integer >= 0",
   tried: TriedMove.array(),
   /** The last kept built-in move: tried again in the same direction first. */
@@ -147,20 +154,6 @@ export type State = typeof State.infer;
 // ---------------------------------------------------------------------------
 // Reading and writing
 // ---------------------------------------------------------------------------
-
-/** Write text so that a reader sees the old file or the new one, never half of one. */
-export function writeAtomic(path: string, text: string): void {
-  mkdirSync(dirname(path), { recursive: true });
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fd = openSync(tmp, "w");
-  try {
-    writeSync(fd, text);
-    fsyncSync(fd); // the rename must not land before the data on a power loss
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, path);
-}
 
 export function saveState(root: string, st: State): void {
   st.updatedAt = new Date().toISOString();
@@ -178,7 +171,7 @@ export function readState(path: string): State | null {
     throw new Error(`${path}: not valid JSON; move it away to start a new session`);
   }
   const st = State(raw);
-  if (st instanceof type.errors) throw new Error(`${path}: not a loop journal: ${st.summary}`);
+  if (st instanceof type.errors) throw new Error(`${path}: not a loop journal: ${st.summary.replace(/\n+/g, "; ")}`);
   return st;
 }
 

@@ -17,11 +17,45 @@
  * neighbour is used up the radius grows (two steps away, …).
  */
 import { type } from "arktype";
-import type { HpValue, Move, TriedMove } from "./journal.ts";
+import type { HpValue, Move, State, TriedMove } from "./journal.ts";
+import { oneLine } from "./results.ts";
+import { TRAIN } from "./worktree.ts";
+
+/** What a proposer did to train.ts; a `failure` is logged as a crash without training. */
+export interface Proposal { description: string; move: Move | null; failure: string | null }
 
 /** What `bun train.ts --print-hp` prints. */
-export const HpDump = type({ HP: "Record<string, number | boolean | string>", HP_SPACE: "Record<string, (number | boolean | string)[]>" });
-export type HpDump = typeof HpDump.infer;
+const HpDump = type({
+  HP: "Record<string, number | boolean | string>",
+  HP_SPACE: "Record<string, (number | boolean | string)[]>",
+});
+type HpDump = typeof HpDump.infer;
+
+/** HP and HP_SPACE as train.ts itself reports them (a child process: train.ts is the authority). */
+export function readHp(cwd: string, bun: string): HpDump | { error: string } {
+  const r = Bun.spawnSync([bun, TRAIN, "--print-hp"], { cwd, stdout: "pipe", stderr: "pipe", timeout: 120_000 });
+  const last = r.stdout.toString().trim().split("\n").at(-1) ?? "";
+  let raw: unknown = null;
+  try { raw = JSON.parse(last); } catch { /* reported below */ }
+  const dump = HpDump(raw);
+  if (r.exitCode === 0 && !(dump instanceof type.errors)) return dump;
+  const why = r.exitCode !== 0
+    ? oneLine(r.stderr.toString().trim().split("\n").at(-1) ?? `exit ${r.exitCode}`)
+    : dump instanceof type.errors ? oneLine(dump.summary) : "";
+  const need = "the built-in proposer needs train.ts to print {HP, HP_SPACE} as JSON";
+  return { error: `\`bun train.ts --print-hp\` failed (${why}): ${need}` };
+}
+
+/** The session's next single-axis move of the current best, and train.ts's source with it applied. */
+export function nextMove(
+  src: string, dump: HpDump, st: Pick<State, "tried" | "settings" | "lastKeptMove">, base: string,
+): { move: Move; src: string } | null {
+  const move = proposeMove({
+    hp: dump.HP, space: dump.HP_SPACE, editable: editableKeys(src, dump.HP), base,
+    tried: st.tried, seed: st.settings.seed, lastKept: st.lastKeptMove,
+  });
+  return move ? { move, src: applyMove(src, move) } : null;
+}
 
 /**
  * Values `radius` steps from `value` in `space` (list order). A number missing from the list sits
@@ -31,14 +65,16 @@ export function neighbours(value: HpValue, space: readonly HpValue[], radius = 1
   const defined = (v: HpValue | undefined): v is HpValue => v !== undefined;
   const i = space.findIndex((v) => v === value);
   if (i >= 0) return [space[i - radius], space[i + radius]].filter(defined);
-  if (typeof value !== "number") return radius === 1 ? space.filter((v) => typeof v === typeof value && v !== value) : [];
+  if (typeof value !== "number") {
+    return radius === 1 ? space.filter((v) => typeof v === typeof value && v !== value) : [];
+  }
   const nums = space.filter((v): v is number => typeof v === "number").sort((a, b) => a - b);
   const below = nums.filter((v) => v < value);
   const above = nums.filter((v) => v > value);
   return [below[below.length - radius], above[radius - 1]].filter(defined);
 }
 
-/** Up or down: numeric for numbers and booleans, lexicographic for strings (only used for "same again"). */
+/** Up or down: numeric for numbers and booleans, lexicographic for strings (used for "same again" only). */
 export function direction(m: { from: HpValue; to: HpValue }): 1 | -1 {
   if (typeof m.from === "string" || typeof m.to === "string") return String(m.to) > String(m.from) ? 1 : -1;
   return Number(m.to) > Number(m.from) ? 1 : -1;
@@ -51,7 +87,7 @@ function rank(text: string): number {
   return h;
 }
 
-export interface ProposeArgs {
+interface ProposeArgs {
   hp: Record<string, HpValue>;
   space: Record<string, readonly HpValue[]>;
   /** Keys whose value is a plain literal in the HP block (others cannot be rewritten safely). */
@@ -108,7 +144,7 @@ export function proposeMove(a: ProposeArgs): Move | null {
 const LITERAL = String.raw`-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|true|false|(["'])[^"'\n\\]*\3`;
 
 /** [start, end) of the text between the braces of `export const HP = { … }`. */
-export function hpBlock(src: string): { start: number; end: number } {
+function hpBlock(src: string): { start: number; end: number } {
   const m = /export\s+const\s+HP\s*(?::[^=]*)?=\s*\{/.exec(src);
   if (!m) throw new Error("train.ts has no `export const HP = {` block");
   const start = m.index + m[0].length;
@@ -128,10 +164,14 @@ function escapeRe(s: string): string {
  * Where the literal value of `key` sits in the HP block, or null if it is not a plain literal.
  * A type assertion after it (`"none" as Backbone`) is allowed and kept.
  */
-export function findLiteral(src: string, key: string): { start: number; end: number; value: HpValue; quote: string } | null {
+export function findLiteral(
+  src: string, key: string,
+): { start: number; end: number; value: HpValue; quote: string } | null {
   const block = hpBlock(src);
   const body = src.slice(block.start, block.end);
-  const re = new RegExp(String.raw`(?<=^|[\s{,])(["']?)${escapeRe(key)}\1\s*:\s*(${LITERAL})(?=(?:\s+as\s+[\w.]+)?\s*(?:,|$|//|/\*))`, "m");
+  const keyThenValue = String.raw`(?<=^|[\s{,])(["']?)${escapeRe(key)}\1\s*:\s*(${LITERAL})`;
+  const endOfValue = String.raw`(?=(?:\s+as\s+[\w.]+)?\s*(?:,|$|//|/\*))`;
+  const re = new RegExp(keyThenValue + endOfValue, "m");
   const m = re.exec(body);
   if (!m || m[2] === undefined) return null;
   const text = m[2];
@@ -146,7 +186,7 @@ export function editableKeys(src: string, hp: Record<string, HpValue>): Set<stri
   return new Set(Object.keys(hp).filter((k) => findLiteral(src, k)?.value === hp[k]));
 }
 
-export function formatValue(v: HpValue): string {
+function formatValue(v: HpValue): string {
   return String(v); // 0.0005 stays 0.0005; booleans are true/false; strings bare (descriptions)
 }
 
@@ -154,9 +194,14 @@ export function formatValue(v: HpValue): string {
 export function applyMove(src: string, move: Move): string {
   const lit = findLiteral(src, move.axis);
   if (!lit) throw new Error(`train.ts: HP.${move.axis} is not a plain literal in the HP block`);
-  if (lit.value !== move.from) throw new Error(`train.ts: HP.${move.axis} is ${String(lit.value)}, expected ${String(move.from)}`);
-  if (typeof move.to === "string" && /["'\\\n]/.test(move.to)) throw new Error(`HP_SPACE.${move.axis}: ${JSON.stringify(move.to)} cannot be written as a plain string literal`);
-  const text = typeof move.to === "string" ? `${lit.quote || '"'}${move.to}${lit.quote || '"'}` : formatValue(move.to);
+  if (lit.value !== move.from) {
+    throw new Error(`train.ts: HP.${move.axis} is ${String(lit.value)}, expected ${String(move.from)}`);
+  }
+  if (typeof move.to === "string" && /["'\\\n]/.test(move.to)) {
+    throw new Error(`HP_SPACE.${move.axis}: ${JSON.stringify(move.to)} cannot be written as a plain string literal`);
+  }
+  const quote = lit.quote || '"';
+  const text = typeof move.to === "string" ? `${quote}${move.to}${quote}` : formatValue(move.to);
   return src.slice(0, lit.start) + text + src.slice(lit.end);
 }
 

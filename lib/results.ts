@@ -10,6 +10,9 @@ import { existsSync } from "node:fs";
 import { type } from "arktype";
 import { TASK_METRICS, type Task } from "../prepare.ts";
 
+/** Where the loop writes it: the repository's top folder (gitignored). */
+export const RESULTS_FILE = "results.tsv";
+
 export const Status = type("'keep' | 'discard' | 'crash' | 'baseline'");
 export type Status = typeof Status.infer;
 
@@ -25,14 +28,42 @@ export type ResultRow = typeof ResultRow.infer;
 /** The seeds' results.tsv calls the footer's val_accuracy plain "accuracy". */
 const TSV_NAME: Record<string, string> = { val_accuracy: "accuracy" };
 
-export function resultsColumns(task: Task): string[] {
+function resultsColumns(task: Task): string[] {
   return ["commit", ...TASK_METRICS[task].columns.map((c) => TSV_NAME[c] ?? c), "memory_gb", "status", "description"];
 }
 
 /** Tabs and newlines in a description would break the row: they become spaces. */
 export function formatRow(task: Task, row: ResultRow): string {
   const nums = TASK_METRICS[task].columns.map((c) => (row.metrics[c] ?? 0).toFixed(6));
-  return [row.commit, ...nums, row.memory_gb.toFixed(1), row.status, row.description.replace(/[\t\r\n]+/g, " ")].join("\t");
+  const description = row.description.replace(/[\t\r\n]+/g, " ");
+  return [row.commit, ...nums, row.memory_gb.toFixed(1), row.status, description].join("\t");
+}
+
+/** The row of a run that produced no metrics: every number 0. */
+export function crashRow(task: Task, commit: string, description: string): ResultRow {
+  const metrics = Object.fromEntries(TASK_METRICS[task].columns.map((c) => [c, 0]));
+  return { commit, metrics, memory_gb: 0, status: "crash", description: oneLine(description) };
+}
+
+/** A description as one line of at most `max` characters (whitespace folded). */
+export function oneLine(text: string, max = 200): string {
+  const s = text.replace(/\s+/g, " ").trim();
+  return s.length > max ? `${s.slice(0, max - 1)}…` : s;
+}
+
+/** The text up to its last newline: a half line left by a killed writer is not part of the file yet. */
+function wholeText(text: string): string {
+  return text.slice(0, text.lastIndexOf("\n") + 1);
+}
+
+/** Whole data rows in results.tsv text (the header and a half line do not count). */
+export function countRows(text: string): number {
+  return Math.max(0, wholeText(text).split("\n").filter((l) => l.trim() !== "").length - 1);
+}
+
+/** The last whole non-empty line of results.tsv text. */
+export function lastWholeLine(text: string): string {
+  return wholeText(text).split("\n").filter((l) => l.trim() !== "").at(-1) ?? "";
 }
 
 export interface ParsedResults {
@@ -61,24 +92,25 @@ export function parseResults(text: string): ParsedResults {
   lines.slice(1).forEach((line, i) => {
     if (line.trim() === "") return;
     const cells = line.split("\t");
+    const error = (message: string) => out.errors.push({ line: i + 2, message });
     if (cells.length !== out.columns.length) {
-      out.errors.push({ line: i + 2, message: `expected ${out.columns.length} tab-separated fields, got ${cells.length}` });
+      error(`expected ${out.columns.length} tab-separated fields, got ${cells.length}`);
       return;
     }
     const metrics: Record<string, number> = {};
     metricCols.forEach((c, k) => { metrics[c] = Number(cells[k + 1]); });
-    const row = ResultRow({
-      commit: cells[0], metrics, memory_gb: Number(cells[metricCols.length + 1]), status: cells[metricCols.length + 2], description: cells[metricCols.length + 3],
-    });
-    if (row instanceof type.errors) out.errors.push({ line: i + 2, message: row.summary.split("\n")[0] ?? "invalid row" });
-    else if (Object.values(row.metrics).some((v) => !Number.isFinite(v))) out.errors.push({ line: i + 2, message: "a metric is not a number" });
+    const [memory, status, description] = cells.slice(metricCols.length + 1);
+    const row = ResultRow({ commit: cells[0], metrics, memory_gb: Number(memory), status, description });
+    if (row instanceof type.errors) error(row.summary.split("\n")[0] ?? "invalid row");
+    else if (Object.values(row.metrics).some((v) => !Number.isFinite(v))) error("a metric is not a number");
     else { out.rows.push(row); out.lines?.push(i + 2); }
   });
   return out;
 }
 
 export async function readResults(path: string): Promise<ParsedResults> {
-  return existsSync(path) ? parseResults(await readFile(path, "utf8")) : { task: null, columns: [], rows: [], errors: [] };
+  if (!existsSync(path)) return { task: null, columns: [], rows: [], errors: [] };
+  return parseResults(await readFile(path, "utf8"));
 }
 
 /**
@@ -91,9 +123,8 @@ export async function appendResult(path: string, task: Task, row: ResultRow): Pr
   const header = resultsColumns(task).join("\t");
   let text = existsSync(path) ? await readFile(path, "utf8") : "";
   if (text !== "" && !text.endsWith("\n")) {
-    const keep = text.lastIndexOf("\n") + 1;
-    await truncate(path, Buffer.byteLength(text.slice(0, keep)));
-    text = text.slice(0, keep);
+    text = wholeText(text);
+    await truncate(path, Buffer.byteLength(text));
   }
   if (text.trim() === "") {
     await truncate(path, 0).catch(() => {});

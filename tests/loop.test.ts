@@ -13,14 +13,21 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { cpSync, existsSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { prepareData } from "../prepare.ts";
-import { parseResults, type ResultRow } from "../lib/results.ts";
+import { countRows, parseResults, type ResultRow } from "../lib/results.ts";
 import { bestCheckpointDir } from "../lib/checkpoint.ts";
 import { pidAlive, readState, type State, type TriedMove } from "../lib/journal.ts";
 import { applyMove, editableKeys, findLiteral, neighbours, proposeMove } from "../lib/proposer.ts";
-import { classifyTrain, computeNoise, countRows, keepOrDiscard, parseRunMd } from "../loop.ts";
+import { classifyTrain } from "../lib/trial.ts";
+import { computeNoise, keepOrDiscard } from "../lib/verdict.ts";
+import { parseRunMd } from "../lib/worktree.ts";
 import { ROOT, tempDir } from "./helpers.ts";
 
 const BUN = process.execPath;
+/**
+ * The limit for a test (or hook) that runs loop.ts in child processes (train, evaluate, git):
+ * declared here so a plain `bun test` needs no --timeout, and generous for a busy machine.
+ */
+const E2E_MS = 180_000;
 const made: string[] = [];
 let CACHE = "";
 
@@ -28,7 +35,7 @@ beforeAll(async () => {
   CACHE = tempDir("arv-loop-cache-");
   made.push(CACHE);
   await prepareData({ task: "waste", source: "synthetic", cacheRoot: CACHE, log: () => {} });
-});
+}, E2E_MS);
 afterAll(() => {
   for (const d of made) rmSync(d, { recursive: true, force: true });
 });
@@ -76,7 +83,10 @@ async function main(): Promise<void> {
     const n = Number(process.env.STUB_FEATURE_LINES ?? 12);
     for (let i = 1; i <= n; i++) {
       console.log("features stub@8: " + i + "/" + n + " images, 2.0 img/s");
-      if (HP.mode === "featurestall" && i === 2) { console.log("stalling: pid " + process.pid); await new Promise(() => setInterval(() => {}, 1000)); }
+      if (HP.mode === "featurestall" && i === 2) {
+        console.log("stalling: pid " + process.pid);
+        await new Promise(() => setInterval(() => {}, 1000));
+      }
       await Bun.sleep(500);
     }
     console.log("features stub@8: " + n + " images in " + (n / 2).toFixed(1) + " s, cached in /nowhere");
@@ -94,23 +104,36 @@ async function main(): Promise<void> {
   const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as tf.SymbolicTensor;
   const cls = tf.layers.dense({ units: ds.numClasses, activation: "softmax" });
   const yld = tf.layers.dense({ units: 1 });
-  const model = tf.model({ inputs: input, outputs: [cls.apply(pooled) as tf.SymbolicTensor, yld.apply(pooled) as tf.SymbolicTensor] });
-  cls.setWeights([tf.zeros([3, ds.numClasses]), tf.tensor1d(Array.from({ length: ds.numClasses }, (_, c) => (c === HP.cls ? 5 : 0)))]);
+  const outputs = [cls.apply(pooled) as tf.SymbolicTensor, yld.apply(pooled) as tf.SymbolicTensor];
+  const model = tf.model({ inputs: input, outputs });
+  const bias = Array.from({ length: ds.numClasses }, (_, c) => (c === HP.cls ? 5 : 0));
+  cls.setWeights([tf.zeros([3, ds.numClasses]), tf.tensor1d(bias)]);
   yld.setWeights([tf.zeros([3, 1]), tf.tensor1d([y])]);
-  const predict: Predictor = (images) => { const [probs, yields] = model.predict(images) as tf.Tensor[]; return { probs: probs!, yields }; };
+  const predict: Predictor = (images) => {
+    const [probs, yields] = model.predict(images) as tf.Tensor[];
+    return { probs: probs!, yields };
+  };
   const result = await evaluate(predict, ds);
   if (HP.mode !== "nockpt") {
     await saveCheckpoint(ckpt, model, {
-      version: "1", task: ds.task, classes: ds.manifest.classes, positiveClass: ds.manifest.positiveClass, imageSize: ds.imageSize,
-      preprocessing: ds.manifest.preprocessing, backbone: null, hasYieldHead: true, numParams: model.countParams(), metrics: result.metrics,
-      commit: null, createdAt: new Date().toISOString(), synthetic: ds.manifest.synthetic,
+      version: "1", task: ds.task, classes: ds.manifest.classes, positiveClass: ds.manifest.positiveClass,
+      imageSize: ds.imageSize, preprocessing: ds.manifest.preprocessing, backbone: null, hasYieldHead: true,
+      numParams: model.countParams(), metrics: result.metrics, commit: null, createdAt: new Date().toISOString(),
+      synthetic: ds.manifest.synthetic,
     });
   }
   if (HP.mode === "tamper") appendFileSync("prepare.ts", "\\n// changed by train.ts\\n");
-  if (HP.mode !== "nofooter") printFooter(result, { training_seconds: 1, total_seconds: 1, peak_memory_mb: 1, num_steps: 1, num_params: model.countParams(), backend: "stub" }, ds.manifest.synthetic);
+  const facts = {
+    training_seconds: 1, total_seconds: 1, peak_memory_mb: 1, num_steps: 1, num_params: model.countParams(),
+    backend: "stub",
+  };
+  if (HP.mode !== "nofooter") printFooter(result, facts, ds.manifest.synthetic);
   if (HP.mode === "linger") setInterval(() => {}, 1000); // done, but never exits
 }
-main().catch((err: unknown) => { console.error("error: " + (err instanceof Error ? err.message : String(err))); process.exit(1); });
+main().catch((err: unknown) => {
+  console.error("error: " + (err instanceof Error ? err.message : String(err)));
+  process.exit(1);
+});
 `;
 }
 
@@ -124,13 +147,16 @@ function sh(dir: string, cmd: string): string {
 function makeRepo(train: string, opts: { runMd?: string | null; files?: Record<string, string> } = {}): string {
   const dir = tempDir("arv-loop-");
   made.push(dir);
-  for (const f of ["prepare.ts", "loop.ts", "program.md", "lib", "package.json", "tsconfig.json", ".gitignore"]) cpSync(join(ROOT, f), join(dir, f), { recursive: true });
+  for (const f of ["prepare.ts", "loop.ts", "program.md", "lib", "package.json", "tsconfig.json", ".gitignore"]) {
+    cpSync(join(ROOT, f), join(dir, f), { recursive: true });
+  }
   symlinkSync(join(ROOT, "node_modules"), join(dir, "node_modules"));
   writeFileSync(join(dir, "train.ts"), train);
   if (opts.runMd !== null) writeFileSync(join(dir, "run.md"), opts.runMd ?? "True\n");
   for (const [name, text] of Object.entries(opts.files ?? {})) writeFileSync(join(dir, name), text);
   // node_modules is a symlink here, which the `node_modules/` ignore pattern (a folder) misses.
-  sh(dir, "git init -q && echo node_modules >> .git/info/exclude && git config user.name test && git config user.email test@example.com && git add -A && git commit -qm init");
+  sh(dir, "git init -q && echo node_modules >> .git/info/exclude && git config user.name test "
+    + "&& git config user.email test@example.com && git add -A && git commit -qm init");
   return dir;
 }
 
@@ -138,11 +164,13 @@ interface LoopRun { code: number | null; signal: string | null; out: string }
 
 /** `bun loop.ts` in `dir` with a 1 s budget; --no-summarize unless asked for. */
 function loop(dir: string, args: string[], env: Record<string, string> = {}, summarize = false): LoopRun {
-  const r = Bun.spawnSync([BUN, "loop.ts", "--budget", "1", "--grace", "0", ...(summarize ? [] : ["--no-summarize"]), ...args], {
+  const quiet = summarize ? [] : ["--no-summarize"];
+  const r = Bun.spawnSync([BUN, "loop.ts", "--budget", "1", "--grace", "0", ...quiet, ...args], {
     cwd: dir, stdout: "pipe", stderr: "pipe",
     env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30", ...env },
   });
-  return { code: r.exitCode, signal: r.signalCode == null ? null : String(r.signalCode), out: r.stdout.toString() + r.stderr.toString() };
+  const signal = r.signalCode == null ? null : String(r.signalCode);
+  return { code: r.exitCode, signal, out: r.stdout.toString() + r.stderr.toString() };
 }
 
 function rows(dir: string): ResultRow[] {
@@ -179,27 +207,38 @@ const ACC = { ewaste: 10 / 23, organic: 8 / 23, recyclable: 5 / 23 };
 // ---------------------------------------------------------------------------
 
 describe("keepOrDiscard", () => {
-  const base = { primary: "combined_score", secondary: "val_accuracy", lowerIsBetter: ["yield_mse"], noiseFloor: 0, candidateLines: 100, bestLines: 100 };
+  const base = {
+    primary: "combined_score", secondary: "val_accuracy", lowerIsBetter: ["yield_mse"], noiseFloor: 0,
+    candidateLines: 100, bestLines: 100,
+  };
   const best = { combined_score: 0.8, val_accuracy: 0.82 };
 
   test("a better primary keeps, a worse one discards", () => {
-    expect(keepOrDiscard({ ...base, best, candidate: { combined_score: 0.81, val_accuracy: 0.7 } })).toEqual({ status: "keep", note: "" });
-    expect(keepOrDiscard({ ...base, best, candidate: { combined_score: 0.79, val_accuracy: 0.9 } }).status).toBe("discard");
+    const up = keepOrDiscard({ ...base, best, candidate: { combined_score: 0.81, val_accuracy: 0.7 } });
+    expect(up).toEqual({ status: "keep", note: "" });
+    expect(keepOrDiscard({ ...base, best, candidate: { combined_score: 0.79, val_accuracy: 0.9 } }).status)
+      .toBe("discard");
   });
 
   test("a gain within the noise floor is a discard that says why; above it, a keep", () => {
-    const d = keepOrDiscard({ ...base, best, noiseFloor: 0.004, candidate: { combined_score: 0.802, val_accuracy: 0.82 } });
+    const floor = { ...base, best, noiseFloor: 0.004 };
+    const d = keepOrDiscard({ ...floor, candidate: { combined_score: 0.802, val_accuracy: 0.82 } });
     expect(d).toEqual({ status: "discard", note: "(+0.002 < noise 0.004)" });
-    expect(keepOrDiscard({ ...base, best, noiseFloor: 0.004, candidate: { combined_score: 0.805, val_accuracy: 0.82 } }).status).toBe("keep");
+    expect(keepOrDiscard({ ...floor, candidate: { combined_score: 0.805, val_accuracy: 0.82 } }).status).toBe("keep");
     // Exactly the floor is not "more than" the floor.
-    expect(keepOrDiscard({ ...base, best: { combined_score: 0.5, val_accuracy: 0.5 }, noiseFloor: 0.25, candidate: { combined_score: 0.75, val_accuracy: 0.5 } }).status).toBe("discard");
+    const exact = {
+      ...base, best: { combined_score: 0.5, val_accuracy: 0.5 }, noiseFloor: 0.25,
+      candidate: { combined_score: 0.75, val_accuracy: 0.5 },
+    };
+    expect(keepOrDiscard(exact).status).toBe("discard");
   });
 
   test("equal primary: the secondary decides", () => {
     const up = keepOrDiscard({ ...base, best, candidate: { combined_score: 0.8, val_accuracy: 0.83 } });
     expect(up.status).toBe("keep");
     expect(up.note).toContain("same combined_score, val_accuracy +0.01");
-    expect(keepOrDiscard({ ...base, best, candidate: { combined_score: 0.8, val_accuracy: 0.81 } }).status).toBe("discard");
+    expect(keepOrDiscard({ ...base, best, candidate: { combined_score: 0.8, val_accuracy: 0.81 } }).status)
+      .toBe("discard");
   });
 
   test("both equal: a shorter train.ts keeps (simplicity), the same length or longer discards", () => {
@@ -211,8 +250,9 @@ describe("keepOrDiscard", () => {
 
   test("a lower-is-better metric counts a decrease as a gain", () => {
     const low = { ...base, primary: "yield_mse", secondary: "val_accuracy" };
-    expect(keepOrDiscard({ ...low, best: { yield_mse: 0.05, val_accuracy: 0.5 }, candidate: { yield_mse: 0.04, val_accuracy: 0.5 } }).status).toBe("keep");
-    expect(keepOrDiscard({ ...low, best: { yield_mse: 0.05, val_accuracy: 0.5 }, candidate: { yield_mse: 0.06, val_accuracy: 0.9 } }).status).toBe("discard");
+    const best05 = { ...low, best: { yield_mse: 0.05, val_accuracy: 0.5 } };
+    expect(keepOrDiscard({ ...best05, candidate: { yield_mse: 0.04, val_accuracy: 0.5 } }).status).toBe("keep");
+    expect(keepOrDiscard({ ...best05, candidate: { yield_mse: 0.06, val_accuracy: 0.9 } }).status).toBe("discard");
   });
 });
 
@@ -234,12 +274,17 @@ describe("small rules", () => {
   test("classifyTrain: timeout, NaN, exception, missing footer, missing checkpoint, ok", () => {
     const footer = "---\nval_accuracy:     0.5\nyield_mse:        0.1\ncombined_score:   0.49\n";
     const cols = ["val_accuracy", "yield_mse", "combined_score"];
-    const base = { code: 0, timedOut: false, deadlineS: 9, stdout: footer, all: footer, columns: cols, checkpointOk: true };
+    const base = {
+      code: 0, timedOut: false, deadlineS: 9, stdout: footer, all: footer, columns: cols, checkpointOk: true,
+    };
     expect(classifyTrain(base)).toEqual({ ok: true, reason: "" });
     expect(classifyTrain({ ...base, timedOut: true, code: 137 }).reason).toBe("timeout: killed after 9s");
-    expect(classifyTrain({ ...base, timedOut: true, code: 137, setupSeconds: 70.4 }).reason).toBe("timeout: killed after 79s (9s + 70s preparing the backbone)");
-    expect(classifyTrain({ ...base, timedOut: true, code: 137, setupSeconds: 5, stalledS: 300 }).reason).toBe("timeout: no progress for 300s while preparing the backbone or its features");
-    expect(classifyTrain({ ...base, code: 1, all: "step 1\nFAIL: loss is NaN at step 3\n" }).reason).toBe("FAIL: loss is NaN at step 3");
+    expect(classifyTrain({ ...base, timedOut: true, code: 137, setupSeconds: 70.4 }).reason)
+      .toBe("timeout: killed after 79s (9s + 70s preparing the backbone)");
+    expect(classifyTrain({ ...base, timedOut: true, code: 137, setupSeconds: 5, stalledS: 300 }).reason)
+      .toBe("timeout: no progress for 300s while preparing the backbone or its features");
+    expect(classifyTrain({ ...base, code: 1, all: "step 1\nFAIL: loss is NaN at step 3\n" }).reason)
+      .toBe("FAIL: loss is NaN at step 3");
     expect(classifyTrain({ ...base, code: 1, all: "step 1\nerror: boom\n" }).reason).toBe("exit 1: error: boom");
     expect(classifyTrain({ ...base, stdout: "step 1\n", all: "step 1\n" }).reason).toContain("no footer");
     expect(classifyTrain({ ...base, checkpointOk: false }).reason).toContain("no checkpoint");
@@ -265,7 +310,10 @@ export const HP = {
 const other = { lr: 0.1 };
 `;
   const hp = { backbone: "none", width: 16, lr: 0.003, flip: true, computed: 0.006 };
-  const space = { backbone: ["none", "mobilenet"], width: [8, 12, 16, 24, 32], lr: [0.001, 0.002, 0.003, 0.005], flip: [false, true], computed: [0.006, 0.01] };
+  const space = {
+    backbone: ["none", "mobilenet"], width: [8, 12, 16, 24, 32], lr: [0.001, 0.002, 0.003, 0.005], flip: [false, true],
+    computed: [0.006, 0.01],
+  };
 
   test("neighbours: adjacent in the list; between values when missing; the other boolean or string", () => {
     expect(neighbours(16, space.width)).toEqual([12, 24]);
@@ -282,14 +330,17 @@ const other = { lr: 0.1 };
     expect(out).toContain("const other = { lr: 0.1 };");
     expect(applyMove(SRC, { axis: "width", from: 16, to: 24 })).toContain("  width: 24, // channels\n");
     expect(applyMove(SRC, { axis: "flip", from: true, to: false })).toContain("  flip: false, // random flips\n");
-    expect(applyMove(SRC, { axis: "backbone", from: "none", to: "mobilenet" })).toContain(`  backbone: "mobilenet" as Backbone, // none`);
+    expect(applyMove(SRC, { axis: "backbone", from: "none", to: "mobilenet" }))
+      .toContain(`  backbone: "mobilenet" as Backbone, // none`);
     expect(() => applyMove(SRC, { axis: "lr", from: 0.002, to: 0.005 })).toThrow(/expected 0.002/);
     // A computed value is not a literal: the proposer leaves it alone.
     expect(findLiteral(SRC, "computed")).toBeNull();
     expect([...editableKeys(SRC, hp)].sort()).toEqual(["backbone", "flip", "lr", "width"]);
   });
 
-  const args = { hp, space, editable: editableKeys(SRC, hp), base: "b1", tried: [] as TriedMove[], seed: 0, lastKept: null };
+  const args = {
+    hp, space, editable: editableKeys(SRC, hp), base: "b1", tried: [] as TriedMove[], seed: 0, lastKept: null,
+  };
 
   test("deterministic for a seed; never repeats a move from the same base; prefers untried keys", () => {
     const first = proposeMove(args)!;
@@ -316,7 +367,8 @@ const other = { lr: 0.1 };
   test("after a kept move, the same key in the same direction comes first; null when all is tried", () => {
     const m = proposeMove({ ...args, lastKept: { axis: "lr", direction: 1 } })!;
     expect(m).toEqual({ axis: "lr", from: 0.003, to: 0.005 });
-    const everything: TriedMove[] = Object.entries(space).flatMap(([axis, vals]) => vals.map((value) => ({ base: "b1", axis, value, status: "discard" })));
+    const everything: TriedMove[] = Object.entries(space)
+      .flatMap(([axis, vals]) => vals.map((value) => ({ base: "b1", axis, value, status: "discard" })));
     expect(proposeMove({ ...args, tried: everything })).toBeNull();
   });
 });
@@ -333,7 +385,7 @@ describe("refusals and run.md", () => {
     expect(r.out).toContain("run.md says False");
     expect(sh(dir, "git branch --list 'autoresearch/*'")).toBe("");
     expect(existsSync(join(dir, "results.tsv"))).toBe(false);
-  });
+  }, E2E_MS);
 
   test("run.md missing or garbage: fails closed (exit 2)", () => {
     const missing = loop(makeRepo(stub(), { runMd: null }), ["--tag", "x"]);
@@ -342,7 +394,7 @@ describe("refusals and run.md", () => {
     const garbage = loop(makeRepo(stub(), { runMd: "true\nplease run\n" }), ["--tag", "x"]);
     expect(garbage.code).toBe(2);
     expect(garbage.out).toContain("must be exactly True or False");
-  });
+  }, E2E_MS);
 
   test("a dirty tree is refused (modified or untracked files); ignored files are fine", () => {
     const dir = makeRepo(stub());
@@ -355,7 +407,7 @@ describe("refusals and run.md", () => {
     writeFileSync(join(dir, "train.ts"), `${readFileSync(join(dir, "train.ts"), "utf8")}\n// edit\n`);
     expect(loop(dir, ["--tag", "x"]).out).toContain("not clean (train.ts)");
     expect(sh(dir, "git branch --list 'autoresearch/*'")).toBe("");
-  });
+  }, E2E_MS);
 
   test("an existing branch is refused without --resume; --resume needs a journal", () => {
     const dir = makeRepo(stub());
@@ -366,7 +418,7 @@ describe("refusals and run.md", () => {
     const resumed = loop(dir, ["--tag", "x", "--resume"]);
     expect(resumed.code).toBe(2);
     expect(resumed.out).toContain("no journal for autoresearch/x");
-  });
+  }, E2E_MS);
 
   test("one loop per repository: a live lock refuses, a stale one is taken over", () => {
     const dir = makeRepo(stub(), { runMd: "False\n" });
@@ -383,14 +435,14 @@ describe("refusals and run.md", () => {
     expect(stale.code).toBe(0);
     expect(stale.out).toContain(`taking over a stale lock`);
     expect(existsSync(lock)).toBe(false); // released on exit
-  });
+  }, E2E_MS);
 
   test("bad flags are refused with the reason", () => {
     const dir = makeRepo(stub());
     expect(loop(dir, ["--baseline-runs", "0"]).out).toContain("baselineRuns");
     expect(loop(dir, ["--once", "--agent", "true"]).code).toBe(2);
     expect(loop(dir, ["--bogus"]).out).toContain("Unknown option");
-  });
+  }, E2E_MS);
 });
 
 // ---------------------------------------------------------------------------
@@ -399,10 +451,12 @@ describe("refusals and run.md", () => {
 
 describe("the real train.ts", () => {
   test("built-in proposer: baseline, one single-axis move of the HP block, live output, tree at the best", () => {
-    const real = readFileSync(join(ROOT, "train.ts"), "utf8").replace(/^ {2}width: \d+,/m, "  width: 8,").replace(/^ {2}depth: \d+,/m, "  depth: 2,");
+    const real = readFileSync(join(ROOT, "train.ts"), "utf8")
+      .replace(/^ {2}width: \d+,/m, "  width: 8,").replace(/^ {2}depth: \d+,/m, "  depth: 2,");
     const dir = makeRepo(real);
     const start = head(dir);
-    const r = loop(dir, ["--tag", "real", "--baseline-runs", "1", "--max-experiments", "1"], { AR_TEST_ALLOWANCE_S: "120" });
+    const r = loop(dir, ["--tag", "real", "--baseline-runs", "1", "--max-experiments", "1"],
+      { AR_TEST_ALLOWANCE_S: "120" });
     expect(r.code).toBe(0);
     expect(r.out).toContain("step 0000"); // train.ts's own progress lines reach the terminal
     expect(r.out).toMatch(/\[loop\] #2 \| \d:\d\d:\d\d \| best combined_score/);
@@ -419,7 +473,7 @@ describe("the real train.ts", () => {
     else expect(head(dir)).toBe(start);
     expect(existsSync(join(dir, bestCheckpointDir("autoresearch/real"), "meta.json"))).toBe(true);
     expect(existsSync(join(dir, ".autoresearch", "logs", `1-${rs[0]!.commit}.log`))).toBe(true);
-  });
+  }, E2E_MS);
 });
 
 // ---------------------------------------------------------------------------
@@ -429,12 +483,13 @@ describe("the real train.ts", () => {
 describe("--once (stub train.ts)", () => {
   let dir = "";
   let prepareBytes = "";
-  const once = (extra: string[] = [], env: Record<string, string> = {}) => loop(dir, ["--once", "--max-crash-streak", "100", ...extra], env);
+  const once = (extra: string[] = [], env: Record<string, string> = {}) =>
+    loop(dir, ["--once", "--max-crash-streak", "100", ...extra], env);
 
   beforeAll(() => {
     dir = makeRepo(stub({ cls: 1 }));
     prepareBytes = readFileSync(join(dir, "prepare.ts"), "utf8");
-  });
+  }, E2E_MS);
 
   test("the first call sets up the session: branch, baseline row, noise over one run", () => {
     const r = loop(dir, ["--once", "--tag", "once", "--baseline-runs", "1"]);
@@ -446,7 +501,7 @@ describe("--once (stub train.ts)", () => {
     expect(rs[0]).toMatchObject({ status: "keep", description: "baseline" });
     expect(rs[0]!.metrics.val_accuracy).toBeCloseTo(ACC.recyclable, 6);
     expect(state(dir).noise).toMatchObject({ sigma: 0, floor: 0 });
-  });
+  }, E2E_MS);
 
   test("nothing new committed, or uncommitted changes: refused", () => {
     expect(once().code).toBe(2);
@@ -455,7 +510,7 @@ describe("--once (stub train.ts)", () => {
     expect(dirty.code).toBe(2);
     expect(dirty.out).toContain("commit your change");
     sh(dir, "git checkout train.ts");
-  });
+  }, E2E_MS);
 
   test("a better commit is kept: the branch advances and the best checkpoint is copied", () => {
     commitTrain(dir, "cls: 1,", "cls: 0,", "predict ewaste");
@@ -466,9 +521,10 @@ describe("--once (stub train.ts)", () => {
     expect(r.metrics.val_accuracy).toBeCloseTo(ACC.ewaste, 6);
     expect(head(dir)).toBe(h);
     expect(state(dir).best!.commit).toBe(h);
-    const meta = JSON.parse(readFileSync(join(dir, bestCheckpointDir("autoresearch/once"), "meta.json"), "utf8")) as { metrics: Record<string, number> };
+    const metaPath = join(dir, bestCheckpointDir("autoresearch/once"), "meta.json");
+    const meta = JSON.parse(readFileSync(metaPath, "utf8")) as { metrics: Record<string, number> };
     expect(meta.metrics.val_accuracy).toBeCloseTo(ACC.ewaste, 6);
-  });
+  }, E2E_MS);
 
   test("a worse commit is discarded and the branch reset to the last kept commit", () => {
     const kept = head(dir);
@@ -477,7 +533,7 @@ describe("--once (stub train.ts)", () => {
     expect(last(rows(dir))).toMatchObject({ status: "discard", description: "predict organic" });
     expect(head(dir)).toBe(kept);
     expect(clean(dir)).toBe("");
-  });
+  }, E2E_MS);
 
   test("same metrics: a shorter train.ts is kept (simplicity), a longer one discarded", () => {
     const kept = head(dir);
@@ -492,7 +548,7 @@ describe("--once (stub train.ts)", () => {
     expect(once().code).toBe(0);
     expect(last(rows(dir))).toMatchObject({ status: "discard", description: "add a line (same metrics, not simpler)" });
     expect(head(dir)).toBe(shorter);
-  });
+  }, E2E_MS);
 
   test("a cold backbone's feature extraction extends the deadline while its progress lines keep coming", () => {
     const kept = head(dir);
@@ -508,9 +564,10 @@ describe("--once (stub train.ts)", () => {
     // The control: with no setup allowance the same train.ts is killed at the plain deadline.
     commitTrain(dir, `mode: "ok",`, `mode: "features",`, "features again");
     expect(once(["--setup-allowance", "0"], env).code).toBe(0);
-    expect(last(rows(dir))).toMatchObject({ status: "crash", description: "features again (crash: timeout: killed after 7s)" });
+    expect(last(rows(dir)))
+      .toMatchObject({ status: "crash", description: "features again (crash: timeout: killed after 7s)" });
     expect(head(dir)).toBe(kept);
-  });
+  }, E2E_MS);
 
   test("a backbone preparation that stops printing progress is a timeout long before the allowance", () => {
     const kept = head(dir);
@@ -518,9 +575,10 @@ describe("--once (stub train.ts)", () => {
     const t0 = performance.now();
     expect(once([], { AR_TEST_ALLOWANCE_S: "60", AR_TEST_SETUP_STALL_S: "2" }).code).toBe(0);
     expect(performance.now() - t0).toBeLessThan(30_000);
-    expect(last(rows(dir))).toMatchObject({ status: "crash", description: "stall (crash: timeout: no progress for 2s while preparing the backbone or its features)" });
+    const stalled = "stall (crash: timeout: no progress for 2s while preparing the backbone or its features)";
+    expect(last(rows(dir))).toMatchObject({ status: "crash", description: stalled });
     expect(head(dir)).toBe(kept);
-  });
+  }, E2E_MS);
 
   test("a train.ts that prints its footer but never exits is killed after a grace; its result stands", () => {
     const kept = head(dir);
@@ -533,15 +591,17 @@ describe("--once (stub train.ts)", () => {
     // Same predictions as the kept commit, same length: measured, and discarded on the rules.
     expect(last(rows(dir))).toMatchObject({ status: "discard", description: "linger (same metrics, not simpler)" });
     expect(head(dir)).toBe(kept);
-  });
+  }, E2E_MS);
 
   const faults: [string, string, RegExp, Record<string, string>?][] = [
     ["throw", "an exception", /^mode throw \(crash: exit 1: error: boom in train\.ts\)$/],
     ["nan", "a NaN loss", /^mode nan \(crash: FAIL: loss is NaN at step 3\)$/],
-    ["hang", "a hang (killed at the deadline)", /^mode hang \(crash: timeout: killed after 3s\)$/, { AR_TEST_ALLOWANCE_S: "2" }],
+    ["hang", "a hang (killed at the deadline)", /^mode hang \(crash: timeout: killed after 3s\)$/,
+      { AR_TEST_ALLOWANCE_S: "2" }],
     ["nofooter", "a missing footer", /^mode nofooter \(crash: no footer/],
     ["nockpt", "a missing checkpoint", /^mode nockpt \(crash: no checkpoint/],
-    ["tamper", "a train.ts that changes prepare.ts (reverted)", /^mode tamper \(crash: reverted after training: prepare\.ts changed\)$/],
+    ["tamper", "a train.ts that changes prepare.ts (reverted)",
+      /^mode tamper \(crash: reverted after training: prepare\.ts changed\)$/],
   ];
   for (const [mode, what, reason, env] of faults) {
     test(`crash: ${what} is logged as crash with the reason, and reset`, () => {
@@ -561,12 +621,13 @@ describe("--once (stub train.ts)", () => {
       if (mode === "hang") {
         expect(performance.now() - t0).toBeLessThan(20_000);
         // train.ts and its own child (the whole process group) are gone.
-        const log = readFileSync(join(dir, ".autoresearch", "logs", `${state(dir).current!.n}-${candidate}.log`), "utf8");
+        const logPath = join(dir, ".autoresearch", "logs", `${state(dir).current!.n}-${candidate}.log`);
+        const log = readFileSync(logPath, "utf8");
         const pids = /hanging: pids (\d+) (\d+)/.exec(log)!.slice(1).map(Number);
         expect(pids).toHaveLength(2);
         for (const pid of pids) expect(pidAlive(pid)).toBe(false);
       }
-    });
+    }, E2E_MS);
   }
 
   test("Ctrl-C twice aborts the running experiment: killed, rolled back, no row (exit 130)", async () => {
@@ -574,7 +635,8 @@ describe("--once (stub train.ts)", () => {
     const n = rows(dir).length;
     commitTrain(dir, `mode: "ok",`, `mode: "hang",`, "hang until aborted");
     const proc = Bun.spawn([BUN, "loop.ts", "--once", "--budget", "1", "--grace", "0", "--no-summarize"], {
-      cwd: dir, stdout: "pipe", stderr: "pipe", env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "60" },
+      cwd: dir, stdout: "pipe", stderr: "pipe",
+      env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "60" },
     });
     const reader = proc.stdout.getReader();
     let out = "";
@@ -593,7 +655,7 @@ describe("--once (stub train.ts)", () => {
     expect(head(dir)).toBe(kept);
     expect(clean(dir)).toBe("");
     expect(state(dir).current).toBeNull();
-  });
+  }, E2E_MS);
 
   test("--once keeps counting crashes across calls: the streak pauses (exit 3)", () => {
     const streak = state(dir).crashStreak;
@@ -603,7 +665,7 @@ describe("--once (stub train.ts)", () => {
     expect(r.code).toBe(3);
     expect(r.out).toContain(`paused: ${streak + 1} crashes in a row`);
     expect(state(dir).crashStreak).toBe(streak + 1);
-  });
+  }, E2E_MS);
 });
 
 // ---------------------------------------------------------------------------
@@ -614,17 +676,19 @@ describe("--agent (stub train.ts, fake agents)", () => {
   let dir = "";
   let outside = "";
   let prepareBytes = "";
-  const agent = (cmd: string, extra: string[] = []) => loop(dir, ["--resume", "--max-experiments", "1", "--agent", cmd, ...extra]);
+  const agent = (cmd: string, extra: string[] = []) =>
+    loop(dir, ["--resume", "--max-experiments", "1", "--agent", cmd, ...extra]);
 
   beforeAll(() => {
     dir = makeRepo(stub({ cls: 1 }));
     outside = tempDir("arv-agent-");
     made.push(outside);
     prepareBytes = readFileSync(join(dir, "prepare.ts"), "utf8");
-  });
+  }, E2E_MS);
 
   test("the agent gets the prompt on stdin and in AR_PROMPT_FILE; its last line is the description; kept", () => {
-    const cmd = `cat > ${outside}/stdin.txt; cp "$AR_PROMPT_FILE" ${outside}/file.txt; sed -i 's/cls: 1,/cls: 0,/' train.ts; echo thinking; echo "predict ewaste"`;
+    const cmd = `cat > ${outside}/stdin.txt; cp "$AR_PROMPT_FILE" ${outside}/file.txt; `
+      + `sed -i 's/cls: 1,/cls: 0,/' train.ts; echo thinking; echo "predict ewaste"`;
     const r = loop(dir, ["--tag", "ag", "--baseline-runs", "1", "--max-experiments", "1", "--agent", cmd], {}, true);
     expect(r.code).toBe(0);
     expect(r.out).toContain("no summarize_results.ts in this repository");
@@ -636,18 +700,19 @@ describe("--agent (stub train.ts, fake agents)", () => {
     expect(prompt).toContain("Make ONE focused change to train.ts");
     expect(prompt).toContain("commit\taccuracy\tyield_mse\tcombined_score\tmemory_gb\tstatus\tdescription");
     expect(clean(dir)).toBe("");
-  });
+  }, E2E_MS);
 
   test("an agent that edits prepare.ts: everything reverted, logged as crash, nothing trained", () => {
     const kept = head(dir);
     const r = agent(`echo '// cheat' >> prepare.ts; sed -i 's/cls: 0,/cls: 2,/' train.ts; echo "cheat"`);
     expect(r.code).toBe(0);
-    expect(last(rows(dir))).toMatchObject({ status: "crash", commit: "-", description: "cheat (reverted: prepare.ts changed)" });
+    expect(last(rows(dir)))
+      .toMatchObject({ status: "crash", commit: "-", description: "cheat (reverted: prepare.ts changed)" });
     expect(readFileSync(join(dir, "prepare.ts"), "utf8")).toBe(prepareBytes);
     expect(head(dir)).toBe(kept);
     expect(clean(dir)).toBe("");
     expect(r.out).not.toContain("stub train.ts:");
-  });
+  }, E2E_MS);
 
   test("an agent that deletes results.tsv: restored with every row, logged as crash", () => {
     const before = rows(dir);
@@ -656,16 +721,18 @@ describe("--agent (stub train.ts, fake agents)", () => {
     const after = rows(dir);
     expect(after.slice(0, before.length)).toEqual(before);
     expect(after).toHaveLength(before.length + 1);
-    expect(last(after)).toMatchObject({ status: "crash", description: "oops (reverted: newfile.ts added, results.tsv deleted)" });
+    expect(last(after))
+      .toMatchObject({ status: "crash", description: "oops (reverted: newfile.ts added, results.tsv deleted)" });
     expect(existsSync(join(dir, "newfile.ts"))).toBe(false);
     expect(clean(dir)).toBe("");
-  });
+  }, E2E_MS);
 
   test("an agent that commits by itself: its commit message is the description", () => {
-    const r = agent(`sed -i 's/yieldValue: 0.5,/yieldValue: 0.52,/' train.ts && git commit -qam "yield estimate 0.52" && echo "not this line"`);
+    const r = agent(`sed -i 's/yieldValue: 0.5,/yieldValue: 0.52,/' train.ts && git commit -qam "yield estimate 0.52" `
+      + `&& echo "not this line"`);
     expect(r.code).toBe(0);
     expect(last(rows(dir))).toMatchObject({ status: "keep", description: "yield estimate 0.52" });
-  });
+  }, E2E_MS);
 
   test("an agent that times out is killed: crash, reset", () => {
     const kept = head(dir);
@@ -676,27 +743,30 @@ describe("--agent (stub train.ts, fake agents)", () => {
     expect(last(rows(dir))).toMatchObject({ status: "crash", description: "agent change (agent timed out after 1s)" });
     expect(head(dir)).toBe(kept);
     expect(clean(dir)).toBe("");
-  });
+  }, E2E_MS);
 
-  test("run.md set to False during an experiment: that one is logged, then the loop stops; the reset keeps run.md", () => {
+  test("run.md set to False during an experiment: that one is logged, then the loop stops; "
+    + "the reset keeps run.md", () => {
     const n = rows(dir).length;
-    const r = loop(dir, ["--resume", "--max-experiments", "5", "--agent", `printf 'False\\n' > run.md; sed -i 's/cls: 0,/cls: 2,/' train.ts; echo worse`]);
+    const cmd = `printf 'False\\n' > run.md; sed -i 's/cls: 0,/cls: 2,/' train.ts; echo worse`;
+    const r = loop(dir, ["--resume", "--max-experiments", "5", "--agent", cmd]);
     expect(r.code).toBe(0);
     expect(r.out).toContain("run.md says False");
     expect(rows(dir)).toHaveLength(n + 1);
     expect(last(rows(dir))).toMatchObject({ status: "discard", description: "worse" });
     expect(readFileSync(join(dir, "run.md"), "utf8")).toBe("False\n");
     sh(dir, "git checkout run.md");
-  });
+  }, E2E_MS);
 
   test("a streak of crashes pauses the loop instead of spinning (exit 3)", () => {
     const n = rows(dir).length;
-    const r = loop(dir, ["--resume", "--max-experiments", "10", "--max-crash-streak", "2", "--agent", `sed -i 's/mode: "ok",/mode: "throw",/' train.ts; echo "throw"`]);
+    const cmd = `sed -i 's/mode: "ok",/mode: "throw",/' train.ts; echo "throw"`;
+    const r = loop(dir, ["--resume", "--max-experiments", "10", "--max-crash-streak", "2", "--agent", cmd]);
     expect(r.code).toBe(3);
     expect(r.out).toContain("paused: 2 crashes in a row");
     expect(rows(dir).slice(n).map((x) => x.status)).toEqual(["crash", "crash"]);
     expect(clean(dir)).toBe("");
-  });
+  }, E2E_MS);
 
   test("the prepared data changing under the loop: crash row, then a pause (it cannot be restored)", async () => {
     const cache = tempDir("arv-loop-cache2-");
@@ -706,12 +776,14 @@ describe("--agent (stub train.ts, fake agents)", () => {
     const env = { AR_CACHE: cache };
     expect(loop(d2, ["--once", "--tag", "data", "--baseline-runs", "1"], env).code).toBe(0);
     const images = join(cache, "waste-synthetic-64", "images.u8");
-    const r = loop(d2, ["--resume", "--agent", `printf 'x' | dd of=${images} bs=1 seek=5 conv=notrunc 2>/dev/null; sed -i 's/cls: 1,/cls: 0,/' train.ts; echo poke`], env);
+    const poke = `printf 'x' | dd of=${images} bs=1 seek=5 conv=notrunc 2>/dev/null; `
+      + `sed -i 's/cls: 1,/cls: 0,/' train.ts; echo poke`;
+    const r = loop(d2, ["--resume", "--agent", poke], env);
     expect(r.code).toBe(3);
     expect(r.out).toContain("prepared data");
     expect(last(rows(d2))).toMatchObject({ status: "crash" });
     expect(last(rows(d2)).description).toContain("prepared data changed");
-  });
+  }, E2E_MS);
 });
 
 // ---------------------------------------------------------------------------
@@ -719,14 +791,17 @@ describe("--agent (stub train.ts, fake agents)", () => {
 // ---------------------------------------------------------------------------
 
 describe("noise floor", () => {
-  test("the baseline repeats set the floor; a gain below 2σ is discarded with the reason; summarize failures only warn", () => {
-    const dir = makeRepo(stub({ cls: 1, yieldValue: 0.5 }, `{ cls: [1], yieldValue: [0.5, 0.52], mode: ["ok"], seed: [0] }`), {
+  test("the baseline repeats set the floor; a gain below 2σ is discarded with the reason; "
+    + "summarize failures only warn", () => {
+    const space = `{ cls: [1], yieldValue: [0.5, 0.52], mode: ["ok"], seed: [0] }`;
+    const dir = makeRepo(stub({ cls: 1, yieldValue: 0.5 }, space), {
       files: { "summarize_results.ts": `console.error("summary is broken"); process.exit(1);\n` },
     });
     const counter = join(tempDir("arv-noise-"), "count");
     made.push(join(counter, ".."));
     // Baseline runs: yield 0.5 and 0.5 + 0.2 (different yield_mse); the experiment: 0.52, a tiny real gain.
-    const r = loop(dir, ["--tag", "nf", "--baseline-runs", "2", "--max-experiments", "1"], { STUB_COUNTER: counter, STUB_OFFSETS: "0,0.2" }, true);
+    const r = loop(dir, ["--tag", "nf", "--baseline-runs", "2", "--max-experiments", "1"],
+      { STUB_COUNTER: counter, STUB_OFFSETS: "0,0.2" }, true);
     expect(r.code).toBe(0);
     expect(r.out).toContain("warning: summarize_results.ts failed (exit 1): summary is broken");
     const rs = rows(dir);
@@ -745,7 +820,7 @@ describe("noise floor", () => {
     expect(gain).toBeLessThan(st.noise!.floor);
     expect(rs[2]!.description).toMatch(/^yieldValue 0\.5 -> 0\.52 \(\+[\d.e-]+ < noise [\d.e-]+\)$/);
     expect(head(dir)).toBe(st.sessionStart);
-  });
+  }, E2E_MS);
 });
 
 // ---------------------------------------------------------------------------
@@ -754,12 +829,13 @@ describe("noise floor", () => {
 
 describe("SIGKILL at each phase, then --resume", () => {
   let dir = "";
-  const SPACE = `{ cls: [0, 1, 2], yieldValue: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], mode: ["ok"], seed: [0, 1, 2, 3] }`;
+  const SPACE = `{ cls: [0, 1, 2], yieldValue: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], mode: ["ok"], `
+    + `seed: [0, 1, 2, 3] }`;
   beforeAll(() => {
     dir = makeRepo(stub({ cls: 1, yieldValue: 0.5 }, SPACE));
     const r = loop(dir, ["--tag", "kill", "--baseline-runs", "1", "--max-experiments", "0"]);
     expect(r.code).toBe(0);
-  });
+  }, E2E_MS);
 
   const unmeasured = ["proposing", "proposed", "committed", "training"];
   for (const point of [...unmeasured, "evaluating", "logging", "appended", "logged", "decided"]) {
@@ -788,13 +864,15 @@ describe("SIGKILL at each phase, then --resume", () => {
       expect(sh(dir, "git log --format=%s").split("\n").every((s) => s === "init" || / -> /.test(s))).toBe(true);
       if (orphan !== null) expect(pidAlive(orphan)).toBe(false);
       if (point === "training") expect(orphan).not.toBeNull();
-    });
+    }, E2E_MS);
   }
 
   test("SIGINT: the running experiment finishes and is logged, then the loop stops", async () => {
     const n = rows(dir).length;
-    const proc = Bun.spawn([BUN, "loop.ts", "--resume", "--budget", "1", "--grace", "0", "--no-summarize", "--max-experiments", "5"], {
-      cwd: dir, stdout: "pipe", stderr: "pipe", env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30" },
+    const argv = ["loop.ts", "--resume", "--budget", "1", "--grace", "0", "--no-summarize", "--max-experiments", "5"];
+    const proc = Bun.spawn([BUN, ...argv], {
+      cwd: dir, stdout: "pipe", stderr: "pipe",
+      env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30" },
     });
     const reader = proc.stdout.getReader();
     const dec = new TextDecoder();
@@ -816,5 +894,5 @@ describe("SIGKILL at each phase, then --resume", () => {
     expect(rows(dir)).toHaveLength(n + 1);
     expect(head(dir)).toBe(state(dir).best!.commit);
     expect(clean(dir)).toBe("");
-  });
+  }, E2E_MS);
 });

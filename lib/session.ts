@@ -1,0 +1,266 @@
+/**
+ * A session: one autoresearch/<tag> branch, its journal (.autoresearch/state.json) and its
+ * results.tsv. Starting a new one archives the previous session's files; resuming an older one
+ * swaps its files back in. recordDecision is the journal's bookkeeping once a row is logged.
+ */
+import { existsSync, mkdirSync, readdirSync, renameSync, rmSync } from "node:fs";
+import { basename, join } from "node:path";
+import { TASK_METRICS, TIME_BUDGET, type Task } from "../prepare.ts";
+import { writeAtomic } from "./atomic.ts";
+import { EXIT, Stop } from "./exit.ts";
+import { currentBranch, git } from "./git.ts";
+import { cacheFingerprint, protectedHashes } from "./integrity.ts";
+import {
+  RESULTS_BACKUP, SESSIONS_DIR, STATE_FILE, readState, saveState, type Experiment, type State,
+} from "./journal.ts";
+import { DEFAULTS, type Flags } from "./loop_flags.ts";
+import { direction } from "./proposer.ts";
+import { RESULTS_FILE, countRows } from "./results.ts";
+import { computeNoise, meanMetrics, signed } from "./verdict.ts";
+import { branchExists, dirtyPaths, readText, rev, shortOf } from "./worktree.ts";
+
+type Log = (line: string) => void;
+
+/** The files that make up a session, relative to the repository. */
+const SESSION_FILES = [STATE_FILE, RESULTS_FILE, RESULTS_BACKUP];
+
+interface OpenArgs {
+  root: string;
+  flags: Flags;
+  cacheRoot: string;
+  log: Log;
+  /** run.md's answer before a new session: a False switch must not even create a branch. */
+  mayStart: () => boolean;
+}
+
+/** Which session to run: resume the named (or journaled) one, or start a new branch. */
+export async function openSession(a: OpenArgs): Promise<{ st: State; resumed: boolean }> {
+  const { root, flags } = a;
+  const live = readState(join(root, STATE_FILE));
+  const head = currentBranch(root);
+  const onSession = head?.startsWith("autoresearch/") ? head : null;
+  const wanted = flags.tag !== undefined ? `autoresearch/${flags.tag}` : null;
+  let target: string | null = null;
+  if (flags.resume) {
+    target = wanted ?? live?.branch ?? onSession;
+    if (target === null) {
+      throw new Stop(EXIT.refused,
+        "--resume: no session to resume (no journal in .autoresearch/ and not on an autoresearch/ branch)");
+    }
+  } else if (flags.once) {
+    // An agent calls --once again and again: the session of the branch it is on continues.
+    target = wanted ?? onSession;
+  }
+  if (target !== null) {
+    const st = journalFor(root, target, a.log);
+    if (st) return { st, resumed: true };
+    if (flags.resume) {
+      const why = "nothing to resume (start a new session with another --tag)";
+      throw new Stop(EXIT.refused, `no journal for ${target}: ${why}`);
+    }
+  }
+  if (!a.mayStart()) throw new Stop(EXIT.ok, "");
+  return { st: await startSession(a, wanted ?? `autoresearch/${dateTag()}`), resumed: false };
+}
+
+/** A new branch from HEAD and a new journal: the tree must be clean and a dataset prepared. */
+async function startSession(a: OpenArgs, branch: string): Promise<State> {
+  const { root, flags } = a;
+  if (branchExists(root, branch)) {
+    const tag = branch.slice("autoresearch/".length);
+    throw new Stop(EXIT.refused,
+      `branch ${branch} already exists: continue it with \`bun loop.ts --resume --tag ${tag}\`, or pick another --tag`);
+  }
+  const dirty = dirtyPaths(root);
+  if (dirty.length > 0) {
+    const shown = `${dirty.slice(0, 5).join(", ")}${dirty.length > 5 ? ", …" : ""}`;
+    throw new Stop(EXIT.refused, `the working tree is not clean (${shown}): commit or remove these first; `
+      + "the loop resets the tree between experiments");
+  }
+  const cache = await cacheFingerprint(a.cacheRoot);
+  if (cache.task === null) {
+    throw new Stop(EXIT.refused,
+      `no prepared dataset under ${a.cacheRoot} (or it is unreadable): run \`bun prepare.ts --source …\` first`);
+  }
+  archiveSession(root, readState(join(root, STATE_FILE)), a.log);
+  git(["checkout", "-q", "-b", branch], { cwd: root });
+  const head = rev(root, "HEAD");
+  const st = newState({
+    branch, task: cache.task, head, protected: await protectedHashes(root),
+    cache: { dir: cache.dir, images: cache.images, manifest: cache.manifest },
+    settings: {
+      budgetSeconds: flags.budget ?? TIME_BUDGET, baselineRuns: flags.baselineRuns ?? DEFAULTS.baselineRuns,
+      noiseSigmas: flags.noiseSigmas ?? DEFAULTS.noiseSigmas, seed: flags.seed ?? DEFAULTS.seed,
+    },
+  });
+  saveState(root, st);
+  a.log(`new session on ${branch} from ${shortOf(root, head)}: task ${st.task}, keep on ${st.primary} `
+    + `(then ${st.secondary}), budget ${st.settings.budgetSeconds}s, ${st.baselines.wanted} baseline run(s)`);
+  return st;
+}
+
+/** The default session name: today, e.g. nov23. */
+function dateTag(d = new Date()): string {
+  return `${d.toLocaleString("en-US", { month: "short" }).toLowerCase()}${d.getDate()}`;
+}
+
+/** Move the previous session's journal and results out of the way (they are per session). */
+function archiveSession(root: string, live: State | null, log: Log): void {
+  const files = SESSION_FILES.filter((f) => existsSync(join(root, f)));
+  if (files.length === 0) return;
+  const branch = (live?.branch ?? "unknown").replace(/[^A-Za-z0-9._-]+/g, "_");
+  const dir = join(SESSIONS_DIR, `${branch}-${new Date().toISOString().replace(/[:.]/g, "-")}`);
+  mkdirSync(join(root, dir), { recursive: true });
+  for (const f of files) renameSync(join(root, f), join(root, dir, basename(f)));
+  log(`archived the previous session's ${files.map((f) => basename(f)).join(", ")} to ${dir}/`);
+}
+
+/** The journal of `branch`: the live state.json, or an archived one (swapped back in). */
+function journalFor(root: string, branch: string, log: Log): State | null {
+  const live = readState(join(root, STATE_FILE));
+  if (live?.branch === branch) return live;
+  if (!existsSync(join(root, SESSIONS_DIR))) return null;
+  for (const d of readdirSync(join(root, SESSIONS_DIR)).sort().reverse()) {
+    const dir = join(SESSIONS_DIR, d);
+    let st: State | null = null;
+    try { st = readState(join(root, dir, "state.json")); } catch { continue; }
+    if (st?.branch !== branch) continue;
+    archiveSession(root, live, log);
+    for (const f of SESSION_FILES) {
+      if (existsSync(join(root, dir, basename(f)))) renameSync(join(root, dir, basename(f)), join(root, f));
+    }
+    rmSync(join(root, dir), { recursive: true, force: true });
+    log(`restored the journal of ${branch} from ${dir}/`);
+    return st;
+  }
+  return null;
+}
+
+/** The journal of a session that has measured nothing yet. */
+export function newState(a: {
+  branch: string; task: Task; head: string; settings: State["settings"];
+  protected: State["protected"]; cache: State["cache"];
+}): State {
+  const now = new Date().toISOString();
+  const m = TASK_METRICS[a.task];
+  return {
+    version: 1, branch: a.branch, tag: a.branch.slice("autoresearch/".length), task: a.task,
+    primary: m.primary, secondary: m.secondary, startedAt: now, updatedAt: now, pid: process.pid,
+    sessionStart: a.head, settings: a.settings, protected: a.protected, cache: a.cache,
+    baselines: { wanted: a.settings.baselineRuns, primaries: [], metrics: [] },
+    baseline: null, noise: null, best: null, nextN: 1,
+    counts: { experiments: 0, keeps: 0, discards: 0, crashes: 0 }, crashStreak: 0,
+    tried: [], lastKeptMove: null, timing: { runs: 0, trainSeconds: 0, wallSeconds: 0 }, current: null,
+  };
+}
+
+/**
+ * Flags given to a resumed session: the budget cannot change (results would not be comparable);
+ * a new seed or noise multiplier applies from now on.
+ */
+export function resumeSettings(st: State, f: Pick<Flags, "budget" | "seed" | "noiseSigmas">): void {
+  if (f.budget !== undefined && f.budget !== st.settings.budgetSeconds) {
+    throw new Stop(EXIT.refused, `this session trains with --budget ${st.settings.budgetSeconds}; results with another `
+      + "budget are not comparable: resume without --budget, or start a new session");
+  }
+  if (f.seed !== undefined) st.settings.seed = f.seed;
+  if (f.noiseSigmas !== undefined && f.noiseSigmas !== st.settings.noiseSigmas) {
+    st.settings.noiseSigmas = f.noiseSigmas;
+    if (st.noise) st.noise = computeNoise(st.noise.metric, st.noise.runs, f.noiseSigmas);
+  }
+}
+
+/** The experiment about to start: a baseline repeat from the session start, or a change of the best. */
+export function newExperiment(st: State, kind: "baseline" | "experiment", rowsBefore: number): Experiment {
+  const done = st.baselines.primaries.length;
+  const wanted = st.baselines.wanted;
+  const repeat = done === 0 ? `baseline 1/${wanted}` : `baseline repeat ${done + 1}/${wanted}`;
+  const baseline = wanted === 1 ? "baseline" : repeat;
+  return {
+    n: st.nextN, kind, phase: "proposing",
+    base: kind === "baseline" ? st.sessionStart : st.best!.commit,
+    candidate: null,
+    description: kind === "experiment" ? "" : baseline,
+    move: null, trainPid: null, outcome: null, row: null,
+    rowsBefore, trainLines: 0, startedAt: new Date().toISOString(),
+  };
+}
+
+/**
+ * The journal after the current experiment's row is logged: counts and crash streak, the new best
+ * on a keep, the move as tried, the baseline repeats (the noise floor and the baseline mean once
+ * they are all in), timing, and the next experiment's number. Phase logged → decided.
+ */
+export function recordDecision(st: State): void {
+  const cur = st.current!;
+  const row = cur.row!;
+  const isCrash = row.status === "crash";
+  if (cur.kind === "experiment") {
+    st.counts.experiments++;
+    if (row.status === "keep") st.counts.keeps++;
+    else if (row.status === "discard") st.counts.discards++;
+  }
+  if (isCrash) st.counts.crashes++;
+  st.crashStreak = isCrash ? st.crashStreak + 1 : 0;
+  if (row.status === "keep") {
+    st.best = {
+      n: cur.n, commit: cur.candidate!, short: row.commit, metrics: row.metrics,
+      trainLines: cur.trainLines, description: cur.description,
+    };
+  }
+  if (cur.move) {
+    st.tried.push({ base: cur.base, axis: cur.move.axis, value: cur.move.to, status: row.status });
+    if (row.status === "keep") st.lastKeptMove = { axis: cur.move.axis, direction: direction(cur.move) };
+  }
+  if (cur.kind === "baseline" && !isCrash) {
+    st.baseline ??= { commit: cur.candidate!, metrics: row.metrics };
+    st.baselines.primaries.push(row.metrics[st.primary] ?? 0);
+    st.baselines.metrics.push(row.metrics);
+    if (st.baselines.primaries.length === st.baselines.wanted) {
+      st.noise = computeNoise(st.primary, st.baselines.primaries, st.settings.noiseSigmas);
+      // Candidates are single runs; the baseline's best estimate of itself is its mean.
+      const mean = meanMetrics(st.baselines.metrics);
+      st.baseline.metrics = mean;
+      if (st.best && st.best.commit === st.sessionStart) st.best.metrics = mean;
+    }
+  }
+  st.timing.runs++;
+  st.timing.trainSeconds += cur.outcome?.trainSeconds ?? 0;
+  st.timing.wallSeconds += Math.max(0, (Date.now() - Date.parse(cur.startedAt)) / 1000);
+  st.nextN = cur.n + 1;
+  cur.phase = "decided";
+}
+
+/** results.tsv at start-up: restored from the loop's copy if it is missing or has lost rows. */
+export function loadResultsText(root: string, log: Log): string {
+  const file = readText(join(root, RESULTS_FILE));
+  const backup = readText(join(root, RESULTS_BACKUP));
+  if (backup !== null && (file === null || countRows(file) < countRows(backup))) {
+    writeAtomic(join(root, RESULTS_FILE), backup);
+    log(`restored ${RESULTS_FILE} from ${RESULTS_BACKUP} (${countRows(backup)} rows)`);
+    return backup;
+  }
+  return file ?? "";
+}
+
+/** Put results.tsv back to `expected` (the text the loop last wrote) if anything changed it. */
+export function restoreResults(root: string, expected: string, log: Log): void {
+  const now = readText(join(root, RESULTS_FILE));
+  if (now === expected || (now === null && expected === "")) return;
+  writeAtomic(join(root, RESULTS_FILE), expected);
+  log(`restored ${RESULTS_FILE} from the loop's copy (${countRows(expected)} rows)`);
+}
+
+/** The session in one line: counts, best against the baseline, and the loop's own overhead per run. */
+export function sessionReport(st: State): string {
+  const t = st.timing;
+  const overhead = t.runs > 0 ? (t.wallSeconds - t.trainSeconds) / t.runs : 0;
+  const best = st.best ? (st.best.metrics[st.primary] ?? 0) : null;
+  const base = st.baseline ? (st.baseline.metrics[st.primary] ?? 0) : null;
+  const vs = best !== null && base !== null
+    ? `; best ${st.primary} ${best.toFixed(6)} vs baseline ${base.toFixed(6)} (${signed(best - base)})`
+    : "";
+  return `session ${st.branch}: ${st.counts.experiments} experiments, ${st.counts.keeps} kept, `
+    + `${st.counts.discards} discarded, ${st.counts.crashes} crashed${vs}; `
+    + `loop overhead ${overhead.toFixed(1)}s per run (time not spent in train.ts)`;
+}

@@ -1,0 +1,121 @@
+/**
+ * One trial of a commit, in child processes: `bun train.ts` live with a deadline, then
+ * `bun prepare.ts evaluate` re-measuring the checkpoint it saved (what train.ts prints is never
+ * trusted). Neither touches git or the journal: the loop decides what a trial's outcome means.
+ */
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { type } from "arktype";
+import { TASK_METRICS, Task, parseFooter } from "../prepare.ts";
+import { runChild, type ChildHooks, type Ran } from "./child.ts";
+import { oneLine } from "./results.ts";
+
+/**
+ * A cold backbone (download, then features of every image) is prepared by train.ts before its
+ * training timer starts: minutes for a few thousand photos on a CPU, an hour for CIFAR-size sets.
+ * That time extends the deadline (up to the setup allowance) while train.ts keeps printing
+ * `features …`/`backbone …` progress; `backend: …` starts training.
+ */
+const SETUP_BEGINS = /^(features|backbone) /;
+const SETUP_ENDS = /^backend: /;
+/** How long `prepare.ts evaluate` may take: one forward pass over the validation split. */
+const EVAL_TIMEOUT_S = 600;
+
+/** train.ts has printed its whole footer: the task's metrics and the line that ends it. */
+function footerComplete(stdout: string, columns: readonly string[]): boolean {
+  if (!stdout.includes("---\n")) return false;
+  const footer = parseFooter(stdout);
+  const complete = columns.every((c) => footer[c] !== undefined) && footer.confusion !== undefined;
+  return complete && stdout.endsWith("\n");
+}
+
+/** Why a training run is a crash, or ok. Pure: the tests feed it made-up output. */
+export function classifyTrain(a: {
+  code: number; timedOut: boolean; deadlineS: number; stdout: string; all: string; columns: readonly string[];
+  checkpointOk: boolean; setupSeconds?: number; stalledS?: number | null;
+}): { ok: boolean; reason: string } {
+  if (a.timedOut && a.stalledS != null) {
+    const reason = `timeout: no progress for ${a.stalledS}s while preparing the backbone or its features`;
+    return { ok: false, reason };
+  }
+  const setupS = a.setupSeconds ?? 0;
+  if (a.timedOut && setupS >= 1) {
+    const total = Math.round(a.deadlineS + setupS);
+    const reason = `timeout: killed after ${total}s (${a.deadlineS}s + ${Math.round(setupS)}s preparing the backbone)`;
+    return { ok: false, reason };
+  }
+  if (a.timedOut) return { ok: false, reason: `timeout: killed after ${a.deadlineS}s` };
+  const lines = a.all.split("\n").map((l) => l.trim()).filter(Boolean);
+  const nan = lines.find((l) => /^FAIL: loss is (NaN|-?Infinity)/.test(l));
+  if (nan) return { ok: false, reason: oneLine(nan, 80) };
+  if (a.code !== 0) {
+    const err = lines.filter((l) => /^(error|Error|\w*Error)\b|^FAIL\b/.test(l)).at(-1) ?? lines.at(-1) ?? "";
+    return { ok: false, reason: oneLine(`exit ${a.code}${err ? `: ${err}` : ""}`, 160) };
+  }
+  const footer = parseFooter(a.stdout);
+  const missing = a.columns.filter((c) => footer[c] === undefined);
+  if (missing.length > 0) {
+    return { ok: false, reason: `no footer: train.ts printed no \`---\` summary with ${missing.join(", ")}` };
+  }
+  if (!a.checkpointOk) return { ok: false, reason: "no checkpoint: train.ts saved no model" };
+  return { ok: true, reason: "" };
+}
+
+interface TrainOptions extends ChildHooks {
+  cwd: string;
+  bun: string;
+  task: Task;
+  budgetS: number;
+  /** train.ts is killed this long after its start (plus any setup time). */
+  deadlineS: number;
+  checkpointDir: string;
+  /** The most setup time added to the deadline, and the silence during setup that is a hang. */
+  setupMaxS: number;
+  setupStallS: number;
+  lingerS: number;
+}
+
+/** `bun train.ts` for one budget, live, and whether it produced a footer and a checkpoint. */
+export async function trainOnce(o: TrainOptions): Promise<{ ran: Ran; ok: boolean; reason: string }> {
+  const columns = TASK_METRICS[o.task].columns;
+  const ran = await runChild([o.bun, "train.ts", "--budget", String(o.budgetS), "--checkpoint", o.checkpointDir], {
+    cwd: o.cwd, timeoutS: o.deadlineS, echo: true, logs: o.logs, onSpawn: o.onSpawn, log: o.log,
+    setup: { begins: SETUP_BEGINS, ends: SETUP_ENDS, stallS: o.setupStallS, maxS: o.setupMaxS },
+    finished: { when: (out) => footerComplete(out, columns), lingerS: o.lingerS },
+  });
+  const verdict = classifyTrain({
+    code: ran.lingered ? 0 : ran.code, timedOut: ran.timedOut, deadlineS: o.deadlineS, stdout: ran.stdout, all: ran.all,
+    setupSeconds: ran.setupSeconds, stalledS: ran.stalled ? o.setupStallS : null,
+    columns, checkpointOk: existsSync(join(resolve(o.cwd, o.checkpointDir), "meta.json")),
+  });
+  return { ran, ...verdict };
+}
+
+const EvalJson = type({ task: Task, n: "number.integer >= 0", metrics: "Record<string, number>", primary: "string" });
+
+/** `bun prepare.ts evaluate` on a checkpoint: the task's metrics, or why there are none. */
+export async function evaluateCheckpoint(o: Omit<ChildHooks, "logs"> & {
+  cwd: string; bun: string; task: Task; checkpointDir: string; lingerS: number;
+}): Promise<{ metrics: Record<string, number> } | { error: string }> {
+  const ran = await runChild([o.bun, "prepare.ts", "evaluate", "--model", o.checkpointDir], {
+    cwd: o.cwd, timeoutS: EVAL_TIMEOUT_S, echo: false, onSpawn: o.onSpawn, log: o.log,
+    finished: { when: (out) => /^eval_json: .*\n/m.test(out), lingerS: o.lingerS },
+  });
+  const fail = (error: string) => ({ error });
+  if (ran.timedOut) return fail(`timeout after ${EVAL_TIMEOUT_S}s`);
+  const lines = ran.all.split("\n").map((l) => l.trim()).filter(Boolean);
+  if (ran.code !== 0 && !ran.lingered) {
+    return fail(oneLine(lines.filter((l) => l.startsWith("error")).at(-1) ?? lines.at(-1) ?? `exit ${ran.code}`, 160));
+  }
+  const line = ran.stdout.split("\n").reverse().find((l) => l.startsWith("eval_json: "));
+  if (!line) return fail("no eval_json line");
+  let raw: unknown;
+  try { raw = JSON.parse(line.slice("eval_json: ".length)); } catch { return fail("eval_json is not JSON"); }
+  const ev = EvalJson(raw);
+  // NaN becomes null in JSON, so a NaN metric fails the schema here.
+  if (ev instanceof type.errors) return fail(`eval_json: ${oneLine(ev.summary, 120)}`);
+  if (ev.task !== o.task) return fail(`evaluated task ${ev.task}, the session's is ${o.task}`);
+  const missing = TASK_METRICS[o.task].columns.filter((c) => !Number.isFinite(ev.metrics[c]));
+  if (missing.length > 0) return fail(`eval_json lacks ${missing.join(", ")}`);
+  return { metrics: ev.metrics };
+}

@@ -1,0 +1,100 @@
+/**
+ * The loop's repository as the loop changes it: commits, resets to a kept commit, what is dirty.
+ * run.md is the person's on/off switch, not part of any experiment: a reset never changes it and
+ * it never makes the tree dirty.
+ */
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { type } from "arktype";
+import { git, gitOk } from "./git.ts";
+import { oneLine } from "./results.ts";
+
+export const RUN_MD = "run.md";
+/** The one file an experiment edits. */
+export const TRAIN = "train.ts";
+
+const RunMdFirstLine = type("'True' | 'False'");
+
+/** The first non-empty line must be exactly True or False; anything else stops the loop (fail closed). */
+export function parseRunMd(text: string | null): "True" | "False" | { error: string } {
+  if (text === null) {
+    return { error: `${RUN_MD} is missing: create it with the first line True to let the loop run (fail closed)` };
+  }
+  const first = text.split(/\r?\n/).map((l) => l.trim()).find((l) => l !== "") ?? "";
+  const v = RunMdFirstLine(first);
+  if (v instanceof type.errors) {
+    const shown = oneLine(first, 40);
+    return { error: `${RUN_MD}: the first non-empty line must be exactly True or False, not "${shown}" (fail closed)` };
+  }
+  return v;
+}
+
+/**
+ * Why `root` cannot host the loop, or null: it must be the top of a git repository, and the
+ * loop's own files must be gitignored (`git reset --hard` and the clean-tree check must never see them).
+ */
+export function repositoryProblem(root: string, loopFiles: string[]): string | null {
+  const inside = gitOk(["rev-parse", "--is-inside-work-tree"], root);
+  const top = inside ? git(["rev-parse", "--show-toplevel"], { cwd: root }) : null;
+  if (top === null || resolve(top) !== resolve(root)) {
+    return `${root} is not the top of a git repository: the loop keeps and discards experiments as commits`;
+  }
+  const notIgnored = loopFiles.filter((p) => !gitOk(["check-ignore", "-q", "--no-index", p], root));
+  if (notIgnored.length === 0) return null;
+  return `${notIgnored.join(", ")} must be gitignored (see this repository's .gitignore): `
+    + "the loop writes them and resets the tree";
+}
+
+/** The full hash of a commit-ish (throws if there is none). */
+export function rev(cwd: string, ref: string): string {
+  return git(["rev-parse", "--verify", "-q", `${ref}^{commit}`], { cwd });
+}
+
+export function shortOf(cwd: string, commit: string): string {
+  return git(["rev-parse", "--short=7", commit], { cwd });
+}
+
+export function branchExists(cwd: string, branch: string): boolean {
+  return gitOk(["rev-parse", "--verify", "-q", `refs/heads/${branch}`], cwd);
+}
+
+/** Commit `paths`. The commits are the loop's, not the person's: hooks would slow (or fail) every experiment. */
+export function commitPaths(cwd: string, message: string, paths: string[]): void {
+  const anonymous = git(["config", "user.email"], { cwd, allowFail: true }) === "";
+  const identity = anonymous ? ["-c", "user.name=autoresearch", "-c", "user.email=autoresearch@localhost"] : [];
+  git([...identity, "commit", "-q", "--no-verify", "-m", message, "--", ...paths], { cwd });
+}
+
+/** Changes in the working tree, untracked files included, ignored files not. */
+export function dirtyPaths(cwd: string): string[] {
+  const lines = git(["status", "--porcelain", "--untracked-files=all"], { cwd }).split("\n").filter(Boolean);
+  return lines.map((l) => l.slice(3)).filter((p) => p !== RUN_MD);
+}
+
+/** New files git would show (not ignored). */
+export function untrackedFiles(cwd: string): string[] {
+  const paths = git(["ls-files", "--others", "--exclude-standard"], { cwd }).split("\n");
+  return paths.filter((p) => p !== "" && p !== RUN_MD);
+}
+
+export function removeFiles(cwd: string, paths: string[]): void {
+  if (paths.length > 0) git(["clean", "-fdq", "--", ...paths], { cwd });
+}
+
+/**
+ * `git reset --hard`, except that run.md keeps what it says now: a person who wrote False while
+ * an experiment ran must not see the discard switch it back to True.
+ */
+export function resetTo(cwd: string, commitish: string): void {
+  const path = join(cwd, RUN_MD);
+  const runMd = existsSync(path) ? readFileSync(path) : null;
+  git(["reset", "-q", "--hard", commitish], { cwd });
+  const after = existsSync(path) ? readFileSync(path) : null;
+  if (runMd === null && after !== null) rmSync(path);
+  else if (runMd !== null && (after === null || !after.equals(runMd))) writeFileSync(path, runMd);
+}
+
+/** A file's text, or null when there is no such file. */
+export function readText(path: string): string | null {
+  return existsSync(path) ? readFileSync(path, "utf8") : null;
+}
