@@ -44,7 +44,8 @@ import { LATEST_CHECKPOINT_DIR, bestCheckpointDir } from "./lib/checkpoint.ts";
 import { killGroup } from "./lib/child.ts";
 import { EXIT, Stop } from "./lib/exit.ts";
 import { currentBranch, git, gitOk } from "./lib/git.ts";
-import { cacheFingerprint, checkIntegrity, sameCache, type Integrity } from "./lib/integrity.ts";
+import { checkIntegrity, sameCache, type Integrity } from "./lib/integrity.ts";
+import { cacheFingerprint } from "./lib/dataset.ts";
 import {
   AR_DIR, LOGS_DIR, RESULTS_BACKUP, acquireLock, pidAlive, saveState, type Phase, type State,
 } from "./lib/journal.ts";

@@ -25,11 +25,11 @@ import { TRAIN } from "./worktree.ts";
 export interface Proposal { description: string; move: Move | null; failure: string | null }
 
 /** What `bun train.ts --print-hp` prints. */
-const HpDump = type({
+export const HpDump = type({
   HP: "Record<string, number | boolean | string>",
   HP_SPACE: "Record<string, (number | boolean | string)[]>",
 });
-type HpDump = typeof HpDump.infer;
+export type HpDump = typeof HpDump.infer;
 
 /** HP and HP_SPACE as train.ts itself reports them (a child process: train.ts is the authority). */
 export function readHp(cwd: string, bun: string): HpDump | { error: string } {

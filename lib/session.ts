@@ -9,7 +9,8 @@ import { TASK_METRICS, TIME_BUDGET, type Task } from "../prepare.ts";
 import { writeAtomic } from "./atomic.ts";
 import { EXIT, Stop } from "./exit.ts";
 import { currentBranch, git } from "./git.ts";
-import { cacheFingerprint, protectedHashes } from "./integrity.ts";
+import { cacheFingerprint } from "./dataset.ts";
+import { protectedHashes } from "./integrity.ts";
 import {
   RESULTS_BACKUP, SESSIONS_DIR, STATE_FILE, readState, saveState, type Experiment, type State,
 } from "./journal.ts";
