@@ -3,7 +3,7 @@
  * the session start, and the prepared dataset is fingerprinted, so any change by an agent or by
  * train.ts itself is seen (and reverted where the loop can).
  */
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { cacheFingerprint } from "./dataset.ts";
 import { sha256File } from "./images.ts";
