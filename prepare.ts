@@ -12,7 +12,8 @@
  *   bun prepare.ts --task screening --source DIR --positive trash
  *   bun prepare.ts --task cifar100                          # official CIFAR-100 binary archive
  *   bun prepare.ts --source synthetic                       # SYNTHETIC images, plumbing tests only
- *   bun prepare.ts evaluate --model checkpoints/latest      # re-measure a saved checkpoint
+ *   bun prepare.ts evaluate --model checkpoints/latest      # re-measure a saved checkpoint on val
+ *   bun prepare.ts evaluate --model DIR --split test        # ... on test, which no keep decision reads
  *
  * Environment: AR_CACHE (cache root), AR_TASK / AR_SOURCE / AR_POSITIVE (defaults for the flags),
  * AR_BACKEND (see lib/backend.ts).
@@ -24,8 +25,8 @@ import { type } from "arktype";
 import { cac } from "cac";
 import { replaceDirAtomic, writeAtomic } from "./lib/atomic.ts";
 import {
-  activePointerPath, CACHE_ROOT, cacheFiles, imageBatch, loadCache, Manifest, parseManifest, Task,
-  type Dataset, type Predictor,
+  activePointerPath, CACHE_ROOT, cacheFiles, imageBatch, loadCache, Manifest, MANIFEST_VERSION, parseManifest,
+  type Split, Task, type Dataset, type Predictor,
 } from "./lib/dataset.ts";
 import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
 import {
@@ -36,8 +37,8 @@ import {
 // The dataset, its cache layout and the loader live in lib/dataset.ts (checkpoints and backbones read
 // them too); they are part of the harness, so they are reachable from here.
 export {
-  activeCacheDir, activePointerPath, CACHE_ROOT, cacheFiles, cacheFingerprint, imageBatch, loadCache, Manifest, Task,
-  type CacheFingerprint, type Dataset, type Predictor,
+  activeCacheDir, activePointerPath, CACHE_ROOT, cacheFiles, cacheFingerprint, imageBatch, loadCache, Manifest, Split,
+  Task, type CacheFingerprint, type Dataset, type Predictor,
 } from "./lib/dataset.ts";
 
 // ---------------------------------------------------------------------------
@@ -52,9 +53,31 @@ export const IMAGE_SIZE = 64;
 export const CIFAR_IMAGE_SIZE = 32;
 /** Images per forward pass in evaluate(): bounded memory, same result for any value. */
 export const EVAL_BATCH_SIZE = 128;
-/** Share of each class held out for validation (ImageFolder tasks; CIFAR uses its test split). */
+/**
+ * Share of each class held out for validation: what every keep decision reads. The same 0.2 as the
+ * old two-way split, so every image that was val stays val. CIFAR-100 carves it from its train set.
+ */
 export const VAL_FRACTION = 0.2;
-/** waste: combined_score = accuracy − YIELD_WEIGHT · yield_mse. */
+/**
+ * Share of each class held out for test, read only by a final re-measure. As large as val: on the
+ * small sets the test interval is what a person trusts, and a smaller test set would be wider than the
+ * val figures it checks (on ~230 images ±0.04 at an accuracy of 0.9). Training keeps 60%. CIFAR-100's
+ * test split is its official 10,000-image test set instead.
+ */
+export const TEST_FRACTION = 0.2;
+/**
+ * The split rule, part of every cache's fingerprint: a cache split by another rule is re-prepared.
+ * An image's own side is set by the first 32 bits of its sha256 as a fraction in [0, 1).
+ */
+export const SPLIT_RULE = `sha256[0:8]/2^32: val < ${VAL_FRACTION} <= test < ${VAL_FRACTION + TEST_FRACTION} <= train`;
+/**
+ * waste: combined_score = val_accuracy − YIELD_WEIGHT · yield_mse, every term a fraction: accuracy in
+ * [0, 1], not percent. The waste seed computes the same formula on accuracy in percent (99.85), where
+ * 0.1 · yield_mse can never move the score by more than 0.1 of a point and the yield head is invisible
+ * to the keep rule; here a yield_mse of 0.1 costs 0.01, one accuracy point. So our yield term weighs
+ * 100× what the seed's does, on purpose. The seed's score is 100 · val_accuracy − YIELD_WEIGHT · yield_mse,
+ * computable from our columns.
+ */
 export const YIELD_WEIGHT = 0.1;
 /** Fewer images than this in a class gets a warning: its accuracy is close to meaningless. */
 export const FEW_IMAGES = 30;
@@ -83,17 +106,84 @@ export const WASTE_DATA_NOTE =
 // Task configuration
 // ---------------------------------------------------------------------------
 
-interface TaskMetrics { columns: string[]; primary: string; secondary: string; lowerIsBetter: string[] }
+interface TaskMetrics {
+  /** results.tsv's metric columns, in order. */
+  columns: string[];
+  /** The default primary (keep rule) and the tie-breaker. */
+  primary: string;
+  secondary: string;
+  lowerIsBetter: string[];
+  /** What a session may choose as its primary (`primary`, the default, first). */
+  primaries: string[];
+  /** Reported by evaluate() and printed in the footer after `columns`, but not results.tsv columns. */
+  extra: string[];
+  /**
+   * For a primary a model that ignores its input can score well on: the metric holding that score in
+   * evaluate()'s metrics, or the score itself. A best run within noise of it has learned nothing.
+   */
+  trivial: Record<string, string | number>;
+}
 
-/** Metric columns of each task, in results.tsv order; the loop keeps on `primary`, ties on `secondary`. */
+/** Metrics of each task: results.tsv columns, the keep rule's choices, and what a trivial model scores. */
 export const TASK_METRICS: Record<Task, TaskMetrics> = {
   waste: {
     columns: ["val_accuracy", "yield_mse", "combined_score"],
     primary: "combined_score", secondary: "val_accuracy", lowerIsBetter: ["yield_mse"],
+    primaries: ["combined_score"], extra: [], trivial: {},
   },
-  cifar100: { columns: ["top1", "top5"], primary: "top1", secondary: "top5", lowerIsBetter: [] },
-  screening: { columns: ["bin_acc", "mc_acc"], primary: "bin_acc", secondary: "mc_acc", lowerIsBetter: [] },
+  cifar100: {
+    columns: ["top1", "top5"], primary: "top1", secondary: "top5", lowerIsBetter: [],
+    primaries: ["top1"], extra: [], trivial: {},
+  },
+  screening: {
+    columns: ["bin_acc", "mc_acc"], primary: "bin_acc", secondary: "mc_acc", lowerIsBetter: [],
+    primaries: ["bin_acc", "balanced_bin_acc"],
+    extra: ["sensitivity", "specificity", "balanced_bin_acc", "prevalence", "trivial_bin_acc"],
+    // Always answering the majority side scores trivial_bin_acc; any constant answer balances to 0.5.
+    trivial: { bin_acc: "trivial_bin_acc", balanced_bin_acc: 0.5 },
+  },
 };
+
+/** One line per metric: what it measures (the footer's and the summary's wording). */
+export const METRIC_HELP: Record<string, string> = {
+  val_accuracy: "share of images whose class is right (a fraction in [0, 1], not percent)",
+  yield_mse: "mean squared error of the yield estimate, yields being fractions in [0, 1]; lower is better",
+  combined_score: `val_accuracy − ${YIELD_WEIGHT} · yield_mse, both fractions (the waste seed uses percent ` +
+    "accuracy, so the yield term weighs 100× more here than there)",
+  top1: "share of images whose highest-probability class is right",
+  top5: "share of images whose class is among the 5 most probable",
+  bin_acc: "share of images on the right side of positive-vs-rest; a model that never says positive " +
+    "scores trivial_bin_acc",
+  mc_acc: "share of images whose class (all N) is right",
+  sensitivity: "recall of the positive class: share of positive images called positive (0 with none)",
+  specificity: "share of negative images called negative (0 with none)",
+  balanced_bin_acc: "(sensitivity + specificity) / 2: 0.5 for any constant answer, whatever the prevalence; " +
+    "the primary to pick for rare positives",
+  prevalence: "share of positive images in the evaluated split",
+  trivial_bin_acc: "bin_acc of always answering the majority side: max(prevalence, 1 − prevalence)",
+};
+
+/**
+ * What a model that ignores its input scores on `primary` for these metrics, or null when the task has
+ * no such figure (waste, cifar100: a constant answer scores far below any trained model there).
+ */
+export function trivialScore(
+  metrics: Record<string, number>, task: Task, primary = TASK_METRICS[task].primary,
+): number | null {
+  const t = TASK_METRICS[task].trivial[primary];
+  return typeof t === "number" ? t : t === undefined ? null : metrics[t] ?? null;
+}
+
+/**
+ * Half-width of the 95% Wilson interval of a proportion p measured on n items: "±x" next to an
+ * accuracy. Wilson rather than the normal approximation because it stays honest at p near 0 or 1
+ * and on a handful of images.
+ */
+export function interval95(p: number, n: number): number {
+  if (n <= 0) return 1;
+  const z = 1.96, z2 = z * z;
+  return (z / (1 + z2 / n)) * Math.sqrt((p * (1 - p)) / n + z2 / (4 * n * n));
+}
 
 /** The yield target of a class when no measurement is given: the table for waste, none otherwise. */
 function assumedYield(task: Task, cls: string): number {
@@ -189,6 +279,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   }));
   const key = {
     task: opts.task, classes, positive, size: IMAGE_SIZE, PREPROCESSING, yields: yields.fingerprint, stats,
+    split: SPLIT_RULE,
   };
   const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
   const dir = join(cacheRoot, `${opts.task}-${slug(root)}-${IMAGE_SIZE}`);
@@ -207,32 +298,44 @@ async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log): 
   const folder = opts.source === "hf" || opts.source === "cifar"
     ? await downloadCifar100({ destDir: join(cacheRoot, "downloads", "cifar100"), url: opts.cifarUrl, log })
     : resolve(opts.source);
-  const key = { task: "cifar100", folder, size: CIFAR_IMAGE_SIZE };
+  const key = { task: "cifar100", folder, size: CIFAR_IMAGE_SIZE, split: `official test; ${SPLIT_RULE}` };
   const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
   const dir = join(cacheRoot, `cifar100-${CIFAR_IMAGE_SIZE}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   const data = loadCifar100(folder);
   const px = CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE * 3;
-  const items: Manifest["items"] = [];
-  const images = new Uint8Array((data.train.n + data.test.n) * px);
-  let offset = 0;
-  for (const [split, part] of [["train", data.train], ["val", data.test]] as const) {
-    for (let i = 0; i < part.n; i++) {
-      const pixels = part.images.subarray(i * px, (i + 1) * px);
-      images.set(pixels, offset * px);
-      // The official split is kept as is: val is the full 10,000-image test set.
-      const path = `${split === "val" ? "test" : "train"}.bin#${i}`;
-      items.push({ path, label: part.labels[i] ?? 0, sha256: sha256Hex(pixels), split, yield: 0 });
-      offset++;
-    }
-  }
+  const rows = (part: typeof data.train, file: string) => Array.from({ length: part.n }, (_, i) => {
+    const pixels = part.images.subarray(i * px, (i + 1) * px);
+    return { path: `${file}#${i}`, label: part.labels[i] ?? 0, sha: sha256Hex(pixels), pixels };
+  });
+  // The official test set stays whole as test, so our test numbers compare with published ones; val is
+  // carved from the official train set by hash. A train image identical to a test image is left out:
+  // no image is both learned and tested.
+  const test = rows(data.test, "test.bin");
+  const testShas = new Map(test.map((r) => [r.sha, r.path]));
+  const skipped: { path: string; reason: string }[] = [];
+  const train = rows(data.train, "train.bin").filter((r) => {
+    const twin = testShas.get(r.sha);
+    if (twin !== undefined) skipped.push({ path: r.path, reason: `identical to ${twin}: left out of train and val` });
+    return twin === undefined;
+  });
+  const trainSplits = splitByHash(train, { val: VAL_FRACTION, test: 0 });
+  const all = [...train.map((r, i) => ({ ...r, split: trainSplits[i] ?? "train" })),
+    ...test.map((r) => ({ ...r, split: "test" as const }))];
+  const images = new Uint8Array(all.length * px);
+  all.forEach((r, i) => images.set(r.pixels, i * px));
+  const items: Manifest["items"] = all.map((r) => ({
+    path: r.path, label: r.label, sha256: r.sha, split: r.split, yield: 0,
+  }));
+  if (skipped.length > 0) log(`cifar100: ${skipped.length} train images identical to a test image, left out`);
   const manifest: Manifest = {
-    version: "1", task: "cifar100", classes: data.classNames, positiveClass: null, imageSize: CIFAR_IMAGE_SIZE,
-    preprocessing: "cifar100-binary-hwc", source: folder, synthetic: false, yieldSource: "none", fingerprint,
-    createdAt: new Date().toISOString(), skipped: 0, duplicates: 0, items,
+    version: MANIFEST_VERSION, task: "cifar100", classes: data.classNames, positiveClass: null,
+    imageSize: CIFAR_IMAGE_SIZE, preprocessing: "cifar100-binary-hwc", source: folder, synthetic: false,
+    yieldSource: "none", fingerprint, createdAt: new Date().toISOString(), skipped: skipped.length, duplicates: 0,
+    items,
   };
-  await commitCache(dir, manifest, images, []);
+  await commitCache(dir, manifest, images, skipped);
   return { dir, manifest, reused: false, seconds: 0 };
 }
 
@@ -248,7 +351,7 @@ async function prepareSynthetic(opts: PrepareOptions, cacheRoot: string, log: Lo
       candidates.push({ path: `synthetic/${classes[c]}/${i}.raw`, className: classes[c] ?? "", read });
     }
   }
-  const fingerprint = sha256Hex(new TextEncoder().encode(`synthetic-v1-${opts.task}-${IMAGE_SIZE}`));
+  const fingerprint = sha256Hex(new TextEncoder().encode(`synthetic-v1-${opts.task}-${IMAGE_SIZE}-${SPLIT_RULE}`));
   const dir = join(cacheRoot, `${opts.task}-synthetic-${IMAGE_SIZE}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
@@ -327,8 +430,9 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
     return { path, label, sha256: d.sha, split: splits[i] ?? "train", yield: a.yieldOf(path, className) };
   });
   const manifest: Manifest = {
-    version: "1", task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: IMAGE_SIZE,
-    preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING, source: a.source, synthetic: a.synthetic, sample: a.sample === true,
+    version: MANIFEST_VERSION, task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: IMAGE_SIZE,
+    preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING, source: a.source, synthetic: a.synthetic,
+    sample: a.sample === true,
     yieldSource: a.yieldSource, fingerprint: a.fingerprint, createdAt: new Date().toISOString(),
     skipped: skipped.length, duplicates, items,
   };
@@ -336,31 +440,52 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
     a.log(`skipped ${skipped.length} of ${a.candidates.length} files (listed in ${cacheFiles(a.dir).skipped})`);
   }
   if (duplicates > 0) {
-    a.log(`${duplicates} exact duplicate files (same sha256): they share one split, so none straddles train/val`);
+    a.log(`${duplicates} exact duplicate files (same sha256): they share one split, so none straddles two`);
   }
   await commitCache(a.dir, manifest, images, skipped);
   return { dir: a.dir, manifest, reused: false, seconds: 0 };
 }
 
+export interface SplitFractions { val: number; test: number }
+
+/** An image's own side: set by its bytes alone (SPLIT_RULE). */
+export function hashSplit(sha: string, f: SplitFractions = { val: VAL_FRACTION, test: TEST_FRACTION }): Split {
+  const score = parseInt(sha.slice(0, 8), 16) / 2 ** 32;
+  return score < f.val ? "val" : score < f.val + f.test ? "test" : "train";
+}
+
 /**
- * Deterministic stratified split keyed by content hash: an image's split depends only on its own
- * bytes, so adding files never moves existing ones, and identical files land on the same side.
- * Each class with at least 2 images gets at least one val image (its lowest hash), so a small
- * class is measured at all.
+ * Deterministic stratified split keyed by content hash: an image's side is set by its own bytes
+ * (hashSplit), so identical files land together and adding files leaves such an image where it is.
+ * Small classes get a floor: a class of 2+ distinct images that hashes no image to val lends its
+ * lowest-hash training image to val; one of 3+ likewise to test. Those lent images are the only ones
+ * that adding files can move, plus one training image of a class that grows past 2 or 3 images:
+ * val and test images never move, and in a class of 3+ no training image ever moves to val or test.
+ * The floor only lends training images, so a class of n ≥ 3 images that all hash to val (or all to
+ * test) keeps that gap (2 · 0.2^n of such classes), and a small class can be left with nothing to
+ * train on (describeDataset says so). An image filed under two classes follows the first class that
+ * lent it, so even then it never straddles.
  */
-export function splitByHash(items: { sha: string; label: number }[]): ("train" | "val")[] {
-  const score = (sha: string) => parseInt(sha.slice(0, 8), 16) / 2 ** 32;
-  const out = items.map((it) => (score(it.sha) < VAL_FRACTION ? "val" : "train") as "train" | "val");
-  const byClass = new Map<number, number[]>();
-  items.forEach((it, i) => byClass.set(it.label, [...(byClass.get(it.label) ?? []), i]));
-  for (const idx of byClass.values()) {
-    const distinct = new Set(idx.map((i) => items[i]?.sha));
-    if (distinct.size < 2 || idx.some((i) => out[i] === "val")) continue;
-    const lowest = idx.reduce((a, b) => ((items[a]?.sha ?? "") <= (items[b]?.sha ?? "") ? a : b));
-    const sha = items[lowest]?.sha;
-    idx.forEach((i) => { if (items[i]?.sha === sha) out[i] = "val"; });
+export function splitByHash(
+  items: readonly { sha: string; label: number }[], f: SplitFractions = { val: VAL_FRACTION, test: TEST_FRACTION },
+): Split[] {
+  const lent = new Map<string, Split>();
+  const side = (sha: string) => lent.get(sha) ?? hashSplit(sha, f);
+  const byClass = new Map<number, Set<string>>();
+  for (const it of items) byClass.set(it.label, (byClass.get(it.label) ?? new Set()).add(it.sha));
+  for (const label of [...byClass.keys()].sort((a, b) => a - b)) {
+    const shas = [...byClass.get(label)!].sort();
+    // Always the lowest hashes of train: an added image can only take a lent one's place, never
+    // push another training image out.
+    const fill = (to: Split) => {
+      if (shas.some((sha) => side(sha) === to)) return;
+      const spare = shas.find((sha) => side(sha) === "train" && !lent.has(sha));
+      if (spare !== undefined) lent.set(spare, to);
+    };
+    if (shas.length >= 2) fill("val");
+    if (shas.length >= 3 && f.test > 0) fill("test");
   }
-  return out;
+  return items.map((it) => side(it.sha));
 }
 
 interface Yields { of: (path: string, cls: string) => number; source: string; fingerprint: string }
@@ -422,13 +547,16 @@ function slug(path: string): string {
   return `${tail}-${sha256Hex(new TextEncoder().encode(path)).slice(0, 8)}`;
 }
 
-/** Per-class counts with a warning for thin classes: printed by prepare, train and evaluate. */
+/**
+ * Per-class counts with a warning for thin classes, the split sizes and how precisely an accuracy
+ * can be measured on them: printed by prepare, train and evaluate.
+ */
 export function describeDataset(m: Manifest, log: Log): void {
-  const rows = m.classes.map((name, c) => {
-    const train = m.items.filter((it) => it.label === c && it.split === "train").length;
-    const val = m.items.filter((it) => it.label === c && it.split === "val").length;
-    return { name, train, val };
-  });
+  const count = (c: number | null, split: Split) =>
+    m.items.filter((it) => (c === null || it.label === c) && it.split === split).length;
+  const rows = m.classes.map((name, c) => ({
+    name, train: count(c, "train"), val: count(c, "val"), test: count(c, "test"),
+  }));
   const positive = m.positiveClass ? ` (positive class: ${m.positiveClass})` : "";
   const tags = `${m.synthetic ? "  [SYNTHETIC]" : ""}${m.sample ? "  [SAMPLE]" : ""}`;
   log(`task: ${m.task}${positive}  source: ${m.source}${tags}`);
@@ -436,11 +564,22 @@ export function describeDataset(m: Manifest, log: Log): void {
     log(`SAMPLE: ${m.items.length} photos, ${SAMPLE_NOTE}`);
     log(`SAMPLE: ${REAL_SETS_HINT}`);
   }
+  const pad = (v: number) => String(v).padStart(6);
   for (const r of rows) {
-    const n = r.train + r.val;
+    const n = r.train + r.val + r.test;
     const warn = n === 0 ? "  <- NO IMAGES: this class cannot be learned or measured"
+      : r.train === 0 ? `  <- nothing to train on: its ${n} images all went to val/test`
       : n < FEW_IMAGES ? `  <- only ${n} images: its accuracy is nearly meaningless` : "";
-    log(`  class ${r.name.padEnd(14)} train ${String(r.train).padStart(6)}  val ${String(r.val).padStart(6)}${warn}`);
+    log(`  class ${r.name.padEnd(14)} train ${pad(r.train)}  val ${pad(r.val)}  test ${pad(r.test)}${warn}`);
+  }
+  const [train, val, test] = (["train", "val", "test"] as const).map((sp) => count(null, sp));
+  const within = (n: number) => `±${interval95(0.5, n).toFixed(3)} on ${n}`;
+  log(`split: train ${train}  val ${val} (every keep decision)  test ${test} (only a deliberate re-measure)`);
+  log(`95% interval of an accuracy, at worst: ${within(val ?? 0)} val images, ${within(test ?? 0)} test images`);
+  const pos = m.positiveClass === null ? -1 : m.classes.indexOf(m.positiveClass);
+  if (pos >= 0) {
+    const pv = count(pos, "val"), pt = count(pos, "test");
+    log(`screening: sensitivity rests on the ${m.positiveClass} images alone: ${within(pv)} val, ${within(pt)} test`);
   }
   if (m.task === "waste" && !m.synthetic) {
     const yields = m.yieldSource === "assumed-table"
@@ -479,8 +618,11 @@ export function* trainBatches(
 // ---------------------------------------------------------------------------
 
 export interface PerClass { name: string; count: number; correct: number; accuracy: number | null }
+/** The splits evaluate() measures: val by default (keep decisions), test on request only. */
+export type EvalSplit = Exclude<Split, "train">;
 export interface EvalResult {
   task: Task;
+  split: EvalSplit;
   n: number;
   metrics: Record<string, number>;
   primary: string;
@@ -489,14 +631,22 @@ export interface EvalResult {
   confusion: number[][];
 }
 
-/** Run the model on the full val split, in order, and score it. Deterministic for a fixed model. */
-export async function evaluate(predict: Predictor, ds: Dataset): Promise<EvalResult> {
+/**
+ * Run the model on a whole split, in order, and score it. Deterministic for a fixed model. The split
+ * is val unless asked: test is for a deliberate re-measure, never for a keep decision.
+ */
+export async function evaluate(
+  predict: Predictor, ds: Dataset, opts: { split?: EvalSplit } = {},
+): Promise<EvalResult> {
+  const split = opts.split ?? "val";
+  const rows = ds[split];
+  if (rows.length === 0) throw new Error(`${ds.dir}: the ${split} split is empty: nothing to measure`);
   const C = ds.numClasses;
-  const n = ds.val.length;
+  const n = rows.length;
   const probs = new Float32Array(n * C);
   const yields = new Float32Array(n);
   for (let start = 0; start < n; start += EVAL_BATCH_SIZE) {
-    const indices = ds.val.subarray(start, Math.min(n, start + EVAL_BATCH_SIZE));
+    const indices = rows.subarray(start, Math.min(n, start + EVAL_BATCH_SIZE));
     const x = imageBatch(ds, indices);
     const out = await predict(x, indices);
     x.dispose();
@@ -508,14 +658,17 @@ export async function evaluate(predict: Predictor, ds: Dataset): Promise<EvalRes
     out.probs.dispose();
     out.yields?.dispose();
   }
-  const labels = Int32Array.from(ds.val, (i) => ds.labels[i]!);
-  const trueYields = Float32Array.from(ds.val, (i) => ds.yields[i]!);
+  const labels = Int32Array.from(rows, (i) => ds.labels[i]!);
+  const trueYields = Float32Array.from(rows, (i) => ds.yields[i]!);
   const { classes, positiveClass } = ds.manifest;
-  return computeMetrics({ task: ds.task, classes, positiveClass, labels, probs, predYields: yields, trueYields });
+  const predYields = yields;
+  return computeMetrics({ task: ds.task, split, classes, positiveClass, labels, probs, predYields, trueYields });
 }
 
 interface Predictions {
   task: Task;
+  /** Which split the labels come from (val when absent): the footer says it. */
+  split?: EvalSplit;
   classes: string[];
   positiveClass: string | null;
   labels: Int32Array;
@@ -564,12 +717,23 @@ export function computeMetrics(a: Predictions): EvalResult {
   } else {
     const pos = a.classes.indexOf(a.positiveClass ?? "");
     if (pos < 0) throw new Error(`screening: positive class "${a.positiveClass}" is not among ${a.classes.join(", ")}`);
-    let binCorrect = 0;
-    for (let i = 0; i < n; i++) if ((predicted[i] === pos) === (a.labels[i] === pos)) binCorrect++;
-    metrics.bin_acc = safe(binCorrect, n);
+    let tp = 0, fn = 0, tn = 0, fp = 0;
+    for (let i = 0; i < n; i++) {
+      const said = predicted[i] === pos;
+      if (a.labels[i] === pos) said ? tp++ : fn++;
+      else said ? fp++ : tn++;
+    }
+    metrics.bin_acc = safe(tp + tn, n);
     metrics.mc_acc = safe(top1, n);
+    metrics.sensitivity = safe(tp, tp + fn);
+    metrics.specificity = safe(tn, tn + fp);
+    metrics.balanced_bin_acc = (metrics.sensitivity + metrics.specificity) / 2;
+    metrics.prevalence = safe(tp + fn, n);
+    // From counts, not 1 − prevalence: the never-positive model's bin_acc equals it to the bit.
+    metrics.trivial_bin_acc = safe(Math.max(tp + fn, tn + fp), n);
   }
-  return { task: a.task, n, metrics, primary: TASK_METRICS[a.task].primary, perClass, confusion };
+  const split = a.split ?? "val";
+  return { task: a.task, split, n, metrics, primary: TASK_METRICS[a.task].primary, perClass, confusion };
 }
 
 // ---------------------------------------------------------------------------
@@ -592,7 +756,8 @@ export function footerLines(r: EvalResult, facts: RunFacts, data: DataFlags = { 
   const fmt = (v: number) => v.toFixed(6);
   const kv = (key: string, value: string | number) => `${`${key}:`.padEnd(17)} ${value}`;
   const lines = ["---"];
-  for (const k of TASK_METRICS[r.task].columns) lines.push(kv(k, fmt(r.metrics[k] ?? 0)));
+  const { columns, extra } = TASK_METRICS[r.task];
+  for (const k of [...columns, ...extra]) lines.push(kv(k, fmt(r.metrics[k] ?? 0)));
   lines.push(
     kv("training_seconds", facts.training_seconds.toFixed(1)),
     kv("total_seconds", facts.total_seconds.toFixed(1)),
@@ -600,7 +765,9 @@ export function footerLines(r: EvalResult, facts: RunFacts, data: DataFlags = { 
     kv("num_steps", facts.num_steps),
     kv("num_params", facts.num_params),
     kv("backend", facts.backend),
-    kv("val_images", r.n),
+    kv("split", r.split),
+    kv(`${r.split}_images`, r.n),
+    kv("ci95", intervalNote(r)),
   );
   for (const pc of r.perClass) {
     lines.push(kv(`class_acc_${pc.name}`, `${pc.accuracy === null ? "n/a" : fmt(pc.accuracy)} (n=${pc.count})`));
@@ -612,6 +779,21 @@ export function footerLines(r: EvalResult, facts: RunFacts, data: DataFlags = { 
     lines.push(kv("data", "SAMPLE (data/sample, for trying the tool; NOT a measure of model quality)"));
   }
   return lines;
+}
+
+/**
+ * How far the headline accuracy could be from the truth on this many images (95% Wilson), and for
+ * screening the positive class's recall on its few images: "bin_acc ±0.021 (n=439); sensitivity ±0.16 (n=31)".
+ */
+function intervalNote(r: EvalResult): string {
+  const head = r.task === "waste" ? "val_accuracy" : TASK_METRICS[r.task].columns[0]!;
+  const at = (k: string, n: number) => `${k} ±${interval95(r.metrics[k] ?? 0, n).toFixed(3)} (n=${n})`;
+  const notes = [at(head, r.n)];
+  if (r.task === "screening") {
+    const positives = Math.round((r.metrics.prevalence ?? 0) * r.n);
+    notes.push(at("sensitivity", positives), at("specificity", r.n - positives));
+  }
+  return notes.join("; ");
 }
 
 export function printFooter(r: EvalResult, facts: RunFacts, data: DataFlags = { synthetic: false }): void {
@@ -658,16 +840,20 @@ async function prepareCommand(raw: Record<string, unknown>): Promise<void> {
   });
 }
 
+const EvaluateFlags = type({ model: "string", split: "'val' | 'test'" });
+
 /** Re-measure a checkpoint: the footer, then one eval_json line with the whole EvalResult. */
 async function evaluateCommand(raw: Record<string, unknown>): Promise<void> {
-  const dir = String(raw.model);
+  const flags = EvaluateFlags({ model: String(raw.model), split: String(raw.split) });
+  if (flags instanceof type.errors) throw new Error(`prepare.ts evaluate: ${flags.summary}`);
+  const dir = flags.model;
   const { initBackend, backendLabel } = await import("./lib/backend.ts");
   const { loadCheckpoint, predictorFor } = await import("./lib/checkpoint.ts");
   await initBackend();
   const ds = await loadCache();
   const ckpt = await loadCheckpoint(dir, ds);
   const t0 = performance.now();
-  const result = await evaluate(predictorFor(ckpt, ds), ds);
+  const result = await evaluate(predictorFor(ckpt, ds), ds, { split: flags.split });
   const facts: RunFacts = {
     training_seconds: 0, total_seconds: (performance.now() - t0) / 1000, peak_memory_mb: peakMemoryMb(),
     num_steps: 0, num_params: ckpt.numParams, backend: backendLabel(),
@@ -689,8 +875,11 @@ async function main(): Promise<void> {
     .option("--hub-url <url>", "HuggingFace endpoint (tests point it at 127.0.0.1)")
     .option("--cifar-url <url>", "CIFAR-100 archive URL")
     .action((_args: string[], raw: Record<string, unknown>) => prepareCommand(raw));
-  cli.command("evaluate", "re-measure a saved checkpoint on the active dataset's val split")
+  cli.command("evaluate", "re-measure a saved checkpoint on the active dataset's val (or test) split")
     .option("--model <dir>", "checkpoint folder", { default: "checkpoints/latest" })
+    .option("--split <split>", "val (what keep decisions read) | test (held out from every decision)", {
+      default: "val",
+    })
     .action((raw: Record<string, unknown>) => evaluateCommand(raw));
   cli.help();
   cli.parse(process.argv, { run: false });

@@ -614,7 +614,7 @@ export function featureCachePath(ds: Pick<Dataset, "dir">, backbone: Pick<Backbo
 }
 
 /**
- * Backbone features of every row of `ds` (train and val), from the cache next to the image cache
+ * Backbone features of every row of `ds` (every split), from the cache next to the image cache
  * when its key matches, else computed (with progress lines) and written atomically.
  */
 export async function datasetFeatures(

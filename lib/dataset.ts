@@ -21,11 +21,18 @@ export type Task = typeof Task.infer;
 /** Where prepared datasets live (AR_CACHE overrides). */
 export const CACHE_ROOT = resolve(process.env.AR_CACHE ?? join(homedir(), ".cache", "autoresearch-vision"));
 
+/**
+ * Where an image is used: train is what models learn from, val what every keep decision reads,
+ * test what only a final re-measure reads (`bun prepare.ts evaluate --split test`).
+ */
+export const Split = type("'train' | 'val' | 'test'");
+export type Split = typeof Split.infer;
+
 const ManifestItem = type({
   path: "string",
   label: "number.integer >= 0",
   sha256: "string",
-  split: "'train' | 'val'",
+  split: Split,
   yield: "number",
 });
 /**
@@ -40,8 +47,14 @@ export const DatasetSignature = type({
   preprocessing: "string",
 });
 
+/**
+ * The manifest's layout and split rule: version 1 had train/val only, so a version-1 cache is
+ * re-prepared rather than read with a different meaning.
+ */
+export const MANIFEST_VERSION = "2";
+
 export const Manifest = DatasetSignature.merge({
-  version: "'1'",
+  version: `'${MANIFEST_VERSION}'`,
   source: "string",
   synthetic: "boolean",
   /** True for data/sample (absent in older caches): its numbers are no measure of model quality. */
@@ -88,6 +101,11 @@ export function parseManifest(text: string, dir: string): Manifest {
   const path = cacheFiles(dir).manifest;
   let raw: unknown;
   try { raw = JSON.parse(text); } catch { throw new Error(`${path}: not valid JSON`); }
+  const version = typeof raw === "object" && raw !== null && "version" in raw ? raw.version : undefined;
+  if (version !== MANIFEST_VERSION) {
+    throw new Error(`${path}: manifest version ${JSON.stringify(version)}, this prepare.ts writes ` +
+      `${MANIFEST_VERSION} (train/val/test split); re-run prepare.ts with the same --task and --source`);
+  }
   const m = Manifest(raw);
   if (m instanceof type.errors) throw new Error(`${path}: not a valid manifest: ${m.summary}`);
   return m;
@@ -130,6 +148,8 @@ export interface Dataset {
   yields: Float32Array;
   train: Int32Array;
   val: Int32Array;
+  /** Read only by a deliberate re-measure (evaluate(…, { split: "test" })), never by a keep decision. */
+  test: Int32Array;
   numClasses: number;
   imageSize: number;
   task: Task;
@@ -146,13 +166,13 @@ export async function loadCache(dir?: string, cacheRoot = CACHE_ROOT): Promise<D
     const expected = manifest.items.length * px;
     throw new Error(`${files.images}: ${images.length} bytes, expected ${expected}; re-run prepare.ts --force`);
   }
-  const idx = (split: "train" | "val") =>
+  const idx = (split: Split) =>
     Int32Array.from(manifest.items.flatMap((it, i) => (it.split === split ? [i] : [])));
   return {
     dir: at, manifest, images,
     labels: Int32Array.from(manifest.items, (it) => it.label),
     yields: Float32Array.from(manifest.items, (it) => it.yield),
-    train: idx("train"), val: idx("val"),
+    train: idx("train"), val: idx("val"), test: idx("test"),
     numClasses: manifest.classes.length, imageSize: manifest.imageSize, task: manifest.task,
   };
 }
@@ -167,7 +187,7 @@ export function imageBatch(ds: Dataset, indices: ArrayLike<number>): tf.Tensor4D
 
 /**
  * What a model must provide to evaluate(): class probabilities [B, C] (and, for waste, yields [B]
- * or [B, 1]) for a batch of val images in [0, 1]. `indices` are the dataset rows, so a predictor
+ * or [B, 1]) for a batch of evaluated images in [0, 1]. `indices` are the dataset rows, so a predictor
  * built on cached backbone features can look them up.
  */
 export type Predictor = (images: tf.Tensor4D, indices: Int32Array) =>

@@ -516,14 +516,14 @@ function tinyDataset(n = 40, size = 16): Dataset {
     yield: [0.3, 0.85, 0.6][i % 3]!,
   }));
   const manifest: Manifest = {
-    version: "1", task: "waste", classes: ["ewaste", "recyclable", "organic"], positiveClass: null, imageSize: size,
+    version: "2", task: "waste", classes: ["ewaste", "recyclable", "organic"], positiveClass: null, imageSize: size,
     preprocessing: "test", source: "memory", synthetic: true, yieldSource: "table", fingerprint: "test", createdAt: "",
     skipped: 0, duplicates: 0, items,
   };
   const idx = (split: "train" | "val") => Int32Array.from(items.flatMap((it, i) => (it.split === split ? [i] : [])));
   return {
     dir: "(memory)", manifest, images, labels, yields: Float32Array.from(items, (it) => it.yield),
-    train: idx("train"), val: idx("val"),
+    train: idx("train"), val: idx("val"), test: new Int32Array(0),
     numClasses: 3, imageSize: size, task: "waste",
   };
 }

@@ -4,8 +4,9 @@ import { join } from "node:path";
 import sharp from "sharp";
 import * as tf from "@tensorflow/tfjs";
 import {
-  activeCacheDir, cacheFiles, cacheFingerprint, computeMetrics, evaluate, footerLines, loadCache, parseFooter,
-  prepareData, splitByHash, type Predictor,
+  activeCacheDir, cacheFiles, cacheFingerprint, computeMetrics, evaluate, footerLines, hashSplit, interval95,
+  loadCache, METRIC_HELP, parseFooter, prepareData, splitByHash, TASK_METRICS, trivialScore, type Predictor,
+  type Split, type Task,
 } from "../prepare.ts";
 import { decodeFailure, decodeToRgb, sha256Hex } from "../lib/images.ts";
 import { SAMPLE_DIR } from "../lib/sources.ts";
@@ -29,24 +30,37 @@ describe("prepare on real images", () => {
     expect(m.classes).toEqual(["ewaste", "recyclable", "organic"]);
     expect(m.items.length).toBe(12 + 12 + 8); // organic has only 8 photos, in waste3 and in the sample
     expect(m.skipped).toBe(0);
-    // every class is measured at all: at least one val image each
-    for (let c = 0; c < 3; c++) expect(m.items.some((it) => it.label === c && it.split === "val")).toBe(true);
+    // every class is measured at all: at least one val and one test image each, and one to train on
+    for (let c = 0; c < 3; c++) {
+      for (const split of ["train", "val", "test"]) {
+        expect(m.items.some((it) => it.label === c && it.split === split)).toBe(true);
+      }
+    }
     expect(lines.some((l) => l.includes("only 8 images"))).toBe(true);
     expect(lines.some((l) => l.includes("caveat"))).toBe(true);
+    expect(lines.some((l) => /^split: train \d+ +val \d+ .* test \d+/.test(l))).toBe(true);
+    expect(lines.some((l) => /95% interval of an accuracy, at worst: ±0\.\d{3} on \d+ val images/.test(l))).toBe(true);
     const ds = await loadCache(undefined, cache);
     expect(ds.images.length).toBe(32 * 64 * 64 * 3);
-    expect(ds.train.length + ds.val.length).toBe(32);
+    expect(ds.train.length + ds.val.length + ds.test.length).toBe(32);
     expect(ds.yields[ds.train[0]!]).toBeGreaterThan(0);
 
     const again = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: quiet });
     expect(again.reused).toBe(true);
 
-    // Adding files re-prepares, but no existing file changes side.
+    // Adding files re-prepares; an existing file keeps its side unless the small-class floor had put
+    // it there (then it may go back), and nothing learned before moves to val or test.
     const before = new Map(m.items.map((it) => [it.sha256, it.split]));
     cpSync(join(SAMPLE_DIR, "recyclable"), join(src, "recyclable"), { recursive: true });
     const grown = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: quiet });
     expect(grown.reused).toBe(false);
-    for (const it of grown.manifest.items) if (before.has(it.sha256)) expect(it.split).toBe(before.get(it.sha256)!);
+    expect(grown.manifest.items.length).toBeGreaterThan(m.items.length);
+    for (const it of grown.manifest.items) {
+      const was = before.get(it.sha256);
+      if (was === undefined || was !== hashSplit(it.sha256)) continue;
+      expect(it.split).toBe(was);
+    }
+    for (const it of grown.manifest.items) if (before.get(it.sha256) === "train") expect(it.split).toBe("train");
   }, SLOW);
 
   test("--source sample: no ../shared, any cwd, says it is a sample; its files are those of manifest.tsv", async () => {
@@ -183,21 +197,82 @@ describe("bad and unusual files", () => {
 });
 
 describe("split", () => {
-  test("keyed by content hash: identical files together, additions do not reshuffle", () => {
-    const sha = (text: string) => sha256Hex(new TextEncoder().encode(text));
-    const made = (prefix: string, n: number) =>
-      Array.from({ length: n }, (_, i) => ({ sha: sha(`${prefix}${i}`), label: i % 3 }));
-    const items = made("img", 200);
+  const sha = (text: string) => sha256Hex(new TextEncoder().encode(text));
+  const made = (prefix: string, n: number, classes = 3) =>
+    Array.from({ length: n }, (_, i) => ({ sha: sha(`${prefix}${i}`), label: i % classes }));
+  const share = (splits: Split[], s: Split) => splits.filter((x) => x === s).length / splits.length;
+
+  test("train/val/test by content hash: 60/20/20, each image on its own hash's side, additions move nothing", () => {
+    const items = made("img", 3000);
     const a = splitByHash(items);
-    const val = a.filter((s) => s === "val").length;
-    expect(val).toBeGreaterThan(20);
-    expect(val).toBeLessThan(70);
-    const grown = splitByHash([...items, ...made("new", 50)]);
-    expect(grown.slice(0, 200)).toEqual(a);
-    const [a0, a1] = [items[0]!.sha, items[1]!.sha];
-    const dup = splitByHash([{ sha: a0, label: 0 }, { sha: a0, label: 0 }, { sha: a1, label: 0 }]);
-    expect(dup[0]).toBe(dup[1]!);
-    expect(dup).toContain("val"); // a class of 2+ distinct images always gets a val image
+    expect(share(a, "val")).toBeGreaterThan(0.17);
+    expect(share(a, "val")).toBeLessThan(0.23);
+    expect(share(a, "test")).toBeGreaterThan(0.17);
+    expect(share(a, "test")).toBeLessThan(0.23);
+    expect(a).toEqual(items.map((it) => hashSplit(it.sha))); // large classes: no floor needed
+    const grown = splitByHash([...items, ...made("new", 500)]);
+    expect(grown.slice(0, 3000)).toEqual(a);
+    // CIFAR carves val alone from its train set.
+    expect(splitByHash(items, { val: 0.2, test: 0 })).not.toContain("test");
+  });
+
+  test("small classes: a val image from 2 images on, a test image from 3; growth moves only lent images", () => {
+    // 400 classes of 1..7 images: every arrangement of sides a small class can have.
+    let k = 0;
+    const classes = Array.from({ length: 400 }, (_, label) =>
+      Array.from({ length: 1 + (label % 7) }, () => ({ sha: sha(`small${k++}`), label })));
+    const items = classes.flat();
+    const a = splitByHash(items);
+    let gaps = 0;
+    for (const cls of classes) {
+      const sides = new Set(cls.map((it) => a[items.indexOf(it)]));
+      // The floor lends training images only: a class that hashes nothing to train keeps its gap.
+      const noTrain = !cls.some((it) => hashSplit(it.sha) === "train");
+      const missing = (cls.length >= 2 && !sides.has("val")) || (cls.length >= 3 && !sides.has("test"));
+      if (missing) expect(noTrain).toBe(true);
+      if (missing) gaps++;
+    }
+    expect(gaps).toBeLessThan(12); // 2 · 0.2^n of classes of n images
+    // Add 1..3 images to every class: val and test images stay; in a class that had 3+ images only a
+    // lent image moves, and no training image becomes a val or test image.
+    const added = classes.flatMap((cls, label) =>
+      Array.from({ length: 1 + (label % 3) }, () => ({ sha: sha(`more${k++}`), label })));
+    const b = splitByHash([...items, ...added]);
+    let lent = 0;
+    items.forEach((it, i) => {
+      const own = hashSplit(it.sha);
+      if (own !== "train") expect(b[i]).toBe(own);
+      if (a[i] !== own) lent++;
+      if ((classes[it.label]?.length ?? 0) < 3) return;
+      if (a[i] === own) expect(b[i]).toBe(a[i]!);
+    });
+    expect(lent).toBeGreaterThan(0); // the floor was exercised
+  });
+
+  test("identical files never straddle, within a class or across two", () => {
+    const [x, y, z, w] = ["x", "y", "z", "w"].map(sha);
+    const items = [
+      { sha: x!, label: 0 }, { sha: x!, label: 0 }, { sha: y!, label: 0 }, { sha: z!, label: 0 },
+      { sha: x!, label: 1 }, { sha: w!, label: 1 }, { sha: y!, label: 1 },
+    ];
+    const out = splitByHash(items);
+    for (const s of [x, y]) expect(new Set(items.flatMap((it, i) => (it.sha === s ? [out[i]] : []))).size).toBe(1);
+    expect(new Set(out.slice(0, 4))).toContain("val");
+    expect(new Set(out.slice(0, 4))).toContain("test");
+  });
+
+  test("a cache split by the old rule is re-prepared, and reading it without prepare is a clear error", async () => {
+    const cache = tempDir();
+    const first = await prepareData({ task: "waste", source: "synthetic", cacheRoot: cache, log: quiet });
+    const path = cacheFiles(first.dir).manifest;
+    const old = JSON.parse(readFileSync(path, "utf8")) as { version: string; items: { split: string }[] };
+    old.version = "1";
+    for (const it of old.items) if (it.split === "test") it.split = "train";
+    writeFileSync(path, JSON.stringify(old));
+    await expect(loadCache(undefined, cache)).rejects.toThrow(/manifest version "1", .*re-run prepare\.ts/);
+    const again = await prepareData({ task: "waste", source: "synthetic", cacheRoot: cache, log: quiet });
+    expect(again.reused).toBe(false);
+    expect((await loadCache(undefined, cache)).test.length).toBeGreaterThan(0);
   });
 });
 
@@ -242,6 +317,91 @@ describe("evaluate", () => {
     expect(r.metrics.top5).toBeCloseTo(0.75, 6);
   });
 
+  const screening = (labels: number[], said: number[]) => computeMetrics({
+    task: "screening", classes: ["glass", "paper", "trash"], positiveClass: "trash", labels: Int32Array.from(labels),
+    probs: probsOf(said.map((c) => [0, 1, 2].map((k) => (k === c ? 0.8 : 0.1)))),
+  });
+
+  test("screening: sensitivity, specificity, balanced, prevalence and trivial rate of a known confusion", () => {
+    // 4 trash (3 called trash, 1 glass) and 6 others (4 right, 1 paper↔glass swap: right side, 1 called trash).
+    const r = screening([2, 2, 2, 2, 0, 0, 1, 1, 1, 0], [2, 2, 2, 0, 0, 1, 1, 1, 2, 0]);
+    expect(r.metrics.sensitivity).toBe(3 / 4);
+    expect(r.metrics.specificity).toBe(5 / 6);
+    expect(r.metrics.balanced_bin_acc).toBe((3 / 4 + 5 / 6) / 2);
+    expect(r.metrics.prevalence).toBe(4 / 10);
+    expect(r.metrics.trivial_bin_acc).toBe(6 / 10);
+    expect(r.metrics.bin_acc).toBe(8 / 10);
+    expect(r.metrics.mc_acc).toBe(7 / 10);
+    expect(trivialScore(r.metrics, "screening")).toBe(6 / 10);
+    expect(trivialScore(r.metrics, "screening", "balanced_bin_acc")).toBe(0.5);
+  });
+
+  test("screening: the never-positive model scores exactly the trivial rate, and sensitivity 0", () => {
+    // trashnet6's val split: 31 trash images of 439.
+    const labels = Array.from({ length: 439 }, (_, i) => (i < 31 ? 2 : i % 2));
+    const r = screening(labels, labels.map((c) => (c === 2 ? 0 : c)));
+    expect(r.metrics.bin_acc).toBe(r.metrics.trivial_bin_acc!);
+    expect(r.metrics.bin_acc).toBe(408 / 439);
+    expect(r.metrics.sensitivity).toBe(0);
+    expect(r.metrics.specificity).toBe(1);
+    expect(r.metrics.balanced_bin_acc).toBe(0.5);
+    expect(trivialScore(r.metrics, "screening", "balanced_bin_acc")).toBe(r.metrics.balanced_bin_acc!);
+    // When positives are the majority, always saying positive is the trivial model.
+    const always = screening([2, 2, 2, 0], [2, 2, 2, 2]);
+    expect(always.metrics.bin_acc).toBe(always.metrics.trivial_bin_acc!);
+    expect(always.metrics.sensitivity).toBe(1);
+    expect(always.metrics.specificity).toBe(0);
+  });
+
+  test("screening footer: the new metrics after the columns, the split, and the intervals", () => {
+    const r = screening([2, 2, 2, 2, 0, 0, 1, 1, 1, 0], [2, 2, 2, 0, 0, 1, 1, 1, 2, 0]);
+    const lines = footerLines(r, FACTS);
+    const keys = lines.map((l) => /^([a-z0-9_]+):/.exec(l)?.[1]).filter((k) => k !== undefined);
+    expect(keys.slice(0, 8)).toEqual([
+      "bin_acc", "mc_acc", "sensitivity", "specificity", "balanced_bin_acc", "prevalence", "trivial_bin_acc",
+      "training_seconds",
+    ]);
+    const footer = parseFooter(`${lines.join("\n")}\n`);
+    expect(footer.sensitivity).toBe("0.750000");
+    expect(footer.split).toBe("val");
+    expect(footer.val_images).toBe("10");
+    expect(footer.ci95).toBe(`bin_acc ±${interval95(0.8, 10).toFixed(3)} (n=10); sensitivity ±` +
+      `${interval95(0.75, 4).toFixed(3)} (n=4); specificity ±${interval95(5 / 6, 6).toFixed(3)} (n=6)`);
+    const onTest = parseFooter(footerLines({ ...r, split: "test" }, FACTS).join("\n"));
+    expect(onTest.split).toBe("test");
+    expect(onTest.test_images).toBe("10");
+    expect(onTest.val_images).toBeUndefined();
+  });
+
+  test("interval95: the Wilson half-width, not zero at 0% and wider on fewer images", () => {
+    expect(interval95(0.5, 100)).toBeCloseTo(0.0962, 4);
+    expect(interval95(0, 10)).toBeCloseTo(0.1388, 4); // Wilson's upper bound for 0/10 is 0.2775
+    expect(interval95(0.9, 20)).toBeGreaterThan(interval95(0.9, 200));
+  });
+
+  test("TASK_METRICS: the default primary is the first choice; every metric has help; trivial names a metric", () => {
+    const probs = (C: number) => probsOf([Array.from({ length: C }, (_, c) => (c === 0 ? 1 : 0))]);
+    const classes: Record<Task, string[]> = {
+      waste: ["ewaste", "recyclable", "organic"], cifar100: ["a", "b"], screening: ["a", "trash"],
+    };
+    for (const task of ["waste", "cifar100", "screening"] as const) {
+      const m = TASK_METRICS[task];
+      expect(m.primaries[0]).toBe(m.primary);
+      const r = computeMetrics({
+        task, classes: classes[task], positiveClass: "trash", labels: Int32Array.from([0]),
+        probs: probs(classes[task].length),
+      });
+      for (const k of [...m.columns, ...m.extra, ...m.primaries]) {
+        expect(r.metrics[k]).toBeNumber();
+        expect(METRIC_HELP[k]).toBeString();
+      }
+      for (const t of Object.values(m.trivial)) if (typeof t === "string") expect(r.metrics[t]).toBeNumber();
+    }
+    expect(TASK_METRICS.screening.columns).toEqual(["bin_acc", "mc_acc"]);
+    expect(TASK_METRICS.screening.primaries).toEqual(["bin_acc", "balanced_bin_acc"]);
+    expect(trivialScore({ combined_score: 0.9 }, "waste")).toBeNull();
+  });
+
   test("screening: binary accuracy of positive-vs-rest and multiclass accuracy", () => {
     const r = computeMetrics({
       task: "screening", classes: ["glass", "paper", "trash"], positiveClass: "trash",
@@ -271,11 +431,20 @@ describe("evaluate", () => {
     };
     const r = await evaluate(oracle, ds);
     expect(seen).toEqual(Array.from(ds.val));
+    expect(r.split).toBe("val");
     expect(r.metrics.val_accuracy).toBe(1);
     expect(r.metrics.yield_mse).toBeLessThan(1e-12);
     const footer = parseFooter(`noise\n${footerLines(r, FACTS, { synthetic: true }).join("\n")}\n`);
     expect(footer.val_accuracy).toBe("1.000000");
     expect(footer.data).toContain("SYNTHETIC");
+    // The test split only when asked, and the same predictor measured on it.
+    seen.length = 0;
+    const t = await evaluate(oracle, ds, { split: "test" });
+    expect(seen).toEqual(Array.from(ds.test));
+    expect([t.split, t.n]).toEqual(["test", ds.test.length]);
+    expect(new Set([...ds.test, ...ds.val, ...ds.train]).size).toBe(ds.labels.length);
+    const noTest = { ...ds, test: new Int32Array(0) };
+    await expect(evaluate(oracle, noTest, { split: "test" })).rejects.toThrow(/the test split is empty/);
   }, SLOW);
 
   test("a missing cache is a clear error", async () => {
@@ -314,7 +483,7 @@ describe("the cache layout other scripts read", () => {
 });
 
 describe("sources through prepare", () => {
-  test("cifar100: official binary layout → 32×32 cache, val is the whole test file", async () => {
+  test("cifar100: official binary layout → 32×32 cache, test is the test file, val carved from train", async () => {
     const dir = join(tempDir(), "cifar-100-binary");
     mkdirSync(dir, { recursive: true });
     const names = Array.from({ length: 100 }, (_, i) => `class_${i}`);
@@ -330,16 +499,22 @@ describe("sources through prepare", () => {
       });
       return buf;
     };
-    writeFileSync(join(dir, "train.bin"), records([3, 7, 99]));
+    // 40 train images (label i; 5 is also in the test file, byte for byte) and 2 test images.
+    const trainLabels = Array.from({ length: 40 }, (_, i) => i);
+    writeFileSync(join(dir, "train.bin"), records(trainLabels));
     writeFileSync(join(dir, "test.bin"), records([5, 42]));
     const cache = tempDir();
     const r = await prepareData({ task: "cifar100", source: dir, cacheRoot: cache, log: quiet });
     expect(r.manifest.imageSize).toBe(32);
     expect(r.manifest.classes).toEqual(names);
     const ds = await loadCache(undefined, cache);
-    expect(Array.from(ds.val, (i) => ds.labels[i])).toEqual([5, 42]);
-    expect(Array.from(ds.train, (i) => ds.labels[i])).toEqual([3, 7, 99]);
-    const v = ds.val[1]! * 32 * 32 * 3;
+    expect(Array.from(ds.test, (i) => ds.labels[i])).toEqual([5, 42]);
+    const learned = [...ds.train, ...ds.val].map((i) => ds.labels[i]).sort((a, b) => a! - b!);
+    expect(learned).toEqual(trainLabels.filter((l) => l !== 5)); // train.bin#5 is left out: it is also a test image
+    expect(ds.val.length).toBeGreaterThan(0);
+    expect(r.manifest.skipped).toBe(1);
+    expect(readFileSync(cacheFiles(r.dir).skipped, "utf8")).toContain("train.bin#5\tidentical to test.bin#0");
+    const v = ds.test[1]! * 32 * 32 * 3;
     expect([ds.images[v], ds.images[v + 1], ds.images[v + 2]]).toEqual([42, 0, 0]); // HWC: R from the R plane
   });
 

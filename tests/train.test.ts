@@ -49,6 +49,19 @@ describe("train.ts end to end", () => {
     expect(loaded.meta.task).toBe("waste");
     expect(loaded.meta.classes).toEqual(["ewaste", "recyclable", "organic"]);
     expect(loaded.meta.yieldSource).toBe("assumed-table");
+    expect([footer.split, footer.val_images]).toEqual(["val", String(ds.val.length)]);
+
+    // The same checkpoint re-measured on test, in another process: the footer says which split.
+    const onTest = runScript(["prepare.ts", "evaluate", "--model", ckpt, "--split", "test"], { AR_CACHE: cache });
+    expect(onTest.code).toBe(0);
+    const testFooter = parseFooter(onTest.out.split("\neval_json")[0]!);
+    expect([testFooter.split, testFooter.test_images]).toEqual(["test", String(ds.test.length)]);
+    const json = JSON.parse(onTest.out.split("eval_json: ")[1]!.trim()) as { split: string; metrics: object };
+    expect(json.split).toBe("test");
+    expect(json.metrics).toEqual((await evaluate(predictorFor(loaded), ds, { split: "test" })).metrics);
+    const bad = runScript(["prepare.ts", "evaluate", "--model", ckpt, "--split", "train"], { AR_CACHE: cache });
+    expect(bad.code).toBe(1);
+    expect(bad.out).toMatch(/split must be "test" or "val"|split must be "val" or "test"/);
 
     // A truncated weights file is a clear error naming the file.
     const w = readFileSync(join(ckpt, "weights.bin"));
@@ -102,7 +115,27 @@ describe("train.ts end to end", () => {
     const parsed = HpDump.assert(JSON.parse(r.out.trim().split("\n").at(-1)!));
     expect(Object.keys(parsed.HP).sort()).toEqual(Object.keys(parsed.HP_SPACE).sort());
     for (const [k, v] of Object.entries(parsed.HP)) expect(parsed.HP_SPACE[k]).toContain(v);
+    // Another seed is a re-roll of the noise, not a move; the class weighting is one.
+    expect(parsed.HP_SPACE.seed).toEqual([parsed.HP.seed!]);
+    expect(parsed.HP_SPACE.classWeight).toEqual([0, 0.5, 1]);
   }, STARTUP);
+
+  test("classWeight 1 on a screening set: balanced weights, and the footer reports sensitivity", () => {
+    const cache = tempDir();
+    const prep = runScript(["prepare.ts", "--task", "screening", "--source", "synthetic"], { AR_CACHE: cache });
+    expect(prep.code).toBe(0);
+    const env = { AR_CACHE: cache, AR_HP: '{"classWeight": 1, "width": 8, "depth": 2}' };
+    const r = runScript(["train.ts", "--budget", "2", "--checkpoint", join(tempDir(), "ckpt")], env);
+    expect(r.code).toBe(0);
+    // 40 synthetic images per class, ~24 of them in train by hash: inverse-frequency weights near 1.
+    const weights = /class weights: synthetic_a (\S+), synthetic_b (\S+), synthetic_positive (\S+)/.exec(r.out);
+    expect(weights).not.toBeNull();
+    for (const w of weights!.slice(1)) expect(Math.abs(Number(w) - 1)).toBeLessThan(0.5);
+    const footer = parseFooter(r.out);
+    for (const k of ["bin_acc", "mc_acc", "sensitivity", "specificity", "balanced_bin_acc", "trivial_bin_acc"]) {
+      expect(Number.isFinite(Number(footer[k]))).toBe(true);
+    }
+  }, SLOW);
 
   test("train.ts --help prints the flags and exits 0 without starting a run", () => {
     // No prepared dataset here: a run that started would fail with "no prepared dataset".
