@@ -29,8 +29,8 @@ import {
 } from "./lib/dataset.ts";
 import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
 import {
-  downloadCifar100, downloadHfDataset, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES, type WasteClass,
-  REAL_SETS_HINT, SAMPLE_DIR, SAMPLE_NOTE, sampleFolder,
+  downloadCifar100, downloadHfDataset, linkReport, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES,
+  type WasteClass, REAL_SETS_HINT, SAMPLE_DIR, SAMPLE_NOTE, sampleFolder,
 } from "./lib/sources.ts";
 
 // The dataset, its cache layout and the loader live in lib/dataset.ts (checkpoints and backbones read
@@ -154,6 +154,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   if (root === "sample") root = sampleFolder();
   root = resolve(root);
   const listing = listImageFolder(root);
+  for (const line of linkReport(listing, root)) log(line);
   let classes: string[];
   let classOf: (folder: string) => string | null;
   if (opts.task === "waste") {

@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { cpSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import sharp from "sharp";
 import * as tf from "@tensorflow/tfjs";
@@ -9,7 +9,7 @@ import {
 } from "../prepare.ts";
 import { decodeFailure, decodeToRgb, sha256Hex } from "../lib/images.ts";
 import { SAMPLE_DIR } from "../lib/sources.ts";
-import { HAVE_DATASETS, ROOT, runScript, sliceOf, tempDir } from "./helpers.ts";
+import { BUN, HAVE_DATASETS, ROOT, runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const quiet = () => {};
 /** Decoding real photos, building a 12000×12000 PNG or starting `bun prepare.ts` outlasts Bun's 5 s default. */
@@ -92,6 +92,32 @@ describe("prepare on real images", () => {
     const r = await prepareData({ task: "screening", source: src, positive: "trash", cacheRoot: cache, log: quiet });
     expect(r.manifest.classes).toEqual(["cardboard", "glass", "metal", "paper", "plastic", "trash"]);
     expect(r.manifest.positiveClass).toBe("trash");
+  }, SLOW);
+});
+
+describe("folders and caches that must not be trusted as they are", () => {
+  test("links in a folder: loops and second paths are named and not followed; each photo is read once", async () => {
+    const src = sliceOf("sample", 4); // 12 real photos, 4 per class
+    symlinkSync("..", join(src, "ewaste", "loop"));
+    symlinkSync("..", join(src, "organic", "loop"));
+    symlinkSync("../organic", join(src, "recyclable", "more"));
+    const cache = tempDir();
+    // Its own process with a time limit: following such loops never ends.
+    const r = Bun.spawnSync([BUN, join(ROOT, "prepare.ts"), "--source", src], {
+      env: { ...process.env, AR_CACHE: cache }, stdout: "pipe", stderr: "pipe", timeout: 60_000,
+    });
+    const out = r.stdout.toString() + r.stderr.toString();
+    expect(r.exitCode).toBe(0);
+    const m = (await loadCache(undefined, cache)).manifest;
+    expect(m.items.length).toBe(12);
+    for (const it of m.items) {
+      expect(it.path.split("/").length).toBe(2); // class/photo: no path through a link
+      expect(m.classes[it.label]).toBe(it.path.split("/")[0]!); // labelled by its own folder
+    }
+    expect(out).toContain(`warning: ${src}/ewaste/loop: link not followed: a loop: it leads back to ${src}/.`);
+    expect(out).toContain(`warning: ${src}/organic/loop: link not followed: a loop`);
+    expect(out).toContain(`warning: ${src}/recyclable/more: link not followed: a second path to ${src}/organic`);
+    expect(out).toContain(`warning: 3 link(s) in ${src} not followed (above)`);
   }, SLOW);
 });
 
