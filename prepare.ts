@@ -24,8 +24,8 @@ import { type } from "arktype";
 import { cac } from "cac";
 import { replaceDirAtomic, writeAtomic } from "./lib/atomic.ts";
 import {
-  activePointerPath, CACHE_ROOT, cacheFiles, imageBatch, loadCache, Manifest, parseManifest, Task,
-  type Dataset, type Predictor,
+  activePointerPath, CACHE_ROOT, cacheChecksums, cacheFiles, cacheMismatch, imageBatch, loadCache, Manifest,
+  parseManifest, Task, type Dataset, type Predictor,
 } from "./lib/dataset.ts";
 import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
 import {
@@ -36,8 +36,8 @@ import {
 // The dataset, its cache layout and the loader live in lib/dataset.ts (checkpoints and backbones read
 // them too); they are part of the harness, so they are reachable from here.
 export {
-  activeCacheDir, activePointerPath, CACHE_ROOT, cacheFiles, cacheFingerprint, imageBatch, loadCache, Manifest, Task,
-  type CacheFingerprint, type Dataset, type Predictor,
+  activeCacheDir, activePointerPath, CACHE_ROOT, cacheFiles, cacheFingerprint, imageBatch, loadCache, Manifest,
+  prepareCommandFor, Task, type CacheFingerprint, type Dataset, type Predictor,
 } from "./lib/dataset.ts";
 
 // ---------------------------------------------------------------------------
@@ -193,7 +193,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   };
   const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
   const dir = join(cacheRoot, `${opts.task}-${slug(root)}-${IMAGE_SIZE}`);
-  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   return await writeCache({
     dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false, sample: root === SAMPLE_DIR,
@@ -211,7 +211,7 @@ async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log): 
   const key = { task: "cifar100", folder, size: CIFAR_IMAGE_SIZE };
   const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
   const dir = join(cacheRoot, `cifar100-${CIFAR_IMAGE_SIZE}`);
-  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   const data = loadCifar100(folder);
   const px = CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE * 3;
@@ -251,7 +251,7 @@ async function prepareSynthetic(opts: PrepareOptions, cacheRoot: string, log: Lo
   }
   const fingerprint = sha256Hex(new TextEncoder().encode(`synthetic-v1-${opts.task}-${IMAGE_SIZE}`));
   const dir = join(cacheRoot, `${opts.task}-synthetic-${IMAGE_SIZE}`);
-  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   return await writeCache({
     dir, fingerprint, task: opts.task, classes, positive, source: "synthetic", synthetic: true, yieldSource: "table",
@@ -388,22 +388,37 @@ async function loadYields(opts: PrepareOptions): Promise<Yields> {
   return { of: (p, cls) => measured.get(p) ?? table(cls), source: `csv:${resolve(csv)}`, fingerprint };
 }
 
-async function reuseIfFresh(dir: string, fingerprint: string, force?: boolean): Promise<Manifest | null> {
+/**
+ * The cache in `dir` when it was made from the same source (`fingerprint`) and its files still match the
+ * checksums in its manifest; otherwise null, and a cache that exists but cannot be trusted says why.
+ */
+async function reuseIfFresh(
+  dir: string, fingerprint: string, force: boolean | undefined, log: Log,
+): Promise<Manifest | null> {
   const path = cacheFiles(dir).manifest;
   if (force || !existsSync(path)) return null;
+  let m: Manifest;
   try {
-    const m = parseManifest(await readFile(path, "utf8"), dir);
-    return m.fingerprint === fingerprint ? m : null;
-  } catch {
-    return null; // an unreadable cache is rebuilt, not trusted
+    m = parseManifest(await readFile(path, "utf8"), dir);
+  } catch (e) {
+    log(`cache: ${e instanceof Error ? e.message : String(e)}; rebuilding it`);
+    return null;
   }
+  if (m.fingerprint !== fingerprint) return null; // the source changed: an ordinary re-prepare
+  const why = await cacheMismatch(dir, m);
+  if (why !== null) log(`cache: ${why}; rebuilding it`);
+  return why === null ? m : null;
 }
 
-/** Write images.u8, manifest.json and skipped.tsv into a temp dir, then swap it in whole. */
+/**
+ * Write images.u8, manifest.json and skipped.tsv into a temp dir, then swap it in whole. Records the
+ * checksums in `manifest`, so a later change to either file is seen by prepare and loadCache.
+ */
 async function commitCache(
   dir: string, manifest: Manifest, images: Uint8Array, skipped: { path: string; reason: string }[],
 ): Promise<void> {
   const rows = skipped.map((s) => `${s.path}\t${s.reason.replace(/\s+/g, " ")}`);
+  manifest.checksums = cacheChecksums(manifest, images);
   await replaceDirAtomic(dir, async (tmp) => {
     const files = cacheFiles(tmp);
     await writeFile(files.images, images);

@@ -1,11 +1,13 @@
 import { describe, expect, test } from "bun:test";
-import { cpSync, existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
+import {
+  closeSync, cpSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync, writeSync,
+} from "node:fs";
 import { join } from "node:path";
 import sharp from "sharp";
 import * as tf from "@tensorflow/tfjs";
 import {
   activeCacheDir, cacheFiles, cacheFingerprint, computeMetrics, evaluate, footerLines, loadCache, parseFooter,
-  prepareData, splitByHash, type Predictor,
+  prepareData, splitByHash, type Manifest, type Predictor,
 } from "../prepare.ts";
 import { decodeFailure, decodeToRgb, sha256Hex } from "../lib/images.ts";
 import { SAMPLE_DIR } from "../lib/sources.ts";
@@ -118,6 +120,57 @@ describe("folders and caches that must not be trusted as they are", () => {
     expect(out).toContain(`warning: ${src}/organic/loop: link not followed: a loop`);
     expect(out).toContain(`warning: ${src}/recyclable/more: link not followed: a second path to ${src}/organic`);
     expect(out).toContain(`warning: 3 link(s) in ${src} not followed (above)`);
+  }, SLOW);
+
+  test("a cache changed after prepare: loadCache refuses it, prepare rebuilds it and says why", async () => {
+    const src = sliceOf("sample", 3);
+    const cache = tempDir();
+    const first = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: quiet });
+    const session = await cacheFingerprint(cache); // what the loop records at the start of a session
+    const { images, manifest } = cacheFiles(first.dir);
+    const command = `bun prepare.ts --task waste --source ${src}`;
+    const prepareAgain = async () => {
+      const lines: string[] = [];
+      const r = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: (l) => lines.push(l) });
+      return { reused: r.reused, said: lines.filter((l) => l.endsWith("; rebuilding it")) };
+    };
+
+    // One byte of images.u8 written in place, as a train.ts writing into the cache would.
+    const fd = openSync(images, "r+");
+    writeSync(fd, Uint8Array.of(7), 0, 1, 5);
+    closeSync(fd);
+    expect((await cacheFingerprint(cache)).images).not.toBe(session.images); // the loop sees it…
+    const changed = `${images} does not match the sha256 recorded in ${manifest}: it was changed after prepare`;
+    await expect(loadCache(undefined, cache)).rejects.toThrow(`${changed}; rebuild it: \`${command}\``);
+    const rebuilt = await prepareAgain(); // …and its advice, re-running prepare with the same source, works
+    expect(rebuilt).toEqual({ reused: false, said: [`cache: ${changed}; rebuilding it`] });
+    expect(await cacheFingerprint(cache)).toEqual(session);
+    expect(await prepareAgain()).toEqual({ reused: true, said: [] });
+
+    // A label edited in manifest.json.
+    const edited = JSON.parse(readFileSync(manifest, "utf8")) as Manifest;
+    edited.items[0]!.label = (edited.items[0]!.label + 1) % 3;
+    writeFileSync(manifest, JSON.stringify(edited));
+    await expect(loadCache(undefined, cache)).rejects.toThrow(`${manifest} does not match the sha256 it recorded`);
+    expect(await prepareAgain()).toEqual({
+      reused: false, said: [`cache: ${manifest} does not match the sha256 it recorded: it was edited after prepare; ` +
+        "rebuilding it"],
+    });
+    expect(await cacheFingerprint(cache)).toEqual(session);
+
+    // A cache from before the checksums: it still loads; prepare rebuilds it once, then reuses it.
+    const { checksums: _checksums, ...older } = JSON.parse(readFileSync(manifest, "utf8")) as Manifest;
+    writeFileSync(manifest, JSON.stringify(older));
+    expect((await loadCache(undefined, cache)).manifest.checksums).toBeUndefined();
+    const upgraded = await prepareAgain();
+    expect(upgraded.reused).toBe(false);
+    expect(upgraded.said).toEqual([`cache: ${manifest} records no checksums (an older prepare.ts wrote it), ` +
+      "so its content cannot be verified; rebuilding it"]);
+    expect(await prepareAgain()).toEqual({ reused: true, said: [] });
+
+    rmSync(images);
+    expect((await prepareAgain()).said).toEqual([`cache: ${images} is missing, but ${manifest} lists 9 images ` +
+      `(${9 * 64 * 64 * 3} bytes); rebuilding it`]);
   }, SLOW);
 });
 
