@@ -167,6 +167,10 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   const positive = opts.task === "screening" ? (opts.positive ?? "") : null;
   if (positive !== null && !classes.includes(positive)) {
     const folders = classes.join(", ");
+    if (positive !== "" && existsSync(join(root, positive))) {
+      const classesWithImages = `classes with images: ${folders}`;
+      throw new Error(`${root}/${positive}: the positive class's folder holds no images (${classesWithImages})`);
+    }
     throw new Error(`${root}: positive class "${positive}" is not one of the class folders (${folders}); ` +
       "pass --positive NAME");
   }
@@ -182,6 +186,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
     log(`warning: ${root}/${folder}: ${n} files in a folder that maps to no waste class; not used ` +
       "(see WASTE_LABEL_MAP in lib/sources.ts)");
   }
+  refuseUnlearnable(root, classes, positive, candidates.map((c) => c.className));
   const yields = await loadYields(opts);
   // Sizes and modification times stand for the files' content: a changed photo re-prepares.
   const stats = await Promise.all(listing.files.map(async (f) => {
@@ -315,6 +320,7 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
     }
   });
   const kept = decoded.filter((d): d is NonNullable<typeof d> => d !== null);
+  refuseUnlearnable(a.source, a.classes, a.positive, kept.map((d) => d.c.className)); // some may not decode
   const splits = splitByHash(kept.map((d) => ({ sha: d.sha, label: a.classes.indexOf(d.c.className) })));
   const seen = new Set<string>();
   let duplicates = 0;
@@ -341,6 +347,30 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
   }
   await commitCache(a.dir, manifest, images, skipped);
   return { dir: a.dir, manifest, reused: false, seconds: 0 };
+}
+
+/**
+ * Refuses, before any training, a dataset that cannot be learned or measured: fewer than 2 classes with
+ * images, or for screening a positive class without images or without negatives. `found` holds the class
+ * of every image.
+ */
+function refuseUnlearnable(source: string, classes: string[], positive: string | null, found: string[]): void {
+  const counts = new Map<string, number>();
+  for (const c of found) counts.set(c, (counts.get(c) ?? 0) + 1);
+  const have = classes.filter((c) => (counts.get(c) ?? 0) > 0);
+  const listed = have.map((c) => `${c} ${counts.get(c)}`).join(", ");
+  if (positive !== null && !have.includes(positive)) {
+    const others = have.length > 0 ? `classes with images: ${listed}` : "no class has images";
+    throw new Error(`${source}: the positive class "${positive}" has no usable images (${others})`);
+  }
+  if (positive !== null && have.length === 1) {
+    throw new Error(`${source}: screening needs negatives, but the positive class "${positive}" is the only ` +
+      `class with images (${listed}); add folders of other classes`);
+  }
+  if (have.length < 2) {
+    const which = have.length === 0 ? "no class has usable images" : `only ${listed} has images`;
+    throw new Error(`${source}: ${which}; a classifier needs images of at least 2 classes (of ${classes.join(", ")})`);
+  }
 }
 
 /**

@@ -172,6 +172,31 @@ describe("folders and caches that must not be trusted as they are", () => {
     expect((await prepareAgain()).said).toEqual([`cache: ${images} is missing, but ${manifest} lists 9 images ` +
       `(${9 * 64 * 64 * 3} bytes); rebuilding it`]);
   }, SLOW);
+
+  test("a dataset a classifier cannot learn is refused at prepare, with the reason", async () => {
+    const cache = tempDir();
+    const only = sliceOf("sample", 3, ["ewaste"]);
+    const screening = prepareData({ task: "screening", source: only, positive: "ewaste", cacheRoot: cache });
+    await expect(screening).rejects.toThrow(`${only}: screening needs negatives, but the positive class "ewaste" ` +
+      "is the only class with images (ewaste 3); add folders of other classes");
+    const waste = prepareData({ task: "waste", source: only, cacheRoot: cache, log: quiet });
+    await expect(waste).rejects.toThrow(`${only}: only ewaste 3 has images; a classifier needs images of at least ` +
+      "2 classes (of ewaste, recyclable, organic)");
+    // A positive class whose folder is empty, or whose files all fail to decode.
+    const two = sliceOf("sample", 2, ["organic", "recyclable"]);
+    mkdirSync(join(two, "ewaste"));
+    const empty = prepareData({ task: "screening", source: two, positive: "ewaste", cacheRoot: cache, log: quiet });
+    await expect(empty).rejects.toThrow(`${two}/ewaste: the positive class's folder holds no images ` +
+      "(classes with images: organic, recyclable)");
+    writeFileSync(join(two, "ewaste", "broken.jpg"), "not a photo");
+    const broken = prepareData({ task: "screening", source: two, positive: "ewaste", cacheRoot: cache, log: quiet });
+    await expect(broken).rejects.toThrow(`${two}: the positive class "ewaste" has no usable images ` +
+      "(classes with images: organic 2, recyclable 2)");
+    expect(existsSync(join(cache, "active.json"))).toBe(false); // nothing was prepared
+    // Two classes are enough.
+    const ok = await prepareData({ task: "screening", source: two, positive: "organic", cacheRoot: cache, log: quiet });
+    expect(ok.manifest.classes).toEqual(["ewaste", "organic", "recyclable"]);
+  }, SLOW);
 });
 
 describe("bad and unusual files", () => {
