@@ -847,7 +847,7 @@ function followLink(full: string, here: string, w: Walk): { folder: false } | { 
     try { to = readlinkSync(full); } catch { /* unreadable link: the reason says enough */ }
     return skip(`a broken link (its target ${to} does not exist)`);
   }
-  const show = (p: string) => (within(w.rootReal, p) ? `${w.root}/${relative(w.rootReal, p) || "."}` : p);
+  const show = (p: string) => (within(w.rootReal, p) ? join(w.root, relative(w.rootReal, p)) : p);
   if (!isDir(real)) {
     if (!within(w.rootReal, real)) w.followedLinks.push({ path: full, target: real, folder: false });
     return { folder: false };
