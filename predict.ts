@@ -207,6 +207,9 @@ function describeModel(dir: string, why: string, meta: CheckpointMeta, size: num
     `  task ${meta.task}, ${meta.classes.length} classes, ${size}x${size} px${meta.backbone !== null ? ` into frozen backbone ${meta.backbone}` : ""}, commit ${meta.commit ?? "?"}, trained ${meta.createdAt.slice(0, 16).replace("T", " ")}${metrics ? `, val: ${metrics}` : ""}`,
   ];
   if (meta.synthetic || meta.preprocessing === "synthetic-raw") lines.push("  WARNING: trained on SYNTHETIC images (a plumbing test): its predictions on real photos mean nothing");
+  if (meta.sample === true) {
+    lines.push("  WARNING: trained on data/sample: not a measure of quality (a few dozen photos, for trying the tool)");
+  }
   if (meta.preprocessing === "cifar100-binary-hwc") lines.push(`  note: trained on CIFAR-100's ${meta.imageSize}x${meta.imageSize} images; photos are shrunk to that size`);
   return lines;
 }

@@ -25,20 +25,20 @@ import { type } from "arktype";
 import { cac } from "cac";
 import { replaceDirAtomic, writeAtomic } from "./lib/atomic.ts";
 import {
-  activePointerPath, CACHE_ROOT, cacheFiles, imageBatch, loadCache, Manifest, MANIFEST_VERSION, parseManifest,
-  type Split, Task, type Dataset, type Predictor,
+  activePointerPath, CACHE_ROOT, cacheChecksums, cacheFiles, cacheMismatch, imageBatch, loadCache, Manifest,
+  MANIFEST_VERSION, parseManifest, type Split, Task, type Dataset, type Predictor,
 } from "./lib/dataset.ts";
 import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
 import {
-  downloadCifar100, downloadHfDataset, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES, type WasteClass,
-  REAL_SETS_HINT, SAMPLE_DIR, SAMPLE_NOTE, sampleFolder,
+  downloadCifar100, downloadHfDataset, linkReport, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES,
+  type WasteClass, REAL_SETS_HINT, SAMPLE_DIR, SAMPLE_NOTE, sampleFolder,
 } from "./lib/sources.ts";
 
 // The dataset, its cache layout and the loader live in lib/dataset.ts (checkpoints and backbones read
 // them too); they are part of the harness, so they are reachable from here.
 export {
-  activeCacheDir, activePointerPath, CACHE_ROOT, cacheFiles, cacheFingerprint, imageBatch, loadCache, Manifest, Split,
-  Task, type CacheFingerprint, type Dataset, type Predictor,
+  activeCacheDir, activePointerPath, CACHE_ROOT, cacheFiles, cacheFingerprint, imageBatch, loadCache, Manifest,
+  prepareCommandFor, Split, Task, type CacheFingerprint, type Dataset, type Predictor,
 } from "./lib/dataset.ts";
 
 // ---------------------------------------------------------------------------
@@ -244,6 +244,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   if (root === "sample") root = sampleFolder();
   root = resolve(root);
   const listing = listImageFolder(root);
+  for (const line of linkReport(listing, root)) log(line);
   let classes: string[];
   let classOf: (folder: string) => string | null;
   if (opts.task === "waste") {
@@ -256,6 +257,10 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   const positive = opts.task === "screening" ? (opts.positive ?? "") : null;
   if (positive !== null && !classes.includes(positive)) {
     const folders = classes.join(", ");
+    if (positive !== "" && existsSync(join(root, positive))) {
+      const classesWithImages = `classes with images: ${folders}`;
+      throw new Error(`${root}/${positive}: the positive class's folder holds no images (${classesWithImages})`);
+    }
     throw new Error(`${root}: positive class "${positive}" is not one of the class folders (${folders}); ` +
       "pass --positive NAME");
   }
@@ -271,6 +276,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
     log(`warning: ${root}/${folder}: ${n} files in a folder that maps to no waste class; not used ` +
       "(see WASTE_LABEL_MAP in lib/sources.ts)");
   }
+  refuseUnlearnable(root, classes, positive, candidates.map((c) => c.className));
   const yields = await loadYields(opts);
   // Sizes and modification times stand for the files' content: a changed photo re-prepares.
   const stats = await Promise.all(listing.files.map(async (f) => {
@@ -283,7 +289,7 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
   };
   const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
   const dir = join(cacheRoot, `${opts.task}-${slug(root)}-${IMAGE_SIZE}`);
-  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   return await writeCache({
     dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false, sample: root === SAMPLE_DIR,
@@ -301,7 +307,7 @@ async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log): 
   const key = { task: "cifar100", folder, size: CIFAR_IMAGE_SIZE, split: `official test; ${SPLIT_RULE}` };
   const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
   const dir = join(cacheRoot, `cifar100-${CIFAR_IMAGE_SIZE}`);
-  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   const data = loadCifar100(folder);
   const px = CIFAR_IMAGE_SIZE * CIFAR_IMAGE_SIZE * 3;
@@ -353,7 +359,7 @@ async function prepareSynthetic(opts: PrepareOptions, cacheRoot: string, log: Lo
   }
   const fingerprint = sha256Hex(new TextEncoder().encode(`synthetic-v1-${opts.task}-${IMAGE_SIZE}-${SPLIT_RULE}`));
   const dir = join(cacheRoot, `${opts.task}-synthetic-${IMAGE_SIZE}`);
-  const reused = await reuseIfFresh(dir, fingerprint, opts.force);
+  const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   return await writeCache({
     dir, fingerprint, task: opts.task, classes, positive, source: "synthetic", synthetic: true, yieldSource: "table",
@@ -417,6 +423,7 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
     }
   });
   const kept = decoded.filter((d): d is NonNullable<typeof d> => d !== null);
+  refuseUnlearnable(a.source, a.classes, a.positive, kept.map((d) => d.c.className)); // some may not decode
   const splits = splitByHash(kept.map((d) => ({ sha: d.sha, label: a.classes.indexOf(d.c.className) })));
   const seen = new Set<string>();
   let duplicates = 0;
@@ -452,6 +459,30 @@ export interface SplitFractions { val: number; test: number }
 export function hashSplit(sha: string, f: SplitFractions = { val: VAL_FRACTION, test: TEST_FRACTION }): Split {
   const score = parseInt(sha.slice(0, 8), 16) / 2 ** 32;
   return score < f.val ? "val" : score < f.val + f.test ? "test" : "train";
+}
+
+/**
+ * Refuses, before any training, a dataset that cannot be learned or measured: fewer than 2 classes with
+ * images, or for screening a positive class without images or without negatives. `found` holds the class
+ * of every image.
+ */
+function refuseUnlearnable(source: string, classes: string[], positive: string | null, found: string[]): void {
+  const counts = new Map<string, number>();
+  for (const c of found) counts.set(c, (counts.get(c) ?? 0) + 1);
+  const have = classes.filter((c) => (counts.get(c) ?? 0) > 0);
+  const listed = have.map((c) => `${c} ${counts.get(c)}`).join(", ");
+  if (positive !== null && !have.includes(positive)) {
+    const others = have.length > 0 ? `classes with images: ${listed}` : "no class has images";
+    throw new Error(`${source}: the positive class "${positive}" has no usable images (${others})`);
+  }
+  if (positive !== null && have.length === 1) {
+    throw new Error(`${source}: screening needs negatives, but the positive class "${positive}" is the only ` +
+      `class with images (${listed}); add folders of other classes`);
+  }
+  if (have.length < 2) {
+    const which = have.length === 0 ? "no class has usable images" : `only ${listed} has images`;
+    throw new Error(`${source}: ${which}; a classifier needs images of at least 2 classes (of ${classes.join(", ")})`);
+  }
 }
 
 /**
@@ -512,22 +543,37 @@ async function loadYields(opts: PrepareOptions): Promise<Yields> {
   return { of: (p, cls) => measured.get(p) ?? table(cls), source: `csv:${resolve(csv)}`, fingerprint };
 }
 
-async function reuseIfFresh(dir: string, fingerprint: string, force?: boolean): Promise<Manifest | null> {
+/**
+ * The cache in `dir` when it was made from the same source (`fingerprint`) and its files still match the
+ * checksums in its manifest; otherwise null, and a cache that exists but cannot be trusted says why.
+ */
+async function reuseIfFresh(
+  dir: string, fingerprint: string, force: boolean | undefined, log: Log,
+): Promise<Manifest | null> {
   const path = cacheFiles(dir).manifest;
   if (force || !existsSync(path)) return null;
+  let m: Manifest;
   try {
-    const m = parseManifest(await readFile(path, "utf8"), dir);
-    return m.fingerprint === fingerprint ? m : null;
-  } catch {
-    return null; // an unreadable cache is rebuilt, not trusted
+    m = parseManifest(await readFile(path, "utf8"), dir);
+  } catch (e) {
+    log(`cache: ${e instanceof Error ? e.message : String(e)}; rebuilding it`);
+    return null;
   }
+  if (m.fingerprint !== fingerprint) return null; // the source changed: an ordinary re-prepare
+  const why = await cacheMismatch(dir, m);
+  if (why !== null) log(`cache: ${why}; rebuilding it`);
+  return why === null ? m : null;
 }
 
-/** Write images.u8, manifest.json and skipped.tsv into a temp dir, then swap it in whole. */
+/**
+ * Write images.u8, manifest.json and skipped.tsv into a temp dir, then swap it in whole. Records the
+ * checksums in `manifest`, so a later change to either file is seen by prepare and loadCache.
+ */
 async function commitCache(
   dir: string, manifest: Manifest, images: Uint8Array, skipped: { path: string; reason: string }[],
 ): Promise<void> {
   const rows = skipped.map((s) => `${s.path}\t${s.reason.replace(/\s+/g, " ")}`);
+  manifest.checksums = cacheChecksums(manifest, images);
   await replaceDirAtomic(dir, async (tmp) => {
     const files = cacheFiles(tmp);
     await writeFile(files.images, images);

@@ -13,6 +13,11 @@
  *
  * The cpu backend is far slower than wasm for conv training (bench/README.md
  * has both), so falling back to it without being asked prints a loud warning.
+ *
+ * tfjs-node-gpu can load and still compute on the CPU: its libtensorflow 2.9
+ * needs CUDA 11.2 and cuDNN 8.1, and where they are missing (a CUDA 12
+ * machine) TensorFlow lists no GPU device. The label says which device is used
+ * (nodeBackendLabel), and AR_BACKEND=gpu refuses to run on the CPU.
  */
 import * as tf from "@tensorflow/tfjs";
 import { createHash } from "node:crypto";
@@ -68,6 +73,42 @@ function message(e: unknown): string {
   if (e instanceof Error) return e.message.split("\n")[0];
   if (typeof e === "object" && e != null && "message" in e && typeof e.message === "string") return e.message;
   return String(e);
+}
+
+// ---------------------------------------------------------------------------
+// Which device the native backend computes on.
+//
+// tfjs-node's binding lists TensorFlow's devices once, when it loads, and
+// places every op on a GPU if one is listed, else on the CPU; its backend
+// object (NodeJSKernelBackend) reports the outcome as `isUsingGpuDevice`.
+
+/** What the libtensorflow that tfjs-node-gpu 4.22 installs needs to see a GPU. */
+export const GPU_NEEDS = "libtensorflow 2.9 needs CUDA 11.2 + cuDNN 8.1";
+
+/** The device a native backend object computes on, as it reports it; "unknown" when it reports nothing. */
+export function nodeDevice(backend: unknown): "GPU" | "CPU" | "unknown" {
+  const flag = typeof backend === "object" && backend != null && "isUsingGpuDevice" in backend
+    ? backend.isUsingGpuDevice : undefined;
+  return flag === true ? "GPU" : flag === false ? "CPU" : "unknown";
+}
+
+/** The footer's name for a native backend: for tfjs-node-gpu, whether a GPU does the work. */
+export function nodeBackendLabel(flavor: "tensorflow-gpu" | "tensorflow", backend: unknown): string {
+  if (flavor === "tensorflow") return "tensorflow";
+  switch (nodeDevice(backend)) {
+    case "GPU":
+      return "tensorflow-gpu (GPU)";
+    case "CPU":
+      return `tensorflow-gpu (NO GPU: running on CPU; ${GPU_NEEDS})`;
+    case "unknown":
+      return "tensorflow-gpu (GPU use not reported by this tfjs-node-gpu)";
+  }
+}
+
+/** Why the loaded tensorflow-gpu backend is not using a GPU, or undefined when it is (or cannot tell). */
+function gpuMissing(): string | undefined {
+  if (nodeFlavor !== "tensorflow-gpu" || nodeDevice(tf.findBackend("tensorflow")) !== "CPU") return undefined;
+  return `TensorFlow (tfjs-node-gpu) found no GPU device and runs on the CPU (${GPU_NEEDS})`;
 }
 
 async function loadNode(which: "tensorflow-gpu" | "tensorflow"): Promise<void> {
@@ -299,6 +340,12 @@ export async function initBackend(opts: InitBackendOptions = {}): Promise<Backen
     }
     const why = await attempt(wanted);
     if (why != null) throw new Error(`backend '${wanted}' was requested but could not be loaded: ${why}`);
+    // Asked for the GPU: running on the CPU instead would make every number mislabelled.
+    const cpuOnly = wanted === "tensorflow-gpu" ? gpuMissing() : undefined;
+    if (cpuOnly != null) {
+      const anyway = "without AR_BACKEND it runs there anyway, labelled NO GPU";
+      throw new Error(`backend 'tensorflow-gpu' was requested, but ${cpuOnly}; ${anyway}`);
+    }
     return wanted;
   }
   const skipped: string[] = [];
@@ -313,6 +360,8 @@ export async function initBackend(opts: InitBackendOptions = {}): Promise<Backen
         log("Set AR_BACKEND=cpu to choose cpu on purpose and silence this warning.");
         log("!".repeat(78));
       }
+      const cpuOnly = b === "tensorflow-gpu" ? gpuMissing() : undefined;
+      if (cpuOnly != null) log(`WARNING: ${cpuOnly}; the footer's backend line says so`);
       return b;
     }
     skipped.push(`${b}: ${why}`);
@@ -322,8 +371,8 @@ export async function initBackend(opts: InitBackendOptions = {}): Promise<Backen
 
 /**
  * Short description for the run footer, e.g. "wasm (threads: 1, simd: true)"
- * or "tensorflow-gpu". Reports what tfjs is actually running, even if someone
- * switched backends behind initBackend's back.
+ * or "tensorflow-gpu (GPU)". Reports what tfjs is actually running, even if
+ * someone switched backends behind initBackend's back.
  */
 export function backendLabel(): string {
   const current = tf.engine().backendName;
@@ -332,6 +381,8 @@ export function backendLabel(): string {
     const f = wasmFacts;
     return f == null ? "wasm" : `wasm (threads: ${f.threads}, simd: ${f.simd})`;
   }
-  if (current === "tensorflow") return nodeFlavor ?? "tensorflow";
+  if (current === "tensorflow") {
+    return nodeFlavor == null ? "tensorflow" : nodeBackendLabel(nodeFlavor, tf.findBackend("tensorflow"));
+  }
   return current;
 }

@@ -29,6 +29,8 @@ export const CheckpointMeta = type({
   commit: "string | null",
   createdAt: "string",
   synthetic: "boolean",
+  /** Trained on data/sample (the manifest's flag; absent in older checkpoints): predict.ts warns. */
+  "sample?": "boolean",
   "notes?": "string",
   /** The manifest's yieldSource ("assumed-table" or "csv:<path>"): predict.ts says whether yields are measured. */
   "yieldSource?": "string",
@@ -40,7 +42,7 @@ type FromManifest = Exclude<keyof Manifest & keyof CheckpointMeta, "version" | "
 // A Record, so a field added to both types and not listed here is a compile error, not a silent drop.
 const FROM_MANIFEST: Record<FromManifest, true> = {
   task: true, classes: true, positiveClass: true, imageSize: true, preprocessing: true, synthetic: true,
-  yieldSource: true,
+  sample: true, yieldSource: true,
 };
 
 /** The meta of a model trained on `manifest`'s data: the data's facts from the manifest, the model's from `model`. */
@@ -48,7 +50,9 @@ export function checkpointMeta(
   manifest: Pick<Manifest, FromManifest>,
   model: Omit<CheckpointMeta, FromManifest | "version" | "createdAt">,
 ): CheckpointMeta {
-  const data = Object.fromEntries(Object.keys(FROM_MANIFEST).map((k) => [k, manifest[k as FromManifest]]));
+  // An optional field the manifest lacks stays absent (not undefined) in the meta.
+  const data = Object.fromEntries(Object.keys(FROM_MANIFEST).map((k) => [k, manifest[k as FromManifest]])
+    .filter(([, v]) => v !== undefined));
   return { version: "1", ...(data as Pick<Manifest, FromManifest>), ...model, createdAt: new Date().toISOString() };
 }
 

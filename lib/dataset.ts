@@ -12,7 +12,7 @@ import { homedir } from "node:os";
 import { join, resolve } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
-import { pixelsToFloat32, sha256File } from "./images.ts";
+import { pixelsToFloat32, sha256File, sha256Hex } from "./images.ts";
 
 /** The three tasks: what a dataset's labels mean and which metrics evaluate() reports. */
 export const Task = type("'waste' | 'cifar100' | 'screening'");
@@ -65,8 +65,15 @@ export const Manifest = DatasetSignature.merge({
   skipped: "number.integer >= 0",
   duplicates: "number.integer >= 0",
   items: ManifestItem.array(),
+  /**
+   * sha256 of images.u8 and of this manifest (without createdAt and checksums), written last by prepare:
+   * a cache changed afterwards (by a train.ts, by hand) is rebuilt by prepare and refused by loadCache.
+   * Absent in caches written before the check existed: those still load, and prepare rebuilds them once.
+   */
+  "checksums?": { images: "string", manifest: "string" },
 });
 export type Manifest = typeof Manifest.infer;
+type Checksums = NonNullable<Manifest["checksums"]>;
 
 // ---------------------------------------------------------------------------
 // The layout on disk
@@ -109,6 +116,60 @@ export function parseManifest(text: string, dir: string): Manifest {
   const m = Manifest(raw);
   if (m instanceof type.errors) throw new Error(`${path}: not a valid manifest: ${m.summary}`);
   return m;
+}
+
+// ---------------------------------------------------------------------------
+// Checksums: a cache whose content no longer matches its manifest is never used
+// ---------------------------------------------------------------------------
+
+/** sha256 of a manifest without createdAt (a rebuild of the same data keeps it) and without its checksums. */
+function manifestSha256(m: Manifest): string {
+  const { createdAt: _createdAt, checksums: _checksums, ...content } = m;
+  return sha256Hex(new TextEncoder().encode(JSON.stringify(content)));
+}
+
+/** The checksums prepare records in a manifest, over the images it writes with it. */
+export function cacheChecksums(m: Manifest, images: Uint8Array): Checksums {
+  return { images: sha256Hex(images), manifest: manifestSha256(m) };
+}
+
+/**
+ * Why the cache in `dir` does not match its manifest (one line naming the file), or null when it does.
+ * `images` is images.u8's content when already read; otherwise the file is hashed from disk.
+ */
+export async function cacheMismatch(dir: string, m: Manifest, images?: Uint8Array): Promise<string | null> {
+  const files = cacheFiles(dir);
+  if (m.checksums === undefined) {
+    return `${files.manifest} records no checksums (an older prepare.ts wrote it), so its content cannot be verified`;
+  }
+  if (manifestSha256(m) !== m.checksums.manifest) {
+    return `${files.manifest} does not match the sha256 it recorded: it was edited after prepare`;
+  }
+  const expected = m.items.length * m.imageSize * m.imageSize * 3;
+  const size = images?.length ?? (existsSync(files.images) ? Bun.file(files.images).size : -1);
+  if (size !== expected) {
+    const has = size < 0 ? "is missing" : `holds ${size} bytes`;
+    return `${files.images} ${has}, but ${files.manifest} lists ${m.items.length} images (${expected} bytes)`;
+  }
+  const sha = images === undefined ? await sha256File(files.images) : sha256Hex(images);
+  if (sha !== m.checksums.images) {
+    return `${files.images} does not match the sha256 recorded in ${files.manifest}: it was changed after prepare`;
+  }
+  return null;
+}
+
+/** Shell-quotes a word only when it needs it. */
+function shellWord(s: string): string {
+  return /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replaceAll("'", "'\\''")}'`;
+}
+
+/** The command that prepares this manifest's dataset again (its task, source, positive class and yields). */
+export function prepareCommandFor(m: Manifest): string {
+  const source = m.synthetic ? "synthetic" : m.sample ? "sample" : m.source;
+  const words = ["bun", "prepare.ts", "--task", m.task, "--source", source];
+  if (m.positiveClass !== null) words.push("--positive", m.positiveClass);
+  if (m.yieldSource.startsWith("csv:")) words.push("--yields", m.yieldSource.slice("csv:".length));
+  return words.map(shellWord).join(" ");
 }
 
 /** What identifies the active dataset's content; "missing" where a part is absent or unreadable. */
@@ -164,8 +225,12 @@ export async function loadCache(dir?: string, cacheRoot = CACHE_ROOT): Promise<D
   const px = manifest.imageSize * manifest.imageSize * 3;
   if (images.length !== manifest.items.length * px) {
     const expected = manifest.items.length * px;
-    throw new Error(`${files.images}: ${images.length} bytes, expected ${expected}; re-run prepare.ts --force`);
+    const fix = prepareCommandFor(manifest);
+    throw new Error(`${files.images}: ${images.length} bytes, expected ${expected}; rebuild it: \`${fix}\``);
   }
+  // Hashing costs ~1 ms per MB; it keeps train.ts and evaluate() off a cache changed after prepare.
+  const why = manifest.checksums === undefined ? null : await cacheMismatch(at, manifest, images);
+  if (why !== null) throw new Error(`${why}; rebuild it: \`${prepareCommandFor(manifest)}\``);
   const idx = (split: Split) =>
     Int32Array.from(manifest.items.flatMap((it, i) => (it.split === split ? [i] : [])));
   return {

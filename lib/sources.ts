@@ -28,9 +28,9 @@ import {
   type FileMetaData,
   type SchemaTree,
 } from "hyparquet";
-import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync, readlinkSync, realpathSync, statSync } from "node:fs";
 import { mkdir, open, readFile, rename, rm, rmdir, stat, writeFile } from "node:fs/promises";
-import { dirname, extname, join, posix, resolve } from "node:path";
+import { dirname, extname, join, posix, relative, resolve, sep } from "node:path";
 
 // ---------------------------------------------------------------------------
 // Waste classes and the label mapping table
@@ -798,47 +798,154 @@ function isDir(p: string): boolean {
   }
 }
 
-function walkImages(dir: string, rel: string, out: string[]): void {
-  for (const ent of readdirSync(dir, { withFileTypes: true })) {
+/** A link that was not followed, and why. */
+export interface SkippedLink { path: string; reason: string }
+/** A link followed to photos the walk would not reach otherwise: the link, its target, whether a folder. */
+export interface FollowedLink { path: string; target: string; folder: boolean }
+
+export interface ImageFolderListing {
+  classes: string[];
+  files: { path: string; className: string }[];
+  /** Links not followed: a loop, a second path into the folder, or a broken link. */
+  skippedLinks: SkippedLink[];
+  /** Folder links followed (out of the folder, or into a hidden one) and file links out of the folder. */
+  followedLinks: FollowedLink[];
+}
+
+interface Walk {
+  root: string;
+  /** The real path of the root: every link target is judged against it. */
+  rootReal: string;
+  /** Real paths of the folders walked so far: a folder reached twice (through links) is read once. */
+  seen: Set<string>;
+  skippedLinks: SkippedLink[];
+  followedLinks: FollowedLink[];
+}
+
+/** True when `p` is `dir` or lies under it (both real, absolute paths). */
+function within(dir: string, p: string): boolean {
+  return p === dir || p.startsWith(dir.endsWith(sep) ? dir : dir + sep);
+}
+
+/**
+ * Where the link `full` (in the folder whose real path is `here`) leads: a file to read, a folder to walk
+ * (its real path), or null when it is not followed, with the reason recorded. A folder link is followed
+ * only when it adds photos found nowhere else: never back up to a folder that contains it (a loop, whose
+ * paths would repeat without end and label photos by the wrong class), never to a folder the walk reaches
+ * on its own (the photos would be read twice, possibly under another class).
+ */
+function followLink(full: string, here: string, w: Walk): { folder: false } | { folder: true; real: string } | null {
+  const skip = (reason: string) => {
+    w.skippedLinks.push({ path: full, reason });
+    return null;
+  };
+  let real: string;
+  try {
+    real = realpathSync(full);
+  } catch {
+    let to = "?";
+    try { to = readlinkSync(full); } catch { /* unreadable link: the reason says enough */ }
+    return skip(`a broken link (its target ${to} does not exist)`);
+  }
+  const show = (p: string) => (within(w.rootReal, p) ? join(w.root, relative(w.rootReal, p)) : p);
+  if (!isDir(real)) {
+    if (!within(w.rootReal, real)) w.followedLinks.push({ path: full, target: real, folder: false });
+    return { folder: false };
+  }
+  if (within(real, here)) return skip(`a loop: it leads back to ${show(real)}, which contains it`);
+  const inTree = within(w.rootReal, real);
+  // Hidden folders are never walked, so a link into one is the only way to their photos.
+  const hidden = inTree && relative(w.rootReal, real).split(sep).some((part) => part.startsWith("."));
+  if (inTree && !hidden) return skip(`a second path to ${show(real)}, whose photos are listed there, once`);
+  if (w.seen.has(real)) return skip(`it leads to ${real}, already listed through another link`);
+  w.followedLinks.push({ path: full, target: real, folder: true });
+  w.seen.add(real); // now, not when walked: two class links to one folder must not both be followed
+  return { folder: true, real };
+}
+
+function walkImages(dir: string, real: string, rel: string, out: string[], w: Walk): void {
+  w.seen.add(real);
+  // Sorted: which of two links to one folder is followed must not depend on the file system's order.
+  for (const ent of readdirSync(dir, { withFileTypes: true }).sort((a, b) => byString(a.name, b.name))) {
     if (ent.name.startsWith(".")) continue;
     const full = join(dir, ent.name);
     const r = rel ? posix.join(rel, ent.name) : ent.name;
-    const directory = ent.isDirectory() || (ent.isSymbolicLink() && isDir(full));
-    if (directory) walkImages(full, r, out);
-    else if (isImagePath(ent.name)) out.push(r);
+    if (ent.isSymbolicLink()) {
+      const to = followLink(full, real, w);
+      if (to?.folder) walkImages(full, to.real, r, out, w);
+      else if (to !== null && isImagePath(ent.name)) out.push(r);
+    } else if (ent.isDirectory()) {
+      const sub = join(real, ent.name);
+      // Reached already through a link that pointed inside this outside folder: read once.
+      if (!w.seen.has(sub)) walkImages(full, sub, r, out, w);
+    } else if (isImagePath(ent.name)) {
+      out.push(r);
+    }
   }
 }
 
 /**
  * Lists `root/<class>/**\/<image>`: classes are the direct subfolders (hidden
  * ones skipped) holding at least one image, sorted; files are matched by image
- * extension, recursively, in deterministic sorted order.
+ * extension, recursively, in deterministic sorted order. Links to files are read;
+ * links to folders are followed only out of the folder (see followLink), and every
+ * link not followed is reported, so no photo is listed twice or through a loop.
  */
-export function listImageFolder(root: string): { classes: string[]; files: { path: string; className: string }[] } {
+export function listImageFolder(root: string): ImageFolderListing {
   const abs = resolve(root);
   if (!existsSync(abs)) throw new Error(`ImageFolder ${abs} does not exist`);
   if (!isDir(abs)) throw new Error(`ImageFolder ${abs} is not a directory`);
-  const classDirs = readdirSync(abs, { withFileTypes: true })
-    .filter((e) => !e.name.startsWith(".") && (e.isDirectory() || (e.isSymbolicLink() && isDir(join(abs, e.name)))))
-    .map((e) => e.name)
-    .sort(byString);
+  const rootReal = realpathSync(abs);
+  const w: Walk = { root: abs, rootReal, seen: new Set([rootReal]), skippedLinks: [], followedLinks: [] };
+  const classDirs: { name: string; real: string }[] = [];
+  const entries = readdirSync(abs, { withFileTypes: true }).sort((a, b) => byString(a.name, b.name));
+  for (const e of entries) {
+    if (e.name.startsWith(".")) continue;
+    if (e.isDirectory()) classDirs.push({ name: e.name, real: join(rootReal, e.name) });
+    else if (e.isSymbolicLink() && isDir(join(abs, e.name))) {
+      const to = followLink(join(abs, e.name), rootReal, w);
+      if (to?.folder) classDirs.push({ name: e.name, real: to.real });
+    }
+  }
   if (classDirs.length === 0) {
-    throw new Error(`ImageFolder ${abs} has no class folders (expected ${abs}/<class>/<image>)`);
+    const links = w.skippedLinks.map((l) => `${l.path}: ${l.reason}`).join("; ");
+    const why = links === "" ? "" : `; links not followed: ${links}`;
+    throw new Error(`ImageFolder ${abs} has no class folders (expected ${abs}/<class>/<image>)${why}`);
   }
   const classes: string[] = [];
   const files: { path: string; className: string }[] = [];
   for (const c of classDirs) {
     const rels: string[] = [];
-    walkImages(join(abs, c), "", rels);
+    walkImages(join(abs, c.name), c.real, "", rels, w);
     if (rels.length === 0) continue;
-    classes.push(c);
-    for (const r of rels.sort(byString)) files.push({ path: join(abs, c, r), className: c });
+    classes.push(c.name);
+    for (const r of rels.sort(byString)) files.push({ path: join(abs, c.name, r), className: c.name });
   }
   if (classes.length === 0) {
     const exts = IMAGE_EXTENSIONS.join(" ");
-    throw new Error(`ImageFolder ${abs} has class folders (${classDirs.join(", ")}) but no image files (${exts})`);
+    const names = classDirs.map((c) => c.name).join(", ");
+    throw new Error(`ImageFolder ${abs} has class folders (${names}) but no image files (${exts})`);
   }
-  return { classes, files };
+  return { classes, files, skippedLinks: w.skippedLinks, followedLinks: w.followedLinks };
+}
+
+/**
+ * What prepare prints about links: one line per link not followed and per folder link followed, and one
+ * line counting image files that are links to files outside the folder.
+ */
+export function linkReport(l: ImageFolderListing, root: string): string[] {
+  const lines = l.skippedLinks.map((s) => `warning: ${s.path}: link not followed: ${s.reason}`);
+  const n = l.skippedLinks.length;
+  if (n > 0) lines.push(`warning: ${n} link(s) in ${root} not followed (above)`);
+  for (const o of l.followedLinks) {
+    if (o.folder) lines.push(`note: ${o.path}: a link to ${o.target}, a folder not listed otherwise: followed`);
+  }
+  const files = l.followedLinks.filter((o) => !o.folder);
+  if (files.length > 0) {
+    const eg = `${files[0]!.path} -> ${files[0]!.target}`;
+    lines.push(`note: ${files.length} image file(s) in ${root} are links to files outside it (e.g. ${eg}): read`);
+  }
+  return lines;
 }
 
 // ---------------------------------------------------------------------------

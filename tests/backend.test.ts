@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as tf from "@tensorflow/tfjs";
-import { backendLabel, initBackend } from "../lib/backend.ts";
+import { backendLabel, initBackend, nodeBackendLabel, nodeDevice } from "../lib/backend.ts";
 import { evaluate, imageBatch, trainBatches, type Dataset, type Manifest } from "../prepare.ts";
 import { flipAndShift } from "../lib/augment.ts";
 import {
@@ -498,6 +498,23 @@ describe("initBackend", () => {
     if (!gpuInstalled) await expect(initBackend({ prefer: "gpu" })).rejects.toThrow(/could not be loaded/);
     // A failed explicit request must not leave tfjs without a backend.
     expect(await initBackend()).toBe("wasm");
+  });
+});
+
+describe("the native backend's label", () => {
+  test("tfjs-node-gpu says whether TensorFlow computes on a GPU, as its backend object reports it", () => {
+    // Shaped like tfjs-node's NodeJSKernelBackend once loaded: the flags its binding sets from TensorFlow's devices.
+    const gpu = { isGPUPackage: true, isUsingGpuDevice: true };
+    const noGpu = { isGPUPackage: true, isUsingGpuDevice: false }; // e.g. CUDA 12 without the 11.2 libraries
+    expect(nodeBackendLabel("tensorflow-gpu", gpu)).toBe("tensorflow-gpu (GPU)");
+    expect(nodeBackendLabel("tensorflow-gpu", noGpu))
+      .toBe("tensorflow-gpu (NO GPU: running on CPU; libtensorflow 2.9 needs CUDA 11.2 + cuDNN 8.1)");
+    for (const silent of [{ isGPUPackage: true }, { isUsingGpuDevice: "yes" }, undefined, null]) {
+      const label = nodeBackendLabel("tensorflow-gpu", silent);
+      expect(label).toBe("tensorflow-gpu (GPU use not reported by this tfjs-node-gpu)");
+    }
+    expect(nodeBackendLabel("tensorflow", noGpu)).toBe("tensorflow"); // tfjs-node is the CPU build: nothing to flag
+    expect(nodeDevice(tf.backend())).toBe("unknown"); // a real backend object (wasm here) has no such flag
   });
 });
 

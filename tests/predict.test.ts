@@ -74,6 +74,24 @@ describe("predict.ts on real photos", () => {
     expect(r.stderr).toContain(`model: ${ckpt} (--model)`);
   }, SLOW);
 
+  test("a model trained on data/sample says so: its meta carries the manifest's flag, predict.ts warns", async () => {
+    const { checkpointMeta } = await import("../lib/checkpoint.ts");
+    const { manifest } = await loadCache(undefined, cache);
+    const model = { backbone: null, hasYieldHead: true, numParams: 1, metrics: {}, commit: null };
+    expect(checkpointMeta({ ...manifest, sample: true }, model).sample).toBe(true);
+    expect(checkpointMeta({ ...manifest, sample: false }, model).sample).toBe(false);
+    expect(Object.keys(checkpointMeta({ ...manifest, sample: undefined }, model))).not.toContain("sample");
+    const warning = "WARNING: trained on data/sample: not a measure of quality";
+    expect(predict([firstOf("ewaste"), "--model", ckpt]).stderr).not.toContain(warning); // a copy: not the sample
+    const copy = join(tempDir(), "ckpt");
+    cpSync(ckpt, copy, { recursive: true });
+    const meta = JSON.parse(readFileSync(join(copy, "meta.json"), "utf8")) as Record<string, unknown>;
+    writeFileSync(join(copy, "meta.json"), JSON.stringify({ ...meta, sample: true }));
+    const r = predict([firstOf("ewaste"), "--model", copy]);
+    expect(r.code).toBe(0);
+    expect(r.stderr).toContain(warning);
+  });
+
   test("the human table: one row per image with the yield column and the assumption note", () => {
     const file = firstOf("ewaste");
     const r = predict([file, "--model", ckpt]);

@@ -1,16 +1,18 @@
 import { describe, expect, test } from "bun:test";
-import { cpSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import {
+  closeSync, cpSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync, writeSync,
+} from "node:fs";
 import { join } from "node:path";
 import sharp from "sharp";
 import * as tf from "@tensorflow/tfjs";
 import {
   activeCacheDir, cacheFiles, cacheFingerprint, computeMetrics, evaluate, footerLines, hashSplit, interval95,
-  loadCache, METRIC_HELP, parseFooter, prepareData, splitByHash, TASK_METRICS, trivialScore, type Predictor,
-  type Split, type Task,
+  loadCache, METRIC_HELP, parseFooter, prepareData, splitByHash, TASK_METRICS, trivialScore, type Manifest,
+  type Predictor, type Split, type Task,
 } from "../prepare.ts";
 import { decodeFailure, decodeToRgb, sha256Hex } from "../lib/images.ts";
 import { SAMPLE_DIR } from "../lib/sources.ts";
-import { HAVE_DATASETS, ROOT, runScript, sliceOf, tempDir } from "./helpers.ts";
+import { BUN, HAVE_DATASETS, ROOT, runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const quiet = () => {};
 /** Decoding real photos, building a 12000×12000 PNG or starting `bun prepare.ts` outlasts Bun's 5 s default. */
@@ -106,6 +108,108 @@ describe("prepare on real images", () => {
     const r = await prepareData({ task: "screening", source: src, positive: "trash", cacheRoot: cache, log: quiet });
     expect(r.manifest.classes).toEqual(["cardboard", "glass", "metal", "paper", "plastic", "trash"]);
     expect(r.manifest.positiveClass).toBe("trash");
+  }, SLOW);
+});
+
+describe("folders and caches that must not be trusted as they are", () => {
+  test("links in a folder: loops and second paths are named and not followed; each photo is read once", async () => {
+    const src = sliceOf("sample", 4); // 12 real photos, 4 per class
+    symlinkSync("..", join(src, "ewaste", "loop"));
+    symlinkSync("..", join(src, "organic", "loop"));
+    symlinkSync("../organic", join(src, "recyclable", "more"));
+    const cache = tempDir();
+    // Its own process with a time limit: following such loops never ends.
+    const r = Bun.spawnSync([BUN, join(ROOT, "prepare.ts"), "--source", src], {
+      env: { ...process.env, AR_CACHE: cache }, stdout: "pipe", stderr: "pipe", timeout: 60_000,
+    });
+    const out = r.stdout.toString() + r.stderr.toString();
+    expect(r.exitCode).toBe(0);
+    const m = (await loadCache(undefined, cache)).manifest;
+    expect(m.items.length).toBe(12);
+    for (const it of m.items) {
+      expect(it.path.split("/").length).toBe(2); // class/photo: no path through a link
+      expect(m.classes[it.label]).toBe(it.path.split("/")[0]!); // labelled by its own folder
+    }
+    expect(out).toContain(`warning: ${src}/ewaste/loop: link not followed: a loop: it leads back to ${src}, which`);
+    expect(out).toContain(`warning: ${src}/organic/loop: link not followed: a loop`);
+    expect(out).toContain(`warning: ${src}/recyclable/more: link not followed: a second path to ${src}/organic`);
+    expect(out).toContain(`warning: 3 link(s) in ${src} not followed (above)`);
+  }, SLOW);
+
+  test("a cache changed after prepare: loadCache refuses it, prepare rebuilds it and says why", async () => {
+    const src = sliceOf("sample", 3);
+    const cache = tempDir();
+    const first = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: quiet });
+    const session = await cacheFingerprint(cache); // what the loop records at the start of a session
+    const { images, manifest } = cacheFiles(first.dir);
+    const command = `bun prepare.ts --task waste --source ${src}`;
+    const prepareAgain = async () => {
+      const lines: string[] = [];
+      const r = await prepareData({ task: "waste", source: src, cacheRoot: cache, log: (l) => lines.push(l) });
+      return { reused: r.reused, said: lines.filter((l) => l.endsWith("; rebuilding it")) };
+    };
+
+    // One byte of images.u8 written in place, as a train.ts writing into the cache would.
+    const fd = openSync(images, "r+");
+    writeSync(fd, Uint8Array.of(7), 0, 1, 5);
+    closeSync(fd);
+    expect((await cacheFingerprint(cache)).images).not.toBe(session.images); // the loop sees it…
+    const changed = `${images} does not match the sha256 recorded in ${manifest}: it was changed after prepare`;
+    await expect(loadCache(undefined, cache)).rejects.toThrow(`${changed}; rebuild it: \`${command}\``);
+    const rebuilt = await prepareAgain(); // …and its advice, re-running prepare with the same source, works
+    expect(rebuilt).toEqual({ reused: false, said: [`cache: ${changed}; rebuilding it`] });
+    expect(await cacheFingerprint(cache)).toEqual(session);
+    expect(await prepareAgain()).toEqual({ reused: true, said: [] });
+
+    // A label edited in manifest.json.
+    const edited = JSON.parse(readFileSync(manifest, "utf8")) as Manifest;
+    edited.items[0]!.label = (edited.items[0]!.label + 1) % 3;
+    writeFileSync(manifest, JSON.stringify(edited));
+    await expect(loadCache(undefined, cache)).rejects.toThrow(`${manifest} does not match the sha256 it recorded`);
+    expect(await prepareAgain()).toEqual({
+      reused: false, said: [`cache: ${manifest} does not match the sha256 it recorded: it was edited after prepare; ` +
+        "rebuilding it"],
+    });
+    expect(await cacheFingerprint(cache)).toEqual(session);
+
+    // A cache from before the checksums: it still loads; prepare rebuilds it once, then reuses it.
+    const { checksums: _checksums, ...older } = JSON.parse(readFileSync(manifest, "utf8")) as Manifest;
+    writeFileSync(manifest, JSON.stringify(older));
+    expect((await loadCache(undefined, cache)).manifest.checksums).toBeUndefined();
+    const upgraded = await prepareAgain();
+    expect(upgraded.reused).toBe(false);
+    expect(upgraded.said).toEqual([`cache: ${manifest} records no checksums (an older prepare.ts wrote it), ` +
+      "so its content cannot be verified; rebuilding it"]);
+    expect(await prepareAgain()).toEqual({ reused: true, said: [] });
+
+    rmSync(images);
+    expect((await prepareAgain()).said).toEqual([`cache: ${images} is missing, but ${manifest} lists 9 images ` +
+      `(${9 * 64 * 64 * 3} bytes); rebuilding it`]);
+  }, SLOW);
+
+  test("a dataset a classifier cannot learn is refused at prepare, with the reason", async () => {
+    const cache = tempDir();
+    const only = sliceOf("sample", 3, ["ewaste"]);
+    const screening = prepareData({ task: "screening", source: only, positive: "ewaste", cacheRoot: cache });
+    await expect(screening).rejects.toThrow(`${only}: screening needs negatives, but the positive class "ewaste" ` +
+      "is the only class with images (ewaste 3); add folders of other classes");
+    const waste = prepareData({ task: "waste", source: only, cacheRoot: cache, log: quiet });
+    await expect(waste).rejects.toThrow(`${only}: only ewaste 3 has images; a classifier needs images of at least ` +
+      "2 classes (of ewaste, recyclable, organic)");
+    // A positive class whose folder is empty, or whose files all fail to decode.
+    const two = sliceOf("sample", 2, ["organic", "recyclable"]);
+    mkdirSync(join(two, "ewaste"));
+    const empty = prepareData({ task: "screening", source: two, positive: "ewaste", cacheRoot: cache, log: quiet });
+    await expect(empty).rejects.toThrow(`${two}/ewaste: the positive class's folder holds no images ` +
+      "(classes with images: organic, recyclable)");
+    writeFileSync(join(two, "ewaste", "broken.jpg"), "not a photo");
+    const broken = prepareData({ task: "screening", source: two, positive: "ewaste", cacheRoot: cache, log: quiet });
+    await expect(broken).rejects.toThrow(`${two}: the positive class "ewaste" has no usable images ` +
+      "(classes with images: organic 2, recyclable 2)");
+    expect(existsSync(join(cache, "active.json"))).toBe(false); // nothing was prepared
+    // Two classes are enough.
+    const ok = await prepareData({ task: "screening", source: two, positive: "organic", cacheRoot: cache, log: quiet });
+    expect(ok.manifest.classes).toEqual(["ewaste", "organic", "recyclable"]);
   }, SLOW);
 });
 

@@ -1,12 +1,13 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { parquetWriteBuffer } from "hyparquet-writer";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import sharp from "sharp";
 import {
   downloadCifar100,
   downloadHfDataset,
+  linkReport,
   listImageFolder,
   loadCifar100,
   classNamesFromReadme,
@@ -660,6 +661,52 @@ describe("listImageFolder", () => {
       ["zebra/b.JPG", "zebra"],
       ["zebra/sub/deeper/c.webp", "zebra"],
     ]);
+  });
+
+  test("links: files are read; a loop, a second path or a broken link is named and not followed", () => {
+    const outer = join(work, "links");
+    const root = join(outer, "root");
+    const put = (path: string) => {
+      mkdirSync(dirname(path), { recursive: true });
+      writeFileSync(path, "x");
+    };
+    for (const f of ["a/x.jpg", "b/y.jpg", ".hidden/h.jpg"]) put(join(root, f));
+    put(join(outer, "elsewhere", "z.jpg"));
+    symlinkSync("../..", join(root, "a", "up")); // to `outer`, which holds the root: a loop
+    symlinkSync("../b", join(root, "a", "b-again")); // b is listed as its own class already
+    symlinkSync("../.hidden", join(root, "a", "hid")); // hidden folders are not walked: the one way there
+    symlinkSync(join(outer, "elsewhere"), join(root, "c")); // a class folder kept elsewhere
+    symlinkSync(join(outer, "elsewhere"), join(root, "b", "more")); // the same folder again
+    symlinkSync("../a/x.jpg", join(root, "b", "x-link.jpg")); // a file: read (the dedupe sees the same bytes)
+    symlinkSync("nowhere.jpg", join(root, "b", "broken.jpg"));
+    symlinkSync(join(outer, "elsewhere", "z.jpg"), join(root, "b", "z-link.jpg"));
+    const r = listImageFolder(root);
+    expect(r.classes).toEqual(["a", "b", "c"]);
+    expect(r.files.map((f) => [f.path.slice(root.length + 1), f.className])).toEqual([
+      ["a/hid/h.jpg", "a"],
+      ["a/x.jpg", "a"],
+      ["b/x-link.jpg", "b"],
+      ["b/y.jpg", "b"],
+      ["b/z-link.jpg", "b"],
+      ["c/z.jpg", "c"],
+    ]);
+    const skipped = Object.fromEntries(r.skippedLinks.map((l) => [l.path.slice(root.length + 1), l.reason]));
+    expect(Object.keys(skipped).sort()).toEqual(["a/b-again", "a/up", "b/broken.jpg", "b/more"]);
+    expect(skipped["a/up"]).toStartWith("a loop: it leads back to ");
+    expect(skipped["a/b-again"]).toBe(`a second path to ${root}/b, whose photos are listed there, once`);
+    expect(skipped["b/broken.jpg"]).toBe("a broken link (its target nowhere.jpg does not exist)");
+    expect(skipped["b/more"]).toContain("already listed");
+    const lines = linkReport(r, root);
+    expect(lines).toContain(`warning: ${root}/a/up: link not followed: ${skipped["a/up"]}`);
+    expect(lines).toContain(`warning: 4 link(s) in ${root} not followed (above)`);
+    expect(lines.filter((l) => l.startsWith("note: ") && l.endsWith(": followed")).length).toBe(2); // a/hid and c
+    const outside = `note: 1 image file(s) in ${root} are links to files outside it`;
+    expect(lines.some((l) => l.startsWith(outside))).toBe(true);
+    // Links alone, all of them loops: no class folder, and the error says which links were not followed.
+    const only = join(outer, "only");
+    mkdirSync(only);
+    symlinkSync("..", join(only, "self"));
+    expect(() => listImageFolder(only)).toThrow(/no class folders .*self: a loop/);
   });
 
   test("missing root / no class folders -> error naming the path", () => {
