@@ -5,23 +5,30 @@
  *   bun summarize_results.ts              # results.tsv -> ./analysis_summary.{json,md}, ./progress.{svg,png}
  *   bun summarize_results.ts --results other.tsv --out-dir reports --plateau 8
  *   bun summarize_results.ts --no-chart   # only the JSON and the Markdown
+ *   bun summarize_results.ts --exclude 7,3f2a1c9              # leave runs off the chart (number or commit)
+ *   bun summarize_results.ts --chart-only --results X.tsv --out DIR   # only progress.{svg,png}, no journal
  *
  * analysis_summary.json (schema: AnalysisSummary, below) is for an agent choosing the next
- * experiment: baseline, best and its commit, the frontier, the noise floor, crash reasons, near
+ * experiment: warnings (sample data, a best no better than the trivial model), baseline, best and
+ * its commit, baseline vs best on the held-out test split next to the val gain, min/avg/max of each
+ * metric, the keep rate, the top hits by gain, the frontier, the noise floor, crash reasons, near
  * misses worth combining, what each hyperparameter move did, regions that lost repeatedly,
  * plateau detection and a short list of suggestions. analysis_summary.md is the same for a person.
  * progress.svg/.png plot every run over its run number (Vega-Lite, rendered headless by vega,
  * rasterised by sharp).
  *
- * Inputs: results.tsv (lib/results.ts's format; lines that are not rows are reported with their
- * line number, never fatal), the loop's journal `.autoresearch/state.json` (lib/journal.ts's
- * State, validated: a journal that does not match is an error) for its noise floor once the
- * baseline repeats are in (else: the same noise computation over the `baseline` rows plus the
- * first `keep`), and run logs in `.autoresearch/logs/` (any file whose name holds a crashed
- * run's commit) for crash reasons. The noise floor and the order of runs come from
- * lib/verdict.ts, as the loop's do. The loop runs this after every experiment.
+ * Inputs: results.tsv (lib/results.ts's columns, in any order; lines that are not rows are
+ * reported with their line number, never fatal), the loop's journal `.autoresearch/state.json`
+ * (lib/journal.ts's State plus its optional testRuns and trivial, validated: a journal that does
+ * not match is an error) for its noise floor once the baseline repeats are in (else: the same
+ * noise computation over the `baseline` rows plus the first `keep`), its best (the branch tip),
+ * its test-split measurements and the trivial model's score; the manifest of the journal's dataset
+ * (cache.dir) for the sample flag and the split sizes; and run logs in `.autoresearch/logs/` (any
+ * file whose name holds a crashed run's commit) for crash reasons. The noise floor and, without a
+ * journal, the order of runs come from lib/verdict.ts, as the loop's do. The loop runs this after
+ * every experiment.
  */
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { type } from "arktype";
@@ -29,9 +36,10 @@ import { cac } from "cac";
 import type { TopLevelSpec } from "vega-lite";
 import { TASK_METRICS, Task } from "./prepare.ts";
 import { writeAtomic } from "./lib/atomic.ts";
+import { cacheFiles } from "./lib/dataset.ts";
 import { LOGS_DIR, STATE_FILE, readState, type State } from "./lib/journal.ts";
 import { RESULTS_FILE, Status, readResults, type ParsedResults, type ResultRow } from "./lib/results.ts";
-import { computeNoise, outranks, type Ranking } from "./lib/verdict.ts";
+import { computeNoise, meanMetrics, outranks, type Ranking } from "./lib/verdict.ts";
 
 // ---------------------------------------------------------------------------
 // The summary's schema (writeSummary and the tests validate against it)
@@ -79,8 +87,10 @@ export const AnalysisSummary = type({
   /** The first `baseline` or `keep` row: the session's starting point. */
   baseline: RunSummary.or("null"),
   /**
-   * The best baseline/keep row: highest primary, then secondary (lib/verdict.ts's order); on a
-   * full tie the later run (the branch tip).
+   * The loop's best (its journal's, the branch tip) when that is a row here; while it is the
+   * unmodified train.ts its numbers are the baseline repeats' mean, as the loop compares with them.
+   * Without a journal: the baseline/keep row with the highest primary, then secondary
+   * (lib/verdict.ts's order); on a full tie the later run.
    */
   best: RunSummary.or("null"),
   /**
@@ -151,6 +161,64 @@ export const AnalysisSummary = type({
     run: "number.integer >= 1", status: Status, primary: "number | null", secondary: "number | null",
     runningBest: "number | null", description: "string", label: "string | null",
   }).array(),
+  /** Runs left off the chart (--exclude); every other section still counts them. */
+  excluded: "number.integer[]",
+  /**
+   * Lines a person must read before any number: sample or synthetic data, a best no better than
+   * the trivial model. analysis_summary.md opens with them.
+   */
+  warnings: "string[]",
+  /** The session's primary as the loop's journal records it (null without a journal). */
+  sessionPrimary: "string | null",
+  /** Why the runs are ranked by another metric than the session's primary, when they are. */
+  primaryNote: "string | null",
+  /**
+   * Where `best` comes from: the loop's journal (its best, the branch tip) when the journal's best
+   * is a row of this file, else the keep rule's order over the rows.
+   */
+  bestSource: "'journal' | 'results'",
+  bestNote: "string | null",
+  /** What the session's dataset manifest says (state.cache.dir/manifest.json); null where unknown. */
+  data: {
+    manifest: "string | null", sample: "boolean | null", synthetic: "boolean | null",
+    splits: "Record<string, number> | null",
+  },
+  /** min/avg/max of each metric over the runs that have a score (crashes left out). */
+  metricStats: type({
+    metric: "string", n: "number.integer >= 1", min: "number", avg: "number", max: "number",
+  }).array(),
+  /** Kept experiments over all experiments; baseline measurements are neither. */
+  keepRate: { keeps: "number.integer >= 0", experiments: "number.integer >= 0", rate: "number | null" },
+  /** Experiments ranked by their gain over the baseline reference (improvement.reference), best 5. */
+  topHits: RunSummary.merge({ rank: "number.integer >= 1", delta: "number" }).array(),
+  /**
+   * The trivial model (always the majority side) on val, from the journal, against the best on the
+   * same metric: withinNoise when the best is above it by no more than the noise threshold.
+   */
+  trivial: type({
+    metric: "string", value: "number", compared: "string", best: "number | null", margin: "number | null",
+    threshold: "number >= 0", withinNoise: "boolean", warning: "string | null",
+  }).or("null"),
+  /**
+   * The held-out test split, which no keep decision reads: the baseline runs' mean (and spread) and
+   * the best's measurement, next to the val gain. lines: the same in words (analysis_summary.md).
+   */
+  test: {
+    metric: "string | null",
+    images: "number.integer >= 0 | null",
+    runs: "number.integer >= 0",
+    baseline: type({
+      mean: "number", min: "number", max: "number", sigma: "number | null", n: "number.integer >= 1",
+    }).or("null"),
+    best: type({ n: "number.integer >= 1", commit: "string", value: "number" }).or("null"),
+    valGain: "number | null",
+    testGain: "number | null",
+    /** testGain / valGain, when the val gain is positive. */
+    held: "number | null",
+    /** Normal-approximation 95% half-width of an accuracy near p measured on `images` test images. */
+    interval: type({ metric: "string", p: "number", halfWidth: "number >= 0" }).or("null"),
+    lines: "string[]",
+  },
 });
 export type AnalysisSummary = typeof AnalysisSummary.infer;
 
@@ -176,6 +244,55 @@ export function parseHpMoves(description: string): HpMove[] {
 }
 
 type NoiseFloor = AnalysisSummary["noiseFloor"];
+
+/** One held-out test measurement the loop made: every baseline run and every keep, never used to decide. */
+const TestRun = type({
+  n: "number.integer >= 1", kind: "'baseline' | 'keep'", commit: "string", metrics: "Record<string, number>",
+});
+/**
+ * The journal fields this script reads beyond lib/journal.ts's State: optional, so a journal
+ * written before the loop measured the test split or the trivial model still reads.
+ */
+const JournalExtras = type({
+  "testRuns?": TestRun.array(),
+  "trivial?": type({ metric: "string", value: "number" }).or("null"),
+});
+export type Journal = State & typeof JournalExtras.infer;
+
+/** The loop's journal at `path` with the optional fields above checked too; null when there is none. */
+export function readJournal(path: string): Journal | null {
+  const st = readState(path);
+  if (st === null) return null;
+  const extras = JournalExtras(st);
+  if (extras instanceof type.errors) {
+    throw new Error(`${path}: not a loop journal: ${extras.summary.replace(/\n+/g, "; ")}`);
+  }
+  return { ...st, ...extras };
+}
+
+type DataFacts = AnalysisSummary["data"];
+const UNKNOWN_DATA: DataFacts = { manifest: null, sample: null, synthetic: null, splits: null };
+/** Just what the summary needs from a dataset manifest: its flags and how many images each split holds. */
+const ManifestFacts = type({
+  "sample?": "boolean", "synthetic?": "boolean", "items?": type({ split: "string" }).array(),
+});
+
+/**
+ * The session's dataset as its manifest describes it (the journal's cache.dir). The cache may be
+ * on another machine or re-prepared since: an absent or unreadable manifest is "unknown", not an error.
+ */
+export function readDataFacts(cacheDir: string): DataFacts {
+  const path = cacheFiles(cacheDir).manifest;
+  if (!existsSync(path)) return UNKNOWN_DATA;
+  let raw: unknown;
+  try { raw = JSON.parse(readFileSync(path, "utf8")); } catch { return UNKNOWN_DATA; }
+  const m = ManifestFacts(raw);
+  if (m instanceof type.errors) return UNKNOWN_DATA;
+  const splits: Record<string, number> = {};
+  for (const it of m.items ?? []) splits[it.split] = (splits[it.split] ?? 0) + 1;
+  const flags = { sample: m.sample === true, synthetic: m.synthetic === true };
+  return { manifest: path, ...flags, splits: m.items ? splits : null };
+}
 
 /** The loop's noise floor from its journal; null until the baseline repeats are all measured. */
 export function noiseFromState(st: State | null): NoiseFloor | null {
@@ -231,13 +348,17 @@ function logFinder(dir: string): (commit: string) => Promise<string | null> {
 interface SummarizeOptions {
   results: string;
   /** The loop's journal (.autoresearch/state.json, validated), or null. */
-  state?: State | null;
+  state?: Journal | null;
+  /** The session's dataset as its manifest describes it (readDataFacts of the journal's cache.dir). */
+  data?: DataFacts;
   /** Run log text for a commit, or null. */
   logFor?: (commit: string) => Promise<string | null>;
   /** No keep in this many runs = a plateau. */
   plateau?: number;
   /** Noise threshold in σ when the loop does not say. */
   noiseK?: number;
+  /** Runs to leave off the chart: run numbers or commit prefixes (each may be a comma list). */
+  exclude?: readonly string[];
   now?: Date;
 }
 
@@ -246,24 +367,45 @@ const DEFAULT_NOISE_K = 2;
 /** Near-miss tolerance when there is no noise estimate: this share of |best|. */
 const FALLBACK_TOLERANCE = 0.005;
 const LABEL_CHARS = 30;
+const TOP_HITS = 5;
 const PLATEAU_ADVICE = "single hyperparameter moves around the best look used up; try a structural change in "
   + "train.ts (another architecture such as residual or depthwise blocks, a wider or deeper net, another optimizer or "
   + "schedule, stronger augmentation, or a pretrained backbone)";
+/** The loop's descriptions of its baseline runs: "baseline", "baseline 1/3", "baseline repeat 2/3". */
+const BASELINE_DESCRIPTION = /^baseline(?: \d+\/\d+| repeat \d+\/\d+)?(?:\s*\(.*\))?$/;
+/** Metrics that are a share of the evaluated images: their 95% interval follows from the split's size. */
+const PROPORTIONS = new Set(["val_accuracy", "accuracy", "top1", "top5", "bin_acc", "mc_acc", "balanced_bin_acc"]);
 
 /**
- * The running best over baseline and keep rows, in lib/verdict.ts's order (primary, then
- * secondary). A baseline row after the first best is a repeat of the same code (a noise sample),
- * not progress; on a full tie the later keep is the branch tip.
+ * How the running best moves. "verdict" (no journal): lib/verdict.ts's order, primary then
+ * secondary. "loop" (the journal's best is a row here): as the loop decided, every keep became the
+ * best, and while the best was the unmodified train.ts candidates were measured against the mean
+ * of the baseline repeats, which `baseline` turns the first baseline row into.
  */
-function runningBest(runs: RunSummary[], ranking: Ranking | null) {
-  const beats = (a: RunSummary, b: RunSummary) => ranking !== null && outranks(a.metrics, b.metrics, ranking);
+type BestRule =
+  | { kind: "verdict"; ranking: Ranking | null }
+  | { kind: "loop"; baseline: (first: RunSummary) => RunSummary };
+
+/**
+ * The running best over baseline and keep rows. Under the verdict order a baseline row after the
+ * first best is a repeat of the same code (a noise sample), not progress; on a full tie the later
+ * keep is the branch tip.
+ */
+function runningBest(runs: RunSummary[], rule: BestRule) {
+  const beats = (a: RunSummary, b: RunSummary) =>
+    rule.kind === "verdict" && rule.ranking !== null && outranks(a.metrics, b.metrics, rule.ranking);
   const bestBefore: (RunSummary | null)[] = [];
   const bestAfter: (RunSummary | null)[] = [];
   const frontier: (RunSummary & { gain: number | null })[] = [];
   let best: RunSummary | null = null;
   for (const r of runs) {
     bestBefore.push(best);
-    if (r.status === "baseline" || r.status === "keep") {
+    if (rule.kind === "loop") {
+      if (r.status === "keep" || (r.status === "baseline" && best === null)) {
+        frontier.push({ ...r, gain: best === null ? null : r.primary - best.primary });
+        best = best === null ? rule.baseline(r) : r;
+      }
+    } else if (r.status === "baseline" || r.status === "keep") {
       if (best === null || (r.status === "keep" && beats(r, best))) {
         frontier.push({ ...r, gain: best === null ? null : r.primary - best.primary });
         best = r;
@@ -276,20 +418,199 @@ function runningBest(runs: RunSummary[], ranking: Ranking | null) {
   return { best, bestBefore, bestAfter, frontier };
 }
 
+/**
+ * The session's primary (the journal's) when results.tsv has it as a column, else the task's
+ * default, with a note: a session may decide on a metric that only the journal records.
+ */
+function rankingFor(
+  task: Task | null, st: Journal | null, parsed: ParsedResults,
+): { ranking: Ranking | null; note: string | null } {
+  if (task === null) return { ranking: null, note: null };
+  const r = TASK_METRICS[task];
+  if (!st || st.task !== task || (st.primary === r.primary && st.secondary === r.secondary)) {
+    return { ranking: r, note: null };
+  }
+  const has = (m: string) => parsed.rows.every((row) => m in row.metrics);
+  if (has(st.primary) && has(st.secondary)) {
+    return { ranking: { primary: st.primary, secondary: st.secondary, lowerIsBetter: r.lowerIsBetter }, note: null };
+  }
+  return {
+    ranking: r,
+    note: `the session's primary ${st.primary} is not a column of results.tsv: runs are ranked and charted by `
+      + `${r.primary} (then ${r.secondary}) here`,
+  };
+}
+
+/** The row of the journal's best (the branch tip): by its number and commit, else its commit's last keep. */
+function journalBestRow(runs: RunSummary[], st: Journal | null): { row: RunSummary | null; note: string | null } {
+  const b = st?.best;
+  if (!b) return { row: null, note: null };
+  const same = (r: RunSummary) => r.status === "keep" && r.commit.length >= 7
+    && (r.commit === b.short || b.commit.startsWith(r.commit));
+  const row = runs.find((r) => r.run === b.n && same(r)) ?? runs.filter(same).at(-1) ?? null;
+  if (row) return { row, note: null };
+  return {
+    row: null,
+    note: `the journal's best (experiment ${b.n}, \`${b.short}\`) is not a kept row of this results file: `
+      + "the best here follows the keep rule's order over the rows",
+  };
+}
+
+/** Runs named by number or commit prefix; a name that matches no run is an error. */
+function excludedRuns(runs: RunSummary[], names: readonly string[], results: string): number[] {
+  const out = new Set<number>();
+  for (const name of names.flatMap((n) => n.split(",")).map((n) => n.trim()).filter((n) => n !== "")) {
+    const hits = /^\d{1,6}$/.test(name)
+      ? runs.filter((r) => r.run === Number(name))
+      : runs.filter((r) => name.length >= 4 && r.commit !== "-"
+        && (r.commit.startsWith(name) || name.startsWith(r.commit)));
+    if (hits.length === 0) throw new Error(`${results}: --exclude ${name}: no run has that number or commit`);
+    for (const h of hits) out.add(h.run);
+  }
+  return [...out].sort((a, b) => a - b);
+}
+
+/**
+ * The trivial model's val score (journal) against the best on the same metric. The journal names
+ * either the metric (bin_acc) or the footer field holding the score (trivial_bin_acc): both compare
+ * on bin_acc; a metric the best lacks falls back to the primary.
+ */
+function trivialCheck(
+  t: Journal["trivial"], best: Record<string, number> | null, primary: string | null, nf: NoiseFloor,
+): AnalysisSummary["trivial"] {
+  if (!t) return null;
+  const bare = t.metric.replace(/^trivial_/, "");
+  const metrics = best ?? {};
+  const compared = bare in metrics ? bare : t.metric in metrics ? t.metric : primary ?? bare;
+  const value = metrics[compared] ?? null;
+  const threshold = nf.threshold ?? 0;
+  const margin = value === null ? null : value - t.value;
+  const withinNoise = margin !== null && margin <= threshold;
+  const where = margin !== null && margin < 0 ? "below" : `within the noise floor (${fmt(threshold)}) of`;
+  const hint = compared === "bin_acc" ? "; balanced_bin_acc is a primary that sees this" : "";
+  const warning = withinNoise
+    ? `the best ${compared} ${fmt(value)} is ${where} the trivial model's ${fmt(t.value)} (always the majority `
+      + `side): it may have learned nothing a constant answer does not${hint}`
+    : null;
+  return { metric: t.metric, value: t.value, compared, best: value, margin, threshold, withinNoise, warning };
+}
+
+/** Normal-approximation 95% half-width of an accuracy p on n images; p is kept half an image off 0 and 1. */
+export function halfWidth95(p: number, n: number): number {
+  const q = Math.min(Math.max(p, 0.5 / n), 1 - 0.5 / n);
+  return 1.96 * Math.sqrt((q * (1 - q)) / n);
+}
+
+const commitsMatch = (a: string, b: string) => a.length >= 7 && b.length >= 7 && (a.startsWith(b) || b.startsWith(a));
+
+/**
+ * Baseline vs best on the held-out test split (the journal's testRuns), on the session's primary,
+ * next to the val gain the loop decided on (journal best − journal baseline mean).
+ */
+function testReport(st: Journal | null, data: DataFacts, fallbackValGain: number | null): AnalysisSummary["test"] {
+  const images = data.splits?.test ?? null;
+  const base = {
+    metric: st?.primary ?? null, images, runs: st?.testRuns?.length ?? 0, baseline: null, best: null,
+    valGain: fallbackValGain, testGain: null, held: null, interval: null,
+  };
+  if (!st) return { ...base, lines: ["Test split: no loop journal, so no test measurements to report."] };
+  const runs = st.testRuns ?? [];
+  if (runs.length === 0) {
+    return { ...base, lines: ["Test split: not measured (no testRuns in the journal): the val gain is unchecked."] };
+  }
+  const m = st.primary;
+  const jb = st.best, jbase = st.baseline;
+  const valGain = jb && jbase && m in jb.metrics && m in jbase.metrics
+    ? (jb.metrics[m] ?? 0) - (jbase.metrics[m] ?? 0)
+    : fallbackValGain;
+  const values = (kind: "baseline" | "keep") =>
+    runs.filter((r) => r.kind === kind).flatMap((r) => (m in r.metrics ? [r.metrics[m] ?? 0] : []));
+  const bv = values("baseline");
+  const baseline = bv.length === 0 ? null : {
+    mean: bv.reduce((a, b) => a + b, 0) / bv.length, min: Math.min(...bv), max: Math.max(...bv),
+    sigma: bv.length >= 2 ? computeNoise(m, bv, 1).sigma : null, n: bv.length,
+  };
+  const bestIsBaseline = !jb || jb.commit === st.sessionStart;
+  const bestRun = bestIsBaseline ? undefined
+    : runs.filter((r) => r.kind === "keep" && m in r.metrics && commitsMatch(r.commit, jb.commit)).at(-1);
+  const best = bestRun ? { n: bestRun.n, commit: bestRun.commit.slice(0, 7), value: bestRun.metrics[m] ?? 0 } : null;
+  const testGain = best && baseline ? best.value - baseline.mean : null;
+  const held = testGain !== null && valGain !== null && valGain > 0 ? testGain / valGain : null;
+  const pm = PROPORTIONS.has(m) ? m : TASK_METRICS[st.task].columns.find((c) => PROPORTIONS.has(c)) ?? null;
+  const pOf = (r: typeof runs[number] | undefined) => (pm !== null && r && pm in r.metrics ? r.metrics[pm] : undefined);
+  const baseP = runs.filter((r) => r.kind === "baseline").map(pOf).find((v) => v !== undefined);
+  const p = pOf(bestRun) ?? baseP;
+  const interval = pm !== null && p !== undefined && images !== null && images > 0
+    ? { metric: pm, p, halfWidth: halfWidth95(p, images) }
+    : null;
+
+  const size = images === null
+    ? "size unknown: the session's dataset manifest is not readable here"
+    : `${images} images${interval
+      ? `; ±${fmt(interval.halfWidth, 3)} at 95% for ${interval.metric} near ${fmt(interval.p, 2)}`
+      : ""}`;
+  const spread = baseline === null ? "" : baseline.n === 1 ? "1 run"
+    : `mean of ${baseline.n} runs, ${fmt(baseline.min)}–${fmt(baseline.max)}, σ ${fmt(baseline.sigma)}`;
+  const baseText = baseline ? `baseline ${fmt(baseline.mean)} (${spread})` : `no baseline test run with ${m}`;
+  const bestText = bestIsBaseline ? "no keep yet (the best is the baseline)"
+    : best ? `best ${fmt(best.value)} (run ${best.n}, \`${best.commit}\`)`
+    : `the best (run ${jb.n}, \`${jb.short}\`) has no test measurement`;
+  const lines = [`Test split (${size}): ${baseText}, ${bestText}.`];
+  if (testGain !== null && valGain !== null) {
+    const heldText = held !== null ? `${Math.round(100 * held)}% of the val gain held`
+      : "no val gain to hold";
+    lines.push(`**val ${signed(valGain)}, test ${signed(testGain)}: ${heldText}** on images no decision read.`);
+    if (interval && Math.abs(testGain) < interval.halfWidth) {
+      lines.push(`The test gain is inside ±${fmt(interval.halfWidth, 3)}: on ${images} images it cannot be `
+        + "told from no change.");
+    }
+  }
+  return { metric: m, images, runs: runs.length, baseline, best, valGain, testGain, held, interval, lines };
+}
+
+/** min/avg/max of every metric over the runs that have a score. */
+function metricStatsOf(runs: RunSummary[]): AnalysisSummary["metricStats"] {
+  const scored = runs.filter((r) => r.status !== "crash");
+  const names = [...new Set(scored.flatMap((r) => Object.keys(r.metrics)))];
+  return names.flatMap((metric) => {
+    const v = scored.flatMap((r) => (metric in r.metrics ? [r.metrics[metric] ?? 0] : []));
+    if (v.length === 0) return [];
+    const avg = v.reduce((a, b) => a + b, 0) / v.length;
+    return [{ metric, n: v.length, min: Math.min(...v), avg, max: Math.max(...v) }];
+  });
+}
+
 export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): Promise<AnalysisSummary> {
   const k = opts.noiseK ?? DEFAULT_NOISE_K;
   const window = opts.plateau ?? DEFAULT_PLATEAU;
   const task = parsed.task;
-  const ranking = task ? TASK_METRICS[task] : null;
+  const st = opts.state ?? null;
+  const data = opts.data ?? UNKNOWN_DATA;
+  const { ranking, note: primaryNote } = rankingFor(task, st, parsed);
   const primary = ranking?.primary ?? null;
   const secondary = ranking?.secondary ?? null;
   const runs = rowsToRuns(parsed, primary, secondary);
   const counts = { runs: runs.length, baseline: 0, keep: 0, discard: 0, crash: 0 };
   for (const r of runs) counts[r.status]++;
-  const { best, bestBefore, bestAfter, frontier } = runningBest(runs, ranking);
   const baseline = runs.find((r) => r.status === "baseline" || r.status === "keep") ?? null;
+  const isBaselineRun = (r: RunSummary) =>
+    r === baseline || r.status === "baseline" || BASELINE_DESCRIPTION.test(r.description);
 
-  const noiseFloor = noiseFromState(opts.state ?? null) ?? noiseFromRuns(runs, primary ?? "", k);
+  const noiseFloor = noiseFromState(st) ?? noiseFromRuns(runs, primary ?? "", k);
+  const journal = journalBestRow(runs, st);
+  // The loop compared candidates with the mean of the baseline repeats (its journal's baseline).
+  const asBaseline = (first: RunSummary): RunSummary => {
+    const mean = st?.baseline?.metrics
+      ?? meanMetrics(runs.filter((r) => isBaselineRun(r) && r.status !== "crash").map((r) => r.metrics));
+    return {
+      ...first, metrics: { ...first.metrics, ...mean },
+      primary: mean[primary ?? ""] ?? first.primary, secondary: mean[secondary ?? ""] ?? first.secondary,
+    };
+  };
+  const rule: BestRule = journal.row ? { kind: "loop", baseline: asBaseline } : { kind: "verdict", ranking };
+  const { best: ruleBest, bestBefore, bestAfter, frontier } = runningBest(runs, rule);
+  const best = journal.row === null ? ruleBest : journal.row === baseline ? asBaseline(journal.row) : journal.row;
+
   const from = noiseFloor.source === "state" ? "the loop's state.json" : "baseline rows";
   const tolerance = noiseFloor.threshold !== null
     ? { value: noiseFloor.threshold, basis: `noise threshold (${noiseFloor.k}σ, from ${from})` }
@@ -343,12 +664,32 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
     label: frontierRuns.has(r.run) || r.status === "keep" ? label(r) : null,
   }));
 
+  const improvement = best && baseline ? improvementOver(best.primary, baseline.primary, noiseFloor) : null;
+  const experiments = runs.filter((r) => !isBaselineRun(r));
+  const keeps = experiments.filter((r) => r.status === "keep").length;
+  const rate = experiments.length ? keeps / experiments.length : null;
+  const keepRate = { keeps, experiments: experiments.length, rate };
+  const topHits = improvement === null ? [] : experiments.filter((r) => r.status !== "crash")
+    .map((r) => ({ ...r, delta: r.primary - improvement.reference }))
+    .sort((a, b) => b.delta - a.delta || a.run - b.run).slice(0, TOP_HITS).map((r, i) => ({ ...r, rank: i + 1 }));
+  // The journal's best carries every metric the loop measured, the row only results.tsv's columns.
+  const bestMetrics = best ? { ...(journal.row ? st?.best?.metrics : {}), ...best.metrics } : null;
+  const trivial = trivialCheck(st?.trivial, bestMetrics, primary, noiseFloor);
+  const warnings = [
+    ...(data.synthetic ? ["SYNTHETIC data: a plumbing test, not a measure of model quality"]
+      : data.sample ? ["SAMPLE data: not a measure of model quality (the session trained on data/sample)"] : []),
+    ...(trivial?.warning ? [trivial.warning] : []),
+  ];
+
   const summary: AnalysisSummary = {
     version: "1", generatedAt: (opts.now ?? new Date()).toISOString(), results: opts.results, task, primary, secondary,
-    parseErrors: parsed.errors, counts, baseline, best,
-    improvement: best && baseline ? improvementOver(best.primary, baseline.primary, noiseFloor) : null,
+    parseErrors: parsed.errors, counts, baseline, best, improvement,
     frontier, noiseFloor, crashes, crashReasons, nearMisses, nearMissTolerance: tolerance, hpAxes, lostRegions, plateau,
-    suggestions: [], series,
+    suggestions: [], series, excluded: excludedRuns(runs, opts.exclude ?? [], opts.results),
+    warnings, sessionPrimary: st?.primary ?? null, primaryNote,
+    bestSource: journal.row ? "journal" : "results", bestNote: journal.note, data,
+    metricStats: metricStatsOf(runs), keepRate, topHits, trivial,
+    test: testReport(st, data, primary !== null && st?.primary === primary ? improvement?.absolute ?? null : null),
   };
   summary.suggestions = suggest(summary);
   return summary;
@@ -516,8 +857,17 @@ function headline(s: AnalysisSummary): string[] {
   } else {
     L.push(`No run has been kept yet (no baseline or keep row).`, "");
   }
+  for (const line of s.test.lines) L.push(`- ${line}`);
+  const chosen = s.sessionPrimary === null ? "the task's default; no loop journal"
+    : s.sessionPrimary === s.primary ? "the session's choice, from the loop's journal"
+    : `the session's primary is ${s.sessionPrimary}`;
+  L.push(`- Primary metric: ${p} (${chosen}), ties broken by ${s.secondary ?? "n/a"}.`);
+  for (const note of [s.primaryNote, s.bestNote]) if (note !== null) L.push(`- Note: ${note}.`);
   const c = s.counts;
   L.push(`- Runs: ${c.runs} — ${c.keep} kept, ${c.discard} discarded, ${c.crash} crashed, ${c.baseline} baseline.`);
+  const kr = s.keepRate;
+  const rate = kr.rate !== null ? ` (${Math.round(100 * kr.rate)}%)` : "";
+  L.push(`- Keep rate: ${kr.keeps} of ${kr.experiments} experiments kept${rate}; baseline runs are not experiments.`);
   const nf = s.noiseFloor;
   const sigma = nf.sigma !== null ? `σ ${fmt(nf.sigma)}` : "σ unknown";
   const threshold = nf.threshold !== null ? `, threshold ${fmt(nf.threshold)} (${nf.k}σ)` : "";
@@ -534,16 +884,44 @@ function headline(s: AnalysisSummary): string[] {
   return L;
 }
 
+/** What people look at first: each metric's range over the runs, and the experiments that gained most. */
+function atAGlance(s: AnalysisSummary): string[] {
+  const L: string[] = [];
+  if (s.metricStats.length > 0) {
+    const n = s.metricStats[0]!.n;
+    L.push(`## Metrics over the ${n} scored run${n === 1 ? "" : "s"} (crashes left out)`, "",
+      "| metric | min | avg | max |", "|---|---:|---:|---:|");
+    for (const m of s.metricStats) L.push(`| ${m.metric} | ${fmt(m.min)} | ${fmt(m.avg)} | ${fmt(m.max)} |`);
+    L.push("");
+  }
+  if (s.topHits.length > 0 && s.improvement) {
+    const p = s.primary ?? "primary";
+    L.push(`## Top ${s.topHits.length} by gain over the baseline (${fmt(s.improvement.reference)}, `
+      + `${s.improvement.basis})`, "", `| # | run | commit | status | ${p} | Δ | description |`,
+    "|---:|---:|---|---|---:|---:|---|");
+    for (const h of s.topHits) {
+      L.push(`| ${h.rank} | ${h.run} | \`${h.commit}\` | ${h.status} | ${fmt(h.primary)} | ${signed(h.delta)} | `
+        + `${cell(shorten(h.description, 60))} |`);
+    }
+    L.push("");
+  }
+  return L;
+}
+
 export function renderMarkdown(s: AnalysisSummary): string {
   const L: string[] = [];
   L.push(`# Research summary${s.task ? ` — ${s.task} task` : ""}`, "");
   L.push(`_${s.results}, ${s.counts.runs} runs, generated ${s.generatedAt.slice(0, 16).replace("T", " ")} UTC._`, "");
+  // What must be read before any number comes first.
+  for (const w of s.warnings) L.push(`> **WARNING: ${w}.**`, ">");
+  if (s.warnings.length > 0) L.splice(L.length - 1, 1, "");
   if (s.counts.runs === 0) {
     const empty = s.task === null && s.parseErrors.length === 0;
     L.push(empty ? "No runs yet: results.tsv is empty or missing." : "No runs yet.", "");
   } else {
     const p = s.primary ?? "primary";
     L.push(...headline(s));
+    L.push(...atAGlance(s));
     if (s.frontier.length > 0) {
       L.push("## Frontier (each run that raised the best)", "", `| run | commit | ${p} | gain | description |`,
         "|---:|---|---:|---:|---|");
@@ -668,8 +1046,16 @@ function chartSpec(s: AnalysisSummary): TopLevelSpec {
   const band = center !== null && nf.threshold !== null
     ? { lo: center - nf.threshold, hi: center + nf.threshold }
     : null;
-  const scored = s.series.flatMap((p) => (p.primary === null ? [] : [p.primary]));
-  const ys = [...scored, ...(band ? [band.lo, band.hi] : [])];
+  const excluded = new Set(s.excluded);
+  const shown = s.series.filter((p) => !excluded.has(p.run));
+  const scored = shown.flatMap((p) => (p.primary === null ? [] : [p.primary]));
+  const bests = shown.flatMap((p) => (p.runningBest === null ? [] : [p.runningBest]));
+  // The trivial model's score, on the plotted metric: always drawn when the best is within noise of
+  // it (the axis stretches to show it), else only when it falls among the runs anyway.
+  const tv = s.trivial && s.trivial.compared === s.primary ? s.trivial.value : null;
+  const inRange = tv !== null && scored.length > 0 && tv >= Math.min(...scored) && tv <= Math.max(...scored);
+  const trivial = tv !== null && (s.trivial?.withinNoise === true || inRange) ? tv : null;
+  const ys = [...scored, ...bests, ...(band ? [band.lo, band.hi] : []), ...(trivial !== null ? [trivial] : [])];
   const lo0 = ys.length ? Math.min(...ys) : 0, hi0 = ys.length ? Math.max(...ys) : 1;
   const span = Math.max(hi0 - lo0, Math.abs(hi0) * 0.02, 1e-3);
   // Room above for labels, and a floor below where crashes (no score) are drawn.
@@ -685,10 +1071,10 @@ function chartSpec(s: AnalysisSummary): TopLevelSpec {
   const xRun = (px: number) => px / w * runsN + 0.5;
   const yVal = (px: number) => yLo + (1 - px / h) * (yHi - yLo);
 
-  const points = s.series.map((p) => ({
+  const points = shown.map((p) => ({
     ...p, y: p.primary ?? crashY, shown: p.status === "crash" ? "crashed (no score)" : fmt(p.primary),
   }));
-  const best = s.series.filter((p) => p.runningBest !== null).map((p) => ({ run: p.run, best: p.runningBest }));
+  const best = shown.filter((p) => p.runningBest !== null).map((p) => ({ run: p.run, best: p.runningBest }));
   const lastBest = best.at(-1);
 
   // Obstacles for the labels: every point, the best-so-far line, the baseline and best captions.
@@ -713,7 +1099,13 @@ function chartSpec(s: AnalysisSummary): TopLevelSpec {
     obstacles.push({ x0: w - textWidth(bestText) - 4, x1: w, y0: yPx(lastBest.best) - 16, y1: yPx(lastBest.best) });
   }
 
-  const wanted = s.series.flatMap((p) => (p.label !== null && p.primary !== null
+  const trivialText = trivial !== null ? `trivial (always majority) ${fmt(trivial)}` : "";
+  if (trivial !== null) {
+    obstacles.push({ x0: 0, x1: w, y0: yPx(trivial) - 1.5, y1: yPx(trivial) + 1.5, weight: 3 });
+    obstacles.push({ x0: 0, x1: textWidth(trivialText) + 8, y0: yPx(trivial) - 16, y1: yPx(trivial) });
+  }
+
+  const wanted = shown.flatMap((p) => (p.label !== null && p.primary !== null
     ? [{ x: xPx(p.run), y: yPx(p.primary), text: p.label }]
     : []));
   const half = (LABEL_FONT + 3) / 2;
@@ -727,28 +1119,37 @@ function chartSpec(s: AnalysisSummary): TopLevelSpec {
   const bestAt = s.best ? ` at run ${s.best.run} (${s.best.commit})` : "";
   const reference = fmt(s.improvement?.reference ?? s.baseline?.primary);
   const gain = s.improvement ? ` · gain ${signed(s.improvement.absolute)}` : "";
+  const dataTag = s.data.synthetic ? "SYNTHETIC data · "
+    : s.data.sample ? "SAMPLE data (no measure of quality) · " : "";
   const title = s.counts.runs === 0
     ? { text: "autoresearch progress: no runs yet", subtitle: s.results }
     : {
-      text: `${s.task ?? "?"} · ${s.primary ?? "primary"} over ${runs} (higher is better)`,
+      text: `${dataTag}${s.task ?? "?"} · ${s.primary ?? "primary"} over ${runs} (higher is better)`,
       subtitle: `best ${fmt(s.best?.primary)}${bestAt} · baseline ${reference}`
         + `${gain} · ${s.counts.keep} kept, ${s.counts.discard} discarded, ${s.counts.crash} crashed`
         + (band ? ` · band: baseline ± noise threshold (${nf.k}σ)` : ""),
     };
+  // On the axis, where it has room: the subtitle is full.
+  const notDrawn = s.excluded.length > 0
+    ? ` (not drawn: run${s.excluded.length === 1 ? "" : "s"} ${shorten(s.excluded.join(", "), 60)})`
+    : "";
   const x = {
-    field: "run", type: "quantitative" as const, title: "run",
+    field: "run", type: "quantitative" as const, title: `run${notDrawn}`,
     scale: { domain: [0.5, runsN + 0.5], nice: false, zero: false }, axis: { tickMinStep: 1, format: "d", grid: false },
   };
   const y = {
     type: "quantitative" as const, scale: { domain: [yLo, yHi], nice: false, zero: false },
     axis: { title: s.primary ?? "primary metric", format: `.${digits}f`, tickCount: 8 },
   };
-  // Captions at the right edge: the baseline's below its line, the best's above its line.
-  const caption = (text: string, value: number, color: string, below: boolean) => ({
-    data: { values: [{ run: runsN + 0.5, y: value, text }] },
+  // Captions at the right edge: the baseline's below its line, the best's above its line; the
+  // trivial model's at the left edge, above its line.
+  const caption = (text: string, value: number, color: string, below: boolean, left = false) => ({
+    data: { values: [{ run: left ? 0.5 : runsN + 0.5, y: value, text }] },
     mark: {
-      type: "text" as const, align: "right" as const, baseline: below ? "top" as const : "bottom" as const,
-      dx: -4, dy: below ? 3 : -3, color, fontSize: 11,
+      type: "text" as const, align: left ? "left" as const : "right" as const,
+      baseline: below ? "top" as const : "bottom" as const,
+      dx: left ? 4 : -4, dy: below ? 3 : -3, color, fontSize: 11,
+      fontWeight: left ? "bold" as const : "normal" as const,
     },
     encoding: { x: { ...x, field: "run" }, y: { ...y, field: "y" }, text: { field: "text" } },
   });
@@ -783,6 +1184,11 @@ function chartSpec(s: AnalysisSummary): TopLevelSpec {
         mark: { type: "rule" as const, color: "#3b6fb6", strokeDash: [6, 4], strokeWidth: 1.5 },
         encoding: { y: { ...y, field: "y" } },
       }, caption(baselineText, center, "#3b6fb6", true)] : []),
+      ...(trivial !== null ? [{
+        data: { values: [{ y: trivial }] },
+        mark: { type: "rule" as const, color: "#d1342f", strokeDash: [8, 4], strokeWidth: 2 },
+        encoding: { y: { ...y, field: "y" } },
+      }, caption(trivialText, trivial, "#b0221d", false, true)] : []),
       ...(best.length > 0 ? [{
         data: { values: best },
         mark: {
@@ -844,19 +1250,28 @@ interface WriteOptions {
   results: string;
   outDir: string;
   plateau?: number;
-  /** The loop's journal (default .autoresearch/state.json): used when it exists, an error when it is not one. */
+  /**
+   * The loop's journal (default .autoresearch/state.json, none with chartOnly): used when it
+   * exists, an error when it is not one.
+   */
   state?: string;
   logs?: string;
   chart?: boolean;
+  /** Only progress.{svg,png}, from results.tsv alone unless `state` is given. */
+  chartOnly?: boolean;
+  /** Runs left off the chart: run numbers or commit prefixes. */
+  exclude?: string[];
   noiseK?: number;
 }
 
 /** Read the inputs, write analysis_summary.{json,md} (and progress.{svg,png}); returns the summary. */
 export async function writeSummary(o: WriteOptions): Promise<{ summary: AnalysisSummary; files: string[] }> {
   const parsed = await readResults(o.results);
-  const state = readState(o.state ?? STATE_FILE);
+  const statePath = o.state ?? (o.chartOnly ? null : STATE_FILE);
+  const state = statePath === null ? null : readJournal(statePath);
   const summary = await summarize(parsed, {
-    results: o.results, state, logFor: logFinder(o.logs ?? LOGS_DIR), plateau: o.plateau, noiseK: o.noiseK,
+    results: o.results, state, data: state ? readDataFacts(state.cache.dir) : UNKNOWN_DATA,
+    logFor: logFinder(o.logs ?? LOGS_DIR), plateau: o.plateau, noiseK: o.noiseK, exclude: o.exclude,
   });
   const checked = AnalysisSummary(summary);
   if (checked instanceof type.errors) {
@@ -868,9 +1283,11 @@ export async function writeSummary(o: WriteOptions): Promise<{ summary: Analysis
     writeAtomic(path, data); // the loop's agent may read these while they are rewritten
     files.push(path);
   };
-  put("analysis_summary.json", `${JSON.stringify(summary, null, 2)}\n`);
-  put("analysis_summary.md", renderMarkdown(summary));
-  if (o.chart !== false) {
+  if (!o.chartOnly) {
+    put("analysis_summary.json", `${JSON.stringify(summary, null, 2)}\n`);
+    put("analysis_summary.md", renderMarkdown(summary));
+  }
+  if (o.chart !== false || o.chartOnly) {
     const { svg, png } = await renderChart(summary);
     put("progress.svg", svg);
     put("progress.png", png);
@@ -879,30 +1296,38 @@ export async function writeSummary(o: WriteOptions): Promise<{ summary: Analysis
 }
 
 const Flags = type({
-  results: "string > 0", outDir: "string > 0", plateau: "number.integer >= 1", state: "string > 0", logs: "string > 0",
-  chart: "boolean", noiseK: "number > 0",
+  results: "string > 0", outDir: "string > 0", plateau: "number.integer >= 1", "state?": "string > 0",
+  logs: "string > 0", chart: "boolean", chartOnly: "boolean", exclude: "string[]", noiseK: "number > 0",
 });
 
 async function main(): Promise<void> {
   const cli = cac("summarize_results.ts");
   cli.option("--results <file>", "results.tsv to read", { default: RESULTS_FILE })
-    .option("--out-dir <dir>", "where analysis_summary.{json,md} and progress.{svg,png} go", { default: "." })
+    .option("--out-dir, --out <dir>", "where analysis_summary.{json,md} and progress.{svg,png} go", { default: "." })
     .option("--plateau <n>", "no keep in this many runs = plateau", { default: DEFAULT_PLATEAU })
-    .option("--state <file>", "the loop's state (noise floor)", { default: STATE_FILE })
+    .option("--state <file>", `the loop's journal: noise floor, best, test runs, trivial model (default ${STATE_FILE}; `
+      + "none with --chart-only)")
     .option("--logs <dir>", "run logs, found by commit in the file name", { default: LOGS_DIR })
     .option("--noise-k <k>", "noise threshold in σ when the loop's state does not say", { default: DEFAULT_NOISE_K })
+    .option("--exclude <runs>", "leave these runs off the chart: run numbers or commits, comma-separated",
+      { type: [String] })
+    .option("--chart-only", "write only progress.{svg,png}, from any results.tsv (no journal needed)")
     .option("--no-chart", "skip progress.svg/.png");
   cli.help();
   const { options: o } = cli.parse(process.argv, { run: false });
   if (o.help === true) return;
+  const exclude: unknown[] = Array.isArray(o.exclude) ? o.exclude : o.exclude === undefined ? [] : [o.exclude];
   const flags = Flags({
-    results: String(o.results), outDir: String(o.outDir), plateau: Number(o.plateau), state: String(o.state),
-    logs: String(o.logs), chart: o.chart !== false, noiseK: Number(o.noiseK),
+    results: String(o.results), outDir: String(o.outDir), plateau: Number(o.plateau),
+    ...(o.state !== undefined ? { state: String(o.state) } : {}),
+    logs: String(o.logs), chart: o.chart !== false, chartOnly: o.chartOnly === true, exclude: exclude.map(String),
+    noiseK: Number(o.noiseK),
   });
   if (flags instanceof type.errors) throw new Error(`summarize_results.ts: ${flags.summary}`);
   if (!existsSync(flags.results)) console.error(`note: ${flags.results} does not exist yet: writing an empty summary`);
   const { summary: s, files } = await writeSummary(flags);
   for (const e of s.parseErrors) console.error(`${flags.results}:${e.line}: skipped: ${e.message}`);
+  for (const w of s.warnings) console.log(`WARNING: ${w}`);
   const best = s.best
     ? `best ${s.primary} ${fmt(s.best.primary)} at run ${s.best.run} (${s.best.commit})`
     : "no kept run yet";

@@ -3,6 +3,7 @@
  *   commit  <task metric columns…>  memory_gb  status  description
  * e.g. waste: commit accuracy yield_mse combined_score memory_gb status description.
  * Row metrics are keyed by the footer's names (val_accuracy, …), whatever the column is called.
+ * The loop writes this order; parseResults reads the same columns in any order (the seeds' files).
  * loop.ts appends; summarize_results.ts and the tests read. Crashes log 0 for every number.
  */
 import { appendFile, readFile, truncate } from "node:fs/promises";
@@ -76,18 +77,29 @@ export interface ParsedResults {
   errors: { line: number; message: string }[];
 }
 
-/** Parse results.tsv text. The task is recognised from the header's metric columns. */
+/**
+ * The task whose columns the header holds, in any order: the seeds write the same columns in their
+ * own order (the screening seed: commit mc_acc bin_acc memory_gb status description).
+ */
+function taskOfHeader(columns: string[]): Task | null {
+  const names = [...columns].sort().join("\t");
+  return (Object.keys(TASK_METRICS) as Task[]).find((t) => [...resultsColumns(t)].sort().join("\t") === names) ?? null;
+}
+
+/** Parse results.tsv text. The task is recognised from the header's column names, cells are read by name. */
 export function parseResults(text: string): ParsedResults {
   const lines = text.split("\n");
   const header = (lines[0] ?? "").trim();
   const out: ParsedResults = { task: null, columns: [], rows: [], lines: [], errors: [] };
   if (header === "") return out;
   out.columns = header.split("\t");
-  out.task = (Object.keys(TASK_METRICS) as Task[]).find((t) => resultsColumns(t).join("\t") === header) ?? null;
+  out.task = taskOfHeader(out.columns);
   if (out.task === null) {
     out.errors.push({ line: 1, message: `header "${header}" matches no task's columns` });
     return out;
   }
+  const at = new Map(out.columns.map((c, i) => [c, i]));
+  const cell = (cells: string[], column: string) => cells[at.get(column) ?? -1];
   const metricCols = TASK_METRICS[out.task].columns;
   lines.slice(1).forEach((line, i) => {
     if (line.trim() === "") return;
@@ -98,9 +110,11 @@ export function parseResults(text: string): ParsedResults {
       return;
     }
     const metrics: Record<string, number> = {};
-    metricCols.forEach((c, k) => { metrics[c] = Number(cells[k + 1]); });
-    const [memory, status, description] = cells.slice(metricCols.length + 1);
-    const row = ResultRow({ commit: cells[0], metrics, memory_gb: Number(memory), status, description });
+    for (const c of metricCols) metrics[c] = Number(cell(cells, TSV_NAME[c] ?? c));
+    const row = ResultRow({
+      commit: cell(cells, "commit"), metrics, memory_gb: Number(cell(cells, "memory_gb")),
+      status: cell(cells, "status"), description: cell(cells, "description"),
+    });
     if (row instanceof type.errors) error(row.summary.split("\n")[0] ?? "invalid row");
     else if (Object.values(row.metrics).some((v) => !Number.isFinite(v))) error("a metric is not a number");
     else { out.rows.push(row); out.lines?.push(i + 2); }

@@ -1,6 +1,6 @@
-/** summarize_results.ts on hand-written results.tsv files, and the progress chart. */
+/** summarize_results.ts on hand-written results.tsv files and loop journals, and the progress chart. */
 import { describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { type } from "arktype";
 import sharp from "sharp";
@@ -8,13 +8,15 @@ import type { State } from "../lib/journal.ts";
 import { parseResults } from "../lib/results.ts";
 import { newState } from "../lib/session.ts";
 import {
-  AnalysisSummary, CHART, crashReasonFromDescription, crashReasonFromLog, noiseFromState, parseHpMoves, renderChart,
-  renderMarkdown, summarize, writeSummary,
+  AnalysisSummary, CHART, crashReasonFromDescription, crashReasonFromLog, halfWidth95, type Journal, noiseFromState,
+  parseHpMoves, readDataFacts, renderChart, renderMarkdown, summarize, writeSummary,
 } from "../summarize_results.ts";
 import { ROOT, runScript, tempDir } from "./helpers.ts";
 
 /** Tests that run a child process or render the chart: slow on a busy machine. */
 const SLOW_MS = 120_000;
+/** The rest compute in memory; the limit only allows for a machine shared by several people. */
+const QUICK_MS = 30_000;
 
 const HEADER = "commit\taccuracy\tyield_mse\tcombined_score\tmemory_gb\tstatus\tdescription";
 /** One waste row: combined_score is given, not computed, so ties are exact. */
@@ -95,14 +97,14 @@ describe("summarize", () => {
     const md = renderMarkdown(s);
     expect(md).toContain("**Best combined_score: 0.7460** at run 7, commit `1111111`");
     expect(md).toContain("lr up from 0.005: lost 3×");
-  });
+  }, QUICK_MS);
 
   test("plateau: no keep in the last N runs suggests a structural change first", async () => {
     const s = await summaryOf(NIGHT, { plateau: 3 });
     expect(s.plateau.detected).toBe(true);
     expect(s.suggestions[0]!.kind).toBe("structural");
     expect(renderMarkdown(s)).toContain("Plateau: **yes**");
-  });
+  }, QUICK_MS);
 
   test("empty file, header only, and a missing file give an empty summary, not a crash", async () => {
     for (const text of ["", `${HEADER}\n`, HEADER]) {
@@ -117,7 +119,7 @@ describe("summarize", () => {
     const dir = tempDir();
     const { summary } = await writeSummary({ results: join(dir, "absent.tsv"), outDir: dir, chart: false });
     expect(summary.counts.runs).toBe(0);
-  });
+  }, QUICK_MS);
 
   test("a garbage line is reported with its line number; the rows around it keep theirs", async () => {
     const lines = NIGHT.trimEnd().split("\n");
@@ -131,13 +133,13 @@ describe("summarize", () => {
     const ddd = [s.baseline, ...s.nearMisses].find((r) => r?.commit === "ddddddd");
     expect(ddd?.line).toBe(6); // header 1, rows 2-3, garbage 4, row 5, row 6 (ddddddd)
     expect(renderMarkdown(s)).toContain("- line 4: expected 7 tab-separated fields, got 1");
-  });
+  }, QUICK_MS);
 
   test("a header that matches no task is reported as line 1", async () => {
     const s = await summaryOf("commit\tfoo\tstatus\ndeadbee\t1\tkeep\n");
     expect(s.task).toBeNull();
     expect(s.parseErrors[0]!.line).toBe(1);
-  });
+  }, QUICK_MS);
 
   test("descriptions: HP moves, crash notes; logs and the loop's journal", () => {
     expect(parseHpMoves("lr 0.003 -> 0.006")).toEqual([{ axis: "lr", from: "0.003", to: "0.006", direction: "up" }]);
@@ -161,7 +163,7 @@ describe("summarize", () => {
     // Until the baseline repeats are all in, the journal has no noise: the summary computes its own.
     expect(noiseFromState(journal(null))).toBeNull();
     expect(noiseFromState(null)).toBeNull();
-  });
+  }, QUICK_MS);
 
   test("the journal's noise is the summary's, and the loop's own noise computation is used without it", async () => {
     const s = await summaryOf(NIGHT, { state: journal(NOISE) });
@@ -173,7 +175,7 @@ describe("summarize", () => {
     expect(AnalysisSummary(zero) instanceof type.errors).toBe(false);
     expect(zero.noiseFloor).toMatchObject({ k: 0, threshold: 0, source: "state" });
     expect((await summaryOf(NIGHT, { state: journal(null) })).noiseFloor.source).toBe("results");
-  });
+  }, QUICK_MS);
 
   test("the command line: flags, state.json, crash logs, files written and valid", () => {
     const dir = tempDir();
@@ -241,5 +243,259 @@ describe("summarize", () => {
     expect(s.improvement!.reference).toBeCloseTo(s.noiseFloor.mean!, 9);
     expect(s.plateau.detected).toBe(true);
     expect(s.crashReasons.map((c) => c.reason)).toContain("loss is NaN at step 41");
-  });
+  }, QUICK_MS);
+
+  test("the journal's best is the summary's best, even when it is below the first baseline row", async () => {
+    // --noise-sigmas 0: run 3 beat the baseline mean (0.70), not the first baseline row (0.72).
+    const gap = [
+      HEADER,
+      row("aaaaaaa", 0.73, 0.72, "keep", "baseline 1/2"),
+      row("aaaaaaa", 0.69, 0.68, "baseline", "baseline repeat 2/2"),
+      row("ccccccc", 0.72, 0.71, "keep", "lr 0.003 -> 0.005"),
+      row("ddddddd", 0.71, 0.705, "discard", "width 16 -> 24"),
+    ].join("\n") + "\n";
+    const noise = { metric: "combined_score", runs: [0.72, 0.68], mean: 0.7, sigma: 0.0283, sigmas: 0, floor: 0 };
+    const st: State = {
+      ...journal(noise),
+      baseline: { commit: "a".repeat(40), metrics: { val_accuracy: 0.71, yield_mse: 0.04, combined_score: 0.7 } },
+      best: {
+        n: 3, commit: "c".repeat(40), short: "ccccccc", trainLines: 100, description: "lr 0.003 -> 0.005",
+        metrics: { val_accuracy: 0.72, yield_mse: 0.04, combined_score: 0.71 },
+      },
+    };
+    // Without the journal the keep rule's order over the rows puts the first baseline row first.
+    const alone = await summaryOf(gap);
+    expect([alone.best?.run, alone.bestSource]).toEqual([1, "results"]);
+    const s = await summaryOf(gap, { state: st });
+    expect(AnalysisSummary(s) instanceof type.errors).toBe(false);
+    expect([s.best?.run, s.best?.commit, s.bestSource]).toEqual([3, "ccccccc", "journal"]);
+    expect(s.improvement!.absolute).toBeCloseTo(0.01, 9);
+    // The running best is what the loop compared with: the baseline mean, then the keep.
+    expect(s.series.map((p) => p.runningBest)).toEqual([0.7, 0.7, 0.71, 0.71]);
+    expect(s.frontier.map((f) => [f.run, f.gain === null ? null : Number(f.gain.toFixed(6))]))
+      .toEqual([[1, null], [3, 0.01]]);
+    expect(renderMarkdown(s)).toContain("**Best combined_score: 0.7100** at run 3, commit `ccccccc`");
+    expect((await renderChart(s)).svg).toContain("best 0.7100");
+    // A journal whose best is not in this file: the rows decide, and the summary says why.
+    const other = await summaryOf(gap, { state: { ...st, best: { ...st.best!, n: 9, short: "9999999",
+      commit: "9".repeat(40) } } });
+    expect([other.best?.run, other.bestSource]).toEqual([1, "results"]);
+    expect(other.bestNote).toContain("is not a kept row of this results file");
+    // No keep yet: the best is the baseline, at its mean, and nothing is gained.
+    const none = await summaryOf(gap.split("\n").slice(0, 3).join("\n"), {
+      state: {
+        ...st, best: { ...st.best!, n: 1, commit: st.sessionStart, short: "aaaaaaa", metrics: st.baseline!.metrics },
+      },
+    });
+    expect([none.best?.run, none.best?.primary, none.improvement?.absolute]).toEqual([1, 0.7, 0]);
+  }, SLOW_MS);
+
+  test("min/avg/max of each metric, the keep rate and the top hits by gain over the baseline", async () => {
+    const s = await summaryOf(NIGHT);
+    // Crashes (runs 5 and 10) have no score: 8 runs count.
+    const acc = s.metricStats.find((m) => m.metric === "val_accuracy")!;
+    expect(acc.n).toBe(8);
+    expect([acc.min, acc.max]).toEqual([0.7, 0.76]);
+    expect(acc.avg).toBeCloseTo(5.87 / 8, 9);
+    expect(s.metricStats.map((m) => m.metric)).toEqual(["val_accuracy", "yield_mse", "combined_score"]);
+    // Runs 1 and 2 are the baseline measurements; runs 3-10 are experiments, 3 of them kept.
+    expect(s.keepRate).toEqual({ keeps: 3, experiments: 8, rate: 3 / 8 });
+    expect(s.topHits.map((h) => [h.rank, h.run])).toEqual([[1, 3], [2, 6], [3, 7], [4, 4], [5, 8]]);
+    expect(s.topHits[3]!.delta).toBeCloseTo(0.736 - 0.7, 9);
+    const md = renderMarkdown(s);
+    expect(md).toContain("- Keep rate: 3 of 8 experiments kept (38%)");
+    expect(md).toContain("| val_accuracy | 0.7000 | 0.7338 | 0.7600 |");
+    expect(md).toContain("| 4 | 4 | `ddddddd` | discard | 0.7360 | +0.0360 | width 16 -> 24 |");
+    // Near the top: before the frontier and the per-axis tables.
+    expect(md.indexOf("## Top 5 by gain")).toBeLessThan(md.indexOf("## Frontier"));
+    expect(md.indexOf("## Metrics over the 8 scored runs")).toBeLessThan(md.indexOf("## Frontier"));
+  }, QUICK_MS);
+
+  test("the screening seed's column order reads, cells by name", async () => {
+    const seed = [
+      "commit\tmc_acc\tbin_acc\tmemory_gb\tstatus\tdescription",
+      "aaaaaaa\t0.610000\t0.920000\t0.4\tkeep\tbaseline",
+      "bbbbbbb\t0.650000\t0.934000\t0.5\tkeep\tlr 0.003 -> 0.005",
+      "ccccccc\t0.700000\t0.910000\t0.5\tdiscard\twidth 16 -> 24",
+    ].join("\n") + "\n";
+    const parsed = parseResults(seed);
+    expect(parsed.errors).toEqual([]);
+    expect(parsed.task).toBe("screening");
+    expect(parsed.rows[1]).toEqual({
+      commit: "bbbbbbb", metrics: { bin_acc: 0.934, mc_acc: 0.65 }, memory_gb: 0.5, status: "keep",
+      description: "lr 0.003 -> 0.005",
+    });
+    const s = await summaryOf(seed);
+    expect([s.primary, s.best?.commit, s.best?.primary]).toEqual(["bin_acc", "bbbbbbb", 0.934]);
+    // The same columns with one missing or doubled still match no task.
+    expect(parseResults("commit\tmc_acc\tmemory_gb\tstatus\tdescription\n").errors[0]!.message)
+      .toContain("matches no task's columns");
+    expect(parseResults("commit\tmc_acc\tbin_acc\tbin_acc\tmemory_gb\tstatus\tdescription\n").task).toBeNull();
+  }, QUICK_MS);
+
+  test("test vs val: the baseline runs' mean and spread, the best's test score, how much val gain held", async () => {
+    const dir = tempDir();
+    const st = screeningJournal(dir, { sample: false });
+    const s = await summaryOf(SCREEN_NIGHT, { state: st, data: readDataFacts(dir) });
+    expect(AnalysisSummary(s) instanceof type.errors).toBe(false);
+    expect(s.test.metric).toBe("bin_acc");
+    expect(s.test.images).toBe(439);
+    expect(s.test.baseline!.mean).toBeCloseTo(0.915, 9);
+    expect([s.test.baseline!.min, s.test.baseline!.max, s.test.baseline!.n]).toEqual([0.91, 0.92, 3]);
+    expect(s.test.baseline!.sigma).toBeCloseTo(0.005, 9);
+    expect(s.test.best).toEqual({ n: 4, commit: "ccccccc", value: 0.92 });
+    expect(s.test.valGain).toBeCloseTo(0.014, 9);
+    expect(s.test.testGain).toBeCloseTo(0.005, 9);
+    expect(s.test.held).toBeCloseTo(0.005 / 0.014, 9);
+    // ±1.96·sqrt(p(1−p)/n) for the best's bin_acc on 439 test images.
+    expect(s.test.interval!.halfWidth).toBeCloseTo(1.96 * Math.sqrt((0.92 * 0.08) / 439), 9);
+    const md = renderMarkdown(s);
+    expect(md).toContain("- Test split (439 images; ±0.025 at 95% for bin_acc near 0.92): baseline 0.9150 "
+      + "(mean of 3 runs, 0.9100–0.9200, σ 0.0050), best 0.9200 (run 4, `ccccccc`).");
+    expect(md).toContain("**val +0.0140, test +0.0050: 36% of the val gain held**");
+    expect(md).toContain("The test gain is inside ±0.025: on 439 images it cannot be told from no change.");
+    // Right under the best, before the run counts.
+    expect(md.indexOf("- Test split")).toBeLessThan(md.indexOf("- Runs:"));
+    // No testRuns, no journal: one line says so.
+    const none = await summaryOf(SCREEN_NIGHT, { state: { ...st, testRuns: undefined } });
+    expect(none.test.lines)
+      .toEqual(["Test split: not measured (no testRuns in the journal): the val gain is unchecked."]);
+    expect((await summaryOf(SCREEN_NIGHT)).test.lines).toEqual(
+      ["Test split: no loop journal, so no test measurements to report."]);
+    // The interval does not vanish at a perfect score on a handful of images.
+    expect(halfWidth95(1, 10)).toBeGreaterThan(0.1);
+  }, QUICK_MS);
+
+  test("a best within the noise floor of the trivial model is a warning at the top, in the json and on the chart",
+    async () => {
+      const dir = tempDir();
+      const st = screeningJournal(dir, { sample: false });
+      const s = await summaryOf(SCREEN_NIGHT, { state: st, data: readDataFacts(dir) });
+      // 0.934 − 0.9294 = 0.0046, inside the 0.01 floor.
+      expect(s.trivial).toMatchObject({ metric: "trivial_bin_acc", value: 0.9294, compared: "bin_acc", best: 0.934,
+        threshold: 0.01, withinNoise: true });
+      expect(s.warnings).toHaveLength(1);
+      const md = renderMarkdown(s).split("\n");
+      expect(md[4]).toStartWith("> **WARNING: the best bin_acc 0.9340 is within the noise floor (0.0100) of the "
+        + "trivial model's 0.9294 (always the majority side)");
+      const chart = await renderChart(s);
+      expect(chart.svg).toContain("trivial (always majority) 0.9294");
+      expect(chart.svg).toContain('stroke="#d1342f"');
+      // Clear of the floor: no warning, and no red line far below the runs.
+      const far = await summaryOf(SCREEN_NIGHT, {
+        state: { ...st, trivial: { metric: "trivial_bin_acc", value: 0.8 } },
+      });
+      expect([far.trivial?.withinNoise, far.warnings]).toEqual([false, []]);
+      expect((await renderChart(far)).svg).not.toContain("trivial (always majority)");
+      // Below the trivial model says "below".
+      const below = await summaryOf(SCREEN_NIGHT, { state: { ...st, trivial: { metric: "bin_acc", value: 0.95 } } });
+      expect(below.warnings[0]).toContain("the best bin_acc 0.9340 is below the trivial model's 0.9500");
+    }, SLOW_MS);
+
+  test("sample data: the first line after the title says it is no measure of model quality", async () => {
+    const dir = tempDir();
+    const st = screeningJournal(dir, { sample: true });
+    const s = await summaryOf(SCREEN_NIGHT, { state: { ...st, trivial: null }, data: readDataFacts(dir) });
+    expect(s.data).toMatchObject({ sample: true, synthetic: false, splits: { train: 100, val: 60, test: 439 } });
+    const md = renderMarkdown(s).split("\n");
+    expect(md[4])
+      .toBe("> **WARNING: SAMPLE data: not a measure of model quality (the session trained on data/sample).**");
+    // A cache that is gone (another machine) is unknown, not an error.
+    expect(readDataFacts(join(dir, "gone"))).toEqual({ manifest: null, sample: null, synthetic: null, splits: null });
+    expect((await summaryOf(SCREEN_NIGHT, { state: st })).warnings.some((w) => w.includes("SAMPLE"))).toBe(false);
+  }, QUICK_MS);
+
+  test("--exclude leaves runs off the chart only; a name that matches no run is an error", async () => {
+    const all = await summaryOf(SCREEN_NIGHT);
+    expect((await renderChart(all)).svg).toContain("lr 0.003 -&gt; 0.005");
+    const s = await summaryOf(SCREEN_NIGHT, { exclude: ["ccccccc", "7"] });
+    expect(s.excluded).toEqual([4, 7]);
+    expect(s.counts.runs).toBe(7); // every other section still counts them
+    const svg = (await renderChart(s)).svg;
+    expect(svg).not.toContain("lr 0.003 -&gt; 0.005");
+    expect(svg).toContain("not drawn: runs 4, 7");
+    expect(summaryOf(SCREEN_NIGHT, { exclude: ["4,99"] })).rejects.toThrow("--exclude 99: no run has that number");
+  }, SLOW_MS);
+
+  test("the command line: a journal with test runs and the trivial model; --chart-only needs no journal", () => {
+    const dir = tempDir();
+    writeFileSync(join(dir, "results.tsv"), SCREEN_NIGHT);
+    const cache = join(dir, "cache");
+    mkdirSync(cache);
+    writeFileSync(join(dir, "state.json"), JSON.stringify(screeningJournal(cache, { sample: true })));
+    const out = join(dir, "out");
+    const r = runScript(["summarize_results.ts", "--results", join(dir, "results.tsv"),
+      "--state", join(dir, "state.json"), "--out", out, "--exclude", "5"], {});
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("WARNING: SAMPLE data");
+    const s = AnalysisSummary(JSON.parse(readFileSync(join(out, "analysis_summary.json"), "utf8")));
+    if (s instanceof type.errors) throw new Error(s.summary);
+    expect([s.test.best?.value, s.trivial?.withinNoise, s.excluded, s.bestSource])
+      .toEqual([0.92, true, [5], "journal"]);
+    expect(existsSync(join(out, "progress.png"))).toBe(true);
+    writeFileSync(join(dir, "bad.json"), JSON.stringify({ ...screeningJournal(cache, { sample: true }),
+      trivial: { metric: 3 } }));
+    const bad = runScript(["summarize_results.ts", "--results", join(dir, "results.tsv"), "--state",
+      join(dir, "bad.json"), "--out", out, "--no-chart"], {});
+    expect([bad.code, bad.out.includes(`${join(dir, "bad.json")}: not a loop journal`)]).toEqual([1, true]);
+    // --chart-only in a folder whose journal is not one: it is not read, and only the chart is written.
+    mkdirSync(join(dir, ".autoresearch"));
+    writeFileSync(join(dir, ".autoresearch", "state.json"), "{ not json");
+    const charts = join(dir, "charts");
+    const c = runScript([join(ROOT, "summarize_results.ts"), "--chart-only", "--results", "results.tsv", "--out",
+      charts, "--exclude", "4"], {}, dir);
+    expect(c.code).toBe(0);
+    expect(readdirSync(charts).sort()).toEqual(["progress.png", "progress.svg"]);
+    expect(readFileSync(join(charts, "progress.svg"), "utf8")).toContain("not drawn: run 4");
+  }, SLOW_MS);
 });
+
+const SCREEN_HEADER = "commit\tmc_acc\tbin_acc\tmemory_gb\tstatus\tdescription";
+/** One screening row in the screening seed's column order. */
+const srow = (commit: string, bin: number, mc: number, status: string, description: string) =>
+  [commit, mc.toFixed(6), bin.toFixed(6), status === "crash" ? "0.0" : "0.3", status, description].join("\t");
+/** Three baseline runs around the trivial rate, one keep, two discards, a crash. */
+const SCREEN_NIGHT = [
+  SCREEN_HEADER,
+  srow("aaaaaaa", 0.915, 0.6, "keep", "baseline 1/3"),
+  srow("aaaaaaa", 0.92, 0.61, "baseline", "baseline repeat 2/3"),
+  srow("aaaaaaa", 0.925, 0.62, "baseline", "baseline repeat 3/3"),
+  srow("ccccccc", 0.934, 0.64, "keep", "lr 0.003 -> 0.005"),
+  srow("eeeeeee", 0, 0, "crash", "classWeight false -> true (crash: loss is NaN at step 3)"),
+  srow("ddddddd", 0.926, 0.63, "discard", "width 16 -> 24"),
+  srow("fffffff", 0.931, 0.62, "discard", "batch 32 -> 64"),
+].join("\n") + "\n";
+
+/**
+ * A screening journal for SCREEN_NIGHT, with the fields the loop adds (test runs, the trivial
+ * model), and a manifest in `cacheDir` with 439 test images.
+ */
+function screeningJournal(cacheDir: string, o: { sample: boolean }): Journal {
+  const items = [...Array(100).fill("train"), ...Array(60).fill("val"), ...Array(439).fill("test")]
+    .map((split: string, i) => ({ path: `x/${i}.jpg`, label: 0, sha256: "0", split, yield: 0 }));
+  writeFileSync(join(cacheDir, "manifest.json"), JSON.stringify({ version: "2", sample: o.sample, synthetic: false,
+    items }));
+  const st = newState({
+    branch: "autoresearch/screen", task: "screening", head: "a".repeat(40), protected: {},
+    settings: { budgetSeconds: 120, baselineRuns: 3, noiseSigmas: 2, seed: 0 },
+    cache: { dir: cacheDir, images: "0", manifest: "0" },
+  });
+  const base = { bin_acc: 0.92, mc_acc: 0.61 };
+  return {
+    ...st,
+    noise: { metric: "bin_acc", runs: [0.915, 0.92, 0.925], mean: 0.92, sigma: 0.005, sigmas: 2, floor: 0.01 },
+    baseline: { commit: "a".repeat(40), metrics: base },
+    best: {
+      n: 4, commit: "c".repeat(40), short: "ccccccc", trainLines: 100, description: "lr 0.003 -> 0.005",
+      metrics: { bin_acc: 0.934, mc_acc: 0.64 },
+    },
+    trivial: { metric: "trivial_bin_acc", value: 0.9294 },
+    testRuns: [
+      { n: 1, kind: "baseline", commit: "a".repeat(40), metrics: { bin_acc: 0.91, mc_acc: 0.58 } },
+      { n: 2, kind: "baseline", commit: "a".repeat(40), metrics: { bin_acc: 0.915, mc_acc: 0.59 } },
+      { n: 3, kind: "baseline", commit: "a".repeat(40), metrics: { bin_acc: 0.92, mc_acc: 0.6 } },
+      { n: 4, kind: "keep", commit: "c".repeat(40), metrics: { bin_acc: 0.92, mc_acc: 0.62 } },
+    ],
+  };
+}
+
