@@ -34,7 +34,7 @@ import { join } from "node:path";
 import { type } from "arktype";
 import { cac } from "cac";
 import type { TopLevelSpec } from "vega-lite";
-import { TASK_METRICS, Task } from "./prepare.ts";
+import { interval95, TASK_METRICS, Task } from "./prepare.ts";
 import { writeAtomic } from "./lib/atomic.ts";
 import { cacheFiles } from "./lib/dataset.ts";
 import { LOGS_DIR, STATE_FILE, readState, type State } from "./lib/journal.ts";
@@ -215,7 +215,7 @@ export const AnalysisSummary = type({
     testGain: "number | null",
     /** testGain / valGain, when the val gain is positive. */
     held: "number | null",
-    /** Normal-approximation 95% half-width of an accuracy near p measured on `images` test images. */
+    /** Wilson 95% half-width (prepare.ts interval95) of an accuracy near p measured on `images` test images. */
     interval: type({ metric: "string", p: "number", halfWidth: "number >= 0" }).or("null"),
     lines: "string[]",
   },
@@ -495,12 +495,6 @@ function trivialCheck(
   return { metric: t.metric, value: t.value, compared, best: value, margin, threshold, withinNoise, warning };
 }
 
-/** Normal-approximation 95% half-width of an accuracy p on n images; p is kept half an image off 0 and 1. */
-export function halfWidth95(p: number, n: number): number {
-  const q = Math.min(Math.max(p, 0.5 / n), 1 - 0.5 / n);
-  return 1.96 * Math.sqrt((q * (1 - q)) / n);
-}
-
 const commitsMatch = (a: string, b: string) => a.length >= 7 && b.length >= 7 && (a.startsWith(b) || b.startsWith(a));
 
 /**
@@ -541,7 +535,7 @@ function testReport(st: Journal | null, data: DataFacts, fallbackValGain: number
   const baseP = runs.filter((r) => r.kind === "baseline").map(pOf).find((v) => v !== undefined);
   const p = pOf(bestRun) ?? baseP;
   const interval = pm !== null && p !== undefined && images !== null && images > 0
-    ? { metric: pm, p, halfWidth: halfWidth95(p, images) }
+    ? { metric: pm, p, halfWidth: interval95(p, images) }
     : null;
 
   const size = images === null

@@ -5,10 +5,11 @@ import { join } from "node:path";
 import { type } from "arktype";
 import sharp from "sharp";
 import type { State } from "../lib/journal.ts";
+import { interval95 } from "../prepare.ts";
 import { parseResults } from "../lib/results.ts";
 import { newState } from "../lib/session.ts";
 import {
-  AnalysisSummary, CHART, crashReasonFromDescription, crashReasonFromLog, halfWidth95, type Journal, noiseFromState,
+  AnalysisSummary, CHART, crashReasonFromDescription, crashReasonFromLog, type Journal, noiseFromState,
   parseHpMoves, readDataFacts, renderChart, renderMarkdown, summarize, writeSummary,
 } from "../summarize_results.ts";
 import { ROOT, runScript, tempDir } from "./helpers.ts";
@@ -347,13 +348,14 @@ describe("summarize", () => {
     expect(s.test.valGain).toBeCloseTo(0.014, 9);
     expect(s.test.testGain).toBeCloseTo(0.005, 9);
     expect(s.test.held).toBeCloseTo(0.005 / 0.014, 9);
-    // ±1.96·sqrt(p(1−p)/n) for the best's bin_acc on 439 test images.
-    expect(s.test.interval!.halfWidth).toBeCloseTo(1.96 * Math.sqrt((0.92 * 0.08) / 439), 9);
+    // The harness's Wilson half-width for the best's bin_acc on 439 test images (≈ 1.96·sqrt(p(1−p)/n) here).
+    expect(s.test.interval!.halfWidth).toBe(interval95(0.92, 439));
+    expect(s.test.interval!.halfWidth).toBeCloseTo(1.96 * Math.sqrt((0.92 * 0.08) / 439), 3);
     const md = renderMarkdown(s);
-    expect(md).toContain("- Test split (439 images; ±0.025 at 95% for bin_acc near 0.92): baseline 0.9150 "
+    expect(md).toContain("- Test split (439 images; ±0.026 at 95% for bin_acc near 0.92): baseline 0.9150 "
       + "(mean of 3 runs, 0.9100–0.9200, σ 0.0050), best 0.9200 (run 4, `ccccccc`).");
     expect(md).toContain("**val +0.0140, test +0.0050: 36% of the val gain held**");
-    expect(md).toContain("The test gain is inside ±0.025: on 439 images it cannot be told from no change.");
+    expect(md).toContain("The test gain is inside ±0.026: on 439 images it cannot be told from no change.");
     // Right under the best, before the run counts.
     expect(md.indexOf("- Test split")).toBeLessThan(md.indexOf("- Runs:"));
     // No testRuns, no journal: one line says so.
@@ -363,7 +365,7 @@ describe("summarize", () => {
     expect((await summaryOf(SCREEN_NIGHT)).test.lines).toEqual(
       ["Test split: no loop journal, so no test measurements to report."]);
     // The interval does not vanish at a perfect score on a handful of images.
-    expect(halfWidth95(1, 10)).toBeGreaterThan(0.1);
+    expect(interval95(1, 10)).toBeGreaterThan(0.1);
   }, QUICK_MS);
 
   test("a best within the noise floor of the trivial model is a warning at the top, in the json and on the chart",
