@@ -30,9 +30,9 @@
  *
  * Exit codes: 0 stopped normally (run.md False, --max-experiments, Ctrl-C after logging, --once
  * done), 1 unexpected error, 2 refused (dirty tree, existing branch, lock held, bad run.md or flags,
- * nothing to measure), 3 paused (the baseline or the best crashed, a crash streak under --once, the prepared
- * data changed),
- * 130 aborted by a second Ctrl-C (the interrupted experiment is rolled back, no row).
+ * nothing to measure), 3 paused (the baseline crashed, the best crashed again after a crash streak,
+ * a crash streak under --once, the prepared data changed), 130 aborted by a second Ctrl-C (the
+ * interrupted experiment is rolled back, no row).
  *
  * Test-only environment: AR_TEST_KILL_AT=<point> makes the loop SIGKILL itself right after that
  * point (proposing, proposed, committed, training, evaluating, confirming, confirm-training, logging,
@@ -49,12 +49,11 @@ import { CACHE_ROOT, TASK_METRICS } from "./prepare.ts";
 import { buildPrompt, proposeWithAgent } from "./lib/agent.ts";
 import { replaceDirAtomic, writeAtomic } from "./lib/atomic.ts";
 import { LATEST_CHECKPOINT_DIR, bestCheckpointDir } from "./lib/checkpoint.ts";
-import { cacheFiles, parseManifest } from "./lib/dataset.ts";
 import { killGroup } from "./lib/child.ts";
 import { EXIT, Stop } from "./lib/exit.ts";
 import { currentBranch, git, gitOk } from "./lib/git.ts";
 import { checkIntegrity, sameCache, type Integrity } from "./lib/integrity.ts";
-import { cacheFingerprint } from "./lib/dataset.ts";
+import { cacheFiles, cacheFingerprint, parseManifest } from "./lib/dataset.ts";
 import {
   AR_DIR, LOGS_DIR, RESULTS_BACKUP, acquireLock, pidAlive, saveState, type Kind, type MeasuredRun, type Phase,
   type State,
@@ -313,7 +312,9 @@ function seedFor(ctx: Ctx, offset: number): { seed: number | null; env: Record<s
   return { seed, env: offset === 0 ? {} : { AR_HP: JSON.stringify({ seed }) } };
 }
 
-interface Trained { ok: boolean; reason: string; memoryGb: number; trainSeconds: number; imagesPerSecond: number | null }
+interface Trained {
+  ok: boolean; reason: string; memoryGb: number; trainSeconds: number; imagesPerSecond: number | null;
+}
 
 /**
  * One `bun train.ts` of the current candidate into `checkpointDir`, seed `offset` seeds after HP's,
@@ -330,7 +331,8 @@ async function trainRun(ctx: Ctx, o: {
   rmSync(o.checkpointDir, { recursive: true, force: true }); // a stale model must not pass for this run's
   mkdirSync(LOGS_DIR, { recursive: true });
   const seeded = o.offset > 0 && seed !== null ? ` with seed ${seed}` : "";
-  status(ctx, `training ${o.what}${seeded} (budget ${budget}s, killed at ${deadlineS}s, plus any backbone preparation)`);
+  status(ctx, `training ${o.what}${seeded} (budget ${budget}s, killed at ${deadlineS}s, `
+    + "plus any backbone preparation)");
   const expLog = openSync(join(LOGS_DIR, o.logName), "w"); // summarize finds crash logs by commit
   const runLog = openSync(RUN_LOG, "a");
   let t: Awaited<ReturnType<typeof trainOnce>>;
@@ -350,7 +352,10 @@ async function trainRun(ctx: Ctx, o: {
     closeSync(expLog);
     closeSync(runLog);
   }
-  if (control.abort) throw new Stop(EXIT.aborted, "aborted during training");
+  if (control.abort) {
+    const again = cur.phase === "confirming" ? "; `bun loop.ts --resume` trains this confirmation run again" : "";
+    throw new Stop(EXIT.aborted, `aborted during training${again}`);
+  }
   let verdict = { ok: t.ok, reason: t.reason };
   // train.ts runs with the repository's permissions: it must not have changed anything either.
   const integ = await integrity(ctx, cur.candidate!, false);
@@ -390,7 +395,9 @@ async function measure(ctx: Ctx, checkpointDir: string, split: "val" | "test") {
     control.child = null;
   }
   // The journal stays where it was: --resume measures the checkpoint again.
-  if (control.abort) throw new Stop(EXIT.aborted, "aborted during evaluation; `bun loop.ts --resume` measures it again");
+  if (control.abort) {
+    throw new Stop(EXIT.aborted, "aborted during evaluation; `bun loop.ts --resume` measures it again");
+  }
   return m;
 }
 
@@ -401,7 +408,8 @@ function runLine(ctx: Ctx, label: string, run: MeasuredRun): void {
   if (run.metrics.sensitivity !== undefined) parts.push(`sensitivity ${run.metrics.sensitivity.toFixed(4)}`);
   if (run.imagesPerSecond !== null) {
     const ref = bestImagesPerSecond(st);
-    const vs = ref && st.current?.kind === "experiment" ? ` (${(run.imagesPerSecond / ref).toFixed(2)}× the best's)` : "";
+    const ratio = ref ? run.imagesPerSecond / ref : null;
+    const vs = ratio !== null && st.current?.kind === "experiment" ? ` (${ratio.toFixed(2)}× the best's)` : "";
     parts.push(`${run.imagesPerSecond.toFixed(1)} img/s${vs}`);
   }
   if (run.seed !== null) parts.push(`seed ${run.seed}`);
@@ -425,8 +433,8 @@ async function measureAndDecide(ctx: Ctx): Promise<void> {
       enter(ctx, "logging");
       return;
     }
-    const first = { seed: seedFor(ctx, cur.seedOffset).seed, metrics: m.metrics,
-      imagesPerSecond: cur.outcome?.imagesPerSecond ?? null };
+    const imagesPerSecond = cur.outcome?.imagesPerSecond ?? null;
+    const first = { seed: seedFor(ctx, cur.seedOffset).seed, metrics: m.metrics, imagesPerSecond };
     cur.runs = [first];
     runLine(ctx, cur.kind === "experiment" && wanted > 1 ? `run 1/${wanted}` : "measured", first);
     const d = decide(st, m.metrics);

@@ -246,10 +246,12 @@ export function recordDecision(st: State): void {
   st.crashStreak = isCrash ? st.crashStreak + 1 : 0;
   for (const r of cur.runs) {
     st.runs.push({
-      n: cur.n, kind: cur.kind, commit: row.commit, seed: r.seed, metrics: r.metrics, imagesPerSecond: r.imagesPerSecond,
+      n: cur.n, kind: cur.kind, commit: row.commit, seed: r.seed, metrics: r.metrics,
+      imagesPerSecond: r.imagesPerSecond,
     });
     if (r.test && (row.status === "keep" || row.status === "baseline")) {
-      st.testRuns.push({ n: cur.n, kind: cur.kind === "baseline" ? "baseline" : "keep", commit: row.commit, metrics: r.test });
+      const kind = cur.kind === "baseline" ? "baseline" : "keep";
+      st.testRuns.push({ n: cur.n, kind, commit: row.commit, metrics: r.test });
     }
   }
   if (row.status === "keep") {
@@ -296,7 +298,9 @@ export function recordDecision(st: State): void {
  * One re-baseline repeat in (null: it crashed, and the re-baseline ends with what it has). Once
  * all are in, the noise floor is the new structure's and the best is its mean over every run.
  */
-function recordRebaseline(st: State, rb: NonNullable<State["rebaseline"]>, metrics: Record<string, number> | null): void {
+function recordRebaseline(
+  st: State, rb: NonNullable<State["rebaseline"]>, metrics: Record<string, number> | null,
+): void {
   if (metrics === null) rb.wanted = rb.done;
   else {
     rb.metrics.push(metrics);

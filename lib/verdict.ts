@@ -242,7 +242,9 @@ export function decide(st: State, metrics: Metrics):
       + `σ ${num(noise.sigma)}, floor ${num(noise.floor)})`;
     return { status: "baseline", note, confirm: false };
   }
-  if (cur.kind === "check") return { status: "baseline", note: "(runs fine: the crashes were the changes)", confirm: false };
+  if (cur.kind === "check") {
+    return { status: "baseline", note: "(runs fine: the crashes were the changes)", confirm: false };
+  }
   const ranking = { primary: st.primary, secondary: st.secondary, lowerIsBetter: TASK_METRICS[st.task].lowerIsBetter };
   const args = { ...ranking, candidate: metrics, best: st.best!.metrics, noiseFloor: st.noise?.floor ?? 0 };
   const v = keepOrDiscard({ ...args, candidateLines: cur.trainLines, bestLines: st.best!.trainLines });

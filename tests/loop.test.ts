@@ -693,7 +693,8 @@ describe("--agent (stub train.ts, fake agents)", () => {
     const cmd = `sed -i 's/mode: "ok",/mode: "throw",/' train.ts; echo "throw"`;
     const r = loop(dir, ["--resume", "--max-experiments", "3", "--max-crash-streak", "2", "--agent", cmd]);
     expect(r.code).toBe(0);
-    expect(r.out).toContain("2 crashes in a row (last: throw (crash: exit 1: error: boom in train.ts)): re-running the best");
+    expect(r.out)
+      .toContain("2 crashes in a row (last: throw (crash: exit 1: error: boom in train.ts)): re-running the best");
     expect(rows(dir).slice(n).map((x) => x.status)).toEqual(["crash", "crash", "baseline", "crash"]);
     expect(clean(dir)).toBe("");
   }, E2E_MS);
