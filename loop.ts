@@ -13,6 +13,12 @@
  *   at the deadline) → `bun prepare.ts evaluate` re-measures the checkpoint in another process
  *   (the loop never trusts what train.ts prints) → one row in results.tsv → keep (the branch
  *   advances) or `git reset --hard` to the last kept commit → summarize_results.ts.
+ * A candidate that clears the noise floor is confirmed first: re-trained with other seeds, kept
+ * only if the mean over its runs still clears the floor (and its runs trained at a comparable
+ * speed). The baseline is repeated with different seeds to measure the noise; a kept change of the
+ * model's structure (backbone) is repeated too, for its own noise. Kept and baseline models are
+ * measured on the test split, which no decision reads. A streak of crashes backs off the axes that
+ * crashed and re-runs the best; only a best that crashes too pauses the loop.
  * Every phase is journaled in .autoresearch/state.json, so `--resume` after a SIGKILL finishes or
  * rolls back the interrupted experiment. Everything but train.ts is protected: other changes are
  * reverted and the experiment is logged as a crash.
@@ -24,11 +30,13 @@
  *
  * Exit codes: 0 stopped normally (run.md False, --max-experiments, Ctrl-C after logging, --once
  * done), 1 unexpected error, 2 refused (dirty tree, existing branch, lock held, bad run.md or flags,
- * nothing to measure), 3 paused (crash streak, the baseline crashed, the prepared data changed),
- * 130 aborted by a second Ctrl-C (the interrupted experiment is rolled back, no row).
+ * nothing to measure), 3 paused (the baseline crashed, the best crashed again after a crash streak,
+ * a crash streak under --once, the prepared data changed), 130 aborted by a second Ctrl-C (the
+ * interrupted experiment is rolled back, no row).
  *
  * Test-only environment: AR_TEST_KILL_AT=<point> makes the loop SIGKILL itself right after that
- * point (proposing, proposed, committed, training, evaluating, logging, appended, logged, decided);
+ * point (proposing, proposed, committed, training, evaluating, confirming, confirm-training, logging,
+ * appended, logged, decided);
  * AR_TEST_ALLOWANCE_S replaces the fixed startup/evaluation allowance of the training deadline;
  * AR_TEST_SETUP_STALL_S the silence that ends a backbone download or feature extraction;
  * AR_TEST_LINGER_S how long a child that printed its result may take to exit.
@@ -45,20 +53,22 @@ import { killGroup } from "./lib/child.ts";
 import { EXIT, Stop } from "./lib/exit.ts";
 import { currentBranch, git, gitOk } from "./lib/git.ts";
 import { checkIntegrity, sameCache, type Integrity } from "./lib/integrity.ts";
-import { cacheFingerprint } from "./lib/dataset.ts";
+import { cacheFiles, cacheFingerprint, parseManifest } from "./lib/dataset.ts";
 import {
-  AR_DIR, LOGS_DIR, RESULTS_BACKUP, acquireLock, pidAlive, saveState, type Phase, type State,
+  AR_DIR, LOGS_DIR, RESULTS_BACKUP, acquireLock, pidAlive, saveState, type Kind, type MeasuredRun, type Phase,
+  type State,
 } from "./lib/journal.ts";
 import { parseFlags, type Flags } from "./lib/loop_flags.ts";
-import { describeMove, nextMove, readHp, type Proposal } from "./lib/proposer.ts";
+import { describeMove, findLiteral, nextMove, readHp, streakAxes, type Proposal } from "./lib/proposer.ts";
 import {
   RESULTS_FILE, appendResult, countRows, crashRow, formatRow, lastWholeLine, oneLine, type Status,
 } from "./lib/results.ts";
 import {
-  loadResultsText, newExperiment, openSession, recordDecision, restoreResults, resumeSettings, sessionReport,
+  bestImagesPerSecond, loadResultsText, newExperiment, openSession, recordDecision, restoreResults, resumeSettings,
+  sessionReport,
 } from "./lib/session.ts";
 import { evaluateCheckpoint, trainOnce } from "./lib/trial.ts";
-import { decide, num } from "./lib/verdict.ts";
+import { confirmVerdict, decide, num, signed, steadyRuns, trivialWarning, LOAD_RATIO } from "./lib/verdict.ts";
 import {
   RUN_MD, TRAIN, commitPaths, dirtyPaths, parseRunMd, readText, removeFiles, repositoryProblem, resetTo, rev, shortOf,
   untrackedFiles,
@@ -83,6 +93,8 @@ const SETUP_STALL_S = Number(process.env.AR_TEST_SETUP_STALL_S ?? 300);
  */
 const LINGER_S = Number(process.env.AR_TEST_LINGER_S ?? 15);
 const SUMMARIZE_TIMEOUT_S = 120;
+/** Checkpoints of a candidate's confirmation runs, one folder per run: the first run's stays in latest/. */
+const CONFIRM_DIR = join("checkpoints", "confirm");
 
 /** Ctrl-C / SIGTERM: the first asks to stop after the current experiment, the second aborts it. */
 const control = { stop: false, abort: false, /** process group of the running child */ child: null as number | null };
@@ -97,6 +109,10 @@ interface Ctx {
   /** Set when something the loop cannot repair happened (the data changed): pause after logging. */
   fatal: string | null;
   warnedNoSummarizer: boolean;
+  /** Why the test split cannot be measured (said once; not tried again in this process), or null. */
+  noTestSplit: string | null;
+  /** HP.seed of a commit (null: train.ts has none), read once per commit. */
+  hpSeeds: Map<string, number | null>;
 }
 
 // ---------------------------------------------------------------------------
@@ -196,7 +212,7 @@ function repair(ctx: Ctx, base: string, integ: Integrity): void {
 /** The change to measure: the baseline as it is, HEAD's commit (--once), an agent's edit, or the next built-in move. */
 async function propose(ctx: Ctx): Promise<Proposal> {
   const cur = ctx.st.current!;
-  if (cur.kind === "baseline") return { description: cur.description, move: null, failure: null };
+  if (cur.kind !== "experiment") return { description: cur.description, move: null, failure: null };
   if (ctx.mode === "once") {
     return { description: oneLine(git(["log", "-1", "--format=%s"], { cwd: ROOT })), move: null, failure: null };
   }
@@ -266,29 +282,69 @@ async function proposeAndCommit(ctx: Ctx): Promise<void> {
 // Train and measure
 // ---------------------------------------------------------------------------
 
-/** Phase committed → training → evaluating (or a crash row, phase logging). */
-async function trainPhase(ctx: Ctx): Promise<void> {
+/**
+ * HP.seed at HEAD (the commit being measured), null when train.ts has no whole-number seed: the
+ * literal in the HP block, or what `--print-hp` reports when it is not a plain literal.
+ */
+function hpSeed(ctx: Ctx): number | null {
+  const isSeed = (v: unknown): v is number => typeof v === "number" && Number.isInteger(v);
+  try {
+    const lit = findLiteral(readFileSync(TRAIN, "utf8"), "seed");
+    if (lit && isSeed(lit.value)) return lit.value;
+  } catch { /* no HP block: ask train.ts */ }
+  const head = rev(ROOT, "HEAD");
+  if (!ctx.hpSeeds.has(head)) {
+    const dump = readHp(ROOT, BUN);
+    const seed = "error" in dump ? undefined : dump.HP.seed;
+    ctx.hpSeeds.set(head, isSeed(seed) ? seed : null);
+  }
+  return ctx.hpSeeds.get(head) ?? null;
+}
+
+/**
+ * The seed of a run `offset` seeds after HP's own, and the environment that sets it: offset 0 runs
+ * HP as train.ts has it; a train.ts without a seed runs as it is (its repeats differ only by timing).
+ */
+function seedFor(ctx: Ctx, offset: number): { seed: number | null; env: Record<string, string> } {
+  const base = hpSeed(ctx);
+  if (base === null) return { seed: null, env: {} };
+  const seed = base + offset;
+  return { seed, env: offset === 0 ? {} : { AR_HP: JSON.stringify({ seed }) } };
+}
+
+interface Trained {
+  ok: boolean; reason: string; memoryGb: number; trainSeconds: number; imagesPerSecond: number | null;
+}
+
+/**
+ * One `bun train.ts` of the current candidate into `checkpointDir`, seed `offset` seeds after HP's,
+ * with its output in the experiment's log; then nothing but train.ts may have changed.
+ */
+async function trainRun(ctx: Ctx, o: {
+  checkpointDir: string; offset: number; logName: string; what: string; onSpawn: (pid: number) => void;
+}): Promise<Trained> {
   const st = ctx.st;
   const cur = st.current!;
   const budget = st.settings.budgetSeconds;
   const deadlineS = budget + ctx.flags.grace + ALLOWANCE_S;
-  const short = shortOf(ROOT, cur.candidate!);
-  rmSync(LATEST_CHECKPOINT_DIR, { recursive: true, force: true }); // a stale model must not pass for this run's
+  const { seed, env } = seedFor(ctx, o.offset);
+  rmSync(o.checkpointDir, { recursive: true, force: true }); // a stale model must not pass for this run's
   mkdirSync(LOGS_DIR, { recursive: true });
-  status(ctx, `training ${short}: ${cur.description} (budget ${budget}s, killed at ${deadlineS}s, `
+  const seeded = o.offset > 0 && seed !== null ? ` with seed ${seed}` : "";
+  status(ctx, `training ${o.what}${seeded} (budget ${budget}s, killed at ${deadlineS}s, `
     + "plus any backbone preparation)");
-  const expLog = openSync(join(LOGS_DIR, `${cur.n}-${short}.log`), "w"); // summarize finds crash logs by commit
+  const expLog = openSync(join(LOGS_DIR, o.logName), "w"); // summarize finds crash logs by commit
   const runLog = openSync(RUN_LOG, "a");
   let t: Awaited<ReturnType<typeof trainOnce>>;
   try {
     t = await trainOnce({
-      cwd: ROOT, bun: BUN, task: st.task, budgetS: budget, deadlineS, checkpointDir: LATEST_CHECKPOINT_DIR,
+      cwd: ROOT, bun: BUN, task: st.task, budgetS: budget, deadlineS, checkpointDir: o.checkpointDir, env,
       setupMaxS: ctx.flags.setupAllowance, setupStallS: SETUP_STALL_S, lingerS: LINGER_S, logs: [expLog, runLog],
       log: say,
       onSpawn: (pid) => {
         track(pid);
         cur.trainPid = pid;
-        enter(ctx, "training");
+        o.onSpawn(pid);
       },
     });
   } finally {
@@ -296,7 +352,10 @@ async function trainPhase(ctx: Ctx): Promise<void> {
     closeSync(expLog);
     closeSync(runLog);
   }
-  if (control.abort) throw new Stop(EXIT.aborted, "aborted during training");
+  if (control.abort) {
+    const again = cur.phase === "confirming" ? "; `bun loop.ts --resume` trains this confirmation run again" : "";
+    throw new Stop(EXIT.aborted, `aborted during training${again}`);
+  }
   let verdict = { ok: t.ok, reason: t.reason };
   // train.ts runs with the repository's permissions: it must not have changed anything either.
   const integ = await integrity(ctx, cur.candidate!, false);
@@ -306,39 +365,150 @@ async function trainPhase(ctx: Ctx): Promise<void> {
   }
   cur.trainPid = null;
   const memoryGb = t.ran.maxRss !== null ? t.ran.maxRss / 1024 ** 3 : 0;
-  cur.outcome = { ok: verdict.ok, reason: verdict.reason, memoryGb, trainSeconds: t.ran.seconds };
-  if (!verdict.ok) cur.row = crashRow(st.task, short, `${cur.description} (crash: ${verdict.reason})`);
-  enter(ctx, verdict.ok ? "evaluating" : "logging");
+  return { ...verdict, memoryGb, trainSeconds: t.ran.seconds, imagesPerSecond: t.imagesPerSecond };
 }
 
-/** Phase evaluating → logging: measure the checkpoint and decide the row. */
-async function measureAndDecide(ctx: Ctx): Promise<void> {
+/** Phase committed → training → evaluating (or a crash row, phase logging). */
+async function trainPhase(ctx: Ctx): Promise<void> {
   const st = ctx.st;
   const cur = st.current!;
   const short = shortOf(ROOT, cur.candidate!);
+  const t = await trainRun(ctx, {
+    checkpointDir: LATEST_CHECKPOINT_DIR, offset: cur.seedOffset, logName: `${cur.n}-${short}.log`,
+    what: `${short}: ${cur.description}`, onSpawn: () => enter(ctx, "training"),
+  });
+  cur.outcome = t;
+  if (!t.ok) cur.row = crashRow(st.task, short, `${cur.description} (crash: ${t.reason})`);
+  enter(ctx, t.ok ? "evaluating" : "logging");
+}
+
+/** `prepare.ts evaluate` of a checkpoint on val (decisions) or test (never decisions). */
+async function measure(ctx: Ctx, checkpointDir: string, split: "val" | "test") {
+  const st = ctx.st;
   let m: Awaited<ReturnType<typeof evaluateCheckpoint>>;
   try {
     m = await evaluateCheckpoint({
-      cwd: ROOT, bun: BUN, task: st.task, checkpointDir: LATEST_CHECKPOINT_DIR, lingerS: LINGER_S, onSpawn: track,
-      log: say,
+      cwd: ROOT, bun: BUN, task: st.task, checkpointDir, lingerS: LINGER_S, onSpawn: track, log: say, split,
+      need: [st.primary],
     });
   } finally {
     control.child = null;
   }
-  // The journal stays at "evaluating": --resume measures the checkpoint again.
+  // The journal stays where it was: --resume measures the checkpoint again.
   if (control.abort) {
     throw new Stop(EXIT.aborted, "aborted during evaluation; `bun loop.ts --resume` measures it again");
   }
-  if ("error" in m) {
-    cur.row = crashRow(ctx.st.task, short, `${cur.description} (crash: evaluate: ${m.error})`);
-  } else {
-    const metrics = Object.fromEntries(TASK_METRICS[st.task].columns.map((c) => [c, m.metrics[c] ?? 0]));
-    const { status, note } = decide(st, metrics);
-    const description = note ? `${cur.description} ${note}` : cur.description;
-    const memoryGb = Number((cur.outcome?.memoryGb ?? 0).toFixed(3));
-    cur.row = { commit: short, metrics, memory_gb: memoryGb, status, description: oneLine(description) };
+  return m;
+}
+
+/** One run's figures on the terminal: the primary, the positive class's recall, the throughput. */
+function runLine(ctx: Ctx, label: string, run: MeasuredRun): void {
+  const st = ctx.st;
+  const parts = [`${st.primary} ${(run.metrics[st.primary] ?? 0).toFixed(6)}`];
+  if (run.metrics.sensitivity !== undefined) parts.push(`sensitivity ${run.metrics.sensitivity.toFixed(4)}`);
+  if (run.imagesPerSecond !== null) {
+    const ref = bestImagesPerSecond(st);
+    const ratio = ref ? run.imagesPerSecond / ref : null;
+    const vs = ratio !== null && st.current?.kind === "experiment" ? ` (${ratio.toFixed(2)}× the best's)` : "";
+    parts.push(`${run.imagesPerSecond.toFixed(1)} img/s${vs}`);
   }
+  if (run.seed !== null) parts.push(`seed ${run.seed}`);
+  say(`#${st.current!.n} ${label}: ${parts.join(" · ")}`);
+}
+
+/**
+ * Phase evaluating → [confirming →] logging: measure the first run's checkpoint and decide; a
+ * candidate whose primary clears the noise floor is confirmed over other seeds first. Each
+ * confirmation run is journaled once measured, so --resume goes on from the runs it has.
+ */
+async function measureAndDecide(ctx: Ctx): Promise<void> {
+  const st = ctx.st;
+  const cur = st.current!;
+  const short = shortOf(ROOT, cur.candidate!);
+  const wanted = 1 + (st.settings.confirmRuns ?? 0);
+  if (cur.phase === "evaluating") {
+    const m = await measure(ctx, LATEST_CHECKPOINT_DIR, "val");
+    if ("error" in m) {
+      cur.row = crashRow(ctx.st.task, short, `${cur.description} (crash: evaluate: ${m.error})`);
+      enter(ctx, "logging");
+      return;
+    }
+    const imagesPerSecond = cur.outcome?.imagesPerSecond ?? null;
+    const first = { seed: seedFor(ctx, cur.seedOffset).seed, metrics: m.metrics, imagesPerSecond };
+    cur.runs = [first];
+    runLine(ctx, cur.kind === "experiment" && wanted > 1 ? `run 1/${wanted}` : "measured", first);
+    const d = decide(st, m.metrics);
+    if (!d.confirm) {
+      await finish(ctx, d.status, d.note, m.metrics);
+      return;
+    }
+    const g = signed((m.metrics[st.primary] ?? 0) - (st.best!.metrics[st.primary] ?? 0));
+    say(`#${cur.n} ${st.primary} ${g} clears the noise floor ${num(st.noise?.floor ?? 0)}: confirming over `
+      + `${wanted - 1} more seed(s) before keeping`);
+    enter(ctx, "confirming");
+  }
+  for (;;) {
+    const v = confirmVerdict({
+      primary: st.primary, secondary: st.secondary, lowerIsBetter: TASK_METRICS[st.task].lowerIsBetter,
+      runs: cur.runs, best: st.best!.metrics, noiseFloor: st.noise?.floor ?? 0, wanted,
+    });
+    if (!v.more) {
+      await finish(ctx, v.status, v.note, v.metrics);
+      return;
+    }
+    const k = cur.runs.length;
+    const dir = join(CONFIRM_DIR, String(k));
+    const t = await trainRun(ctx, {
+      checkpointDir: dir, offset: cur.seedOffset + k, logName: `${cur.n}-${short}-run${k + 1}.log`,
+      what: `${short} again (run ${k + 1}/${Math.max(wanted, k + 1)})`,
+      onSpawn: () => { save(ctx); killPoint("confirm-training"); },
+    });
+    const m = t.ok ? await measure(ctx, dir, "val") : { error: t.reason };
+    if ("error" in m) {
+      // It trained and measured once: a run that fails with another seed is a fragile change, not a crash row.
+      const note = `(not confirmed: run ${k + 1} with another seed crashed: ${m.error})`;
+      await finish(ctx, "discard", note, cur.runs[0]!.metrics);
+      return;
+    }
+    const run = { seed: seedFor(ctx, cur.seedOffset + k).seed, metrics: m.metrics, imagesPerSecond: t.imagesPerSecond };
+    cur.runs.push(run);
+    runLine(ctx, `run ${k + 1}/${Math.max(wanted, k + 1)}`, run);
+    save(ctx);
+  }
+}
+
+/**
+ * The row of a measured experiment, after the test split of a kept or baseline model is measured
+ * (for the summary only: nothing decides on it). Phase → logging.
+ */
+async function finish(ctx: Ctx, status: "keep" | "discard" | "baseline", note: string,
+  metrics: Record<string, number>): Promise<void> {
+  const st = ctx.st;
+  const cur = st.current!;
+  if ((status === "keep" || status === "baseline") && cur.kind !== "check") {
+    for (const [k, run] of cur.runs.entries()) {
+      run.test = await measureTest(ctx, k === 0 ? LATEST_CHECKPOINT_DIR : join(CONFIRM_DIR, String(k)));
+    }
+  }
+  const columns = TASK_METRICS[st.task].columns;
+  // A primary that is not a results.tsv column (balanced_bin_acc) is shown in the description.
+  const primary = columns.includes(st.primary) ? "" : ` (${st.primary} ${(metrics[st.primary] ?? 0).toFixed(4)})`;
+  const description = `${cur.description}${primary}${note ? ` ${note}` : ""}`;
+  const memoryGb = Number((cur.outcome?.memoryGb ?? 0).toFixed(3));
+  cur.row = { commit: shortOf(ROOT, cur.candidate!), metrics, memory_gb: memoryGb, status,
+    description: oneLine(description) };
   enter(ctx, "logging");
+  rmSync(CONFIRM_DIR, { recursive: true, force: true });
+}
+
+/** A checkpoint's metrics on the test split, or null (said once) when it cannot be measured. */
+async function measureTest(ctx: Ctx, checkpointDir: string): Promise<Record<string, number> | null> {
+  if (ctx.noTestSplit !== null || !existsSync(join(checkpointDir, "meta.json"))) return null;
+  const m = await measure(ctx, checkpointDir, "test");
+  if (!("error" in m)) return m.metrics;
+  ctx.noTestSplit = m.error;
+  say(`test split: not measured (${m.error}); nothing recorded, and not tried again until the loop restarts`);
+  return null;
 }
 
 // ---------------------------------------------------------------------------
@@ -410,17 +580,17 @@ function summarize(ctx: Ctx): void {
 // One experiment, start to end
 // ---------------------------------------------------------------------------
 
-async function experiment(ctx: Ctx, kind: "baseline" | "experiment"): Promise<Status> {
+async function experiment(ctx: Ctx, kind: Kind): Promise<Status> {
   const st = ctx.st;
   const cur = newExperiment(st, kind, countRows(ctx.resultsText));
   st.current = cur;
   save(ctx);
   const proposer = ctx.mode === "builtin" ? "built-in search" : ctx.mode === "agent" ? "agent" : "HEAD";
-  status(ctx, kind === "baseline" ? cur.description : `proposing (${proposer})`);
+  status(ctx, kind !== "experiment" ? cur.description : `proposing (${proposer})`);
   killPoint("proposing");
   await proposeAndCommit(ctx);
   if (cur.phase === "committed") await trainPhase(ctx);
-  if (cur.phase === "evaluating") await measureAndDecide(ctx);
+  if (cur.phase === "evaluating" || cur.phase === "confirming") await measureAndDecide(ctx);
   await logAndApply(ctx);
   if (ctx.fatal) throw new Stop(EXIT.paused, ctx.fatal);
   return cur.row!.status;
@@ -449,7 +619,7 @@ async function recover(ctx: Ctx): Promise<void> {
     say(`resume: rolled back #${cur.n} to ${shortOf(ROOT, cur.base)}; nothing was measured, no row written`);
     return;
   }
-  if (cur.phase === "evaluating") {
+  if (cur.phase === "evaluating" || cur.phase === "confirming") {
     resetTo(ROOT, cur.candidate!);
     const integ = await integrity(ctx, cur.candidate!, false);
     if (integ.problems.length > 0) {
@@ -545,8 +715,37 @@ async function baselines(ctx: Ctx): Promise<{ exit: number | null; ran: boolean 
   if (st.noise && ran) {
     say(`noise floor: ${st.primary} mean ${num(st.noise.mean)}, σ ${num(st.noise.sigma)} over ${st.noise.runs.length} `
       + `run(s); a keep needs more than +${num(st.noise.floor)} over the mean`);
+    loadWarning(st.runs.filter((r) => r.kind === "baseline"), "baseline");
+    const warning = st.trivial && st.baseline && trivialWarning({
+      primary: st.primary, baseline: st.baseline.metrics[st.primary] ?? 0, trivial: st.trivial.value,
+      floor: st.noise.floor, positive: positiveClass(st), prevalence: st.baseline.metrics.prevalence,
+    });
+    if (warning) say(warning);
   }
   return { exit: null, ran };
+}
+
+/** The screened class of the session's dataset (null: not screening, or the manifest is unreadable). */
+function positiveClass(st: State): string | null {
+  try {
+    return parseManifest(readFileSync(cacheFiles(st.cache.dir).manifest, "utf8"), st.cache.dir).positiveClass;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Repeats of one code that trained much slower than the fastest of them ran on a busier machine:
+ * said once. They stay in σ (a wider floor makes keeps rarer, not falser).
+ */
+function loadWarning(runs: readonly { n: number; imagesPerSecond: number | null }[], what: string): void {
+  const steady = steadyRuns(runs.map((r) => r.imagesPerSecond));
+  const slow = runs.filter((_, i) => !steady[i]);
+  if (slow.length === 0) return;
+  const fastest = Math.max(...runs.map((r) => r.imagesPerSecond ?? 0));
+  say(`warning: ${what} run(s) ${slow.map((r) => `#${r.n} (${(r.imagesPerSecond ?? 0).toFixed(1)} img/s)`).join(", ")} `
+    + `trained under ${LOAD_RATIO}× the fastest (${fastest.toFixed(1)} img/s): the machine was busier, and the noise `
+    + "floor includes that (fewer keeps, not false ones)");
 }
 
 /** --once: the commit at HEAD, made by an agent following program.md, as one experiment. */
@@ -569,32 +768,73 @@ async function once(ctx: Ctx, baselinesRan: boolean): Promise<number> {
   if (dirty.length > 0) throw notClean(dirty, COMMIT_FIRST);
   if (!runMdSaysGo()) return EXIT.ok;
   await experiment(ctx, "experiment");
-  checkStreak(ctx);
-  return EXIT.ok;
+  const exit = await checkStreak(ctx);
+  return exit ?? EXIT.ok;
 }
 
 async function runLoop(ctx: Ctx): Promise<number> {
   const { exit, ran } = await baselines(ctx);
   if (exit !== null) return exit;
   if (ctx.mode === "once") return once(ctx, ran);
-  for (let started = 0; ; started++) {
+  const st = ctx.st;
+  for (let started = 0; ;) {
     if (control.stop) return stopped(ctx);
-    if (ctx.flags.maxExperiments !== undefined && started >= ctx.flags.maxExperiments) {
+    const rb = st.rebaseline;
+    // Repeats of a kept structure change are part of that keep: they run before anything is
+    // compared with it, even when --max-experiments is reached.
+    const rebaseline = rb !== null && rb.done < rb.wanted;
+    if (!rebaseline && ctx.flags.maxExperiments !== undefined && started >= ctx.flags.maxExperiments) {
       say(`--max-experiments ${ctx.flags.maxExperiments} reached: stopping`);
       return EXIT.ok;
     }
     if (!runMdSaysGo()) return EXIT.ok;
-    await experiment(ctx, "experiment");
-    checkStreak(ctx);
+    if (rebaseline) {
+      const s = await experiment(ctx, "rebaseline");
+      if (s === "crash") say("the re-baseline crashed: the noise floor stays as it was");
+      else if (st.rebaseline!.done === st.rebaseline!.wanted && st.noise) {
+        say(`noise floor of the new structure: ${st.primary} mean ${num(st.noise.mean)}, σ ${num(st.noise.sigma)} `
+          + `over ${st.noise.runs.length} runs; a keep needs more than +${num(st.noise.floor)}`);
+        loadWarning(st.runs.filter((r) => r.commit === st.best?.short), "re-baseline");
+      }
+    } else {
+      await experiment(ctx, "experiment");
+      started++;
+    }
+    const exit = await checkStreak(ctx);
+    if (exit !== null) return exit;
   }
 }
 
-/** A streak of crashes pauses the loop instead of letting it spin. */
-function checkStreak(ctx: Ctx): void {
-  if (ctx.st.crashStreak < ctx.flags.maxCrashStreak) return;
-  throw new Stop(EXIT.paused, `paused: ${ctx.st.crashStreak} crashes in a row `
-    + `(last: ${ctx.st.current?.row?.description ?? "?"}). Look at run.log and ${LOGS_DIR}/, fix the cause, `
-    + "then `bun loop.ts --resume`.");
+/**
+ * A streak of crashes does not end the night. The built-in search backs off the axes that
+ * crashed, and the best is trained again to tell a broken environment (it crashes too: pause,
+ * with its reason) from bad ideas (it runs: go on with other axes). Under --once an agent
+ * chooses what to try next, so the streak pauses there as it always did.
+ */
+async function checkStreak(ctx: Ctx): Promise<number | null> {
+  const st = ctx.st;
+  if (st.crashStreak < ctx.flags.maxCrashStreak) return null;
+  const last = st.current?.row?.description ?? "?";
+  if (ctx.mode === "once") {
+    throw new Stop(EXIT.paused, `paused: ${st.crashStreak} crashes in a row (last: ${last}). Look at run.log and `
+      + `${LOGS_DIR}/, fix the cause, then \`bun loop.ts --resume\`.`);
+  }
+  const axes = streakAxes(st.tried, st.crashStreak).filter((a) => !st.skipAxes.includes(a));
+  st.skipAxes.push(...axes);
+  save(ctx);
+  const best = st.best!.short;
+  say(`${st.crashStreak} crashes in a row (last: ${last}): ${axes.length > 0 ? `backing off ${axes.join(", ")}; ` : ""}`
+    + `re-running the best ${best} to tell a broken environment from bad ideas`);
+  if (control.stop) return stopped(ctx);
+  if (!runMdSaysGo()) return EXIT.ok;
+  if (await experiment(ctx, "check") === "crash") {
+    const why = /\(crash: (.*)\)$/.exec(st.current?.row?.description ?? "")?.[1] ?? "?";
+    throw new Stop(EXIT.paused, `paused: the best ${best} crashed too when run again (${why}): the environment is `
+      + "broken, not the ideas. Fix it (see run.log), then `bun loop.ts --resume`.");
+  }
+  say(`the best ${best} still runs: the crashes came from the changes; going on`
+    + `${st.skipAxes.length > 0 ? ` without ${st.skipAxes.join(", ")}` : ""}`);
+  return null;
 }
 
 function stopped(ctx: Ctx): number {
@@ -635,7 +875,7 @@ async function main(argv: string[]): Promise<number> {
     const { st, resumed } = await openSession(open);
     const ctx: Ctx = {
       flags, mode: flags.once ? "once" : flags.agent !== undefined ? "agent" : "builtin",
-      st, resultsText: "", fatal: null, warnedNoSummarizer: false,
+      st, resultsText: "", fatal: null, warnedNoSummarizer: false, noTestSplit: null, hpSeeds: new Map(),
     };
     try {
       if (resumed) await prepareResumed(ctx);

@@ -32,10 +32,13 @@ export const LOGS_DIR = join(AR_DIR, "logs");
 
 /**
  * Phases of one experiment, in order. proposing/committed/training are rolled back on resume
- * (nothing measured yet); evaluating is finished (the checkpoint is on disk); logging/logged
- * are finished without writing a second row; decided is done.
+ * (nothing measured yet); evaluating is finished (the checkpoint is on disk); confirming is
+ * finished from its journaled runs (a run cut short is trained again); logging/logged are
+ * finished without writing a second row; decided is done.
  */
-const Phase = type("'proposing' | 'committed' | 'training' | 'evaluating' | 'logging' | 'logged' | 'decided'");
+const Phase = type(
+  "'proposing' | 'committed' | 'training' | 'evaluating' | 'confirming' | 'logging' | 'logged' | 'decided'",
+);
 export type Phase = typeof Phase.infer;
 
 export const HpValue = type("number | boolean | string");
@@ -50,12 +53,38 @@ export const TriedMove = type({ base: "string", axis: "string", value: HpValue, 
 export type TriedMove = typeof TriedMove.infer;
 
 /** What the training child did, before the checkpoint is measured. */
-const TrainOutcome = type({ ok: "boolean", reason: "string", memoryGb: "number >= 0", trainSeconds: "number >= 0" });
+const TrainOutcome = type({
+  ok: "boolean", reason: "string", memoryGb: "number >= 0", trainSeconds: "number >= 0",
+  /** Training throughput train.ts reported (null: it printed none). */
+  "imagesPerSecond?": "number >= 0 | null",
+});
+
+/**
+ * What an experiment is: a change of the best (experiment), a repeat of the session's first commit
+ * (baseline), a repeat of a kept commit that changed the model's structure, to measure its noise
+ * (rebaseline), or the best run again after a streak of crashes, to tell a broken environment
+ * from bad ideas (check).
+ */
+export const Kind = type("'baseline' | 'experiment' | 'rebaseline' | 'check'");
+export type Kind = typeof Kind.infer;
+
+/**
+ * One measured training run of the experiment's code: its first run or a confirmation run with
+ * another seed (AR_HP). `seed` is the seed it trained with (null: train.ts's HP has none).
+ * `test` holds its metrics on the test split once the experiment is kept; no decision reads it.
+ */
+export const MeasuredRun = type({
+  seed: "number.integer | null",
+  metrics: "Record<string, number>",
+  imagesPerSecond: "number >= 0 | null",
+  "test?": "Record<string, number> | null",
+});
+export type MeasuredRun = typeof MeasuredRun.infer;
 
 export const Experiment = type({
   /** 1-based over the session, baselines included; a rolled-back experiment's number is reused. */
   n: "number.integer >= 1",
-  kind: "'baseline' | 'experiment'",
+  kind: Kind,
   phase: Phase,
   /** Full hash of the last kept commit when the experiment started: where a discard resets to. */
   base: "string",
@@ -73,6 +102,13 @@ export const Experiment = type({
   /** Lines of train.ts at the candidate (the simplicity tie-break). */
   trainLines: "number.integer >= 0",
   startedAt: "string",
+  /**
+   * The first training run's seed: 0 runs HP as train.ts has it, k > 0 runs HP.seed + k (AR_HP).
+   * Baseline and re-baseline repeats differ in seed, so the noise floor includes the seed's share.
+   */
+  seedOffset: type("number.integer >= 0").default(0),
+  /** The measured runs, first run first; more than one while it is being confirmed. */
+  runs: MeasuredRun.array().default(() => []),
 });
 export type Experiment = typeof Experiment.infer;
 
@@ -87,6 +123,8 @@ const Best = type({
   metrics: "Record<string, number>",
   trainLines: "number.integer >= 0",
   description: "string",
+  /** Mean training throughput of the runs behind `metrics` (null: train.ts printed none). */
+  "imagesPerSecond?": "number >= 0 | null",
 });
 type Best = typeof Best.infer;
 
@@ -103,6 +141,46 @@ export const Noise = type({
   floor: "number >= 0",
 });
 export type Noise = typeof Noise.infer;
+
+/**
+ * Every training run the session measured, in order (baseline repeats, first runs, confirmation
+ * runs, re-baseline repeats, checks): its score next to its throughput, for the summary.
+ */
+export const RunRecord = type({
+  n: "number.integer >= 1",
+  kind: Kind,
+  /** Short hash of the commit trained. */
+  commit: "string",
+  seed: "number.integer | null",
+  metrics: "Record<string, number>",
+  imagesPerSecond: "number >= 0 | null",
+});
+export type RunRecord = typeof RunRecord.infer;
+
+/**
+ * A kept (or baseline) model measured on the test split: never read by a keep decision. A keep
+ * gives one entry per run of its code (first run and confirmation runs), a baseline one per
+ * repeat; a re-baseline repeat of a kept commit is recorded as "keep" with that commit.
+ */
+export const TestRun = type({
+  n: "number.integer >= 1",
+  kind: "'baseline' | 'keep'",
+  commit: "string",
+  metrics: "Record<string, number>",
+});
+export type TestRun = typeof TestRun.infer;
+
+/** Repeats of a kept commit that changed the model's structure: its own noise floor. */
+export const Rebaseline = type({
+  /** Full hash of the kept commit, and the move that made it (e.g. backbone none -> mobilenet). */
+  commit: "string",
+  move: "string",
+  /** Repeats wanted after the keep, repeats done, and the metrics of all its runs (the keep's own first). */
+  wanted: "number.integer >= 0",
+  done: "number.integer >= 0",
+  metrics: type("Record<string, number>").array(),
+});
+export type Rebaseline = typeof Rebaseline.infer;
 
 export const State = type({
   version: "1",
@@ -122,6 +200,8 @@ export const State = type({
     baselineRuns: "number.integer >= 1",
     noiseSigmas: "number >= 0",
     seed: "number.integer",
+    /** Extra runs, with other seeds, that confirm a candidate before it is kept (absent: none). */
+    "confirmRuns?": "number.integer >= 0",
   },
   /** sha256 of every tracked file except train.ts and run.md, at session start. */
   protected: "Record<string, string>",
@@ -148,6 +228,17 @@ export const State = type({
   /** Wall-clock sums over finished experiments: loop overhead = wall − train. */
   timing: { runs: "number.integer >= 0", trainSeconds: "number >= 0", wallSeconds: "number >= 0" },
   current: Experiment.or("null"),
+  /**
+   * What a model that ignores its input scores on the primary (screening: bin_acc of always
+   * answering the majority side), from the baseline's metrics; null for tasks without one.
+   */
+  trivial: type({ metric: "string", value: "number" }).or("null").default(null),
+  testRuns: TestRun.array().default(() => []),
+  runs: RunRecord.array().default(() => []),
+  /** The re-baseline of the last structure-changing keep (null: none yet). */
+  rebaseline: Rebaseline.or("null").default(null),
+  /** Built-in axes left alone after a streak of crashes on them (backing off instead of pausing). */
+  skipAxes: type("string[]").default(() => []),
 });
 export type State = typeof State.infer;
 

@@ -15,6 +15,8 @@ const Flags = type({
   setupAllowance: "number >= 0",
   "baselineRuns?": "1 <= number.integer <= 100",
   "noiseSigmas?": "number >= 0",
+  "confirmRuns?": "0 <= number.integer <= 10",
+  "primary?": "string > 0",
   maxCrashStreak: "number.integer >= 1",
   "maxExperiments?": "number.integer >= 0",
   "seed?": "number.integer",
@@ -22,7 +24,11 @@ const Flags = type({
 });
 export type Flags = typeof Flags.infer;
 
-export const DEFAULTS = { baselineRuns: 2, noiseSigmas: 2, seed: 0 } as const;
+/**
+ * Three baseline repeats at least: σ from two runs is itself very uncertain. One confirmation run
+ * per keep: a gain that a second seed does not reproduce was luck.
+ */
+export const DEFAULTS = { baselineRuns: 3, noiseSigmas: 2, seed: 0, confirmRuns: 1 } as const;
 
 /**
  * The flags, checked. `--help` prints the help and ends the loop (exit 0); a bad flag is refused.
@@ -44,9 +50,15 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     .option("--setup-allowance <seconds>",
       "at most this much more for train.ts to download a backbone and extract features before training",
       { default: 3600 })
-    .option("--baseline-runs <k>", `baseline repeats that measure the noise (default ${DEFAULTS.baselineRuns})`)
+    .option("--baseline-runs <k>", "baseline repeats (seeds 0…k−1) that measure the noise; a kept backbone change "
+      + `is re-measured with k−1 more (default ${DEFAULTS.baselineRuns})`)
     .option("--noise-sigmas <x>", `a keep needs a gain above x·σ of the baseline (default ${DEFAULTS.noiseSigmas})`)
-    .option("--max-crash-streak <n>", "pause after this many crashes in a row", { default: 3 })
+    .option("--confirm-runs <n>", "a candidate that clears the noise floor is re-run with n other seeds and kept "
+      + `only if the mean still clears it; 0 keeps on one run (default ${DEFAULTS.confirmRuns})`)
+    .option("--primary <metric>", "the metric keep decisions use: the task's default, or balanced_bin_acc for "
+      + "screening (rare positives)")
+    .option("--max-crash-streak <n>", "after this many crashes in a row, skip the axes that crashed and re-run the "
+      + "best; pause only if the best itself crashes", { default: 3 })
     .option("--max-experiments <n>", "stop after this many experiments (default: never)")
     .option("--seed <n>", `seed of the built-in proposer (default ${DEFAULTS.seed})`)
     .option("--no-summarize", "do not run summarize_results.ts after each experiment")
@@ -68,6 +80,7 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     agent: r.agent === undefined ? undefined : String(r.agent),
     agentTimeout: toNum(r.agentTimeout), budget: toNum(r.budget), grace: toNum(r.grace),
     setupAllowance: toNum(r.setupAllowance), baselineRuns: toNum(r.baselineRuns), noiseSigmas: toNum(r.noiseSigmas),
+    confirmRuns: toNum(r.confirmRuns), primary: r.primary === undefined ? undefined : String(r.primary),
     maxCrashStreak: toNum(r.maxCrashStreak), maxExperiments: toNum(r.maxExperiments), seed: toNum(r.seed),
     summarize: r.summarize !== false,
   }).filter(([, v]) => v !== undefined));

@@ -14,9 +14,12 @@
  *   4. a seeded hash of (seed, tries from this base, move), so equal candidates are not always taken
  *      in file order.
  * A (key, value) already measured from the same base commit is never proposed again; when every
- * neighbour is used up the radius grows (two steps away, …).
+ * neighbour is used up the radius grows (two steps away, …). Some keys are never moved: `seed`
+ * (another seed re-rolls the noise, it improves nothing), keys the session's task never reads,
+ * and keys the loop backed off from after a streak of crashes on them.
  */
 import { type } from "arktype";
+import type { Task } from "../prepare.ts";
 import type { HpValue, Move, State, TriedMove } from "./journal.ts";
 import { oneLine } from "./results.ts";
 import { TRAIN } from "./worktree.ts";
@@ -46,12 +49,39 @@ export function readHp(cwd: string, bun: string): HpDump | { error: string } {
   return { error: `\`bun train.ts --print-hp\` failed (${why}): ${need}` };
 }
 
+/** Keys a move of which changes the model's structure: a keep re-measures the noise floor. */
+export const STRUCTURE_AXES: readonly string[] = ["backbone"];
+
+/**
+ * Keys the built-in proposer never moves for `task`: the seed (confirmation varies it on purpose),
+ * and the weight of the yield head's loss, which only the waste task has.
+ */
+export function irrelevantAxes(task: Task): Set<string> {
+  return new Set(["seed", ...(task === "waste" ? [] : ["yieldLossWeight"])]);
+}
+
+/**
+ * The axes of the moves in the current crash streak (the last `streak` tried moves that crashed):
+ * what the built-in search backs off from.
+ */
+export function streakAxes(tried: readonly TriedMove[], streak: number): string[] {
+  const axes: string[] = [];
+  for (let i = tried.length - 1; i >= 0 && tried.length - i <= streak && tried[i]!.status === "crash"; i--) {
+    axes.push(tried[i]!.axis);
+  }
+  return [...new Set(axes)].sort();
+}
+
 /** The session's next single-axis move of the current best, and train.ts's source with it applied. */
 export function nextMove(
-  src: string, dump: HpDump, st: Pick<State, "tried" | "settings" | "lastKeptMove">, base: string,
+  src: string, dump: HpDump,
+  st: Pick<State, "tried" | "lastKeptMove" | "task" | "skipAxes"> & { settings: Pick<State["settings"], "seed"> },
+  base: string,
 ): { move: Move; src: string } | null {
+  const skip = new Set([...irrelevantAxes(st.task), ...st.skipAxes]);
+  const editable = new Set([...editableKeys(src, dump.HP)].filter((k) => !skip.has(k)));
   const move = proposeMove({
-    hp: dump.HP, space: dump.HP_SPACE, editable: editableKeys(src, dump.HP), base,
+    hp: dump.HP, space: dump.HP_SPACE, editable, base,
     tried: st.tried, seed: st.settings.seed, lastKept: st.lastKeptMove,
   });
   return move ? { move, src: applyMove(src, move) } : null;

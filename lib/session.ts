@@ -12,12 +12,12 @@ import { currentBranch, git } from "./git.ts";
 import { cacheFingerprint } from "./dataset.ts";
 import { protectedHashes } from "./integrity.ts";
 import {
-  RESULTS_BACKUP, SESSIONS_DIR, STATE_FILE, readState, saveState, type Experiment, type State,
+  RESULTS_BACKUP, SESSIONS_DIR, STATE_FILE, readState, saveState, type Experiment, type Kind, type State,
 } from "./journal.ts";
 import { DEFAULTS, type Flags } from "./loop_flags.ts";
-import { direction } from "./proposer.ts";
+import { STRUCTURE_AXES, describeMove, direction } from "./proposer.ts";
 import { RESULTS_FILE, countRows } from "./results.ts";
-import { computeNoise, meanMetrics, signed } from "./verdict.ts";
+import { checkPrimary, computeNoise, meanMetrics, signed, trivialScore } from "./verdict.ts";
 import { branchExists, dirtyPaths, readText, rev, shortOf } from "./worktree.ts";
 
 type Log = (line: string) => void;
@@ -83,20 +83,28 @@ async function startSession(a: OpenArgs, branch: string): Promise<State> {
     throw new Stop(EXIT.refused,
       `no prepared dataset under ${a.cacheRoot} (or it is unreadable): run \`bun prepare.ts --source …\` first`);
   }
+  const primary = checkPrimary(cache.task, flags.primary);
+  if ("error" in primary) throw new Stop(EXIT.refused, `loop.ts: ${primary.error}`);
   archiveSession(root, readState(join(root, STATE_FILE)), a.log);
   git(["checkout", "-q", "-b", branch], { cwd: root });
   const head = rev(root, "HEAD");
   const st = newState({
-    branch, task: cache.task, head, protected: await protectedHashes(root),
+    branch, task: cache.task, head, protected: await protectedHashes(root), primary: primary.primary,
     cache: { dir: cache.dir, images: cache.images, manifest: cache.manifest },
     settings: {
       budgetSeconds: flags.budget ?? TIME_BUDGET, baselineRuns: flags.baselineRuns ?? DEFAULTS.baselineRuns,
       noiseSigmas: flags.noiseSigmas ?? DEFAULTS.noiseSigmas, seed: flags.seed ?? DEFAULTS.seed,
+      confirmRuns: flags.confirmRuns ?? DEFAULTS.confirmRuns,
     },
   });
   saveState(root, st);
+  const confirm = st.settings.confirmRuns ? `, keeps confirmed over ${st.settings.confirmRuns} more seed(s)` : "";
   a.log(`new session on ${branch} from ${shortOf(root, head)}: task ${st.task}, keep on ${st.primary} `
-    + `(then ${st.secondary}), budget ${st.settings.budgetSeconds}s, ${st.baselines.wanted} baseline run(s)`);
+    + `(then ${st.secondary}), budget ${st.settings.budgetSeconds}s, ${st.baselines.wanted} baseline run(s)${confirm}`);
+  if (st.baselines.wanted === 1) {
+    a.log("warning: one baseline run measures no spread: σ is unknown and the noise floor is 0, so any gain "
+      + "counts (--baseline-runs 3 or more estimates it)");
+  }
   return st;
 }
 
@@ -137,60 +145,93 @@ function journalFor(root: string, branch: string, log: Log): State | null {
   return null;
 }
 
-/** The journal of a session that has measured nothing yet. */
+/** The journal of a session that has measured nothing yet (keeping on the task's primary unless told). */
 export function newState(a: {
   branch: string; task: Task; head: string; settings: State["settings"];
-  protected: State["protected"]; cache: State["cache"];
+  protected: State["protected"]; cache: State["cache"]; primary?: string;
 }): State {
   const now = new Date().toISOString();
   const m = TASK_METRICS[a.task];
+  const primary = a.primary ?? m.primary;
+  // The tie-break must be another metric than the one that ties.
+  const secondary = m.secondary !== primary ? m.secondary : m.primary;
   return {
     version: 1, branch: a.branch, tag: a.branch.slice("autoresearch/".length), task: a.task,
-    primary: m.primary, secondary: m.secondary, startedAt: now, updatedAt: now, pid: process.pid,
+    primary, secondary, startedAt: now, updatedAt: now, pid: process.pid,
     sessionStart: a.head, settings: a.settings, protected: a.protected, cache: a.cache,
     baselines: { wanted: a.settings.baselineRuns, primaries: [], metrics: [] },
     baseline: null, noise: null, best: null, nextN: 1,
     counts: { experiments: 0, keeps: 0, discards: 0, crashes: 0 }, crashStreak: 0,
     tried: [], lastKeptMove: null, timing: { runs: 0, trainSeconds: 0, wallSeconds: 0 }, current: null,
+    trivial: null, testRuns: [], runs: [], rebaseline: null, skipAxes: [],
   };
 }
 
 /**
- * Flags given to a resumed session: the budget cannot change (results would not be comparable);
- * a new seed or noise multiplier applies from now on.
+ * Flags given to a resumed session: the budget and the primary cannot change (results would not be
+ * comparable); a new seed, noise multiplier or number of confirmation runs applies from now on.
  */
-export function resumeSettings(st: State, f: Pick<Flags, "budget" | "seed" | "noiseSigmas">): void {
+export function resumeSettings(
+  st: State, f: Pick<Flags, "budget" | "seed" | "noiseSigmas" | "primary" | "confirmRuns">,
+): void {
   if (f.budget !== undefined && f.budget !== st.settings.budgetSeconds) {
     throw new Stop(EXIT.refused, `this session trains with --budget ${st.settings.budgetSeconds}; results with another `
       + "budget are not comparable: resume without --budget, or start a new session");
   }
+  if (f.primary !== undefined && f.primary !== st.primary) {
+    throw new Stop(EXIT.refused, `this session keeps on ${st.primary}; its verdicts on another primary would not `
+      + "be comparable: resume without --primary, or start a new session");
+  }
   if (f.seed !== undefined) st.settings.seed = f.seed;
+  if (f.confirmRuns !== undefined) st.settings.confirmRuns = f.confirmRuns;
   if (f.noiseSigmas !== undefined && f.noiseSigmas !== st.settings.noiseSigmas) {
     st.settings.noiseSigmas = f.noiseSigmas;
     if (st.noise) st.noise = computeNoise(st.noise.metric, st.noise.runs, f.noiseSigmas);
   }
 }
 
-/** The experiment about to start: a baseline repeat from the session start, or a change of the best. */
-export function newExperiment(st: State, kind: "baseline" | "experiment", rowsBefore: number): Experiment {
+/**
+ * The experiment about to start: a baseline repeat from the session start, a change of the best,
+ * a re-baseline repeat of the best, or a check of the best after a crash streak. Repeats train
+ * with the next seed, so their spread includes what another seed changes.
+ */
+export function newExperiment(st: State, kind: Kind, rowsBefore: number): Experiment {
   const done = st.baselines.primaries.length;
   const wanted = st.baselines.wanted;
   const repeat = done === 0 ? `baseline 1/${wanted}` : `baseline repeat ${done + 1}/${wanted}`;
-  const baseline = wanted === 1 ? "baseline" : repeat;
+  const rb = st.rebaseline;
+  const description = kind === "experiment" ? ""
+    : kind === "baseline" ? (wanted === 1 ? "baseline" : repeat)
+    : kind === "rebaseline" ? `re-baseline ${(rb?.done ?? 0) + 1}/${rb?.wanted ?? 0} of ${st.best!.short} `
+      + `(new structure: ${rb?.move ?? "?"})`
+    : `check: the best ${st.best!.short} again after ${st.crashStreak} crashes in a row`;
+  // A re-baseline continues the seeds after the kept runs (their metrics are rb.metrics).
+  const seedOffset = kind === "baseline" ? done : kind === "rebaseline" ? (rb?.metrics.length ?? 0) : 0;
   return {
     n: st.nextN, kind, phase: "proposing",
     base: kind === "baseline" ? st.sessionStart : st.best!.commit,
-    candidate: null,
-    description: kind === "experiment" ? "" : baseline,
-    move: null, trainPid: null, outcome: null, row: null,
-    rowsBefore, trainLines: 0, startedAt: new Date().toISOString(),
+    candidate: null, description, move: null, trainPid: null, outcome: null, row: null,
+    rowsBefore, trainLines: 0, startedAt: new Date().toISOString(), seedOffset, runs: [],
   };
+}
+
+/** Mean of the known throughputs, or null. */
+function meanIps(values: readonly (number | null)[]): number | null {
+  const known = values.filter((v): v is number => v !== null);
+  return known.length === 0 ? null : known.reduce((s, v) => s + v, 0) / known.length;
+}
+
+/** Mean throughput of every run of the best's code: what a run's throughput is shown against. */
+export function bestImagesPerSecond(st: State): number | null {
+  return st.best ? meanIps(st.runs.filter((r) => r.commit === st.best!.short).map((r) => r.imagesPerSecond)) : null;
 }
 
 /**
  * The journal after the current experiment's row is logged: counts and crash streak, the new best
- * on a keep, the move as tried, the baseline repeats (the noise floor and the baseline mean once
- * they are all in), timing, and the next experiment's number. Phase logged → decided.
+ * on a keep, the move as tried, the baseline repeats (the noise floor, the baseline mean and the
+ * trivial score once they are all in), a structure change's re-baseline, every run's score and
+ * throughput, the test-split measures of kept and baseline runs, timing, and the next
+ * experiment's number. Phase logged → decided.
  */
 export function recordDecision(st: State): void {
   const cur = st.current!;
@@ -203,6 +244,16 @@ export function recordDecision(st: State): void {
   }
   if (isCrash) st.counts.crashes++;
   st.crashStreak = isCrash ? st.crashStreak + 1 : 0;
+  for (const r of cur.runs) {
+    st.runs.push({
+      n: cur.n, kind: cur.kind, commit: row.commit, seed: r.seed, metrics: r.metrics,
+      imagesPerSecond: r.imagesPerSecond,
+    });
+    if (r.test && (row.status === "keep" || row.status === "baseline")) {
+      const kind = cur.kind === "baseline" ? "baseline" : "keep";
+      st.testRuns.push({ n: cur.n, kind, commit: row.commit, metrics: r.test });
+    }
+  }
   if (row.status === "keep") {
     st.best = {
       n: cur.n, commit: cur.candidate!, short: row.commit, metrics: row.metrics,
@@ -213,6 +264,15 @@ export function recordDecision(st: State): void {
     st.tried.push({ base: cur.base, axis: cur.move.axis, value: cur.move.to, status: row.status });
     if (row.status === "keep") st.lastKeptMove = { axis: cur.move.axis, direction: direction(cur.move) };
   }
+  if (cur.kind === "experiment" && row.status === "keep" && cur.move && STRUCTURE_AXES.includes(cur.move.axis)
+    && st.baselines.wanted > 1) {
+    // Another model (a pretrained backbone instead of pixels) has another noise: measured again.
+    st.rebaseline = {
+      commit: cur.candidate!, move: describeMove(cur.move), wanted: st.baselines.wanted - 1, done: 0,
+      metrics: cur.runs.map((r) => r.metrics),
+    };
+  }
+  if (cur.kind === "rebaseline" && st.rebaseline) recordRebaseline(st, st.rebaseline, isCrash ? null : row.metrics);
   if (cur.kind === "baseline" && !isCrash) {
     st.baseline ??= { commit: cur.candidate!, metrics: row.metrics };
     st.baselines.primaries.push(row.metrics[st.primary] ?? 0);
@@ -223,6 +283,8 @@ export function recordDecision(st: State): void {
       const mean = meanMetrics(st.baselines.metrics);
       st.baseline.metrics = mean;
       if (st.best && st.best.commit === st.sessionStart) st.best.metrics = mean;
+      const trivial = trivialScore(st.task, st.primary, mean);
+      st.trivial = trivial === null ? null : { metric: st.primary, value: trivial };
     }
   }
   st.timing.runs++;
@@ -230,6 +292,23 @@ export function recordDecision(st: State): void {
   st.timing.wallSeconds += Math.max(0, (Date.now() - Date.parse(cur.startedAt)) / 1000);
   st.nextN = cur.n + 1;
   cur.phase = "decided";
+}
+
+/**
+ * One re-baseline repeat in (null: it crashed, and the re-baseline ends with what it has). Once
+ * all are in, the noise floor is the new structure's and the best is its mean over every run.
+ */
+function recordRebaseline(
+  st: State, rb: NonNullable<State["rebaseline"]>, metrics: Record<string, number> | null,
+): void {
+  if (metrics === null) rb.wanted = rb.done;
+  else {
+    rb.metrics.push(metrics);
+    rb.done++;
+  }
+  if (rb.done < rb.wanted || rb.metrics.length < 2) return;
+  st.noise = computeNoise(st.primary, rb.metrics.map((m) => m[st.primary] ?? 0), st.settings.noiseSigmas);
+  if (st.best && st.best.commit === rb.commit) st.best.metrics = meanMetrics(rb.metrics);
 }
 
 /** results.tsv at start-up: restored from the loop's copy if it is missing or has lost rows. */

@@ -61,11 +61,25 @@ export function classifyTrain(a: {
   return { ok: true, reason: "" };
 }
 
+/**
+ * Training throughput a run reported: the `checkpoint: … (epochs: E, X img/s)` line train.ts prints
+ * at the end, else its last `| X img/s |` progress line. Backbone feature extraction prints img/s
+ * too (`features …`); that is not training and never matches. Null: it printed neither.
+ */
+export function imagesPerSecond(stdout: string): number | null {
+  const footer = [...stdout.matchAll(/^checkpoint: .*\(epochs: [^,]*, ([\d.]+) img\/s\)\s*$/gm)].at(-1);
+  const progress = [...stdout.matchAll(/\| *([\d.]+) img\/s *\|/g)].at(-1);
+  const v = Number((footer ?? progress)?.[1]);
+  return Number.isFinite(v) && v >= 0 ? v : null;
+}
+
 interface TrainOptions extends ChildHooks {
   cwd: string;
   bun: string;
   task: Task;
   budgetS: number;
+  /** Extra environment for train.ts (AR_HP: another seed for a repeat or a confirmation run). */
+  env?: Record<string, string>;
   /** train.ts is killed this long after its start (plus any setup time). */
   deadlineS: number;
   checkpointDir: string;
@@ -76,10 +90,12 @@ interface TrainOptions extends ChildHooks {
 }
 
 /** `bun train.ts` for one budget, live, and whether it produced a footer and a checkpoint. */
-export async function trainOnce(o: TrainOptions): Promise<{ ran: Ran; ok: boolean; reason: string }> {
+export async function trainOnce(o: TrainOptions): Promise<{
+  ran: Ran; ok: boolean; reason: string; imagesPerSecond: number | null;
+}> {
   const columns = TASK_METRICS[o.task].columns;
   const ran = await runChild([o.bun, "train.ts", "--budget", String(o.budgetS), "--checkpoint", o.checkpointDir], {
-    cwd: o.cwd, timeoutS: o.deadlineS, echo: true, logs: o.logs, onSpawn: o.onSpawn, log: o.log,
+    cwd: o.cwd, timeoutS: o.deadlineS, echo: true, logs: o.logs, onSpawn: o.onSpawn, log: o.log, env: o.env,
     setup: { begins: SETUP_BEGINS, ends: SETUP_ENDS, stallS: o.setupStallS, maxS: o.setupMaxS },
     finished: { when: (out) => footerComplete(out, columns), lingerS: o.lingerS },
   });
@@ -88,16 +104,22 @@ export async function trainOnce(o: TrainOptions): Promise<{ ran: Ran; ok: boolea
     setupSeconds: ran.setupSeconds, stalledS: ran.stalled ? o.setupStallS : null,
     columns, checkpointOk: existsSync(join(resolve(o.cwd, o.checkpointDir), "meta.json")),
   });
-  return { ran, ...verdict };
+  return { ran, ...verdict, imagesPerSecond: imagesPerSecond(ran.stdout) };
 }
 
 const EvalJson = type({ task: Task, n: "number.integer >= 0", metrics: "Record<string, number>", primary: "string" });
 
-/** `bun prepare.ts evaluate` on a checkpoint: the task's metrics, or why there are none. */
+/**
+ * `bun prepare.ts evaluate` on a checkpoint: every metric it reports (the task's columns, and
+ * `need`, e.g. a primary that is not a column, must be among them), or why there are none.
+ * `split` "test" measures the held-out split no keep decision reads; the default is val.
+ */
 export async function evaluateCheckpoint(o: Omit<ChildHooks, "logs"> & {
-  cwd: string; bun: string; task: Task; checkpointDir: string; lingerS: number;
+  cwd: string; bun: string; task: Task; checkpointDir: string; lingerS: number; split?: "val" | "test";
+  need?: readonly string[];
 }): Promise<{ metrics: Record<string, number> } | { error: string }> {
-  const ran = await runChild([o.bun, "prepare.ts", "evaluate", "--model", o.checkpointDir], {
+  const split = o.split === "test" ? ["--split", "test"] : [];
+  const ran = await runChild([o.bun, "prepare.ts", "evaluate", "--model", o.checkpointDir, ...split], {
     cwd: o.cwd, timeoutS: EVAL_TIMEOUT_S, echo: false, onSpawn: o.onSpawn, log: o.log,
     finished: { when: (out) => /^eval_json: .*\n/m.test(out), lingerS: o.lingerS },
   });
@@ -115,7 +137,8 @@ export async function evaluateCheckpoint(o: Omit<ChildHooks, "logs"> & {
   // NaN becomes null in JSON, so a NaN metric fails the schema here.
   if (ev instanceof type.errors) return fail(`eval_json: ${oneLine(ev.summary, 120)}`);
   if (ev.task !== o.task) return fail(`evaluated task ${ev.task}, the session's is ${o.task}`);
-  const missing = TASK_METRICS[o.task].columns.filter((c) => !Number.isFinite(ev.metrics[c]));
+  const missing = [...new Set([...TASK_METRICS[o.task].columns, ...(o.need ?? [])])]
+    .filter((c) => !Number.isFinite(ev.metrics[c]));
   if (missing.length > 0) return fail(`eval_json lacks ${missing.join(", ")}`);
   return { metrics: ev.metrics };
 }

@@ -1,10 +1,73 @@
 /**
  * The keep rule and the numbers it rests on: which of two measured runs is better, the noise
- * floor of the baseline repeats, and their mean. loop.ts decides with these and
+ * floor of the baseline repeats, their mean, the confirmation of a candidate over other seeds,
+ * and which runs of one code ran at a comparable speed. loop.ts decides with these and
  * summarize_results.ts reports with them, so a summary never disagrees with what the loop did.
  */
-import { TASK_METRICS } from "../prepare.ts";
+import { TASK_METRICS, type Task } from "../prepare.ts";
 import type { Noise, State } from "./journal.ts";
+
+/**
+ * What a session may keep on (`--primary`), the task's default first. balanced_bin_acc is the
+ * screening choice for rare positives: bin_acc rewards a model that never says positive.
+ */
+export const PRIMARY_CHOICES: Record<Task, readonly string[]> = {
+  waste: ["combined_score"],
+  cifar100: ["top1"],
+  screening: ["bin_acc", "balanced_bin_acc"],
+};
+
+/** The session's primary, or why `wanted` cannot be one for `task`. */
+export function checkPrimary(task: Task, wanted: string | undefined): { primary: string } | { error: string } {
+  const choices = PRIMARY_CHOICES[task];
+  if (wanted === undefined) return { primary: TASK_METRICS[task].primary };
+  if (choices.includes(wanted)) return { primary: wanted };
+  return { error: `--primary ${wanted}: task ${task} keeps on one of ${choices.join(", ")}` };
+}
+
+/**
+ * What a model that ignores its input scores on a primary: the name of the metric in evaluate()'s
+ * output that holds it, or the score itself. Always answering the majority side scores
+ * trivial_bin_acc; any constant answer balances to 0.5.
+ */
+const TRIVIAL: Partial<Record<Task, Record<string, string | number>>> = {
+  screening: { bin_acc: "trivial_bin_acc", balanced_bin_acc: 0.5 },
+};
+
+/** The trivial model's score on `primary` given a run's metrics, or null (no such figure for this task). */
+export function trivialScore(task: Task, primary: string, metrics: Record<string, number>): number | null {
+  const t = TRIVIAL[task]?.[primary];
+  if (t === undefined) return null;
+  if (typeof t === "number") return t;
+  const v = metrics[t];
+  return v !== undefined && Number.isFinite(v) ? v : null;
+}
+
+/** A baseline whose primary is no more than the noise floor above the trivial score has learned nothing visible. */
+export function atTrivial(baseline: number, trivial: number, floor: number): boolean {
+  return baseline - trivial <= floor + EQUAL;
+}
+
+/**
+ * The loop's warning when the baseline is within the noise floor of the trivial score, or null.
+ * `positive` names the screened class and `prevalence` its share, to say what the constant is.
+ */
+export function trivialWarning(a: {
+  primary: string; baseline: number; trivial: number; floor: number; positive: string | null; prevalence?: number;
+}): string | null {
+  if (!atTrivial(a.baseline, a.trivial, a.floor)) return null;
+  const v = (x: number) => x.toFixed(4);
+  const head = `WARNING: the baseline's ${a.primary} ${v(a.baseline)} is the trivial rate`;
+  if (a.primary === "balanced_bin_acc") {
+    return `${head} (any constant answer scores ${v(a.trivial)}): the model does not tell the positive class `
+      + "from the rest yet";
+  }
+  const side = a.positive === null || a.prevalence === undefined ? "the majority side"
+    : a.prevalence < 0.5 ? `'not ${a.positive}'` : `'${a.positive}'`;
+  const why = `${a.primary} cannot tell a real screen from a constant`;
+  const hint = a.primary === "bin_acc" ? "; consider --primary balanced_bin_acc" : "";
+  return `${head} (always ${side} scores ${v(a.trivial)}): ${why}${hint}`;
+}
 
 /** Metric differences below this are float noise in the same counts, i.e. "equal". */
 const EQUAL = 1e-9;
@@ -19,7 +82,7 @@ export interface Ranking {
 type Metrics = Record<string, number>;
 
 /** How much better `candidate` is than `reference` on `metric`: positive is an improvement. */
-function gain(candidate: Metrics, reference: Metrics, metric: string, lowerIsBetter: readonly string[]): number {
+export function gain(candidate: Metrics, reference: Metrics, metric: string, lowerIsBetter: readonly string[]): number {
   return (lowerIsBetter.includes(metric) ? -1 : 1) * ((candidate[metric] ?? 0) - (reference[metric] ?? 0));
 }
 
@@ -59,6 +122,83 @@ export function keepOrDiscard(a: KeepArgs): { status: "keep" | "discard"; note: 
   return { status: "discard", note: "(same metrics, not simpler)" };
 }
 
+/**
+ * A keep that rests on the primary clearing the noise floor: what confirmation re-runs. Keeps on
+ * an equal primary (secondary, simplicity) compare measured ties and are not confirmed.
+ */
+export function clearsFloor(a: Omit<KeepArgs, "candidateLines" | "bestLines">): boolean {
+  const g = gain(a.candidate, a.best, a.primary, a.lowerIsBetter);
+  return g > EQUAL && g > a.noiseFloor;
+}
+
+/**
+ * A run of some code slower than this share of the fastest run of the same code ran on a busier
+ * machine: the budget is wall-clock, so fewer steps fit and its score says more about the load
+ * than about the code. Load only ever slows a run down, so the fastest run is the reference.
+ */
+export const LOAD_RATIO = 0.7;
+
+/** Which runs of one code are not load-affected (a run with no throughput figure counts as fine). */
+export function steadyRuns(imagesPerSecond: readonly (number | null)[]): boolean[] {
+  const fastest = Math.max(0, ...imagesPerSecond.map((v) => v ?? 0));
+  return imagesPerSecond.map((v) => v === null || fastest === 0 || v >= LOAD_RATIO * fastest);
+}
+
+/** One measured run of a candidate: its seed (null: unknown), metrics and throughput. */
+export interface RunMeasure {
+  seed: number | null;
+  metrics: Record<string, number>;
+  imagesPerSecond: number | null;
+}
+
+interface ConfirmArgs extends Ranking {
+  /** The candidate's runs so far, the first run first. */
+  runs: readonly RunMeasure[];
+  best: Record<string, number>;
+  noiseFloor: number;
+  /** Runs a verdict needs: the first plus --confirm-runs. */
+  wanted: number;
+}
+
+/**
+ * The confirmation rule, for a candidate whose first run cleared the noise floor: keep only if the
+ * mean over `wanted` runs with different seeds still clears it. Load-affected runs do not count;
+ * when one is among them, one more run replaces it, and if the runs still disagree in speed the
+ * candidate is discarded as load-affected. `more`: train another run first. The returned metrics
+ * (the row's numbers) are the mean over the runs the verdict used.
+ */
+export function confirmVerdict(a: ConfirmArgs):
+  { more: true } | { more: false; status: "keep" | "discard"; note: string; metrics: Record<string, number> } {
+  if (a.runs.length < a.wanted) return { more: true };
+  const steady = steadyRuns(a.runs.map((r) => r.imagesPerSecond));
+  const used = a.runs.filter((_, i) => steady[i]);
+  if (used.length < a.wanted) {
+    if (a.runs.length === a.wanted) return { more: true };
+    const speeds = a.runs.map((r) => (r.imagesPerSecond === null ? "?" : r.imagesPerSecond.toFixed(0))).join(", ");
+    const note = `(load-affected: its runs trained at ${speeds} img/s; a run slower than ${LOAD_RATIO}× its fastest `
+      + "says more about the machine than the change)";
+    return { more: false, status: "discard", note, metrics: meanMetrics(a.runs.map((r) => r.metrics)) };
+  }
+  const mean = meanMetrics(used.map((r) => r.metrics));
+  const g = gain(mean, a.best, a.primary, a.lowerIsBetter);
+  const over = used.every((r) => r.seed !== null)
+    ? `seeds ${used.map((r) => r.seed).join(",")}` : `${used.length} runs`;
+  const value = (mean[a.primary] ?? 0).toFixed(4);
+  const dropped = used.length < a.runs.length ? `; ${a.runs.length - used.length} load-affected run(s) left out` : "";
+  if (g > EQUAL && g > a.noiseFloor) {
+    return {
+      more: false, status: "keep", metrics: mean,
+      note: `(confirmed over ${over}: mean ${value}, ${signed(g)} > floor ${num(a.noiseFloor)}${dropped})`,
+    };
+  }
+  const first = gain(a.runs[0]!.metrics, a.best, a.primary, a.lowerIsBetter);
+  return {
+    more: false, status: "discard", metrics: mean,
+    note: `(not confirmed over ${over}: mean ${value}, ${signed(g)} <= floor ${num(a.noiseFloor)}; `
+      + `first run ${signed(first)}${dropped})`,
+  };
+}
+
 /** Mean and sample σ (n − 1; 0 for a single run) of the baseline repeats; the floor is sigmas · σ. */
 export function computeNoise(metric: string, runs: readonly number[], sigmas: number): Noise {
   const mean = runs.reduce((s, v) => s + v, 0) / runs.length;
@@ -76,24 +216,40 @@ export function meanMetrics(runs: readonly Record<string, number>[]): Record<str
 }
 
 /**
- * The status of the current experiment's measured run, and a note for its description: a baseline
- * run is the first best (keep) or a repeat of it (baseline; the last repeat notes the noise); an
- * experiment is kept or discarded against the best by keepOrDiscard.
+ * The status of the current experiment's first measured run, and a note for its description: a
+ * baseline run is the first best (keep) or a repeat of it (baseline; the last repeat notes the
+ * noise); a re-baseline repeat or a check of the best is a baseline row; an experiment is kept or
+ * discarded against the best by keepOrDiscard. `confirm`: a keep on the primary that must be
+ * confirmed over other seeds before it stands.
  */
-export function decide(st: State, metrics: Metrics): { status: "keep" | "discard" | "baseline"; note: string } {
+export function decide(st: State, metrics: Metrics):
+  { status: "keep" | "discard" | "baseline"; note: string; confirm: boolean } {
   const cur = st.current!;
   if (cur.kind === "baseline") {
     const status = st.best === null ? "keep" : "baseline";
     const runs = [...st.baselines.primaries, metrics[st.primary] ?? 0];
-    if (runs.length !== st.baselines.wanted || runs.length < 2) return { status, note: "" };
+    if (runs.length !== st.baselines.wanted || runs.length < 2) return { status, note: "", confirm: false };
     const noise = computeNoise(st.primary, runs, st.settings.noiseSigmas);
-    return { status, note: `(noise: mean ${num(noise.mean)}, σ ${num(noise.sigma)}, floor ${num(noise.floor)})` };
+    const note = `(noise: mean ${num(noise.mean)}, σ ${num(noise.sigma)}, floor ${num(noise.floor)})`;
+    return { status, note, confirm: false };
   }
-  return keepOrDiscard({
-    primary: st.primary, secondary: st.secondary, lowerIsBetter: TASK_METRICS[st.task].lowerIsBetter,
-    candidate: metrics, best: st.best!.metrics, noiseFloor: st.noise?.floor ?? 0,
-    candidateLines: cur.trainLines, bestLines: st.best!.trainLines,
-  });
+  if (cur.kind === "rebaseline") {
+    const rb = st.rebaseline!;
+    if (rb.done + 1 < rb.wanted) return { status: "baseline", note: "", confirm: false };
+    const runs = [...rb.metrics, metrics].map((m) => m[st.primary] ?? 0);
+    const noise = computeNoise(st.primary, runs, st.settings.noiseSigmas);
+    const note = `(noise of the new structure over ${runs.length} runs: mean ${num(noise.mean)}, `
+      + `σ ${num(noise.sigma)}, floor ${num(noise.floor)})`;
+    return { status: "baseline", note, confirm: false };
+  }
+  if (cur.kind === "check") {
+    return { status: "baseline", note: "(runs fine: the crashes were the changes)", confirm: false };
+  }
+  const ranking = { primary: st.primary, secondary: st.secondary, lowerIsBetter: TASK_METRICS[st.task].lowerIsBetter };
+  const args = { ...ranking, candidate: metrics, best: st.best!.metrics, noiseFloor: st.noise?.floor ?? 0 };
+  const v = keepOrDiscard({ ...args, candidateLines: cur.trainLines, bestLines: st.best!.trainLines });
+  const confirm = v.status === "keep" && (st.settings.confirmRuns ?? 0) > 0 && clearsFloor(args);
+  return { ...v, confirm };
 }
 
 /** Numbers for humans: enough digits to see a noise-sized difference. */

@@ -10,35 +10,25 @@
  * (10 ewaste, 5 recyclable, 8 organic) cls 0 scores accuracy 10/23, cls 2 8/23, cls 1 5/23.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { cpSync, existsSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { prepareData } from "../prepare.ts";
-import { countRows, parseResults, type ResultRow } from "../lib/results.ts";
+import { countRows } from "../lib/results.ts";
 import { bestCheckpointDir } from "../lib/checkpoint.ts";
-import { pidAlive, readState, type State, type TriedMove } from "../lib/journal.ts";
+import { pidAlive, type TriedMove } from "../lib/journal.ts";
 import { applyMove, editableKeys, findLiteral, neighbours, proposeMove } from "../lib/proposer.ts";
 import { classifyTrain } from "../lib/trial.ts";
 import { computeNoise, keepOrDiscard } from "../lib/verdict.ts";
 import { parseRunMd } from "../lib/worktree.ts";
-import { ROOT, tempDir } from "./helpers.ts";
-
-const BUN = process.execPath;
-/**
- * The limit for a test (or hook) that runs loop.ts in child processes (train, evaluate, git):
- * declared here so a plain `bun test` needs no --timeout, and generous for a busy machine.
- */
-const E2E_MS = 180_000;
-const made: string[] = [];
-let CACHE = "";
+import { BUN, ROOT, tempDir } from "./helpers.ts";
+import {
+  E2E_MS, cleanUp, clean, commitTrain, fixture, head, last, loop, made, makeRepo, rows, sh, state, syntheticCache,
+} from "./loop_helpers.ts";
 
 beforeAll(async () => {
-  CACHE = tempDir("arv-loop-cache-");
-  made.push(CACHE);
-  await prepareData({ task: "waste", source: "synthetic", cacheRoot: CACHE, log: () => {} });
+  fixture.cache = await syntheticCache("waste");
 }, E2E_MS);
-afterAll(() => {
-  for (const d of made) rmSync(d, { recursive: true, force: true });
-});
+afterAll(cleanUp);
 
 // ---------------------------------------------------------------------------
 // Fixtures
@@ -137,69 +127,6 @@ main().catch((err: unknown) => {
 `;
 }
 
-function sh(dir: string, cmd: string): string {
-  const r = Bun.spawnSync(["sh", "-c", cmd], { cwd: dir, stdout: "pipe", stderr: "pipe" });
-  if (r.exitCode !== 0) throw new Error(`${cmd}: ${r.stderr.toString()}`);
-  return r.stdout.toString().trim();
-}
-
-/** A git repository with the project's fixed files, `train` as train.ts, and one commit. */
-function makeRepo(train: string, opts: { runMd?: string | null; files?: Record<string, string> } = {}): string {
-  const dir = tempDir("arv-loop-");
-  made.push(dir);
-  for (const f of ["prepare.ts", "loop.ts", "program.md", "lib", "package.json", "tsconfig.json", ".gitignore"]) {
-    cpSync(join(ROOT, f), join(dir, f), { recursive: true });
-  }
-  symlinkSync(join(ROOT, "node_modules"), join(dir, "node_modules"));
-  writeFileSync(join(dir, "train.ts"), train);
-  if (opts.runMd !== null) writeFileSync(join(dir, "run.md"), opts.runMd ?? "True\n");
-  for (const [name, text] of Object.entries(opts.files ?? {})) writeFileSync(join(dir, name), text);
-  // node_modules is a symlink here, which the `node_modules/` ignore pattern (a folder) misses.
-  sh(dir, "git init -q && echo node_modules >> .git/info/exclude && git config user.name test "
-    + "&& git config user.email test@example.com && git add -A && git commit -qm init");
-  return dir;
-}
-
-interface LoopRun { code: number | null; signal: string | null; out: string }
-
-/** `bun loop.ts` in `dir` with a 1 s budget; --no-summarize unless asked for. */
-function loop(dir: string, args: string[], env: Record<string, string> = {}, summarize = false): LoopRun {
-  const quiet = summarize ? [] : ["--no-summarize"];
-  const r = Bun.spawnSync([BUN, "loop.ts", "--budget", "1", "--grace", "0", ...quiet, ...args], {
-    cwd: dir, stdout: "pipe", stderr: "pipe",
-    env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30", ...env },
-  });
-  const signal = r.signalCode == null ? null : String(r.signalCode);
-  return { code: r.exitCode, signal, out: r.stdout.toString() + r.stderr.toString() };
-}
-
-function rows(dir: string): ResultRow[] {
-  const path = join(dir, "results.tsv");
-  if (!existsSync(path)) return [];
-  const parsed = parseResults(readFileSync(path, "utf8"));
-  expect(parsed.errors).toEqual([]);
-  return parsed.rows;
-}
-
-function state(dir: string): State {
-  const st = readState(join(dir, ".autoresearch", "state.json"));
-  if (!st) throw new Error("no state.json");
-  return st;
-}
-
-/** Replace text in train.ts and commit it (what an agent following program.md does). */
-function commitTrain(dir: string, from: string | RegExp, to: string, message: string): void {
-  const path = join(dir, "train.ts");
-  const before = readFileSync(path, "utf8");
-  const after = before.replace(from, to);
-  expect(after).not.toBe(before);
-  writeFileSync(path, after);
-  sh(dir, `git commit -qam '${message}'`);
-}
-
-const head = (dir: string) => sh(dir, "git rev-parse HEAD");
-const clean = (dir: string) => sh(dir, "git status --porcelain");
-const last = <T>(xs: T[]): T => xs[xs.length - 1]!;
 const ACC = { ewaste: 10 / 23, organic: 8 / 23, recyclable: 5 / 23 };
 
 // ---------------------------------------------------------------------------
@@ -517,7 +444,8 @@ describe("--once (stub train.ts)", () => {
     const h = head(dir);
     expect(once().code).toBe(0);
     const r = last(rows(dir));
-    expect(r).toMatchObject({ status: "keep", description: "predict ewaste", commit: h.slice(0, 7) });
+    expect(r).toMatchObject({ status: "keep", commit: h.slice(0, 7) });
+    expect(r.description).toMatch(/^predict ewaste \(confirmed over seeds 0,1: /);
     expect(r.metrics.val_accuracy).toBeCloseTo(ACC.ewaste, 6);
     expect(head(dir)).toBe(h);
     expect(state(dir).best!.commit).toBe(h);
@@ -636,7 +564,7 @@ describe("--once (stub train.ts)", () => {
     commitTrain(dir, `mode: "ok",`, `mode: "hang",`, "hang until aborted");
     const proc = Bun.spawn([BUN, "loop.ts", "--once", "--budget", "1", "--grace", "0", "--no-summarize"], {
       cwd: dir, stdout: "pipe", stderr: "pipe",
-      env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "60" },
+      env: { ...process.env, AR_CACHE: fixture.cache, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "60" },
     });
     const reader = proc.stdout.getReader();
     let out = "";
@@ -692,7 +620,8 @@ describe("--agent (stub train.ts, fake agents)", () => {
     const r = loop(dir, ["--tag", "ag", "--baseline-runs", "1", "--max-experiments", "1", "--agent", cmd], {}, true);
     expect(r.code).toBe(0);
     expect(r.out).toContain("no summarize_results.ts in this repository");
-    expect(rows(dir).map((x) => [x.status, x.description])).toEqual([["keep", "baseline"], ["keep", "predict ewaste"]]);
+    expect(rows(dir).map((x) => [x.status, x.description]))
+      .toEqual([["keep", "baseline"], ["keep", expect.stringMatching(/^predict ewaste \(confirmed over seeds 0,1: /)]]);
     expect(sh(dir, "git log -1 --format=%s")).toBe("predict ewaste");
     const prompt = readFileSync(join(outside, "stdin.txt"), "utf8");
     expect(readFileSync(join(outside, "file.txt"), "utf8")).toBe(prompt);
@@ -731,7 +660,8 @@ describe("--agent (stub train.ts, fake agents)", () => {
     const r = agent(`sed -i 's/yieldValue: 0.5,/yieldValue: 0.52,/' train.ts && git commit -qam "yield estimate 0.52" `
       + `&& echo "not this line"`);
     expect(r.code).toBe(0);
-    expect(last(rows(dir))).toMatchObject({ status: "keep", description: "yield estimate 0.52" });
+    expect(last(rows(dir))).toMatchObject({ status: "keep" });
+    expect(last(rows(dir)).description).toMatch(/^yield estimate 0\.52 \(confirmed over seeds 0,1: /);
   }, E2E_MS);
 
   test("an agent that times out is killed: crash, reset", () => {
@@ -758,13 +688,14 @@ describe("--agent (stub train.ts, fake agents)", () => {
     sh(dir, "git checkout run.md");
   }, E2E_MS);
 
-  test("a streak of crashes pauses the loop instead of spinning (exit 3)", () => {
+  test("a streak of crashes does not spin or stop: the best is run again, then the loop goes on", () => {
     const n = rows(dir).length;
     const cmd = `sed -i 's/mode: "ok",/mode: "throw",/' train.ts; echo "throw"`;
-    const r = loop(dir, ["--resume", "--max-experiments", "10", "--max-crash-streak", "2", "--agent", cmd]);
-    expect(r.code).toBe(3);
-    expect(r.out).toContain("paused: 2 crashes in a row");
-    expect(rows(dir).slice(n).map((x) => x.status)).toEqual(["crash", "crash"]);
+    const r = loop(dir, ["--resume", "--max-experiments", "3", "--max-crash-streak", "2", "--agent", cmd]);
+    expect(r.code).toBe(0);
+    expect(r.out)
+      .toContain("2 crashes in a row (last: throw (crash: exit 1: error: boom in train.ts)): re-running the best");
+    expect(rows(dir).slice(n).map((x) => x.status)).toEqual(["crash", "crash", "baseline", "crash"]);
     expect(clean(dir)).toBe("");
   }, E2E_MS);
 
@@ -872,7 +803,7 @@ describe("SIGKILL at each phase, then --resume", () => {
     const argv = ["loop.ts", "--resume", "--budget", "1", "--grace", "0", "--no-summarize", "--max-experiments", "5"];
     const proc = Bun.spawn([BUN, ...argv], {
       cwd: dir, stdout: "pipe", stderr: "pipe",
-      env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30" },
+      env: { ...process.env, AR_CACHE: fixture.cache, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30" },
     });
     const reader = proc.stdout.getReader();
     const dec = new TextDecoder();
