@@ -246,29 +246,8 @@ export function parseHpMoves(description: string): HpMove[] {
 type NoiseFloor = AnalysisSummary["noiseFloor"];
 
 /** One held-out test measurement the loop made: every baseline run and every keep, never used to decide. */
-const TestRun = type({
-  n: "number.integer >= 1", kind: "'baseline' | 'keep'", commit: "string", metrics: "Record<string, number>",
-});
-/**
- * The journal fields this script reads beyond lib/journal.ts's State: optional, so a journal
- * written before the loop measured the test split or the trivial model still reads.
- */
-const JournalExtras = type({
-  "testRuns?": TestRun.array(),
-  "trivial?": type({ metric: "string", value: "number" }).or("null"),
-});
-export type Journal = State & typeof JournalExtras.infer;
-
-/** The loop's journal at `path` with the optional fields above checked too; null when there is none. */
-export function readJournal(path: string): Journal | null {
-  const st = readState(path);
-  if (st === null) return null;
-  const extras = JournalExtras(st);
-  if (extras instanceof type.errors) {
-    throw new Error(`${path}: not a loop journal: ${extras.summary.replace(/\n+/g, "; ")}`);
-  }
-  return { ...st, ...extras };
-}
+/** The loop's journal (lib/journal.ts's State is the contract). */
+export type Journal = State;
 
 type DataFacts = AnalysisSummary["data"];
 const UNKNOWN_DATA: DataFacts = { manifest: null, sample: null, synthetic: null, splits: null };
@@ -668,7 +647,7 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
     .sort((a, b) => b.delta - a.delta || a.run - b.run).slice(0, TOP_HITS).map((r, i) => ({ ...r, rank: i + 1 }));
   // The journal's best carries every metric the loop measured, the row only results.tsv's columns.
   const bestMetrics = best ? { ...(journal.row ? st?.best?.metrics : {}), ...best.metrics } : null;
-  const trivial = trivialCheck(st?.trivial, bestMetrics, primary, noiseFloor);
+  const trivial = trivialCheck(st?.trivial ?? null, bestMetrics, primary, noiseFloor);
   const warnings = [
     ...(data.synthetic ? ["SYNTHETIC data: a plumbing test, not a measure of model quality"]
       : data.sample ? ["SAMPLE data: not a measure of model quality (the session trained on data/sample)"] : []),
@@ -1262,7 +1241,7 @@ interface WriteOptions {
 export async function writeSummary(o: WriteOptions): Promise<{ summary: AnalysisSummary; files: string[] }> {
   const parsed = await readResults(o.results);
   const statePath = o.state ?? (o.chartOnly ? null : STATE_FILE);
-  const state = statePath === null ? null : readJournal(statePath);
+  const state = statePath === null ? null : readState(statePath);
   const summary = await summarize(parsed, {
     results: o.results, state, data: state ? readDataFacts(state.cache.dir) : UNKNOWN_DATA,
     logFor: logFinder(o.logs ?? LOGS_DIR), plateau: o.plateau, noiseK: o.noiseK, exclude: o.exclude,

@@ -5,7 +5,7 @@
  */
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { basename, join } from "node:path";
-import { TASK_METRICS, TIME_BUDGET, type Task } from "../prepare.ts";
+import { TASK_METRICS, TIME_BUDGET, trivialScore, type Task } from "../prepare.ts";
 import { writeAtomic } from "./atomic.ts";
 import { EXIT, Stop } from "./exit.ts";
 import { currentBranch, git } from "./git.ts";
@@ -17,7 +17,7 @@ import {
 import { DEFAULTS, type Flags } from "./loop_flags.ts";
 import { STRUCTURE_AXES, describeMove, direction } from "./proposer.ts";
 import { RESULTS_FILE, countRows } from "./results.ts";
-import { checkPrimary, computeNoise, meanMetrics, signed, trivialScore } from "./verdict.ts";
+import { checkPrimary, computeNoise, meanMetrics, signed } from "./verdict.ts";
 import { branchExists, dirtyPaths, readText, rev, shortOf } from "./worktree.ts";
 
 type Log = (line: string) => void;
@@ -283,7 +283,7 @@ export function recordDecision(st: State): void {
       const mean = meanMetrics(st.baselines.metrics);
       st.baseline.metrics = mean;
       if (st.best && st.best.commit === st.sessionStart) st.best.metrics = mean;
-      const trivial = trivialScore(st.task, st.primary, mean);
+      const trivial = trivialScore(mean, st.task, st.primary);
       st.trivial = trivial === null ? null : { metric: st.primary, value: trivial };
     }
   }

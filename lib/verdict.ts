@@ -7,40 +7,13 @@
 import { TASK_METRICS, type Task } from "../prepare.ts";
 import type { Noise, State } from "./journal.ts";
 
-/**
- * What a session may keep on (`--primary`), the task's default first. balanced_bin_acc is the
- * screening choice for rare positives: bin_acc rewards a model that never says positive.
- */
-export const PRIMARY_CHOICES: Record<Task, readonly string[]> = {
-  waste: ["combined_score"],
-  cifar100: ["top1"],
-  screening: ["bin_acc", "balanced_bin_acc"],
-};
-
 /** The session's primary, or why `wanted` cannot be one for `task`. */
 export function checkPrimary(task: Task, wanted: string | undefined): { primary: string } | { error: string } {
-  const choices = PRIMARY_CHOICES[task];
+  // TASK_METRICS (prepare.ts) lists what a task may keep on, its default first.
+  const choices = TASK_METRICS[task].primaries;
   if (wanted === undefined) return { primary: TASK_METRICS[task].primary };
   if (choices.includes(wanted)) return { primary: wanted };
   return { error: `--primary ${wanted}: task ${task} keeps on one of ${choices.join(", ")}` };
-}
-
-/**
- * What a model that ignores its input scores on a primary: the name of the metric in evaluate()'s
- * output that holds it, or the score itself. Always answering the majority side scores
- * trivial_bin_acc; any constant answer balances to 0.5.
- */
-const TRIVIAL: Partial<Record<Task, Record<string, string | number>>> = {
-  screening: { bin_acc: "trivial_bin_acc", balanced_bin_acc: 0.5 },
-};
-
-/** The trivial model's score on `primary` given a run's metrics, or null (no such figure for this task). */
-export function trivialScore(task: Task, primary: string, metrics: Record<string, number>): number | null {
-  const t = TRIVIAL[task]?.[primary];
-  if (t === undefined) return null;
-  if (typeof t === "number") return t;
-  const v = metrics[t];
-  return v !== undefined && Number.isFinite(v) ? v : null;
 }
 
 /** A baseline whose primary is no more than the noise floor above the trivial score has learned nothing visible. */

@@ -359,7 +359,7 @@ describe("summarize", () => {
     // Right under the best, before the run counts.
     expect(md.indexOf("- Test split")).toBeLessThan(md.indexOf("- Runs:"));
     // No testRuns, no journal: one line says so.
-    const none = await summaryOf(SCREEN_NIGHT, { state: { ...st, testRuns: undefined } });
+    const none = await summaryOf(SCREEN_NIGHT, { state: { ...st, testRuns: [] } });
     expect(none.test.lines)
       .toEqual(["Test split: not measured (no testRuns in the journal): the val gain is unchecked."]);
     expect((await summaryOf(SCREEN_NIGHT)).test.lines).toEqual(

@@ -25,8 +25,9 @@ import { irrelevantAxes, nextMove, streakAxes } from "../lib/proposer.ts";
 import { newState } from "../lib/session.ts";
 import { imagesPerSecond } from "../lib/trial.ts";
 import {
-  checkPrimary, clearsFloor, confirmVerdict, steadyRuns, trivialScore, trivialWarning,
+  checkPrimary, clearsFloor, confirmVerdict, steadyRuns, trivialWarning,
 } from "../lib/verdict.ts";
+import { trivialScore } from "../prepare.ts";
 
 let SCREENING = "";
 
@@ -242,10 +243,10 @@ describe("primary, trivial rate, throughput", () => {
 
   test("the trivial score: trivial_bin_acc for bin_acc, 0.5 for balanced_bin_acc, none for other tasks", () => {
     const m = { bin_acc: 0.93, trivial_bin_acc: 0.929385 };
-    expect(trivialScore("screening", "bin_acc", m)).toBe(0.929385);
-    expect(trivialScore("screening", "bin_acc", { bin_acc: 0.93 })).toBeNull(); // evaluate did not report it
-    expect(trivialScore("screening", "balanced_bin_acc", m)).toBe(0.5);
-    expect(trivialScore("waste", "combined_score", { combined_score: 0.7 })).toBeNull();
+    expect(trivialScore(m, "screening", "bin_acc")).toBe(0.929385);
+    expect(trivialScore({ bin_acc: 0.93 }, "screening", "bin_acc")).toBeNull(); // evaluate did not report it
+    expect(trivialScore(m, "screening", "balanced_bin_acc")).toBe(0.5);
+    expect(trivialScore({ combined_score: 0.7 }, "waste", "combined_score")).toBeNull();
   });
 
   test("the warning: only within the noise floor of the trivial score, naming the constant", () => {
