@@ -12,7 +12,7 @@ const Flags = type({
   agentTimeout: "number > 0",
   "budget?": "number > 0",
   grace: "number >= 0",
-  setupAllowance: "number >= 0",
+  featuresTimeout: "number > 0",
   "baselineRuns?": "1 <= number.integer <= 100",
   "noiseSigmas?": "number >= 0",
   maxCrashStreak: "number.integer >= 1",
@@ -41,8 +41,8 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     .option("--agent-timeout <seconds>", "kill the agent after this long", { default: 900 })
     .option("--budget <seconds>", `training budget passed to train.ts (default ${TIME_BUDGET}, prepare.TIME_BUDGET)`)
     .option("--grace <seconds>", `train.ts is killed at budget + grace + ${allowanceS}s`, { default: 30 })
-    .option("--setup-allowance <seconds>",
-      "at most this much more for train.ts to download a backbone and extract features before training",
+    .option("--features-timeout <seconds>",
+      "kill `bun prepare.ts features` (backbone download and feature extraction, before train.ts) after this long",
       { default: 3600 })
     .option("--baseline-runs <k>", `baseline repeats that measure the noise (default ${DEFAULTS.baselineRuns})`)
     .option("--noise-sigmas <x>", `a keep needs a gain above x·σ of the baseline (default ${DEFAULTS.noiseSigmas})`)
@@ -67,7 +67,7 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     resume: r.resume === true, once: r.once === true,
     agent: r.agent === undefined ? undefined : String(r.agent),
     agentTimeout: toNum(r.agentTimeout), budget: toNum(r.budget), grace: toNum(r.grace),
-    setupAllowance: toNum(r.setupAllowance), baselineRuns: toNum(r.baselineRuns), noiseSigmas: toNum(r.noiseSigmas),
+    featuresTimeout: toNum(r.featuresTimeout), baselineRuns: toNum(r.baselineRuns), noiseSigmas: toNum(r.noiseSigmas),
     maxCrashStreak: toNum(r.maxCrashStreak), maxExperiments: toNum(r.maxExperiments), seed: toNum(r.seed),
     summarize: r.summarize !== false,
   }).filter(([, v]) => v !== undefined));
