@@ -3,200 +3,32 @@
  * and end-to-end runs in real git repositories in temp folders with real child processes
  * (loop.ts, train.ts, prepare.ts evaluate), synthetic data and a 1-second budget.
  *
- * Most end-to-end runs use STUB as train.ts: a constant model (it always predicts HP.cls and a
- * yield of HP.yieldValue), so its metrics follow from HP exactly and keep/discard outcomes are
- * deterministic; HP.mode makes it throw, print NaN, hang, skip the footer or the checkpoint, or
- * change prepare.ts. One test runs the real train.ts with a tiny HP. On the synthetic val split
- * (10 ewaste, 5 recyclable, 8 organic) cls 0 scores accuracy 10/23, cls 2 8/23, cls 1 5/23.
+ * Most end-to-end runs use the stub train.ts of tests/loop_fixtures.ts (a constant model whose
+ * metrics follow from HP exactly); one test runs the real train.ts with a tiny HP.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { cpSync, existsSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { prepareData } from "../prepare.ts";
-import { countRows, parseResults, type ResultRow } from "../lib/results.ts";
+import { countRows } from "../lib/results.ts";
 import { bestCheckpointDir } from "../lib/checkpoint.ts";
-import { pidAlive, readState, type State, type TriedMove } from "../lib/journal.ts";
+import { pidAlive, type TriedMove } from "../lib/journal.ts";
 import { applyMove, editableKeys, findLiteral, neighbours, proposeMove } from "../lib/proposer.ts";
 import { classifyTrain } from "../lib/trial.ts";
 import { computeNoise, keepOrDiscard } from "../lib/verdict.ts";
 import { parseRunMd } from "../lib/worktree.ts";
 import { ROOT, tempDir } from "./helpers.ts";
+import {
+  ACC, E2E_MS, clean, commitTrain, head, last, loop, made, makeRepo, prepareCache, removeTemps, rows, sh, state, stub,
+} from "./loop_fixtures.ts";
 
 const BUN = process.execPath;
-/**
- * The limit for a test (or hook) that runs loop.ts in child processes (train, evaluate, git):
- * declared here so a plain `bun test` needs no --timeout, and generous for a busy machine.
- */
-const E2E_MS = 180_000;
-const made: string[] = [];
 let CACHE = "";
 
 beforeAll(async () => {
-  CACHE = tempDir("arv-loop-cache-");
-  made.push(CACHE);
-  await prepareData({ task: "waste", source: "synthetic", cacheRoot: CACHE, log: () => {} });
+  CACHE = await prepareCache();
 }, E2E_MS);
-afterAll(() => {
-  for (const d of made) rmSync(d, { recursive: true, force: true });
-});
-
-// ---------------------------------------------------------------------------
-// Fixtures
-// ---------------------------------------------------------------------------
-
-interface StubHp { cls?: number; yieldValue?: number; mode?: string }
-
-/** A train.ts whose metrics are a function of HP (see the file comment). */
-function stub(hp: StubHp = {}, space = `{ cls: [1], yieldValue: [0.5], mode: ["ok"], seed: [0] }`): string {
-  return `/** Test stub of train.ts: a constant model whose metrics follow from HP exactly. */
-import { appendFileSync, existsSync, readFileSync } from "node:fs";
-import * as tf from "@tensorflow/tfjs";
-import { evaluate, loadCache, printFooter, type Predictor } from "./prepare.ts";
-import { saveCheckpoint } from "./lib/checkpoint.ts";
-
-export const HP = {
-  cls: ${hp.cls ?? 1}, // the class the model always predicts
-  yieldValue: ${hp.yieldValue ?? 0.5}, // its constant yield estimate
-  mode: "${hp.mode ?? "ok"}", // ok | throw | nan | hang | nofooter | nockpt | tamper | linger | features
-  seed: 0,
-};
-// a line that a simplification may delete
-
-export const HP_SPACE = ${space};
-
-async function main(): Promise<void> {
-  const args = process.argv.slice(2);
-  if (args.includes("--print-hp")) { console.log(JSON.stringify({ HP, HP_SPACE })); return; }
-  const at = args.indexOf("--checkpoint");
-  const ckpt = at >= 0 ? args[at + 1]! : "checkpoints/latest";
-  console.log("stub train.ts: " + JSON.stringify(HP));
-  if (HP.mode === "throw") throw new Error("boom in train.ts");
-  if (HP.mode === "nan") { console.log("FAIL: loss is NaN at step 3"); process.exit(1); }
-  if (HP.mode === "hang") {
-    const child = Bun.spawn(["sleep", "300"], { stdout: "ignore", stderr: "ignore", stdin: "ignore" });
-    console.log("hanging: pids " + process.pid + " " + child.pid);
-    setInterval(() => {}, 1000);
-    return;
-  }
-  if (HP.mode === "features") {
-    // A cold backbone: progress lines every 0.5 s for STUB_FEATURE_LINES lines, as lib/backbones.ts prints them.
-    const n = Number(process.env.STUB_FEATURE_LINES ?? 12);
-    for (let i = 1; i <= n; i++) {
-      console.log("features stub@8: " + i + "/" + n + " images, 2.0 img/s");
-      await Bun.sleep(500);
-    }
-    console.log("features stub@8: " + n + " images in " + (n / 2).toFixed(1) + " s, cached in /nowhere");
-    console.log("backend: stub  budget: 1s");
-  }
-  let y = HP.yieldValue;
-  const counter = process.env.STUB_COUNTER; // noise test: run i adds STUB_OFFSETS[i] to the yield
-  if (counter) {
-    const i = existsSync(counter) ? readFileSync(counter, "utf8").length : 0;
-    appendFileSync(counter, "x");
-    y += Number((process.env.STUB_OFFSETS ?? "").split(",")[i] ?? 0) || 0;
-  }
-  const ds = await loadCache();
-  const input = tf.input({ shape: [ds.imageSize, ds.imageSize, 3] });
-  const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as tf.SymbolicTensor;
-  const cls = tf.layers.dense({ units: ds.numClasses, activation: "softmax" });
-  const yld = tf.layers.dense({ units: 1 });
-  const outputs = [cls.apply(pooled) as tf.SymbolicTensor, yld.apply(pooled) as tf.SymbolicTensor];
-  const model = tf.model({ inputs: input, outputs });
-  const bias = Array.from({ length: ds.numClasses }, (_, c) => (c === HP.cls ? 5 : 0));
-  cls.setWeights([tf.zeros([3, ds.numClasses]), tf.tensor1d(bias)]);
-  yld.setWeights([tf.zeros([3, 1]), tf.tensor1d([y])]);
-  const predict: Predictor = (images) => {
-    const [probs, yields] = model.predict(images) as tf.Tensor[];
-    return { probs: probs!, yields };
-  };
-  const result = await evaluate(predict, ds);
-  if (HP.mode !== "nockpt") {
-    await saveCheckpoint(ckpt, model, {
-      version: "1", task: ds.task, classes: ds.manifest.classes, positiveClass: ds.manifest.positiveClass,
-      imageSize: ds.imageSize, preprocessing: ds.manifest.preprocessing, backbone: null, hasYieldHead: true,
-      numParams: model.countParams(), metrics: result.metrics, commit: null, createdAt: new Date().toISOString(),
-      synthetic: ds.manifest.synthetic,
-    });
-  }
-  if (HP.mode === "tamper") appendFileSync("prepare.ts", "\\n// changed by train.ts\\n");
-  const facts = {
-    training_seconds: 1, total_seconds: 1, peak_memory_mb: 1, num_steps: 1, num_params: model.countParams(),
-    backend: "stub",
-  };
-  if (HP.mode !== "nofooter") printFooter(result, facts, ds.manifest.synthetic);
-  if (HP.mode === "linger") setInterval(() => {}, 1000); // done, but never exits
-}
-main().catch((err: unknown) => {
-  console.error("error: " + (err instanceof Error ? err.message : String(err)));
-  process.exit(1);
-});
-`;
-}
-
-function sh(dir: string, cmd: string): string {
-  const r = Bun.spawnSync(["sh", "-c", cmd], { cwd: dir, stdout: "pipe", stderr: "pipe" });
-  if (r.exitCode !== 0) throw new Error(`${cmd}: ${r.stderr.toString()}`);
-  return r.stdout.toString().trim();
-}
-
-/** A git repository with the project's fixed files, `train` as train.ts, and one commit. */
-function makeRepo(train: string, opts: { runMd?: string | null; files?: Record<string, string> } = {}): string {
-  const dir = tempDir("arv-loop-");
-  made.push(dir);
-  for (const f of ["prepare.ts", "loop.ts", "program.md", "lib", "package.json", "tsconfig.json", ".gitignore"]) {
-    cpSync(join(ROOT, f), join(dir, f), { recursive: true });
-  }
-  symlinkSync(join(ROOT, "node_modules"), join(dir, "node_modules"));
-  writeFileSync(join(dir, "train.ts"), train);
-  if (opts.runMd !== null) writeFileSync(join(dir, "run.md"), opts.runMd ?? "True\n");
-  for (const [name, text] of Object.entries(opts.files ?? {})) writeFileSync(join(dir, name), text);
-  // node_modules is a symlink here, which the `node_modules/` ignore pattern (a folder) misses.
-  sh(dir, "git init -q && echo node_modules >> .git/info/exclude && git config user.name test "
-    + "&& git config user.email test@example.com && git add -A && git commit -qm init");
-  return dir;
-}
-
-interface LoopRun { code: number | null; signal: string | null; out: string }
-
-/** `bun loop.ts` in `dir` with a 1 s budget; --no-summarize unless asked for. */
-function loop(dir: string, args: string[], env: Record<string, string> = {}, summarize = false): LoopRun {
-  const quiet = summarize ? [] : ["--no-summarize"];
-  const r = Bun.spawnSync([BUN, "loop.ts", "--budget", "1", "--grace", "0", ...quiet, ...args], {
-    cwd: dir, stdout: "pipe", stderr: "pipe",
-    env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30", ...env },
-  });
-  const signal = r.signalCode == null ? null : String(r.signalCode);
-  return { code: r.exitCode, signal, out: r.stdout.toString() + r.stderr.toString() };
-}
-
-function rows(dir: string): ResultRow[] {
-  const path = join(dir, "results.tsv");
-  if (!existsSync(path)) return [];
-  const parsed = parseResults(readFileSync(path, "utf8"));
-  expect(parsed.errors).toEqual([]);
-  return parsed.rows;
-}
-
-function state(dir: string): State {
-  const st = readState(join(dir, ".autoresearch", "state.json"));
-  if (!st) throw new Error("no state.json");
-  return st;
-}
-
-/** Replace text in train.ts and commit it (what an agent following program.md does). */
-function commitTrain(dir: string, from: string | RegExp, to: string, message: string): void {
-  const path = join(dir, "train.ts");
-  const before = readFileSync(path, "utf8");
-  const after = before.replace(from, to);
-  expect(after).not.toBe(before);
-  writeFileSync(path, after);
-  sh(dir, `git commit -qam '${message}'`);
-}
-
-const head = (dir: string) => sh(dir, "git rev-parse HEAD");
-const clean = (dir: string) => sh(dir, "git status --porcelain");
-const last = <T>(xs: T[]): T => xs[xs.length - 1]!;
-const ACC = { ewaste: 10 / 23, organic: 8 / 23, recyclable: 5 / 23 };
+afterAll(removeTemps);
 
 // ---------------------------------------------------------------------------
 // Pure rules
