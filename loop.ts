@@ -510,7 +510,10 @@ async function recover(ctx: Ctx): Promise<void> {
   setAsideUnknown(ctx);
   if (unmeasured(cur.phase)) {
     rollBack(ctx);
-    say(`resume: rolled back #${cur.n} to ${shortOf(ROOT, cur.base)}; nothing was measured, no row written`);
+    // The candidate may be a person's commit (--once): say where it went.
+    const c = cur.candidate !== null && cur.candidate !== cur.base ? cur.candidate : null;
+    const kept = c === null ? "" : ` (its commit ${shortOf(ROOT, c)} stays in \`git reflog\`)`;
+    say(`resume: rolled back #${cur.n} to ${shortOf(ROOT, cur.base)}${kept}; nothing was measured, no row written`);
     return;
   }
   if (cur.phase === "evaluating") {

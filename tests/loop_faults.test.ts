@@ -232,7 +232,9 @@ describe("the loop's own files cannot be written or read", () => {
     rmSync(logs);
     const again = loop(dir, ["--resume", "--max-experiments", "1"]);
     expect(again.code).toBe(0);
-    expect(again.out).toContain(`resume: rolled back #${st.current!.n}`);
+    const [base, candidate] = [st.best!.commit.slice(0, 7), st.current!.candidate!.slice(0, 7)];
+    expect(again.out).toContain(`resume: rolled back #${st.current!.n} to ${base} (its commit ${candidate} stays in `
+      + "`git reflog`); nothing was measured, no row written");
     expect(rows(dir)).toHaveLength(n + 1);
     expect(head(dir)).toBe(state(dir).best!.commit);
     expect(clean(dir)).toBe("");
