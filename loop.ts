@@ -21,7 +21,10 @@
  * crashed and re-runs the best; only a best that crashes too pauses the loop.
  * Every phase is journaled in .autoresearch/state.json, so `--resume` after a SIGKILL finishes or
  * rolls back the interrupted experiment. Everything but train.ts is protected: other changes are
- * reverted and the experiment is logged as a crash.
+ * reverted and the experiment is logged as a crash. The kept model is hashed and copied when it is
+ * kept, and restored from the copy if a run changes it. A resume rolls back only what the loop
+ * wrote; any other change it finds (the person may have worked while the loop was down) is moved
+ * to .autoresearch/set-aside/, never deleted.
  *
  * The pieces live in lib/: the keep rule and noise floor (verdict.ts), training and evaluating a
  * commit (trial.ts, child.ts), the proposers (proposer.ts, agent.ts), what may change
@@ -29,8 +32,9 @@
  * the command line and exit codes (loop_flags.ts, exit.ts).
  *
  * Exit codes: 0 stopped normally (run.md False, --max-experiments, Ctrl-C after logging, --once
- * done), 1 unexpected error, 2 refused (dirty tree, existing branch, lock held, bad run.md or flags,
- * nothing to measure), 3 paused (the baseline crashed, the best crashed again after a crash streak,
+ * done), 1 an error the loop did not expect, such as its own files not writable (one line naming
+ * the file; `--resume` once it is fixed), 2 refused (dirty tree, existing branch, lock held, bad run.md or
+ * flags, nothing to measure), 3 paused (the baseline crashed, the best crashed again after a crash streak,
  * a crash streak under --once, the prepared data changed), 130 aborted by a second Ctrl-C (the
  * interrupted experiment is rolled back, no row).
  *
@@ -38,16 +42,17 @@
  * point (proposing, proposed, committed, training, evaluating, confirming, confirm-training, logging,
  * appended, logged, decided);
  * AR_TEST_ALLOWANCE_S replaces the fixed startup/evaluation allowance of the training deadline;
- * AR_TEST_SETUP_STALL_S the silence that ends a backbone download or feature extraction;
+ * AR_TEST_FEATURES_STALL_S the silence that ends `bun prepare.ts features` (a stuck download);
  * AR_TEST_LINGER_S how long a child that printed its result may take to exit.
  */
 import {
-  appendFileSync, closeSync, cpSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync,
+  appendFileSync, closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync,
 } from "node:fs";
-import { join } from "node:path";
+import { join, relative, resolve } from "node:path";
 import { CACHE_ROOT, TASK_METRICS } from "./prepare.ts";
 import { buildPrompt, proposeWithAgent } from "./lib/agent.ts";
-import { replaceDirAtomic, writeAtomic } from "./lib/atomic.ts";
+import { writeAtomic } from "./lib/atomic.ts";
+import { changedFiles, keepModel, restoreModel } from "./lib/best_model.ts";
 import { LATEST_CHECKPOINT_DIR, bestCheckpointDir } from "./lib/checkpoint.ts";
 import { killGroup } from "./lib/child.ts";
 import { EXIT, Stop } from "./lib/exit.ts";
@@ -67,11 +72,11 @@ import {
   bestImagesPerSecond, loadResultsText, newExperiment, openSession, recordDecision, restoreResults, resumeSettings,
   sessionReport,
 } from "./lib/session.ts";
-import { evaluateCheckpoint, trainOnce } from "./lib/trial.ts";
+import { evaluateCheckpoint, prepareFeatures, trainOnce } from "./lib/trial.ts";
 import { confirmVerdict, decide, num, signed, steadyRuns, trivialWarning, LOAD_RATIO } from "./lib/verdict.ts";
 import {
-  RUN_MD, TRAIN, commitPaths, dirtyPaths, parseRunMd, readText, removeFiles, repositoryProblem, resetTo, rev, shortOf,
-  untrackedFiles,
+  RUN_MD, TRAIN, commitPaths, dirtyPaths, moveAside, parseRunMd, readText, removeFiles, repositoryProblem, resetTo, rev,
+  shortOf, unknownChanges, untrackedFiles,
 } from "./lib/worktree.ts";
 
 // ---------------------------------------------------------------------------
@@ -85,8 +90,10 @@ const RUN_LOG = "run.log";
 const SUMMARIZER = "summarize_results.ts";
 /** Seconds on top of budget + grace for startup, the uncounted warm-up steps, train.ts's own eval and the save. */
 const ALLOWANCE_S = Number(process.env.AR_TEST_ALLOWANCE_S ?? 60);
-/** Silence while train.ts prepares a backbone (download, features) that counts as a hang. */
-const SETUP_STALL_S = Number(process.env.AR_TEST_SETUP_STALL_S ?? 300);
+/** Silence of `bun prepare.ts features` (it prints progress every few seconds) that counts as a stalled download. */
+const FEATURES_STALL_S = Number(process.env.AR_TEST_FEATURES_STALL_S ?? 300);
+/** Where a resume moves the changes it did not make, one folder per resume. */
+const SET_ASIDE_DIR = join(AR_DIR, "set-aside");
 /**
  * A child that printed what the loop needs (train.ts its footer, evaluate its eval_json line) but
  * does not exit (a leftover thread or timer) is killed this long after, and its result stands.
@@ -173,12 +180,18 @@ function status(ctx: Ctx, what: string): void {
   say(`#${st.current?.n ?? st.nextN} | ${elapsed()} | ${best} | ${what}`);
 }
 
-/** True: go on. False: say so and return false. Missing or garbage: refuse. */
-function runMdSaysGo(): boolean {
+/**
+ * True: go on. False: say so and return false. Missing or garbage: refuse. Before a session exists
+ * (`beforeSession`) there is nothing to resume: the advice is the same command again.
+ */
+function runMdSaysGo(beforeSession = false): boolean {
   const v = parseRunMd(readText(RUN_MD));
   if (typeof v === "object") throw new Stop(EXIT.refused, v.error);
   if (v === "False") {
-    say(`${RUN_MD} says False: stopping. Set its first line to True and run \`bun loop.ts --resume\` to continue.`);
+    const again = ["bun", "loop.ts", ...process.argv.slice(2)].join(" ");
+    say(beforeSession
+      ? `${RUN_MD} says False: not starting a session. Set its first line to True and run \`${again}\` again.`
+      : `${RUN_MD} says False: stopping. Set its first line to True and run \`bun loop.ts --resume\` to continue.`);
   }
   return v === "True";
 }
@@ -190,15 +203,19 @@ function runMdSaysGo(): boolean {
 function integrity(ctx: Ctx, base: string, allowTrain: boolean): Promise<Integrity> {
   return checkIntegrity({
     cwd: ROOT, base, allowTrain, protected: ctx.st.protected, cache: ctx.st.cache, cacheRoot: CACHE_ROOT,
-    results: { path: RESULTS_FILE, expected: ctx.resultsText },
+    results: { path: RESULTS_FILE, expected: ctx.resultsText }, best: ctx.st.bestModel,
   });
 }
 
-/** Put everything but the data back: tracked files to `base`, new files removed, results.tsv rewritten. */
-function repair(ctx: Ctx, base: string, integ: Integrity): void {
+/**
+ * Put everything but the data back: tracked files to `base`, new files removed, results.tsv
+ * rewritten, the best model restored from the loop's copy.
+ */
+async function repair(ctx: Ctx, base: string, integ: Integrity): Promise<void> {
   resetTo(ROOT, base);
   removeFiles(ROOT, integ.untracked);
   restoreResults(ROOT, ctx.resultsText, say);
+  if (integ.bestChanged) await restoreBest(ctx);
   if (integ.cacheChanged) {
     ctx.fatal = `the prepared data in ${ctx.st.cache.dir} changed during the session, and the loop cannot restore it: `
       + "re-run `bun prepare.ts` with the session's source, then `bun loop.ts --resume` (or start a new session)";
@@ -263,7 +280,7 @@ async function proposeAndCommit(ctx: Ctx): Promise<void> {
   if (failure !== null) {
     // Nothing of this proposal is measured: back to the last kept commit, one crash row.
     const commitCol = head !== cur.base ? shortOf(ROOT, head) : "-";
-    repair(ctx, cur.base, integ);
+    await repair(ctx, cur.base, integ);
     say(`#${cur.n} ${p.description}: ${failure}`);
     cur.row = crashRow(ctx.st.task, commitCol, `${p.description} (${failure})`);
     enter(ctx, "logging");
@@ -281,6 +298,38 @@ async function proposeAndCommit(ctx: Ctx): Promise<void> {
 // ---------------------------------------------------------------------------
 // Train and measure
 // ---------------------------------------------------------------------------
+
+/**
+ * A frozen backbone's download and feature extraction are the harness's work, not the experiment's:
+ * `bun prepare.ts features` does them before train.ts starts, on its own timeout, and train.ts then
+ * finds the features cached. So train.ts has one fixed deadline, whatever it prints. Null when the
+ * candidate needs no backbone or its features are ready; else why they could not be made.
+ */
+async function featureStep(ctx: Ctx, logs: number[]): Promise<string | null> {
+  const cur = ctx.st.current!;
+  const dump = readHp(ROOT, BUN);
+  // A train.ts that cannot print its HP fails on its own when it runs, and says why.
+  if ("error" in dump) return null;
+  const name = dump.HP.backbone;
+  if (typeof name !== "string" || name === "none") return null;
+  const size = typeof dump.HP.backboneSize === "number" ? dump.HP.backboneSize : null;
+  const timeoutS = ctx.flags.featuresTimeout;
+  status(ctx, `features of backbone ${name}${size === null ? "" : ` at ${size}px`}: \`bun prepare.ts features\` `
+    + `(killed after ${timeoutS}s, or after ${FEATURES_STALL_S}s without output)`);
+  try {
+    const r = await prepareFeatures({
+      cwd: ROOT, bun: BUN, backbone: name, size, timeoutS, silenceS: FEATURES_STALL_S, logs, log: say,
+      onSpawn: (pid) => {
+        track(pid);
+        cur.trainPid = pid; // a resume kills an orphaned extraction too
+        save(ctx);
+      },
+    });
+    return r.ok ? null : r.reason;
+  } finally {
+    control.child = null;
+  }
+}
 
 /**
  * HP.seed at HEAD (the commit being measured), null when train.ts has no whole-number seed: the
@@ -331,22 +380,27 @@ async function trainRun(ctx: Ctx, o: {
   rmSync(o.checkpointDir, { recursive: true, force: true }); // a stale model must not pass for this run's
   mkdirSync(LOGS_DIR, { recursive: true });
   const seeded = o.offset > 0 && seed !== null ? ` with seed ${seed}` : "";
-  status(ctx, `training ${o.what}${seeded} (budget ${budget}s, killed at ${deadlineS}s, `
-    + "plus any backbone preparation)");
   const expLog = openSync(join(LOGS_DIR, o.logName), "w"); // summarize finds crash logs by commit
   const runLog = openSync(RUN_LOG, "a");
-  let t: Awaited<ReturnType<typeof trainOnce>>;
+  let t: Awaited<ReturnType<typeof trainOnce>> | null = null;
+  let notTrained = "";
   try {
-    t = await trainOnce({
-      cwd: ROOT, bun: BUN, task: st.task, budgetS: budget, deadlineS, checkpointDir: o.checkpointDir, env,
-      setupMaxS: ctx.flags.setupAllowance, setupStallS: SETUP_STALL_S, lingerS: LINGER_S, logs: [expLog, runLog],
-      log: say,
-      onSpawn: (pid) => {
-        track(pid);
-        cur.trainPid = pid;
-        o.onSpawn(pid);
-      },
-    });
+    const featureFailure = await featureStep(ctx, [expLog, runLog]);
+    if (control.abort) throw new Stop(EXIT.aborted, "aborted while preparing the backbone's features");
+    if (featureFailure !== null) {
+      notTrained = `features: ${featureFailure}`;
+    } else {
+      status(ctx, `training ${o.what}${seeded} (budget ${budget}s, killed at ${deadlineS}s)`);
+      t = await trainOnce({
+        cwd: ROOT, bun: BUN, task: st.task, budgetS: budget, deadlineS, checkpointDir: o.checkpointDir, env,
+        lingerS: LINGER_S, logs: [expLog, runLog], log: say,
+        onSpawn: (pid) => {
+          track(pid);
+          cur.trainPid = pid;
+          o.onSpawn(pid);
+        },
+      });
+    }
   } finally {
     control.child = null;
     closeSync(expLog);
@@ -356,16 +410,16 @@ async function trainRun(ctx: Ctx, o: {
     const again = cur.phase === "confirming" ? "; `bun loop.ts --resume` trains this confirmation run again" : "";
     throw new Stop(EXIT.aborted, `aborted during training${again}`);
   }
-  let verdict = { ok: t.ok, reason: t.reason };
+  let verdict = t === null ? { ok: false, reason: notTrained } : { ok: t.ok, reason: t.reason };
   // train.ts runs with the repository's permissions: it must not have changed anything either.
   const integ = await integrity(ctx, cur.candidate!, false);
   if (integ.problems.length > 0) {
-    repair(ctx, cur.candidate!, integ);
+    await repair(ctx, cur.candidate!, integ);
     verdict = { ok: false, reason: `reverted after training: ${integ.problems.join(", ")}` };
   }
   cur.trainPid = null;
-  const memoryGb = t.ran.maxRss !== null ? t.ran.maxRss / 1024 ** 3 : 0;
-  return { ...verdict, memoryGb, trainSeconds: t.ran.seconds, imagesPerSecond: t.imagesPerSecond };
+  const memoryGb = t?.ran.maxRss != null ? t.ran.maxRss / 1024 ** 3 : 0;
+  return { ...verdict, memoryGb, trainSeconds: t?.ran.seconds ?? 0, imagesPerSecond: t?.imagesPerSecond ?? null };
 }
 
 /** Phase committed → training → evaluating (or a crash row, phase logging). */
@@ -540,8 +594,8 @@ async function logAndApply(ctx: Ctx): Promise<void> {
     if (row.status === "keep") {
       resetTo(ROOT, cur.candidate!); // HEAD is there already; a resumed apply may find a half-reset tree
       if (existsSync(join(LATEST_CHECKPOINT_DIR, "meta.json"))) {
-        const copy = (tmp: string) => cpSync(LATEST_CHECKPOINT_DIR, tmp, { recursive: true });
-        await replaceDirAtomic(bestCheckpointDir(st.branch), copy);
+        // Hashed and copied where the next experiments are not meant to write: see restoreBest.
+        st.bestModel = await keepModel(LATEST_CHECKPOINT_DIR, bestCheckpointDir(st.branch));
       } else {
         say(`warning: no checkpoint in ${LATEST_CHECKPOINT_DIR} to keep as the best model`);
       }
@@ -558,6 +612,15 @@ async function logAndApply(ctx: Ctx): Promise<void> {
       + `${row.description} | ${elapsed()}`);
     summarize(ctx);
   }
+}
+
+/** Put the kept model back from the loop's copy (a run changed it); pause if even the copy is damaged. */
+async function restoreBest(ctx: Ctx): Promise<void> {
+  const m = ctx.st.bestModel;
+  if (!m) return;
+  const why = await restoreModel(m);
+  if (why === null) say(`restored the best model ${m.dir}/ from the loop's copy in ${m.copy}/`);
+  else ctx.fatal = `the best model ${m.dir}/ was changed and cannot be restored: ${why}`;
 }
 
 function summarize(ctx: Ctx): void {
@@ -614,16 +677,20 @@ async function recover(ctx: Ctx): Promise<void> {
     for (let i = 0; i < 50 && pidAlive(cur.trainPid); i++) await Bun.sleep(100);
     say(`resume: killed the orphaned train.ts (pid ${cur.trainPid})`);
   }
+  setAsideUnknown(ctx);
   if (unmeasured(cur.phase)) {
     rollBack(ctx);
-    say(`resume: rolled back #${cur.n} to ${shortOf(ROOT, cur.base)}; nothing was measured, no row written`);
+    // The candidate may be a person's commit (--once): say where it went.
+    const c = cur.candidate !== null && cur.candidate !== cur.base ? cur.candidate : null;
+    const kept = c === null ? "" : ` (its commit ${shortOf(ROOT, c)} stays in \`git reflog\`)`;
+    say(`resume: rolled back #${cur.n} to ${shortOf(ROOT, cur.base)}${kept}; nothing was measured, no row written`);
     return;
   }
   if (cur.phase === "evaluating" || cur.phase === "confirming") {
     resetTo(ROOT, cur.candidate!);
     const integ = await integrity(ctx, cur.candidate!, false);
     if (integ.problems.length > 0) {
-      repair(ctx, cur.candidate!, integ);
+      await repair(ctx, cur.candidate!, integ);
       const reason = `crash: reverted: ${integ.problems.join(", ")}`;
       cur.row = crashRow(ctx.st.task, shortOf(ROOT, cur.candidate!), `${cur.description} (${reason})`);
       cur.phase = "logging";
@@ -634,6 +701,32 @@ async function recover(ctx: Ctx): Promise<void> {
   }
   await logAndApply(ctx);
   if (ctx.fatal) throw new Stop(EXIT.paused, ctx.fatal);
+}
+
+/**
+ * What a resume may roll back is what the loop wrote: the experiment's commits (train.ts at the
+ * candidate). Anything else in the tree (a file changed or added while the loop was down, or by the
+ * killed train.ts: the loop cannot tell which) is moved to .autoresearch/set-aside/, never deleted,
+ * and the loop says where. A normal run is different: there every change but train.ts is the
+ * experiment's, and it is reverted (see integrity).
+ */
+function setAsideUnknown(ctx: Ctx): void {
+  const cur = ctx.st.current!;
+  const commits = [cur.base, ...(cur.candidate ? [cur.candidate] : [])];
+  const head = rev(ROOT, "HEAD");
+  if (!commits.includes(head)) {
+    const short = shortOf(ROOT, head);
+    say(`resume: HEAD was at ${short} (not this experiment's commit): the rollback leaves it in \`git reflog\`; `
+      + `\`git branch <name> ${short}\` keeps it`);
+  }
+  const paths = unknownChanges(ROOT, commits);
+  if (paths.length === 0) return;
+  const dest = join(SET_ASIDE_DIR, `${new Date().toISOString().replace(/[:.]/g, "-")}-exp${cur.n}`);
+  moveAside(ROOT, paths, dest);
+  const shown = `${paths.slice(0, 5).join(", ")}${paths.length > 5 ? ` and ${paths.length - 5} more` : ""}`;
+  const verb = paths.length === 1 ? "differs" : "differ";
+  say(`resume: ${shown} ${verb} from what the loop committed (changed while it was stopped, or by the interrupted `
+    + `run): moved to ${dest}/, nothing deleted; copy back what is yours`);
 }
 
 /**
@@ -663,6 +756,13 @@ async function prepareResumed(ctx: Ctx): Promise<void> {
   }
   ctx.resultsText = loadResultsText(ROOT, say);
   await recover(ctx);
+  const m = st.bestModel;
+  const changed = m ? await changedFiles(m.dir, m.files) : [];
+  if (changed.length > 0) {
+    say(`resume: the best model ${m!.dir}/ changed since it was kept (${changed.join(", ")})`);
+    await restoreBest(ctx);
+    if (ctx.fatal) throw new Stop(EXIT.paused, ctx.fatal);
+  }
   const dirty = dirtyPaths(ROOT);
   if (dirty.length > 0) {
     throw notClean(dirty, ctx.mode === "once" ? COMMIT_FIRST : "commit or remove these first");
@@ -871,12 +971,17 @@ async function main(argv: string[]): Promise<number> {
   process.on("SIGINT", () => onSignal("SIGINT"));
   process.on("SIGTERM", () => onSignal("SIGTERM"));
   try {
-    const open = { root: ROOT, flags, cacheRoot: CACHE_ROOT, log: say, mayStart: runMdSaysGo };
+    const open = { root: ROOT, flags, cacheRoot: CACHE_ROOT, log: say, mayStart: () => runMdSaysGo(true) };
     const { st, resumed } = await openSession(open);
+    journaled = true;
     const ctx: Ctx = {
       flags, mode: flags.once ? "once" : flags.agent !== undefined ? "agent" : "builtin",
       st, resultsText: "", fatal: null, warnedNoSummarizer: false, noTestSplit: null, hpSeeds: new Map(),
     };
+    if (st.baselines.wanted === 1 && (!resumed || flags.resume)) {
+      say("warning: --baseline-runs 1 measures no noise (σ = 0): every gain, however small, is kept; "
+        + "2 or more runs set a noise floor");
+    }
     try {
       if (resumed) await prepareResumed(ctx);
       else ctx.resultsText = loadResultsText(ROOT, say);
@@ -895,6 +1000,35 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+/** Set once the session has a journal: from then on `--resume` can finish whatever was interrupted. */
+let journaled = false;
+
+const FS_CAUSES: Record<string, string> = {
+  EACCES: "permission denied", EPERM: "operation not permitted", EROFS: "read-only file system",
+  ENOSPC: "no space left on device", EDQUOT: "disk quota exceeded", EISDIR: "a folder is in the way",
+  ENOTDIR: "part of its path is a file, not a folder", EEXIST: "a file of that name is in the way",
+  ENOENT: "no such file or folder", EIO: "input/output error",
+};
+
+/**
+ * One line for an error the loop did not expect, most often one of its own writes failing (a full
+ * disk, a read-only folder, a file where a folder should be): the file, the cause, and what to run
+ * once it is fixed. Every phase is journaled before it starts, so `--resume` then carries on.
+ */
+function failureLine(err: unknown): string {
+  const then = journaled ? "fix that, then run `bun loop.ts --resume` (the interrupted experiment is journaled)"
+    : `fix that, then run \`${["bun", "loop.ts", ...process.argv.slice(2)].join(" ")}\` again`;
+  const e = err as Partial<NodeJS.ErrnoException> & { dest?: string };
+  if (err instanceof Error && typeof e.code === "string" && (e.path ?? e.dest) !== undefined) {
+    // A write through a temporary sibling (lib/atomic.ts) fails under the temporary name: name the real file.
+    const file = relative(ROOT, resolve(ROOT, e.dest ?? e.path!)).replace(/\.tmp-\d+-\d+$/, "");
+    const verb = e.syscall === "read" || e.syscall === "scandir" ? "read" : "write";
+    return `cannot ${verb} ${file}: ${FS_CAUSES[e.code] ?? e.code} (${e.code}); ${then}`;
+  }
+  const msg = err instanceof Error ? (err.message.split("\n")[0] ?? "") : String(err);
+  return `${msg} (details in ${RUN_LOG}); ${then}`;
+}
+
 if (import.meta.main) {
   main(process.argv).then(
     (code) => process.exit(code),
@@ -904,7 +1038,10 @@ if (import.meta.main) {
         if (err.message) console.error(`[loop] ${kind}${err.message}`);
         process.exit(err.code);
       }
-      console.error(`[loop] error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+      // The trace is for a developer: run.log keeps it, the terminal gets one line.
+      const trace = err instanceof Error ? (err.stack ?? err.message) : String(err);
+      try { appendFileSync(RUN_LOG, `${trace}\n`); } catch { /* run.log may be what failed */ }
+      console.error(`[loop] error: ${failureLine(err)}`);
       process.exit(EXIT.error);
     },
   );

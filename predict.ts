@@ -22,7 +22,7 @@
  */
 import { readdir, readFile, stat } from "node:fs/promises";
 import { existsSync } from "node:fs";
-import { join } from "node:path";
+import { basename, join, resolve } from "node:path";
 import { type } from "arktype";
 import { cac } from "cac";
 // Types only: tfjs, sharp and the checkpoint code are imported when first needed, so --help and
@@ -163,11 +163,13 @@ function currentBranch(): string | null {
 }
 
 /**
- * Load a checkpoint and check that it is whole and self-consistent (meta.json against the model's
- * input and output shapes, preprocessing version). Throws one line naming the folder and problem.
+ * Load a checkpoint and check that it is whole and self-consistent (its files against the
+ * content.sha256 the loop wrote when it kept it, meta.json against the model's input and output
+ * shapes, preprocessing version). Throws one line naming the folder and problem.
  */
 export async function loadModel(dir: string): Promise<Checkpoint> {
   if (!existsSync(dir)) throw new Error(`${dir}: no such checkpoint folder; train one with \`bun train.ts\` or pass --model DIR`);
+  await checkDigest(dir);
   const [{ initBackend }, { loadCheckpoint }, { PREPROCESSING }] = await Promise.all([
     import("./lib/backend.ts"), import("./lib/checkpoint.ts"), import("./lib/images.ts"),
   ]);
@@ -189,6 +191,23 @@ export async function loadModel(dir: string): Promise<Checkpoint> {
   }
   if (problems.length > 0) throw new Error(`${dir}: incompatible checkpoint: ${problems.join("; ")}`);
   return ckpt;
+}
+
+/**
+ * A model the loop kept carries content.sha256: a file that no longer matches it (an experiment,
+ * or anything else, wrote over it) would give wrong predictions under the old val_accuracy.
+ */
+async function checkDigest(dir: string): Promise<void> {
+  const { DIGEST_FILE, digestProblems } = await import("./lib/best_model.ts");
+  const problems = await digestProblems(dir);
+  if (problems.length === 0) return;
+  // checkpoints/best-autoresearch_<tag>: the loop's journal has a copy it can put back.
+  const tag = /^best-autoresearch_(.+)$/.exec(basename(resolve(dir)))?.[1];
+  const fix = tag !== undefined
+    ? `\`bun loop.ts --resume --tag ${tag} --max-experiments 0\` restores the loop's copy`
+    : "re-train it or copy it again";
+  throw new Error(`${dir}: ${problems.join(", ")} since it was saved (checked against its ${DIGEST_FILE}): `
+    + `its predictions cannot be trusted; ${fix}`);
 }
 
 /** The side photos are decoded to: meta.imageSize, or a frozen backbone's input size (as its features were computed in training). */

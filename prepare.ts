@@ -14,6 +14,7 @@
  *   bun prepare.ts --source synthetic                       # SYNTHETIC images, plumbing tests only
  *   bun prepare.ts evaluate --model checkpoints/latest      # re-measure a saved checkpoint on val
  *   bun prepare.ts evaluate --model DIR --split test        # ... on test, which no keep decision reads
+ *   bun prepare.ts features --backbone nsfwjs-mobilenetv2 --size 224   # cache a backbone's features
  *
  * Environment: AR_CACHE (cache root), AR_TASK / AR_SOURCE / AR_POSITIVE (defaults for the flags),
  * AR_BACKEND (see lib/backend.ts).
@@ -97,6 +98,9 @@ export const WASTE_YIELD_TABLE: Record<WasteClass, number> = {
   recyclable: 0.85,
   organic: 0.6,
 };
+
+/** The shared waste3 folder (../shared/datasets/waste3): the set WASTE_DATA_NOTE describes. */
+const SHARED_WASTE3 = resolve(import.meta.dir, "..", "shared", "datasets", "waste3");
 
 export const WASTE_DATA_NOTE =
   "waste3 caveat: organic has only a handful of photos, and ewaste/recyclable come from different photo " +
@@ -628,9 +632,11 @@ export function describeDataset(m: Manifest, log: Log): void {
     log(`screening: sensitivity rests on the ${m.positiveClass} images alone: ${within(pv)} val, ${within(pt)} test`);
   }
   if (m.task === "waste" && !m.synthetic) {
+    // The caveat is about waste3's photos (data/sample is a slice of them), not a person's own folder.
+    const waste3 = m.sample === true || m.source === SAMPLE_DIR || resolve(m.source) === SHARED_WASTE3;
     const yields = m.yieldSource === "assumed-table"
       ? "ASSUMED per-class values (WASTE_YIELD_TABLE), not measurements" : m.yieldSource;
-    log(`note: ${WASTE_DATA_NOTE}; yields are ${yields}`);
+    log(waste3 ? `note: ${WASTE_DATA_NOTE}; yields are ${yields}` : `note: yields are ${yields}`);
   }
 }
 
@@ -908,6 +914,27 @@ async function evaluateCommand(raw: Record<string, unknown>): Promise<void> {
   console.log(`eval_json: ${JSON.stringify(result)}`);
 }
 
+/**
+ * Download a frozen backbone and cache its features of every image of the active dataset, with
+ * progress lines: the loop runs this before train.ts, so the training deadline never covers it.
+ */
+async function featuresCommand(raw: Record<string, unknown>): Promise<void> {
+  if (typeof raw.backbone !== "string" || raw.backbone === "") {
+    throw new Error("prepare.ts features: give --backbone NAME");
+  }
+  const size = raw.size === undefined ? undefined : Number(raw.size);
+  if (size !== undefined && !Number.isInteger(size)) {
+    throw new Error(`prepare.ts features: --size ${String(raw.size)} is not a whole number`);
+  }
+  const { initBackend } = await import("./lib/backend.ts");
+  const { backboneWithFeatures, describeBackbone } = await import("./lib/backbones.ts");
+  await initBackend();
+  const ds = await loadCache();
+  const { backbone, features } = await backboneWithFeatures(ds, raw.backbone, { inputSize: size });
+  console.log(describeBackbone(backbone));
+  console.log(`features ready: ${features.n} rows of ${backbone.id} in ${features.path}`);
+}
+
 async function main(): Promise<void> {
   const cli = cac("prepare.ts");
   cli.command("[...args]", "prepare the data cache")
@@ -927,6 +954,10 @@ async function main(): Promise<void> {
       default: "val",
     })
     .action((raw: Record<string, unknown>) => evaluateCommand(raw));
+  cli.command("features", "download a frozen backbone and cache its features of the active dataset")
+    .option("--backbone <name>", "backbone name (lib/backbones.ts BACKBONE_NAMES)")
+    .option("--size <pixels>", "backbone input side (default: the backbone's own)")
+    .action((raw: Record<string, unknown>) => featuresCommand(raw));
   cli.help();
   cli.parse(process.argv, { run: false });
   await cli.runMatchedCommand();

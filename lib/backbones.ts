@@ -698,6 +698,18 @@ export async function datasetFeatures(
   return { backbone: bb.id, n, dim: bb.featureDim, data, extractSeconds: seconds, seconds, reused: false, path };
 }
 
+/**
+ * A frozen backbone and its features of every row of `ds`: what a run on a backbone needs before its
+ * first step. `bun prepare.ts features` calls it ahead of train.ts (the loop does, on its own
+ * clock), and train.ts's startRun calls it again and finds the features cached.
+ */
+export async function backboneWithFeatures(
+  ds: Dataset, name: string, o: { inputSize?: number; log?: (l: string) => void } = {},
+): Promise<{ backbone: Backbone; features: FeatureCache }> {
+  const backbone = await loadBackbone(name, { inputSize: o.inputSize, ...(o.log ? { log: o.log } : {}) });
+  return { backbone, features: await datasetFeatures(ds, backbone, { log: o.log }) };
+}
+
 /** Cached features of dataset rows `indices`, as a [B, D] tensor. */
 export function featureRows(fc: FeatureCache, indices: ArrayLike<number>): tf.Tensor2D {
   const out = new Float32Array(indices.length * fc.dim);

@@ -14,21 +14,8 @@ export interface Ran {
   all: string;
   seconds: number;
   maxRss: number | null;
-  /** Seconds added to the deadline while it prepared (`setup`), and whether that stalled. */
-  setupSeconds: number;
-  stalled: boolean;
-}
-
-/**
- * Extra time for a slow preparation the child announces on stdout: the time from a line matching
- * `begins` to one matching `ends` is added to the deadline (at most `maxS`), provided `begins`
- * lines keep coming at least every `stallS`; a longer silence is a hang.
- */
-interface SetupAllowance {
-  begins: RegExp;
-  ends: RegExp;
-  stallS: number;
-  maxS: number;
+  /** Killed because it printed nothing for `silenceS` (a stuck download), before its deadline. */
+  silent: boolean;
 }
 
 /** What a caller hears from a child: its output (log files), its pid, and the loop's own remarks. */
@@ -52,48 +39,13 @@ interface ChildOptions extends Partial<ChildHooks> {
    * `lingerS` to exit before it is killed, and its result stands.
    */
   finished?: { when: (stdout: string) => boolean; lingerS: number };
-  setup?: SetupAllowance;
+  /** Kill it after this long without a byte of output: a stall ends long before a generous deadline. */
+  silenceS?: number;
 }
 
 /** SIGKILL a process group: the child runs detached, so this reaches its own children too. */
 export function killGroup(pid: number): void {
   try { process.kill(-pid, "SIGKILL"); } catch { /* already gone */ }
-}
-
-/** The deadline's clock: the plain timeout plus the setup time seen so far (capped), and stalls. */
-function deadlineClock(timeoutS: number, setup: SetupAllowance | undefined) {
-  const t0 = performance.now();
-  let setupMs = 0;
-  let setupSince: number | null = null;
-  let lastSetupLine = 0;
-  let scanned = 0;
-  const clock = {
-    stalled: false,
-    setupSoFar(now: number): number {
-      return Math.min(setupMs + (setupSince === null ? 0 : now - setupSince), (setup?.maxS ?? 0) * 1000);
-    },
-    expired(now: number): boolean {
-      if (setup && setupSince !== null && now - lastSetupLine > setup.stallS * 1000) clock.stalled = true;
-      return clock.stalled || now - t0 > timeoutS * 1000 + clock.setupSoFar(now);
-    },
-    /** Read the whole lines of `stdout` not seen yet for setup markers. */
-    scan(stdout: string): void {
-      if (!setup) return;
-      const end = stdout.lastIndexOf("\n") + 1;
-      for (const line of stdout.slice(scanned, end).split("\n")) {
-        const now = performance.now();
-        if (setup.ends.test(line) && setupSince !== null) {
-          setupMs += now - setupSince;
-          setupSince = null;
-        } else if (setup.begins.test(line)) {
-          setupSince ??= now;
-          lastSetupLine = now;
-        }
-      }
-      scanned = Math.max(scanned, end);
-    },
-  };
-  return clock;
 }
 
 /**
@@ -111,9 +63,13 @@ export async function runChild(argv: string[], o: ChildOptions): Promise<Ran> {
   let timedOut = false;
   let lingered = false;
   let lingerTimer: ReturnType<typeof setTimeout> | null = null;
-  const clock = deadlineClock(o.timeoutS, o.setup);
+  let silent = false;
+  let lastOutput = t0;
+  // One fixed deadline: nothing the child prints moves it.
   const timer = setInterval(() => {
-    if (!clock.expired(performance.now())) return;
+    const now = performance.now();
+    silent = o.silenceS !== undefined && now - lastOutput > o.silenceS * 1000;
+    if (!silent && now - t0 <= o.timeoutS * 1000) return;
     timedOut = true;
     clearInterval(timer);
     killGroup(proc.pid);
@@ -126,13 +82,13 @@ export async function runChild(argv: string[], o: ChildOptions): Promise<Ran> {
     for (;;) {
       const { value, done } = await reader.read();
       if (done || !value) break;
+      lastOutput = performance.now();
       if (o.echo) sink.write(value);
       for (const fd of o.logs ?? []) writeSync(fd, value);
       const s = dec.decode(value, { stream: true });
       all.push(s);
       if (!isStdout) continue;
       out += s;
-      clock.scan(out);
       if (lingerTimer === null && o.finished?.when(out)) {
         lingerTimer = setTimeout(() => { lingered = true; killGroup(proc.pid); }, o.finished.lingerS * 1000);
       }
@@ -151,6 +107,6 @@ export async function runChild(argv: string[], o: ChildOptions): Promise<Ran> {
   return {
     code, timedOut: timedOut && !lingered, lingered, stdout: out, all: all.join(""),
     seconds: (performance.now() - t0) / 1000, maxRss: proc.resourceUsage()?.maxRSS ?? null,
-    setupSeconds: clock.setupSoFar(performance.now()) / 1000, stalled: clock.stalled,
+    silent: silent && timedOut && !lingered,
   };
 }

@@ -1,15 +1,17 @@
 /**
  * What an experiment may change: train.ts, nothing else. Every other tracked file is hashed at
- * the session start, and the prepared dataset is fingerprinted, so any change by an agent or by
- * train.ts itself is seen (and reverted where the loop can).
+ * the session start, the prepared dataset is fingerprinted and the kept model's files are hashed
+ * when it is kept, so any change by an agent or by train.ts itself is seen (and reverted where the
+ * loop can).
  */
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { changedFiles } from "./best_model.ts";
 import { cacheFingerprint } from "./dataset.ts";
 import { sha256File } from "./images.ts";
 import { git } from "./git.ts";
-import type { State } from "./journal.ts";
-import { RUN_MD, TRAIN, untrackedFiles } from "./worktree.ts";
+import type { KeptModel, State } from "./journal.ts";
+import { RUN_MD, TRAIN, readText, untrackedFiles } from "./worktree.ts";
 
 type CacheFingerprint = State["cache"];
 
@@ -27,7 +29,7 @@ export function sameCache(a: CacheFingerprint, b: CacheFingerprint): boolean {
   return a.dir === b.dir && a.images === b.images && a.manifest === b.manifest;
 }
 
-export interface Integrity { problems: string[]; untracked: string[]; cacheChanged: boolean }
+export interface Integrity { problems: string[]; untracked: string[]; cacheChanged: boolean; bestChanged: boolean }
 
 interface IntegrityCheck {
   cwd: string;
@@ -40,6 +42,8 @@ interface IntegrityCheck {
   cacheRoot: string;
   /** results.tsv's path (relative to cwd) and its text as the loop last wrote it. */
   results: { path: string; expected: string };
+  /** The best model as kept (its folder relative to cwd), if there is one. */
+  best?: KeptModel | null;
 }
 
 /**
@@ -59,10 +63,12 @@ export async function checkIntegrity(c: IntegrityCheck): Promise<Integrity> {
     if (now !== h) problems.set(p, `${p} ${now === "missing" ? "deleted" : "changed"}`);
   }
   const { path, expected } = c.results;
-  const results = existsSync(join(c.cwd, path)) ? readFileSync(join(c.cwd, path), "utf8") : null;
+  const results = readText(join(c.cwd, path));
   if (results === null && expected !== "") problems.set(path, `${path} deleted`);
   else if (results !== null && results !== expected) problems.set(path, `${path} changed`);
   const cacheChanged = !sameCache(await cacheFingerprint(c.cacheRoot), c.cache);
   if (cacheChanged) problems.set("cache", `prepared data changed (${c.cache.dir})`);
-  return { problems: [...problems.values()], untracked, cacheChanged };
+  const best = c.best ? await changedFiles(join(c.cwd, c.best.dir), c.best.files) : [];
+  for (const b of best) problems.set(`best ${b}`, b === "deleted" ? `${c.best!.dir}/ deleted` : `${c.best!.dir}/${b}`);
+  return { problems: [...problems.values()], untracked, cacheChanged, bestChanged: best.length > 0 };
 }

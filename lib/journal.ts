@@ -128,6 +128,10 @@ const Best = type({
 });
 type Best = typeof Best.infer;
 
+/** The kept model's folder, the loop's copy of it, and each file's sha256 (see lib/best_model.ts). */
+const KeptModel = type({ dir: "string", copy: "string", files: "Record<string, string>" });
+export type KeptModel = typeof KeptModel.infer;
+
 /** Spread of the primary metric over the baseline repeats; improvements below `floor` are noise. */
 export const Noise = type({
   metric: "string",
@@ -216,6 +220,8 @@ export const State = type({
   baseline: type({ commit: "string", metrics: "Record<string, number>" }).or("null"),
   noise: Noise.or("null"),
   best: Best.or("null"),
+  /** The files of the best model as kept (absent in older journals): checked after every run. */
+  "bestModel?": KeptModel.or("null"),
   nextN: "number.integer >= 1",
   counts: {
     experiments: "number.integer >= 0", keeps: "number.integer >= 0",

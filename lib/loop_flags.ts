@@ -12,7 +12,7 @@ const Flags = type({
   agentTimeout: "number > 0",
   "budget?": "number > 0",
   grace: "number >= 0",
-  setupAllowance: "number >= 0",
+  featuresTimeout: "number > 0",
   "baselineRuns?": "1 <= number.integer <= 100",
   "noiseSigmas?": "number >= 0",
   "confirmRuns?": "0 <= number.integer <= 10",
@@ -47,8 +47,8 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     .option("--agent-timeout <seconds>", "kill the agent after this long", { default: 900 })
     .option("--budget <seconds>", `training budget passed to train.ts (default ${TIME_BUDGET}, prepare.TIME_BUDGET)`)
     .option("--grace <seconds>", `train.ts is killed at budget + grace + ${allowanceS}s`, { default: 30 })
-    .option("--setup-allowance <seconds>",
-      "at most this much more for train.ts to download a backbone and extract features before training",
+    .option("--features-timeout <seconds>",
+      "kill `bun prepare.ts features` (backbone download and feature extraction, before train.ts) after this long",
       { default: 3600 })
     .option("--baseline-runs <k>", "baseline repeats (seeds 0…k−1) that measure the noise; a kept backbone change "
       + `is re-measured with k−1 more (default ${DEFAULTS.baselineRuns})`)
@@ -79,7 +79,7 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     resume: r.resume === true, once: r.once === true,
     agent: r.agent === undefined ? undefined : String(r.agent),
     agentTimeout: toNum(r.agentTimeout), budget: toNum(r.budget), grace: toNum(r.grace),
-    setupAllowance: toNum(r.setupAllowance), baselineRuns: toNum(r.baselineRuns), noiseSigmas: toNum(r.noiseSigmas),
+    featuresTimeout: toNum(r.featuresTimeout), baselineRuns: toNum(r.baselineRuns), noiseSigmas: toNum(r.noiseSigmas),
     confirmRuns: toNum(r.confirmRuns), primary: r.primary === undefined ? undefined : String(r.primary),
     maxCrashStreak: toNum(r.maxCrashStreak), maxExperiments: toNum(r.maxExperiments), seed: toNum(r.seed),
     summarize: r.summarize !== false,

@@ -6,7 +6,8 @@
  *   startRun   the command line (--budget, --checkpoint, --print-hp, --help), HP with AR_HP's overrides
  *              (checked against what HP and HP_SPACE declare), the backend, the prepared dataset, and,
  *              when hp.backbone names a frozen backbone, its features of every image (cached next to
- *              the image cache, computed before the budget starts).
+ *              the image cache, computed before the budget starts; under the loop, by
+ *              `bun prepare.ts features` before train.ts even starts).
  *   finishRun  evaluate() on the val split, the checkpoint (its meta built from the dataset's manifest),
  *              the footer the loop reads.
  */
@@ -19,7 +20,7 @@ import {
 import { backendLabel, initBackend } from "./backend.ts";
 import { LATEST_CHECKPOINT_DIR, checkpointMeta, layersPredictor, saveCheckpoint } from "./checkpoint.ts";
 import {
-  backbonePredictor, datasetFeatures, describeBackbone, loadBackbone, type Backbone, type FeatureCache,
+  backbonePredictor, backboneWithFeatures, describeBackbone, type Backbone, type FeatureCache,
 } from "./backbones.ts";
 import { headCommit } from "./git.ts";
 import type { HpValue } from "./journal.ts";
@@ -141,11 +142,13 @@ export async function startRun<T extends HpRecord>(HP: T, HP_SPACE: HpSpace<T>):
   describeDataset(ds.manifest, (l) => console.log(l));
 
   // A frozen backbone: features of every image, cached next to the image cache (not in the budget).
+  // Under the loop `bun prepare.ts features` has cached them already; run by hand, they are made here.
   const t = performance.now();
   const name = typeof hp.backbone === "string" && hp.backbone !== "none" ? hp.backbone : null;
   const inputSize = typeof hp.backboneSize === "number" ? hp.backboneSize : undefined;
-  const backbone = name === null ? null : await loadBackbone(name, { inputSize });
-  const features = backbone && await datasetFeatures(ds, backbone);
+  const prepared = name === null ? null : await backboneWithFeatures(ds, name, { inputSize });
+  const backbone = prepared?.backbone ?? null;
+  const features = prepared?.features ?? null;
   if (backbone) console.log(describeBackbone(backbone));
   return {
     hp, ds, budget: flags.budget, checkpointDir: flags.checkpoint, backbone, features,

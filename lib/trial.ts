@@ -1,7 +1,9 @@
 /**
- * One trial of a commit, in child processes: `bun train.ts` live with a deadline, then
- * `bun prepare.ts evaluate` re-measuring the checkpoint it saved (what train.ts prints is never
- * trusted). Neither touches git or the journal: the loop decides what a trial's outcome means.
+ * One trial of a commit, in child processes: `bun prepare.ts features` when it trains on a frozen
+ * backbone (the harness's download and extraction, on its own clock), `bun train.ts` live with one
+ * fixed deadline, then `bun prepare.ts evaluate` re-measuring the checkpoint it saved (what
+ * train.ts prints is never trusted). None touches git or the journal: the loop decides what a
+ * trial's outcome means.
  */
 import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -10,14 +12,6 @@ import { TASK_METRICS, Task, parseFooter } from "../prepare.ts";
 import { runChild, type ChildHooks, type Ran } from "./child.ts";
 import { oneLine } from "./results.ts";
 
-/**
- * A cold backbone (download, then features of every image) is prepared by train.ts before its
- * training timer starts: minutes for a few thousand photos on a CPU, an hour for CIFAR-size sets.
- * That time extends the deadline (up to the setup allowance) while train.ts keeps printing
- * `features …`/`backbone …` progress; `backend: …` starts training.
- */
-const SETUP_BEGINS = /^(features|backbone) /;
-const SETUP_ENDS = /^backend: /;
 /** How long `prepare.ts evaluate` may take: one forward pass over the validation split. */
 const EVAL_TIMEOUT_S = 600;
 
@@ -32,18 +26,8 @@ function footerComplete(stdout: string, columns: readonly string[]): boolean {
 /** Why a training run is a crash, or ok. Pure: the tests feed it made-up output. */
 export function classifyTrain(a: {
   code: number; timedOut: boolean; deadlineS: number; stdout: string; all: string; columns: readonly string[];
-  checkpointOk: boolean; setupSeconds?: number; stalledS?: number | null;
+  checkpointOk: boolean;
 }): { ok: boolean; reason: string } {
-  if (a.timedOut && a.stalledS != null) {
-    const reason = `timeout: no progress for ${a.stalledS}s while preparing the backbone or its features`;
-    return { ok: false, reason };
-  }
-  const setupS = a.setupSeconds ?? 0;
-  if (a.timedOut && setupS >= 1) {
-    const total = Math.round(a.deadlineS + setupS);
-    const reason = `timeout: killed after ${total}s (${a.deadlineS}s + ${Math.round(setupS)}s preparing the backbone)`;
-    return { ok: false, reason };
-  }
   if (a.timedOut) return { ok: false, reason: `timeout: killed after ${a.deadlineS}s` };
   const lines = a.all.split("\n").map((l) => l.trim()).filter(Boolean);
   const nan = lines.find((l) => /^FAIL: loss is (NaN|-?Infinity)/.test(l));
@@ -80,12 +64,9 @@ interface TrainOptions extends ChildHooks {
   budgetS: number;
   /** Extra environment for train.ts (AR_HP: another seed for a repeat or a confirmation run). */
   env?: Record<string, string>;
-  /** train.ts is killed this long after its start (plus any setup time). */
+  /** train.ts is killed this long after its start, whatever it prints. */
   deadlineS: number;
   checkpointDir: string;
-  /** The most setup time added to the deadline, and the silence during setup that is a hang. */
-  setupMaxS: number;
-  setupStallS: number;
   lingerS: number;
 }
 
@@ -96,15 +77,33 @@ export async function trainOnce(o: TrainOptions): Promise<{
   const columns = TASK_METRICS[o.task].columns;
   const ran = await runChild([o.bun, "train.ts", "--budget", String(o.budgetS), "--checkpoint", o.checkpointDir], {
     cwd: o.cwd, timeoutS: o.deadlineS, echo: true, logs: o.logs, onSpawn: o.onSpawn, log: o.log, env: o.env,
-    setup: { begins: SETUP_BEGINS, ends: SETUP_ENDS, stallS: o.setupStallS, maxS: o.setupMaxS },
     finished: { when: (out) => footerComplete(out, columns), lingerS: o.lingerS },
   });
   const verdict = classifyTrain({
     code: ran.lingered ? 0 : ran.code, timedOut: ran.timedOut, deadlineS: o.deadlineS, stdout: ran.stdout, all: ran.all,
-    setupSeconds: ran.setupSeconds, stalledS: ran.stalled ? o.setupStallS : null,
     columns, checkpointOk: existsSync(join(resolve(o.cwd, o.checkpointDir), "meta.json")),
   });
   return { ran, ...verdict, imagesPerSecond: imagesPerSecond(ran.stdout) };
+}
+
+/**
+ * `bun prepare.ts features`: download a frozen backbone and cache its features of every image, so
+ * that train.ts finds them ready. Its own timeout, and a silence that counts as a stall.
+ */
+export async function prepareFeatures(o: ChildHooks & {
+  cwd: string; bun: string; backbone: string; size: number | null; timeoutS: number; silenceS: number;
+}): Promise<{ ok: boolean; reason: string; seconds: number }> {
+  const size = o.size === null ? [] : ["--size", String(o.size)];
+  const ran = await runChild([o.bun, "prepare.ts", "features", "--backbone", o.backbone, ...size], {
+    cwd: o.cwd, timeoutS: o.timeoutS, silenceS: o.silenceS, echo: true, logs: o.logs, onSpawn: o.onSpawn, log: o.log,
+  });
+  const seconds = ran.seconds;
+  if (ran.silent) return { ok: false, reason: `stalled: no output for ${o.silenceS}s`, seconds };
+  if (ran.timedOut) return { ok: false, reason: `timeout after ${o.timeoutS}s (--features-timeout)`, seconds };
+  if (ran.code === 0) return { ok: true, reason: "", seconds };
+  const lines = ran.all.split("\n").map((l) => l.trim()).filter(Boolean);
+  const err = lines.filter((l) => l.startsWith("error")).at(-1) ?? lines.at(-1) ?? `exit ${ran.code}`;
+  return { ok: false, reason: oneLine(err, 160), seconds };
 }
 
 const EvalJson = type({ task: Task, n: "number.integer >= 0", metrics: "Record<string, number>", primary: "string" });

@@ -3,8 +3,10 @@
  * run.md is the person's on/off switch, not part of any experiment: a reset never changes it and
  * it never makes the tree dirty.
  */
-import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { join, resolve } from "node:path";
+import {
+  existsSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync, type Stats,
+} from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { type } from "arktype";
 import { git, gitOk } from "./git.ts";
 import { oneLine } from "./results.ts";
@@ -96,5 +98,48 @@ export function resetTo(cwd: string, commitish: string): void {
 
 /** A file's text, or null when there is no such file. */
 export function readText(path: string): string | null {
-  return existsSync(path) ? readFileSync(path, "utf8") : null;
+  if (!existsSync(path)) return null;
+  try {
+    return readFileSync(path, "utf8");
+  } catch (err) {
+    // Bun leaves `path` out of some read errors (a folder where the file should be): the loop's message needs it.
+    if (err instanceof Error && !("path" in err)) Object.assign(err, { path });
+    throw err;
+  }
+}
+
+/**
+ * Working-tree files whose content none of `commits` has at that path: changed tracked files and
+ * untracked ones, symlinks always (deleted files are not listed: restoring one loses nothing).
+ */
+export function unknownChanges(cwd: string, commits: string[]): string[] {
+  const list = (args: string[]) => git(args, { cwd }).split("\0").filter((p) => p !== "" && p !== RUN_MD);
+  const paths = [...new Set([
+    ...list(["diff", "--name-only", "-z", "--no-renames", "HEAD"]),
+    ...list(["ls-files", "-z", "--others", "--exclude-standard"]),
+  ])].filter((p) => lstatOrNull(join(cwd, p)) !== null).sort();
+  const files = paths.filter((p) => lstatOrNull(join(cwd, p))!.isFile());
+  const blobs = new Map<string, string>();
+  const hashes = files.length > 0 ? git(["hash-object", "--", ...files], { cwd }).split("\n") : [];
+  files.forEach((p, i) => blobs.set(p, hashes[i] ?? ""));
+  const known = new Set<string>();
+  for (const c of commits) {
+    for (const entry of git(["ls-tree", "-r", "-z", c], { cwd }).split("\0").filter(Boolean)) {
+      const tab = entry.indexOf("\t");
+      known.add(`${entry.slice(tab + 1)}\0${entry.slice(0, tab).split(" ")[2]}`);
+    }
+  }
+  return paths.filter((p) => !blobs.has(p) || !known.has(`${p}\0${blobs.get(p)}`));
+}
+
+/** Move `paths` (relative to `cwd`) into `dest`, keeping their relative paths. */
+export function moveAside(cwd: string, paths: string[], dest: string): void {
+  for (const p of paths) {
+    mkdirSync(dirname(join(dest, p)), { recursive: true });
+    renameSync(join(cwd, p), join(dest, p));
+  }
+}
+
+function lstatOrNull(path: string): Stats | null {
+  try { return lstatSync(path); } catch { return null; }
 }

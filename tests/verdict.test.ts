@@ -18,8 +18,8 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ROOT, tempDir } from "./helpers.ts";
 import {
-  E2E_MS, cleanUp, clean, commitTrain, fixture, head, last, loop, made, makeRepo, rows, sh, state, syntheticCache,
-} from "./loop_helpers.ts";
+  E2E_MS, removeTemps, clean, commitTrain, fixture, head, last, loop, made, makeRepo, rows, sh, state, syntheticCache,
+} from "./loop_fixtures.ts";
 import { State, pidAlive } from "../lib/journal.ts";
 import { irrelevantAxes, nextMove, streakAxes } from "../lib/proposer.ts";
 import { newState } from "../lib/session.ts";
@@ -35,7 +35,7 @@ beforeAll(async () => {
   fixture.cache = await syntheticCache("waste");
   SCREENING = await syntheticCache("screening");
 }, E2E_MS);
-afterAll(cleanUp);
+afterAll(removeTemps);
 
 // ---------------------------------------------------------------------------
 // Fixtures
