@@ -38,7 +38,8 @@ import type { Predictor } from "./prepare.ts";
 // ---------------------------------------------------------------------------
 
 export const ASSUMED_YIELD_NOTE =
-  "assumption-based estimate: the model learned ASSUMED per-class yields (prepare.ts WASTE_YIELD_TABLE), not measurements, until measured yield labels are supplied (bun prepare.ts --yields file.csv)";
+  "assumption-based estimate: the model learned ASSUMED per-class yields (prepare.ts WASTE_YIELD_TABLE), "
+  + "not measurements, until measured yield labels are supplied (bun prepare.ts --yields file.csv)";
 const MEASURED_YIELD_NOTE = "estimate from a model trained on measured yield labels";
 
 // ---------------------------------------------------------------------------
@@ -67,7 +68,9 @@ export interface InputRef { name: string; path: string | null }
 export interface InputProblem { name: string; error: string }
 
 /** Expand the command line into image inputs, in order; folders contribute their image files, sorted. */
-export async function expandInputs(args: readonly string[]): Promise<{ inputs: InputRef[]; problems: InputProblem[] }> {
+export async function expandInputs(
+  args: readonly string[],
+): Promise<{ inputs: InputRef[]; problems: InputProblem[] }> {
   const { isImagePath } = await import("./lib/images.ts");
   const inputs: InputRef[] = [];
   const problems: InputProblem[] = [];
@@ -78,16 +81,22 @@ export async function expandInputs(args: readonly string[]): Promise<{ inputs: I
     if (info.isFile()) { inputs.push({ name: arg, path: arg }); continue; }
     if (!info.isDirectory()) { problems.push({ name: arg, error: "not a file or folder" }); continue; }
     const found = await filesUnder(arg).catch((err: unknown) => errorText(err));
-    if (typeof found === "string") { problems.push({ name: arg, error: `cannot list the folder: ${found}` }); continue; }
+    if (typeof found === "string") {
+      problems.push({ name: arg, error: `cannot list the folder: ${found}` });
+      continue;
+    }
     const images = found.filter(isImagePath);
-    if (images.length === 0) problems.push({ name: arg, error: "folder holds no image files (.jpg, .png, .webp, …)" });
+    if (images.length === 0) {
+      problems.push({ name: arg, error: "folder holds no image files (.jpg, .png, .webp, …)" });
+    }
     for (const p of images) inputs.push({ name: p, path: p });
   }
   return { inputs, problems };
 }
 
 async function filesUnder(dir: string): Promise<string[]> {
-  const entries = (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  const byName = (a: { name: string }, b: { name: string }) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+  const entries = (await readdir(dir, { withFileTypes: true })).sort(byName);
   const out: string[] = [];
   for (const e of entries) {
     const p = join(dir, e.name);
@@ -119,7 +128,9 @@ export async function decodeInput(input: InputRef, size: number): Promise<Decode
   const { decodeToRgb } = await import("./lib/images.ts");
   let bytes: Uint8Array;
   try {
-    bytes = input.path === null ? new Uint8Array(await Bun.stdin.arrayBuffer()) : new Uint8Array(await readFile(input.path));
+    bytes = input.path === null
+      ? new Uint8Array(await Bun.stdin.arrayBuffer())
+      : new Uint8Array(await readFile(input.path));
   } catch (err) {
     return { input, error: `cannot read: ${errorText(err)}` };
   }
@@ -152,7 +163,10 @@ export async function chooseModel(explicit: string | undefined): Promise<{ dir: 
     if (existsSync(best)) return { dir: best, why: `the best kept model of branch ${branch}` };
     return { dir: LATEST_CHECKPOINT_DIR, why: `the last train.ts run: branch ${branch} has no ${best} yet` };
   }
-  return { dir: LATEST_CHECKPOINT_DIR, why: "the last train.ts run: not on a git branch, so no best-<branch> model to look for" };
+  return {
+    dir: LATEST_CHECKPOINT_DIR,
+    why: "the last train.ts run: not on a git branch, so no best-<branch> model to look for",
+  };
 }
 
 function currentBranch(): string | null {
@@ -168,7 +182,9 @@ function currentBranch(): string | null {
  * shapes, preprocessing version). Throws one line naming the folder and problem.
  */
 export async function loadModel(dir: string): Promise<Checkpoint> {
-  if (!existsSync(dir)) throw new Error(`${dir}: no such checkpoint folder; train one with \`bun train.ts\` or pass --model DIR`);
+  if (!existsSync(dir)) {
+    throw new Error(`${dir}: no such checkpoint folder; train one with \`bun train.ts\` or pass --model DIR`);
+  }
   await checkDigest(dir);
   const [{ initBackend }, { loadCheckpoint }, { PREPROCESSING }] = await Promise.all([
     import("./lib/backend.ts"), import("./lib/checkpoint.ts"), import("./lib/images.ts"),
@@ -180,14 +196,22 @@ export async function loadModel(dir: string): Promise<Checkpoint> {
   const problems: string[] = [];
   const input = model.inputs[0]?.shape ?? [];
   // A head over a frozen backbone takes features, not images: only an image model's input is checked.
-  if (meta.backbone === null && (model.inputs.length !== 1 || input.length !== 4 || input[1] !== s || input[2] !== s || input[3] !== 3)) {
+  const takesImages = model.inputs.length === 1 && input.length === 4
+    && input[1] === s && input[2] === s && input[3] === 3;
+  if (meta.backbone === null && !takesImages) {
     problems.push(`the model takes input [${input.map(String).join(",")}] but meta.json says ${s}x${s}x3 images`);
   }
   const probsShape = model.outputs[0]?.shape ?? [];
-  if (probsShape[1] !== meta.classes.length) problems.push(`the model outputs ${probsShape[1]} class probabilities for ${meta.classes.length} classes in meta.json`);
-  if (meta.hasYieldHead && model.outputs.length < 2) problems.push("meta.json promises a yield head the model does not have");
+  if (probsShape[1] !== meta.classes.length) {
+    problems.push(`the model outputs ${probsShape[1]} class probabilities for ${meta.classes.length} classes `
+      + "in meta.json");
+  }
+  if (meta.hasYieldHead && model.outputs.length < 2) {
+    problems.push("meta.json promises a yield head the model does not have");
+  }
   if (meta.preprocessing !== PREPROCESSING && !KNOWN_OTHER_PREPROCESSING.has(meta.preprocessing)) {
-    problems.push(`trained on images preprocessed as "${meta.preprocessing}", this code decodes as "${PREPROCESSING}": re-train`);
+    problems.push(`trained on images preprocessed as "${meta.preprocessing}", `
+      + `this code decodes as "${PREPROCESSING}": re-train`);
   }
   if (problems.length > 0) throw new Error(`${dir}: incompatible checkpoint: ${problems.join("; ")}`);
   return ckpt;
@@ -210,7 +234,10 @@ async function checkDigest(dir: string): Promise<void> {
     + `its predictions cannot be trusted; ${fix}`);
 }
 
-/** The side photos are decoded to: meta.imageSize, or a frozen backbone's input size (as its features were computed in training). */
+/**
+ * The side photos are decoded to: meta.imageSize, or a frozen backbone's input size (as its
+ * features were computed in training).
+ */
 export async function imageSizeFor(ckpt: Checkpoint): Promise<number> {
   const { inputSizeFor } = await import("./lib/checkpoint.ts");
   return inputSizeFor(ckpt.meta);
@@ -221,15 +248,23 @@ const KNOWN_OTHER_PREPROCESSING = new Set(["synthetic-raw", "cifar100-binary-hwc
 
 function describeModel(dir: string, why: string, meta: CheckpointMeta, size: number): string[] {
   const metrics = Object.entries(meta.metrics).map(([k, v]) => `${k} ${v.toFixed(4)}`).join(", ");
+  const backbone = meta.backbone !== null ? ` into frozen backbone ${meta.backbone}` : "";
+  const trained = meta.createdAt.slice(0, 16).replace("T", " ");
   const lines = [
     `model: ${dir} (${why})`,
-    `  task ${meta.task}, ${meta.classes.length} classes, ${size}x${size} px${meta.backbone !== null ? ` into frozen backbone ${meta.backbone}` : ""}, commit ${meta.commit ?? "?"}, trained ${meta.createdAt.slice(0, 16).replace("T", " ")}${metrics ? `, val: ${metrics}` : ""}`,
+    `  task ${meta.task}, ${meta.classes.length} classes, ${size}x${size} px${backbone}, `
+      + `commit ${meta.commit ?? "?"}, trained ${trained}${metrics ? `, val: ${metrics}` : ""}`,
   ];
-  if (meta.synthetic || meta.preprocessing === "synthetic-raw") lines.push("  WARNING: trained on SYNTHETIC images (a plumbing test): its predictions on real photos mean nothing");
+  if (meta.synthetic || meta.preprocessing === "synthetic-raw") {
+    lines.push("  WARNING: trained on SYNTHETIC images (a plumbing test): its predictions on real photos mean nothing");
+  }
   if (meta.sample === true) {
     lines.push("  WARNING: trained on data/sample: not a measure of quality (a few dozen photos, for trying the tool)");
   }
-  if (meta.preprocessing === "cifar100-binary-hwc") lines.push(`  note: trained on CIFAR-100's ${meta.imageSize}x${meta.imageSize} images; photos are shrunk to that size`);
+  if (meta.preprocessing === "cifar100-binary-hwc") {
+    lines.push(`  note: trained on CIFAR-100's ${meta.imageSize}x${meta.imageSize} images; `
+      + "photos are shrunk to that size");
+  }
   return lines;
 }
 
@@ -238,7 +273,13 @@ function describeModel(dir: string, why: string, meta: CheckpointMeta, size: num
 // ---------------------------------------------------------------------------
 
 /** Run the model on decoded images and turn its outputs into Prediction objects. */
-export async function classify(ckpt: Checkpoint, predict: Predictor, modelName: string, batch: { input: InputRef; pixels: Uint8Array }[], topK: number): Promise<Prediction[]> {
+export async function classify(
+  ckpt: Checkpoint,
+  predict: Predictor,
+  modelName: string,
+  batch: { input: InputRef; pixels: Uint8Array }[],
+  topK: number,
+): Promise<Prediction[]> {
   const { meta } = ckpt;
   const C = meta.classes.length;
   const x = await inputTensor(batch.map((d) => d.pixels), await imageSizeFor(ckpt));
@@ -251,7 +292,9 @@ export async function classify(ckpt: Checkpoint, predict: Predictor, modelName: 
   const round = (v: number) => Math.min(1, Math.max(0, Number(v.toFixed(6))));
   const measured = meta.yieldSource?.startsWith("csv:") === true;
   return batch.map((d, i) => {
-    const row = Array.from(probs.subarray(i * C, (i + 1) * C), (p, c) => ({ class: meta.classes[c] ?? `class_${c}`, index: c, probability: round(p) }));
+    const row = Array.from(probs.subarray(i * C, (i + 1) * C), (p, c) => ({
+      class: meta.classes[c] ?? `class_${c}`, index: c, probability: round(p),
+    }));
     // Best first; equal probabilities go to the lower index, as evaluate() breaks ties.
     const ranked = [...row].sort((a, b) => b.probability - a.probability || a.index - b.index);
     const best = ranked[0]!;
@@ -260,11 +303,17 @@ export async function classify(ckpt: Checkpoint, predict: Predictor, modelName: 
       top: ranked.slice(0, Math.min(topK, C)), task: meta.task, model: modelName,
     };
     if (meta.task === "waste" && yields !== null) {
-      p.yield = { estimate: round(yields[i] ?? 0), basis: measured ? "measured" : "assumed", note: measured ? MEASURED_YIELD_NOTE : ASSUMED_YIELD_NOTE };
+      p.yield = {
+        estimate: round(yields[i] ?? 0),
+        basis: measured ? "measured" : "assumed",
+        note: measured ? MEASURED_YIELD_NOTE : ASSUMED_YIELD_NOTE,
+      };
     }
     if (meta.task === "screening" && meta.positiveClass !== null) {
       const pos = row.find((r) => r.class === meta.positiveClass);
-      if (pos) p.screening = { positiveClass: pos.class, positive: best.index === pos.index, probability: pos.probability };
+      if (pos) {
+        p.screening = { positiveClass: pos.class, positive: best.index === pos.index, probability: pos.probability };
+      }
     }
     return p;
   });
@@ -277,7 +326,8 @@ export async function classify(ckpt: Checkpoint, predict: Predictor, modelName: 
 const pct = (p: number) => `${(100 * p).toFixed(1)}%`;
 
 function tableHeader(nameWidth: number, task: string): string {
-  return `${"file".padEnd(nameWidth)}  ${"prediction".padEnd(22)} ${"conf".padStart(6)}  ${task === "waste" ? "yield*  " : ""}others`;
+  const yieldColumn = task === "waste" ? "yield*  " : "";
+  return `${"file".padEnd(nameWidth)}  ${"prediction".padEnd(22)} ${"conf".padStart(6)}  ${yieldColumn}others`;
 }
 
 function tableRow(p: Prediction, nameWidth: number): string {
@@ -314,7 +364,11 @@ function parseFlags(argv: string[]): Flags | null {
     topK: Number(o.topK), json: o.json === true, batch: Number(o.batch),
     ...(o.model !== undefined ? { model: String(o.model) } : {}),
   });
-  if (flags instanceof type.errors) throw new UsageError(flags.summary.includes("inputs") ? "give at least one image, folder or - (see --help)" : flags.summary);
+  if (flags instanceof type.errors) {
+    throw new UsageError(flags.summary.includes("inputs")
+      ? "give at least one image, folder or - (see --help)"
+      : flags.summary);
+  }
   return flags;
 }
 
@@ -347,7 +401,8 @@ async function main(): Promise<number> {
 
   // Decode batch b+1 (sharp, on libvips threads) while the model runs on batch b.
   const { mapPool } = await import("./lib/images.ts");
-  const decodeBatch = (b: number) => mapPool(inputs.slice(b * flags.batch, (b + 1) * flags.batch), DECODE_CONCURRENCY, (inp) => decodeInput(inp, size));
+  const decodeBatch = (b: number) =>
+    mapPool(inputs.slice(b * flags.batch, (b + 1) * flags.batch), DECODE_CONCURRENCY, (inp) => decodeInput(inp, size));
   const batches = Math.ceil(inputs.length / flags.batch);
   let predicted = 0;
   let next = decodeBatch(0);
@@ -365,10 +420,12 @@ async function main(): Promise<number> {
     }
   }
   if (!flags.json && ckpt.meta.task === "waste" && ckpt.meta.hasYieldHead) {
-    emit(`* yield: estimated recoverable fraction of the item's mass; ${ckpt.meta.yieldSource?.startsWith("csv:") ? MEASURED_YIELD_NOTE : ASSUMED_YIELD_NOTE}`);
+    const note = ckpt.meta.yieldSource?.startsWith("csv:") ? MEASURED_YIELD_NOTE : ASSUMED_YIELD_NOTE;
+    emit(`* yield: estimated recoverable fraction of the item's mass; ${note}`);
   }
   const seconds = (performance.now() - t0) / 1000;
-  say(`${predicted} predicted, ${failed} failed, in ${seconds.toFixed(2)} s (${(predicted / seconds).toFixed(1)} images/s incl. start-up)`);
+  const rate = (predicted / seconds).toFixed(1);
+  say(`${predicted} predicted, ${failed} failed, in ${seconds.toFixed(2)} s (${rate} images/s incl. start-up)`);
   return failed > 0 ? 1 : 0;
 }
 

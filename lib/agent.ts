@@ -20,10 +20,12 @@ const PROMPT_FILE = join(AR_DIR, "prompt.md");
 
 /** The fixed part of every call's prompt: the rules of one call (line by line as the agent reads it). */
 const INSTRUCTIONS = [
-  "You are called once per experiment. Make ONE focused change to train.ts — the only file you may edit — and exit.",
+  "You are called once per experiment. Make ONE focused change to train.ts — the only file you may edit — "
+    + "and exit.",
   "Do NOT run train.ts or loop.ts and do not touch any other file: the loop commits your change, trains, "
     + "re-measures the",
-  "checkpoint, and keeps or reverts it. Changes to other files are reverted and the experiment counts as a crash.",
+  "checkpoint on the validation split, and keeps or reverts it. Changes to other files are reverted and the "
+    + "experiment counts as a crash.",
   "End your output with one line describing the change (e.g. `lr 0.003 -> 0.005` or `add mixup`): it goes into "
     + "results.tsv.",
 ];
@@ -35,6 +37,11 @@ export function buildPrompt(cwd: string, st: State, resultsText: string): string
   const results = resultsText.trim().split("\n");
   const recent = results.length > 21 ? [results[0], "…", ...results.slice(-20)] : results;
   const n = st.current?.n ?? st.nextN;
+  const confirmRuns = st.settings.confirmRuns ?? 0;
+  const confirm = confirmRuns > 0
+    ? ` A first run that clears it is trained again with ${confirmRuns} other seed(s) and kept only if the mean `
+      + "over its runs still clears it."
+    : "";
   return [
     readText(join(cwd, PROGRAM)) ?? "(program.md is missing)",
     "",
@@ -50,7 +57,7 @@ export function buildPrompt(cwd: string, st: State, resultsText: string): string
       : "",
     st.noise
       ? `Noise floor: a keep needs ${st.primary} to improve by more than ${num(st.noise.floor)} `
-        + `(${st.noise.sigmas}σ, σ = ${num(st.noise.sigma)}).`
+        + `(${st.noise.sigmas}σ, σ = ${num(st.noise.sigma)}).${confirm}`
       : "",
     `Training budget: ${st.settings.budgetSeconds} s per run.`,
     "",

@@ -73,7 +73,8 @@ export async function saveCheckpoint(dir: string, model: tf.LayersModel, meta: C
   await mkdir(tmp, { recursive: true });
   await model.save(tf.io.withSaveHandler(async (artifacts) => {
     if (!artifacts.weightData || !artifacts.weightSpecs) throw new Error("model has no weights to save");
-    const weights = tf.io.concatenateArrayBuffers(Array.isArray(artifacts.weightData) ? artifacts.weightData : [artifacts.weightData]);
+    const parts = Array.isArray(artifacts.weightData) ? artifacts.weightData : [artifacts.weightData];
+    const weights = tf.io.concatenateArrayBuffers(parts);
     await writeFile(join(tmp, "weights.bin"), new Uint8Array(weights));
     await writeFile(join(tmp, "model.json"), JSON.stringify({
       modelTopology: artifacts.modelTopology,
@@ -104,13 +105,18 @@ export async function readMeta(dir: string): Promise<CheckpointMeta> {
  * Load a checkpoint; when `expect` is given, refuse one made for another task, class list or
  * image size with a one-line error naming the folder and the mismatch.
  */
-export async function loadCheckpoint(dir: string, expect?: Pick<Dataset, "task" | "imageSize"> & { manifest: { classes: string[] } }): Promise<Checkpoint> {
+export async function loadCheckpoint(
+  dir: string,
+  expect?: Pick<Dataset, "task" | "imageSize"> & { manifest: { classes: string[] } },
+): Promise<Checkpoint> {
   const meta = await readMeta(dir);
   if (expect) {
     const problems: string[] = [];
     if (meta.task !== expect.task) problems.push(`task ${meta.task}, data is ${expect.task}`);
     if (meta.imageSize !== expect.imageSize) problems.push(`image size ${meta.imageSize}, data is ${expect.imageSize}`);
-    if (meta.classes.join(",") !== expect.manifest.classes.join(",")) problems.push(`classes [${meta.classes.join(",")}], data has [${expect.manifest.classes.join(",")}]`);
+    const classes = meta.classes.join(",");
+    const dataClasses = expect.manifest.classes.join(",");
+    if (classes !== dataClasses) problems.push(`classes [${classes}], data has [${dataClasses}]`);
     if (problems.length) throw new Error(`${dir}: incompatible checkpoint: ${problems.join("; ")}`);
   }
   const model = await loadLayersModel(dir);
@@ -121,7 +127,11 @@ async function loadLayersModel(dir: string): Promise<tf.LayersModel> {
   const jsonPath = join(dir, "model.json");
   if (!existsSync(jsonPath)) throw new Error(`${jsonPath}: missing`);
   let parsed: unknown;
-  try { parsed = JSON.parse(await readFile(jsonPath, "utf8")); } catch { throw new Error(`${jsonPath}: not valid JSON`); }
+  try {
+    parsed = JSON.parse(await readFile(jsonPath, "utf8"));
+  } catch {
+    throw new Error(`${jsonPath}: not valid JSON`);
+  }
   const mj = ModelJson(parsed);
   if (mj instanceof type.errors) throw new Error(`${jsonPath}: not a tfjs layers model: ${mj.summary}`);
   const weightSpecs = mj.weightsManifest.flatMap((g) => g.weights) as tf.io.WeightsManifestEntry[];
@@ -132,12 +142,17 @@ async function loadLayersModel(dir: string): Promise<tf.LayersModel> {
   }));
   const total = buffers.reduce((s, b) => s + b.byteLength, 0);
   const expected = weightSpecs.reduce((s, w) => s + w.shape.reduce((a, b) => a * b, 1) * bytesPerElement(w), 0);
-  if (total !== expected) throw new Error(`${join(dir, "weights.bin")}: ${total} bytes, model.json expects ${expected} (corrupted or truncated weights)`);
+  if (total !== expected) {
+    throw new Error(`${join(dir, "weights.bin")}: ${total} bytes, model.json expects ${expected} `
+      + "(corrupted or truncated weights)");
+  }
   const weightData = tf.io.concatenateArrayBuffers(buffers.map((b) => b.slice().buffer));
   try {
-    return await tf.loadLayersModel(tf.io.fromMemory({ modelTopology: mj.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs, weightData }));
+    const modelTopology = mj.modelTopology as tf.io.ModelArtifacts["modelTopology"];
+    return await tf.loadLayersModel(tf.io.fromMemory({ modelTopology, weightSpecs, weightData }));
   } catch (err) {
-    throw new Error(`${jsonPath}: cannot build the model: ${err instanceof Error ? err.message.split("\n")[0] : String(err)}`);
+    const why = err instanceof Error ? err.message.split("\n")[0] : String(err);
+    throw new Error(`${jsonPath}: cannot build the model: ${why}`);
   }
 }
 
@@ -163,7 +178,8 @@ export function predictorFor(ckpt: Checkpoint, ds?: Dataset): Predictor {
     const bb = await loadBackbone(id, { trialPass: false }).catch((err: unknown) => {
       throw new Error(`${ckpt.dir}: backbone ${id}: ${err instanceof Error ? err.message : String(err)}`);
     });
-    return backbonePredictor(ckpt.model, bb, ds ? await datasetFeatures(ds, bb, { log: (l) => console.error(l) }) : undefined);
+    const features = ds ? await datasetFeatures(ds, bb, { log: (l) => console.error(l) }) : undefined;
+    return backbonePredictor(ckpt.model, bb, features);
   })();
   ready.catch(() => {}); // reported when the predictor is called, not as an unhandled rejection
   return async (images, indices) => (await ready)(images, indices);

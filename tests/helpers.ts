@@ -24,9 +24,13 @@ export function tempDir(prefix = "arv-"): string {
 export function sliceOf(set: "waste3" | "trashnet6" | "sample", perClass: number, classes?: string[]): string {
   const src = set === "sample" ? SAMPLE_DIR : join(DATASETS, set);
   const dest = tempDir(`arv-${set}-`);
-  for (const cls of classes ?? readdirSync(src, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name)) {
+  const classFolders = () =>
+    readdirSync(src, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name);
+  for (const cls of classes ?? classFolders()) {
     mkdirSync(join(dest, cls), { recursive: true });
-    for (const f of readdirSync(join(src, cls)).sort().slice(0, perClass)) cpSync(join(src, cls, f), join(dest, cls, f));
+    for (const f of readdirSync(join(src, cls)).sort().slice(0, perClass)) {
+      cpSync(join(src, cls, f), join(dest, cls, f));
+    }
   }
   return dest;
 }
@@ -35,6 +39,8 @@ export const BUN = process.execPath;
 
 /** Run a project script with its own cache; returns exit code and the combined output. */
 export function runScript(args: string[], env: Record<string, string>, cwd = ROOT): { code: number; out: string } {
-  const r = Bun.spawnSync([BUN, ...args], { cwd, env: { ...process.env, AR_BACKEND: "wasm", ...env }, stdout: "pipe", stderr: "pipe" });
+  const r = Bun.spawnSync([BUN, ...args], {
+    cwd, env: { ...process.env, AR_BACKEND: "wasm", ...env }, stdout: "pipe", stderr: "pipe",
+  });
   return { code: r.exitCode ?? -1, out: r.stdout.toString() + r.stderr.toString() };
 }

@@ -19,9 +19,13 @@ let cache = "";
 let ckpt = "";
 
 /** Run predict.ts; stdin bytes optional. */
-function predict(args: string[], opts: { cwd?: string; stdin?: Uint8Array } = {}): { code: number; stdout: string; stderr: string } {
+function predict(
+  args: string[],
+  opts: { cwd?: string; stdin?: Uint8Array } = {},
+): { code: number; stdout: string; stderr: string } {
   const r = Bun.spawnSync([BUN, join(ROOT, "predict.ts"), ...args], {
-    cwd: opts.cwd ?? ROOT, env: { ...process.env, AR_BACKEND: "wasm" }, stdin: opts.stdin ?? "ignore", stdout: "pipe", stderr: "pipe",
+    cwd: opts.cwd ?? ROOT, env: { ...process.env, AR_BACKEND: "wasm" }, stdin: opts.stdin ?? "ignore",
+    stdout: "pipe", stderr: "pipe",
   });
   return { code: r.exitCode ?? -1, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
 }
@@ -132,7 +136,10 @@ describe("predict.ts on real photos", () => {
     const missing = join(dir, "missing.jpg");
     const bad: [string, RegExp][] = [
       [missing, /no such file or directory/],
-      [truncated, /not a readable image: truncated JPEG: the file ends before its end-of-image marker \(2000 bytes; libvips: /],
+      [
+        truncated,
+        /not a readable image: truncated JPEG: the file ends before its end-of-image marker \(2000 bytes; libvips: /,
+      ],
       [join(dir, "empty.png"), /empty file/],
       [join(dir, "notes.jpg"), /not a readable image: .*unsupported image format/],
       [join(dir, "no-images"), /holds no image files/],
@@ -165,16 +172,34 @@ describe("predict.ts on real photos", () => {
       f(m);
       writeFileSync(join(dir, "meta.json"), JSON.stringify(m));
     };
+    const truncateWeights = (d: string) =>
+      writeFileSync(join(d, "weights.bin"), readFileSync(join(d, "weights.bin")).subarray(0, 100));
     const cases: [string, string, RegExp][] = [
       ["missing folder", join(tempDir(), "nope"), /no such checkpoint folder/],
-      ["truncated weights", variant((d) => writeFileSync(join(d, "weights.bin"), readFileSync(join(d, "weights.bin")).subarray(0, 100))), /weights\.bin: .*(corrupted or truncated)/],
+      ["truncated weights", variant(truncateWeights), /weights\.bin: .*(corrupted or truncated)/],
       ["no weights", variant((d) => rmSync(join(d, "weights.bin"))), /weights\.bin: weights file missing/],
-      ["garbage meta.json", variant((d) => writeFileSync(join(d, "meta.json"), "{not json")), /meta\.json: not valid JSON/],
+      [
+        "garbage meta.json",
+        variant((d) => writeFileSync(join(d, "meta.json"), "{not json")),
+        /meta\.json: not valid JSON/,
+      ],
       ["no meta.json", variant((d) => rmSync(join(d, "meta.json"))), /meta\.json missing/],
       ["unknown task", variant(editMeta((m) => { m.task = "birds"; })), /not a checkpoint meta file: task/],
-      ["other image size", variant(editMeta((m) => { m.imageSize = 32; })), /incompatible checkpoint: the model takes input \[null,64,64,3\] but meta.json says 32x32x3/],
-      ["other class count", variant(editMeta((m) => { m.classes = ["a", "b", "c", "d"]; })), /incompatible checkpoint: the model outputs 3 class probabilities for 4 classes/],
-      ["other preprocessing", variant(editMeta((m) => { m.preprocessing = "pillow-bilinear-v0"; })), /incompatible checkpoint: trained on images preprocessed as "pillow-bilinear-v0"/],
+      [
+        "other image size",
+        variant(editMeta((m) => { m.imageSize = 32; })),
+        /incompatible checkpoint: the model takes input \[null,64,64,3\] but meta.json says 32x32x3/,
+      ],
+      [
+        "other class count",
+        variant(editMeta((m) => { m.classes = ["a", "b", "c", "d"]; })),
+        /incompatible checkpoint: the model outputs 3 class probabilities for 4 classes/,
+      ],
+      [
+        "other preprocessing",
+        variant(editMeta((m) => { m.preprocessing = "pillow-bilinear-v0"; })),
+        /incompatible checkpoint: trained on images preprocessed as "pillow-bilinear-v0"/,
+      ],
     ];
     for (const [what, dir, why] of cases) {
       const r = predict([image, "--model", dir]);
@@ -196,19 +221,25 @@ describe("predict.ts on real photos", () => {
     cpSync(ckpt, join(repo, "checkpoints", "latest"), { recursive: true });
     const latest = predict([image], { cwd: repo });
     expect(latest.code).toBe(0);
-    expect(latest.stderr).toContain("model: checkpoints/latest (the last train.ts run: branch exp/night-1 has no checkpoints/best-exp_night-1 yet)");
+    expect(latest.stderr).toContain(
+      "model: checkpoints/latest (the last train.ts run: branch exp/night-1 has no checkpoints/best-exp_night-1 yet)",
+    );
     cpSync(ckpt, join(repo, "checkpoints", "best-exp_night-1"), { recursive: true });
     const best = predict([image], { cwd: repo });
     expect(best.code).toBe(0);
     expect(best.stderr).toContain("model: checkpoints/best-exp_night-1 (the best kept model of branch exp/night-1)");
   }, SLOW);
 
-  test("preprocessing is prepare.ts's: cached pixels = decodeToRgb(file), predict's tensor = imageBatch's, byte for byte", async () => {
+  const byteForByte = "preprocessing is prepare.ts's: cached pixels = decodeToRgb(file), "
+    + "predict's tensor = imageBatch's, byte for byte";
+  test(byteForByte, async () => {
     await initBackend({ prefer: "wasm" });
     const ds: Dataset = await loadCache(undefined, cache);
     const px = ds.imageSize * ds.imageSize * 3;
     // One item of each class, train and val alike.
-    const picks = ds.manifest.classes.map((_, c) => ds.manifest.items.findIndex((it) => it.label === c)).filter((i) => i >= 0);
+    const picks = ds.manifest.classes
+      .map((_, c) => ds.manifest.items.findIndex((it) => it.label === c))
+      .filter((i) => i >= 0);
     expect(picks.length).toBe(3);
     for (const i of picks) {
       const file = join(src, ds.manifest.items[i]!.path);
@@ -221,7 +252,8 @@ describe("predict.ts on real photos", () => {
       const theirs = imageBatch(ds, [i]);
       expect(ours.shape).toEqual(theirs.shape);
       const a = ours.dataSync() as Float32Array, b = theirs.dataSync() as Float32Array;
-      expect(Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength))).toBe(true);
+      const bytesOf = (f: Float32Array) => Buffer.from(f.buffer, f.byteOffset, f.byteLength);
+      expect(bytesOf(a).equals(bytesOf(b))).toBe(true);
       ours.dispose();
       theirs.dispose();
     }

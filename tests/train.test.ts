@@ -11,7 +11,7 @@ import { initBackend } from "../lib/backend.ts";
 import { loadCheckpoint, predictorFor, readMeta } from "../lib/checkpoint.ts";
 import { HpDump } from "../lib/proposer.ts";
 import { checkHp, hpSpace, parseOverrides } from "../lib/run.ts";
-import { BUN, HAVE_DATASETS, ROOT, runScript, sliceOf, tempDir } from "./helpers.ts";
+import { BUN, ROOT, runScript, tempDir } from "./helpers.ts";
 
 /** A run of train.ts or predict.ts with start-up, a short budget, evaluation and a checkpoint. */
 const SLOW = 180_000;
@@ -27,7 +27,11 @@ describe("train.ts end to end", () => {
     expect(r.out).toContain("step 00001");
     expect(r.code).toBe(0);
     const footer = parseFooter(r.out);
-    for (const k of ["val_accuracy", "yield_mse", "combined_score", "training_seconds", "total_seconds", "peak_memory_mb", "num_steps", "num_params", "backend"]) {
+    const keys = [
+      "val_accuracy", "yield_mse", "combined_score", "training_seconds", "total_seconds", "peak_memory_mb",
+      "num_steps", "num_params", "backend",
+    ];
+    for (const k of keys) {
       expect(footer[k]).toBeDefined();
     }
     expect(footer.backend).toContain("wasm");
@@ -93,7 +97,9 @@ describe("train.ts end to end", () => {
     expect(r.code).toBe(0);
     const meta = await readMeta(ckpt);
     // Every fact of the data that the meta records is the manifest's, yieldSource included.
-    const shared = ["task", "classes", "positiveClass", "imageSize", "preprocessing", "synthetic", "yieldSource"] as const;
+    const shared = [
+      "task", "classes", "positiveClass", "imageSize", "preprocessing", "synthetic", "yieldSource",
+    ] as const;
     for (const k of shared) expect(meta[k]).toEqual(prepared.manifest[k]);
     expect(meta.hasYieldHead).toBe(true);
 

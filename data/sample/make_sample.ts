@@ -39,19 +39,27 @@ const LICENCES: Record<string, string> = {
 interface Stratum { cls: string; source: string; material?: string; quota: number | "all" }
 const STRATA: Stratum[] = [
   { cls: "ewaste", source: "ecoera", quota: 40 },
-  ...["cardboard", "glass", "metal", "paper", "plastic"].map((material) => ({ cls: "recyclable", source: "trashnet", material, quota: 5 })),
+  ...["cardboard", "glass", "metal", "paper", "plastic"]
+    .map((material) => ({ cls: "recyclable", source: "trashnet", material, quota: 5 })),
   { cls: "recyclable", source: "ecoera", quota: 15 },
   { cls: "organic", source: "wastedetect", quota: "all" },
 ];
 
-const Row = type({ path: "string", class: type.enumerated(...WASTE_CLASSES), source: "string", sha256: /^[0-9a-f]{64}$/ });
+const Row = type({
+  path: "string",
+  class: type.enumerated(...WASTE_CLASSES),
+  source: "string",
+  sha256: /^[0-9a-f]{64}$/,
+});
 type Row = typeof Row.infer;
 
 /** waste3's manifest.tsv (path, class, source, sha256), each row validated. */
 function readManifest(file: string): Row[] {
   if (!existsSync(file)) throw new Error(`${file}: missing (point --from at a copy of waste3 with its manifest.tsv)`);
   const [header, ...lines] = readFileSync(file, "utf8").split(/\r?\n/).filter((l) => l !== "");
-  if (header !== "path\tclass\tsource\tsha256") throw new Error(`${file}: header is "${header}", expected path, class, source, sha256`);
+  if (header !== "path\tclass\tsource\tsha256") {
+    throw new Error(`${file}: header is "${header}", expected path, class, source, sha256`);
+  }
   return lines.map((line, i) => {
     const [path, cls, source, sha256] = line.split("\t");
     const row = Row({ path, class: cls, source, sha256 });
@@ -73,10 +81,17 @@ function rank(path: string): string {
 export function select(rows: Row[]): Row[] {
   const chosen: Row[] = [];
   for (const s of STRATA) {
-    const pool = rows.filter((r) => r.class === s.cls && r.source === s.source && (s.material === undefined || materialOf(r.path) === s.material));
+    const inStratum = (r: Row) => r.class === s.cls && r.source === s.source
+      && (s.material === undefined || materialOf(r.path) === s.material);
+    const pool = rows.filter(inStratum);
     const n = s.quota === "all" ? pool.length : s.quota;
-    if (pool.length < n) throw new Error(`waste3 has ${pool.length} ${s.cls}/${s.source}${s.material ? `/${s.material}` : ""} photos, the sample wants ${n}`);
-    const sorted = pool.map((r) => ({ r, key: rank(r.path) })).sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+    if (pool.length < n) {
+      const name = `${s.cls}/${s.source}${s.material ? `/${s.material}` : ""}`;
+      throw new Error(`waste3 has ${pool.length} ${name} photos, the sample wants ${n}`);
+    }
+    const sorted = pool
+      .map((r) => ({ r, key: rank(r.path) }))
+      .sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
     chosen.push(...sorted.slice(0, n).map((x) => x.r));
   }
   return chosen;
@@ -90,7 +105,9 @@ async function main(from: string): Promise<void> {
     await replaceDirAtomic(join(HERE, cls), async (tmp) => {
       for (const r of rows.filter((x) => x.class === cls).sort((a, b) => (a.path < b.path ? -1 : 1))) {
         const original = new Uint8Array(readFileSync(join(from, r.path)));
-        if (sha256Hex(original) !== r.sha256) throw new Error(`${join(from, r.path)}: sha256 differs from waste3's manifest.tsv`);
+        if (sha256Hex(original) !== r.sha256) {
+          throw new Error(`${join(from, r.path)}: sha256 differs from waste3's manifest.tsv`);
+        }
         const jpeg = await sharp(original)
           .rotate()
           .resize(MAX_SIDE, MAX_SIDE, { fit: "inside", withoutEnlargement: true })
@@ -99,7 +116,8 @@ async function main(from: string): Promise<void> {
         const name = basename(r.path).replace(/\.[^.]+$/, ".jpg");
         writeFileSync(join(tmp, name), jpeg);
         bytes += jpeg.length;
-        out.push([`${cls}/${name}`, cls, r.source, LICENCES[r.source] ?? "unknown", `waste3/${r.path}`, sha256Hex(jpeg)].join("\t"));
+        const licence = LICENCES[r.source] ?? "unknown";
+        out.push([`${cls}/${name}`, cls, r.source, licence, `waste3/${r.path}`, sha256Hex(jpeg)].join("\t"));
       }
     });
   }
