@@ -405,8 +405,9 @@ describe("--once (stub train.ts)", () => {
   const faults: [string, string, RegExp, Record<string, string>?][] = [
     ["throw", "an exception", /^mode throw \(crash: exit 1: error: boom in train\.ts\)$/],
     ["nan", "a NaN loss", /^mode nan \(crash: FAIL: loss is NaN at step 3\)$/],
-    ["hang", "a hang (killed at the deadline)", /^mode hang \(crash: timeout: killed after 3s\)$/,
-      { AR_TEST_ALLOWANCE_S: "2" }],
+    // The deadline leaves a busy machine time to start bun and tfjs before the stub says it hangs.
+    ["hang", "a hang (killed at the deadline)", /^mode hang \(crash: timeout: killed after 13s\)$/,
+      { AR_TEST_ALLOWANCE_S: "12" }],
     ["nofooter", "a missing footer", /^mode nofooter \(crash: no footer/],
     ["nockpt", "a missing checkpoint", /^mode nockpt \(crash: no checkpoint/],
     ["tamper", "a train.ts that changes prepare.ts (reverted)",
@@ -428,7 +429,7 @@ describe("--once (stub train.ts)", () => {
       expect(clean(dir)).toBe("");
       expect(readFileSync(join(dir, "prepare.ts"), "utf8")).toBe(prepareBytes);
       if (mode === "hang") {
-        expect(performance.now() - t0).toBeLessThan(20_000);
+        expect(performance.now() - t0).toBeLessThan(45_000);
         // train.ts and its own child (the whole process group) are gone.
         const logPath = join(dir, ".autoresearch", "logs", `${state(dir).current!.n}-${candidate}.log`);
         const log = readFileSync(logPath, "utf8");
