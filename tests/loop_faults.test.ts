@@ -27,7 +27,7 @@ let CACHE = "";
 beforeAll(async () => {
   CACHE = await prepareCache();
 }, E2E_MS);
-afterAll(removeTemps);
+afterAll(removeTemps, E2E_MS); // many temp repositories: seconds on a busy machine
 
 // ---------------------------------------------------------------------------
 // --resume rolls back only what the loop wrote

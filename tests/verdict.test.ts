@@ -35,7 +35,7 @@ beforeAll(async () => {
   fixture.cache = await syntheticCache("waste");
   SCREENING = await syntheticCache("screening");
 }, E2E_MS);
-afterAll(removeTemps);
+afterAll(removeTemps, E2E_MS); // many temp repositories: seconds on a busy machine
 
 // ---------------------------------------------------------------------------
 // Fixtures
