@@ -55,13 +55,17 @@ export async function keepModel(latest: string, dir: string): Promise<KeptModel>
 }
 
 /**
- * Put the kept model back from the loop's copy. Returns null when done, else why not (the copy
- * is missing or changed too).
+ * Put the kept model back from the loop's copy (a run changed it) and say so. Returns null when
+ * done, else why the loop cannot go on: the copy is missing or changed too.
  */
-export async function restoreModel(m: KeptModel): Promise<string | null> {
+export async function restoreModel(m: KeptModel, log: (line: string) => void): Promise<string | null> {
   const bad = await changedFiles(m.copy, m.files);
-  if (bad.length > 0) return `the loop's copy does not match either (${bad.join(", ")})`;
+  if (bad.length > 0) {
+    return `the best model ${m.dir}/ was changed and cannot be restored: the loop's copy does not match either `
+      + `(${bad.join(", ")})`;
+  }
   await replaceDirAtomic(m.dir, (tmp) => cpSync(m.copy, tmp, { recursive: true }));
+  log(`restored the best model ${m.dir}/ from the loop's copy in ${m.copy}/`);
   return null;
 }
 

@@ -25,6 +25,8 @@ export const SESSIONS_DIR = join(AR_DIR, "sessions");
 export const RESULTS_BACKUP = join(AR_DIR, "results.backup.tsv");
 /** Each experiment's full training output (<n>-<commit>.log), kept for crash reasons. */
 export const LOGS_DIR = join(AR_DIR, "logs");
+/** Where a resume moves the changes it did not make, one folder per resume. */
+export const SET_ASIDE_DIR = join(AR_DIR, "set-aside");
 
 // ---------------------------------------------------------------------------
 // Schema
@@ -40,6 +42,11 @@ const Phase = type(
   "'proposing' | 'committed' | 'training' | 'evaluating' | 'confirming' | 'logging' | 'logged' | 'decided'",
 );
 export type Phase = typeof Phase.infer;
+
+/** Phases before anything was measured: a resume or an abort rolls them back, with no row. */
+export function unmeasured(phase: Phase): boolean {
+  return phase === "proposing" || phase === "committed" || phase === "training";
+}
 
 export const HpValue = type("number | boolean | string");
 export type HpValue = typeof HpValue.infer;

@@ -18,11 +18,14 @@
  * (another seed re-rolls the noise, it improves nothing), keys the session's task never reads,
  * and keys the loop backed off from after a streak of crashes on them.
  */
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { type } from "arktype";
 import type { Task } from "../prepare.ts";
+import { EXIT, Stop } from "./exit.ts";
 import type { HpValue, Move, State, TriedMove } from "./journal.ts";
 import { oneLine } from "./results.ts";
-import { TRAIN } from "./worktree.ts";
+import { TRAIN, rev } from "./worktree.ts";
 
 /** What a proposer did to train.ts; a `failure` is logged as a crash without training. */
 export interface Proposal { description: string; move: Move | null; failure: string | null }
@@ -49,6 +52,37 @@ export function readHp(cwd: string, bun: string): HpDump | { error: string } {
   return { error: `\`bun train.ts --print-hp\` failed (${why}): ${need}` };
 }
 
+/**
+ * HP.seed of the commit checked out in `cwd`, null when train.ts has no whole-number seed: the
+ * literal in the HP block, or what `--print-hp` reports when it is not a plain literal (asked once
+ * per commit: `known` keeps the answers by commit).
+ */
+export function hpSeed(cwd: string, bun: string, known: Map<string, number | null>): number | null {
+  const isSeed = (v: unknown): v is number => typeof v === "number" && Number.isInteger(v);
+  try {
+    const lit = findLiteral(readFileSync(join(cwd, TRAIN), "utf8"), "seed");
+    if (lit && isSeed(lit.value)) return lit.value;
+  } catch { /* no HP block: ask train.ts */ }
+  const head = rev(cwd, "HEAD");
+  if (!known.has(head)) {
+    const dump = readHp(cwd, bun);
+    const seed = "error" in dump ? undefined : dump.HP.seed;
+    known.set(head, isSeed(seed) ? seed : null);
+  }
+  return known.get(head) ?? null;
+}
+
+/**
+ * The seed of a run `offset` seeds after HP's own (`base`), and the environment that sets it:
+ * offset 0 runs HP as train.ts has it; a train.ts without a seed runs as it is (its repeats differ
+ * only by timing).
+ */
+export function seedFor(base: number | null, offset: number): { seed: number | null; env: Record<string, string> } {
+  if (base === null) return { seed: null, env: {} };
+  const seed = base + offset;
+  return { seed, env: offset === 0 ? {} : { AR_HP: JSON.stringify({ seed }) } };
+}
+
 /** Keys a move of which changes the model's structure: a keep re-measures the noise floor. */
 export const STRUCTURE_AXES: readonly string[] = ["backbone"];
 
@@ -72,12 +106,13 @@ export function streakAxes(tried: readonly TriedMove[], streak: number): string[
   return [...new Set(axes)].sort();
 }
 
+/** What the search reads of the journal: the moves tried, the last kept one, the task, the axes backed off. */
+type SearchState = Pick<State, "tried" | "lastKeptMove" | "task" | "skipAxes"> & {
+  settings: Pick<State["settings"], "seed">;
+};
+
 /** The session's next single-axis move of the current best, and train.ts's source with it applied. */
-export function nextMove(
-  src: string, dump: HpDump,
-  st: Pick<State, "tried" | "lastKeptMove" | "task" | "skipAxes"> & { settings: Pick<State["settings"], "seed"> },
-  base: string,
-): { move: Move; src: string } | null {
+export function nextMove(src: string, dump: HpDump, st: SearchState, base: string): { move: Move; src: string } | null {
   const skip = new Set([...irrelevantAxes(st.task), ...st.skipAxes]);
   const editable = new Set([...editableKeys(src, dump.HP)].filter((k) => !skip.has(k)));
   const move = proposeMove({
@@ -85,6 +120,21 @@ export function nextMove(
     tried: st.tried, seed: st.settings.seed, lastKept: st.lastKeptMove,
   });
   return move ? { move, src: applyMove(src, move) } : null;
+}
+
+/**
+ * The built-in proposer's next change, written into train.ts in `cwd`: null when every value of
+ * HP_SPACE reachable from the current best (`base`) was measured. A train.ts that cannot print its
+ * HP pauses the loop: the search has nothing to move.
+ */
+export function proposeBuiltin(cwd: string, bun: string, st: SearchState, base: string): Proposal | null {
+  const dump = readHp(cwd, bun);
+  if ("error" in dump) throw new Stop(EXIT.paused, dump.error);
+  const path = join(cwd, TRAIN);
+  const next = nextMove(readFileSync(path, "utf8"), dump, st, base);
+  if (!next) return null;
+  writeFileSync(path, next.src);
+  return { description: describeMove(next.move), move: next.move, failure: null };
 }
 
 /**

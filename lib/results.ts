@@ -46,6 +46,21 @@ export function crashRow(task: Task, commit: string, description: string): Resul
   return { commit, metrics, memory_gb: 0, status: "crash", description: oneLine(description) };
 }
 
+/**
+ * The row of a measured experiment. A primary that is not a results.tsv column (balanced_bin_acc)
+ * is shown in the description, before the verdict's `note`.
+ */
+export function measuredRow(task: Task, primary: string, a: {
+  commit: string; description: string; note: string; metrics: Record<string, number>; memoryGb: number;
+  status: "keep" | "discard" | "baseline";
+}): ResultRow {
+  const shown = TASK_METRICS[task].columns.includes(primary) ? ""
+    : ` (${primary} ${(a.metrics[primary] ?? 0).toFixed(4)})`;
+  const description = oneLine(`${a.description}${shown}${a.note ? ` ${a.note}` : ""}`);
+  const memoryGb = Number(a.memoryGb.toFixed(3));
+  return { commit: a.commit, metrics: a.metrics, memory_gb: memoryGb, status: a.status, description };
+}
+
 /** A description as one line of at most `max` characters (whitespace folded). */
 export function oneLine(text: string, max = 200): string {
   const s = text.replace(/\s+/g, " ").trim();

@@ -1,29 +1,52 @@
 /**
  * A session: one autoresearch/<tag> branch, its journal (.autoresearch/state.json) and its
  * results.tsv. Starting a new one archives the previous session's files; resuming an older one
- * swaps its files back in. recordDecision is the journal's bookkeeping once a row is logged.
+ * swaps its files back in, and finds the repository as the session left it (or says what to do).
+ * recordDecision is the journal's bookkeeping once a row is logged; the rest are the lines the
+ * loop says about the session.
  */
-import { existsSync, mkdirSync, readdirSync, renameSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { basename, join } from "node:path";
 import { TASK_METRICS, TIME_BUDGET, trivialScore, type Task } from "../prepare.ts";
 import { writeAtomic } from "./atomic.ts";
+import { changedFiles, restoreModel } from "./best_model.ts";
+import { killGroup } from "./child.ts";
 import { EXIT, Stop } from "./exit.ts";
 import { currentBranch, git } from "./git.ts";
-import { cacheFingerprint } from "./dataset.ts";
-import { protectedHashes } from "./integrity.ts";
+import { cacheFiles, cacheFingerprint, parseManifest } from "./dataset.ts";
+import { protectedHashes, sameCache } from "./integrity.ts";
 import {
-  RESULTS_BACKUP, SESSIONS_DIR, STATE_FILE, readState, saveState, type Experiment, type Kind, type State,
+  RESULTS_BACKUP, SESSIONS_DIR, SET_ASIDE_DIR, STATE_FILE, acquireLock, pidAlive, readState, saveState,
+  type Experiment, type Kind, type MeasuredRun, type State,
 } from "./journal.ts";
 import { DEFAULTS, type Flags } from "./loop_flags.ts";
 import { STRUCTURE_AXES, describeMove, direction } from "./proposer.ts";
-import { RESULTS_FILE, countRows } from "./results.ts";
-import { checkPrimary, computeNoise, meanMetrics, signed } from "./verdict.ts";
-import { branchExists, dirtyPaths, readText, rev, shortOf } from "./worktree.ts";
+import { RESULTS_FILE, countRows, oneLine, type ResultRow } from "./results.ts";
+import { checkPrimary, computeNoise, loadWarning, meanMetrics, num, signed, trivialWarning } from "./verdict.ts";
+import {
+  branchExists, dirtyPaths, readText, repositoryProblem, rev, setAsideUnknown, shortOf,
+} from "./worktree.ts";
 
 type Log = (line: string) => void;
 
 /** The files that make up a session, relative to the repository. */
 const SESSION_FILES = [STATE_FILE, RESULTS_FILE, RESULTS_BACKUP];
+const SUMMARIZER = "summarize_results.ts";
+const SUMMARIZE_TIMEOUT_S = 120;
+
+/**
+ * Let the loop run in `root`: the top of a git repository that ignores `loopFiles`, and no other
+ * loop running there. Returns the release of the lock.
+ */
+export function claimRepository(root: string, loopFiles: string[], log: Log): () => void {
+  const unfit = repositoryProblem(root, loopFiles);
+  if (unfit !== null) throw new Stop(EXIT.refused, unfit);
+  try {
+    return acquireLock(root, log);
+  } catch (err) {
+    throw new Stop(EXIT.refused, err instanceof Error ? err.message : String(err));
+  }
+}
 
 interface OpenArgs {
   root: string;
@@ -106,6 +129,62 @@ async function startSession(a: OpenArgs, branch: string): Promise<State> {
       + "counts (--baseline-runs 3 or more estimates it)");
   }
   return st;
+}
+
+/** How an agent following program.md makes the tree clean: the loop only measures commits. */
+export const COMMIT_FIRST = `commit your change to train.ts first (\`git commit -am "<what you tried>"\`)`;
+
+/** Refusal of a dirty tree (`dirty`, the first few shown) and what to do about it. */
+export function notClean(dirty: string[], what: string): Stop {
+  return new Stop(EXIT.refused, `the working tree is not clean (${dirty.slice(0, 5).join(", ")}): ${what}`);
+}
+
+/** A resumed session's branch checked out; a dirty tree is refused (the switch would carry its changes). */
+export function checkoutSession(root: string, st: State): void {
+  if (currentBranch(root) === st.branch) return;
+  const dirty = dirtyPaths(root);
+  if (dirty.length > 0) throw notClean(dirty, `cannot switch to ${st.branch}`);
+  git(["checkout", "-q", st.branch], { cwd: root });
+}
+
+/**
+ * What a killed loop leaves besides its journal: git's index lock (a git command killed with it;
+ * no other loop can hold it, the loop's own lock says so), an orphaned child still writing, and
+ * changes the loop did not make (set aside, see setAsideUnknown).
+ */
+export async function cleanUpAfterKill(root: string, cur: Experiment, log: Log): Promise<void> {
+  rmSync(join(root, ".git", "index.lock"), { force: true });
+  if (cur.trainPid !== null && pidAlive(cur.trainPid)) {
+    killGroup(cur.trainPid); // the orphaned train.ts would overwrite the next run's checkpoint
+    for (let i = 0; i < 50 && pidAlive(cur.trainPid); i++) await Bun.sleep(100);
+    log(`resume: killed the orphaned train.ts (pid ${cur.trainPid})`);
+  }
+  const stamp = new Date().toISOString().replace(/[:.]/g, "-");
+  const commits = [cur.base, ...(cur.candidate ? [cur.candidate] : [])];
+  setAsideUnknown(root, commits, join(SET_ASIDE_DIR, `${stamp}-exp${cur.n}`), log);
+}
+
+/**
+ * A resumed session once its interrupted experiment is dealt with: the kept model as it was kept
+ * (restored from the loop's copy if it changed), nothing uncommitted (`dirtyAdvice` says what to do
+ * about it), and the prepared data the session measured on. Throws what to do otherwise.
+ */
+export async function checkResumed(root: string, st: State, a: {
+  cacheRoot: string; dirtyAdvice: string; log: Log;
+}): Promise<void> {
+  const m = st.bestModel;
+  const changed = m ? await changedFiles(m.dir, m.files) : [];
+  if (m && changed.length > 0) {
+    a.log(`resume: the best model ${m.dir}/ changed since it was kept (${changed.join(", ")})`);
+    const why = await restoreModel(m, a.log);
+    if (why !== null) throw new Stop(EXIT.paused, why);
+  }
+  const dirty = dirtyPaths(root);
+  if (dirty.length > 0) throw notClean(dirty, a.dirtyAdvice);
+  if (!sameCache(await cacheFingerprint(a.cacheRoot), st.cache)) {
+    throw new Stop(EXIT.paused, `the prepared data is not the session's (${st.cache.dir}): re-run \`bun prepare.ts\` `
+      + "with the session's source, or start a new session");
+  }
 }
 
 /** The default session name: today, e.g. nov23. */
@@ -224,6 +303,101 @@ function meanIps(values: readonly (number | null)[]): number | null {
 /** Mean throughput of every run of the best's code: what a run's throughput is shown against. */
 export function bestImagesPerSecond(st: State): number | null {
   return st.best ? meanIps(st.runs.filter((r) => r.commit === st.best!.short).map((r) => r.imagesPerSecond)) : null;
+}
+
+/**
+ * One measured run of the current experiment in a line: the primary, the positive class's recall,
+ * the throughput (against the best's, for a candidate), the seed.
+ */
+export function runLine(st: State, label: string, run: MeasuredRun): string {
+  const parts = [`${st.primary} ${(run.metrics[st.primary] ?? 0).toFixed(6)}`];
+  if (run.metrics.sensitivity !== undefined) parts.push(`sensitivity ${run.metrics.sensitivity.toFixed(4)}`);
+  if (run.imagesPerSecond !== null) {
+    const ref = bestImagesPerSecond(st);
+    const ratio = ref ? run.imagesPerSecond / ref : null;
+    const vs = ratio !== null && st.current?.kind === "experiment" ? ` (${ratio.toFixed(2)}× the best's)` : "";
+    parts.push(`${run.imagesPerSecond.toFixed(1)} img/s${vs}`);
+  }
+  if (run.seed !== null) parts.push(`seed ${run.seed}`);
+  return `#${st.current!.n} ${label}: ${parts.join(" · ")}`;
+}
+
+/** The logged verdict of the current experiment: status, primary (and the best's, if not kept), description. */
+export function decisionLine(st: State, row: ResultRow): string {
+  const isCrash = row.status === "crash";
+  const p = row.metrics[st.primary] ?? 0;
+  const vs = st.best && row.status !== "keep" && !isCrash ? ` (best ${num(st.best.metrics[st.primary] ?? 0)})` : "";
+  return `#${st.current!.n} ${row.status.toUpperCase()} ${st.primary} ${isCrash ? "-" : p.toFixed(6)}${vs} | `
+    + row.description;
+}
+
+/** Where a resumed session stands: its rows, its best and its noise floor. */
+export function resumedLine(st: State, rows: number): string {
+  const best = st.best
+    ? `${st.primary} ${(st.best.metrics[st.primary] ?? 0).toFixed(6)} (${st.best.short})`
+    : "none yet";
+  const noise = st.noise ? `, noise floor ${num(st.noise.floor)}` : "";
+  return `resumed ${st.branch}: ${rows} rows, best ${best}${noise}`;
+}
+
+/** The loop's status line: the experiment, the clock, the best so far, and what is happening. */
+export function statusLine(st: State, clock: string, what: string): string {
+  const best = st.best
+    ? `best ${st.primary} ${(st.best.metrics[st.primary] ?? 0).toFixed(6)} (#${st.best.n} ${st.best.short})`
+    : "no best yet";
+  return `#${st.current?.n ?? st.nextN} | ${clock} | ${best} | ${what}`;
+}
+
+/**
+ * What the loop says once the baseline repeats are in: the noise floor, repeats slowed by load, and
+ * a baseline that scores no better than a constant answer.
+ */
+export function baselineReport(st: State): string[] {
+  if (!st.noise) return [];
+  const floor = `noise floor: ${st.primary} mean ${num(st.noise.mean)}, σ ${num(st.noise.sigma)} over `
+    + `${st.noise.runs.length} run(s); a keep needs more than +${num(st.noise.floor)} over the mean`;
+  const load = loadWarning(st.runs.filter((r) => r.kind === "baseline"), "baseline");
+  const trivial = st.trivial && st.baseline && trivialWarning({
+    primary: st.primary, baseline: st.baseline.metrics[st.primary] ?? 0, trivial: st.trivial.value,
+    floor: st.noise.floor, positive: positiveClass(st), prevalence: st.baseline.metrics.prevalence,
+  });
+  return [floor, load, trivial].filter((l): l is string => typeof l === "string" && l !== "");
+}
+
+/** What the loop says once a kept structure change's repeats are in: its noise floor, and repeats slowed by load. */
+export function rebaselineReport(st: State): string[] {
+  const rb = st.rebaseline;
+  if (!rb || rb.done !== rb.wanted || !st.noise) return [];
+  const floor = `noise floor of the new structure: ${st.primary} mean ${num(st.noise.mean)}, σ ${num(st.noise.sigma)} `
+    + `over ${st.noise.runs.length} runs; a keep needs more than +${num(st.noise.floor)}`;
+  const load = loadWarning(st.runs.filter((r) => r.commit === st.best?.short), "re-baseline");
+  return load ? [floor, load] : [floor];
+}
+
+/**
+ * `bun summarize_results.ts` in `root` after a row is logged: null when it ran, else a line for the
+ * person: why it did not finish, or (`missing`) that this repository has none.
+ */
+export function summarize(root: string, bun: string): { line: string; missing: boolean } | null {
+  if (!existsSync(join(root, SUMMARIZER))) {
+    return { line: `note: no ${SUMMARIZER} in this repository: skipping the summary`, missing: true };
+  }
+  const r = Bun.spawnSync([bun, SUMMARIZER], {
+    cwd: root, stdout: "pipe", stderr: "pipe", timeout: SUMMARIZE_TIMEOUT_S * 1000,
+  });
+  if (r.exitCode === 0) return null;
+  const last = (r.stderr.toString() + r.stdout.toString()).trim().split("\n").at(-1) ?? "";
+  const line = `warning: ${SUMMARIZER} failed (exit ${r.exitCode ?? "killed"}): ${oneLine(last, 160)}`;
+  return { line, missing: false };
+}
+
+/** The screened class of the session's dataset (null: not screening, or the manifest is unreadable). */
+export function positiveClass(st: State): string | null {
+  try {
+    return parseManifest(readFileSync(cacheFiles(st.cache.dir).manifest, "utf8"), st.cache.dir).positiveClass;
+  } catch {
+    return null;
+  }
 }
 
 /**

@@ -5,11 +5,12 @@
  * train.ts prints is never trusted). None touches git or the journal: the loop decides what a
  * trial's outcome means.
  */
-import { existsSync } from "node:fs";
-import { join, resolve } from "node:path";
+import { closeSync, existsSync, mkdirSync, openSync, rmSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { type } from "arktype";
 import { TASK_METRICS, Task, parseFooter } from "../prepare.ts";
 import { runChild, type ChildHooks, type Ran } from "./child.ts";
+import { readHp } from "./proposer.ts";
 import { oneLine } from "./results.ts";
 
 /** How long `prepare.ts evaluate` may take: one forward pass over the validation split. */
@@ -71,7 +72,7 @@ interface TrainOptions extends ChildHooks {
 }
 
 /** `bun train.ts` for one budget, live, and whether it produced a footer and a checkpoint. */
-export async function trainOnce(o: TrainOptions): Promise<{
+async function trainOnce(o: TrainOptions): Promise<{
   ran: Ran; ok: boolean; reason: string; imagesPerSecond: number | null;
 }> {
   const columns = TASK_METRICS[o.task].columns;
@@ -86,11 +87,52 @@ export async function trainOnce(o: TrainOptions): Promise<{
   return { ran, ...verdict, imagesPerSecond: imagesPerSecond(ran.stdout) };
 }
 
+interface CandidateOptions extends Omit<TrainOptions, "logs"> {
+  /** The run's own log (written anew; summarize finds crash logs by commit) and run.log (appended to). */
+  logFile: string;
+  runLog: string;
+  /** `bun prepare.ts features`: its timeout, and the silence that counts as a stalled download. */
+  featuresTimeoutS: number;
+  featuresStallS: number;
+  /** What the status line calls this run (`abc1234: lr 0.003 -> 0.005 with seed 43`). */
+  label: string;
+  /** The loop's status line: what is about to run. */
+  announce: (what: string) => void;
+  onFeaturesSpawn: (pid: number) => void;
+  /** Runs once the features are ready, before train.ts starts; may throw to end the run there. */
+  afterFeatures: () => void;
+}
+
+/**
+ * One training run of a candidate: its backbone's features when it needs them, then `bun train.ts`
+ * into `checkpointDir`, emptied first (a stale model must not pass for this run's). `ran` is null
+ * when train.ts never started (the features failed: `reason`).
+ */
+export async function trainCandidate(o: CandidateOptions): Promise<{
+  ran: Ran | null; ok: boolean; reason: string; imagesPerSecond: number | null;
+}> {
+  rmSync(resolve(o.cwd, o.checkpointDir), { recursive: true, force: true });
+  mkdirSync(dirname(resolve(o.cwd, o.logFile)), { recursive: true });
+  const logs = [openSync(resolve(o.cwd, o.logFile), "w"), openSync(resolve(o.cwd, o.runLog), "a")];
+  try {
+    const failure = await backboneFeatures({
+      cwd: o.cwd, bun: o.bun, timeoutS: o.featuresTimeoutS, silenceS: o.featuresStallS, logs, log: o.log,
+      announce: o.announce, onSpawn: o.onFeaturesSpawn,
+    });
+    o.afterFeatures();
+    if (failure !== null) return { ran: null, ok: false, reason: `features: ${failure}`, imagesPerSecond: null };
+    o.announce(`training ${o.label} (budget ${o.budgetS}s, killed at ${o.deadlineS}s)`);
+    return await trainOnce({ ...o, logs });
+  } finally {
+    for (const fd of logs) closeSync(fd);
+  }
+}
+
 /**
  * `bun prepare.ts features`: download a frozen backbone and cache its features of every image, so
  * that train.ts finds them ready. Its own timeout, and a silence that counts as a stall.
  */
-export async function prepareFeatures(o: ChildHooks & {
+async function prepareFeatures(o: ChildHooks & {
   cwd: string; bun: string; backbone: string; size: number | null; timeoutS: number; silenceS: number;
 }): Promise<{ ok: boolean; reason: string; seconds: number }> {
   const size = o.size === null ? [] : ["--size", String(o.size)];
@@ -104,6 +146,28 @@ export async function prepareFeatures(o: ChildHooks & {
   const lines = ran.all.split("\n").map((l) => l.trim()).filter(Boolean);
   const err = lines.filter((l) => l.startsWith("error")).at(-1) ?? lines.at(-1) ?? `exit ${ran.code}`;
   return { ok: false, reason: oneLine(err, 160), seconds };
+}
+
+/**
+ * A frozen backbone's download and feature extraction are the harness's work, not the experiment's:
+ * when the candidate's HP names a backbone, `bun prepare.ts features` does them before train.ts
+ * starts, on its own timeout, and train.ts then finds the features cached. So train.ts has one
+ * fixed deadline, whatever it prints. Null when the candidate needs no backbone or its features are
+ * ready; else why they could not be made. `announce` hears what is about to run.
+ */
+async function backboneFeatures(o: ChildHooks & {
+  cwd: string; bun: string; timeoutS: number; silenceS: number; announce: (what: string) => void;
+}): Promise<string | null> {
+  const dump = readHp(o.cwd, o.bun);
+  // A train.ts that cannot print its HP fails on its own when it runs, and says why.
+  if ("error" in dump) return null;
+  const name = dump.HP.backbone;
+  if (typeof name !== "string" || name === "none") return null;
+  const size = typeof dump.HP.backboneSize === "number" ? dump.HP.backboneSize : null;
+  o.announce(`features of backbone ${name}${size === null ? "" : ` at ${size}px`}: \`bun prepare.ts features\` `
+    + `(killed after ${o.timeoutS}s, or after ${o.silenceS}s without output)`);
+  const r = await prepareFeatures({ ...o, backbone: name, size });
+  return r.ok ? null : r.reason;
 }
 
 const EvalJson = type({ task: Task, n: "number.integer >= 0", metrics: "Record<string, number>", primary: "string" });

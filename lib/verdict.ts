@@ -65,6 +65,11 @@ export function outranks(a: Metrics, b: Metrics, r: Ranking): boolean {
   return g1 > EQUAL || (g1 >= -EQUAL && gain(a, b, r.secondary, r.lowerIsBetter) > EQUAL);
 }
 
+/** Lines of train.ts's source: on equal metrics the keep rule prefers the shorter. */
+export function lineCount(text: string): number {
+  return text === "" ? 0 : text.split("\n").length - (text.endsWith("\n") ? 1 : 0);
+}
+
 interface KeepArgs extends Ranking {
   candidate: Record<string, number>;
   best: Record<string, number>;
@@ -115,6 +120,24 @@ export const LOAD_RATIO = 0.7;
 export function steadyRuns(imagesPerSecond: readonly (number | null)[]): boolean[] {
   const fastest = Math.max(0, ...imagesPerSecond.map((v) => v ?? 0));
   return imagesPerSecond.map((v) => v === null || fastest === 0 || v >= LOAD_RATIO * fastest);
+}
+
+/** Experiment number and throughput of one run. */
+interface RunSpeed { n: number; imagesPerSecond: number | null }
+
+/**
+ * Repeats of one code that trained much slower than the fastest of them ran on a busier machine:
+ * the warning that says so (null: none did). They stay in σ (a wider floor makes keeps rarer, not falser).
+ */
+export function loadWarning(runs: readonly RunSpeed[], what: string): string | null {
+  const steady = steadyRuns(runs.map((r) => r.imagesPerSecond));
+  const slow = runs.filter((_, i) => !steady[i]);
+  if (slow.length === 0) return null;
+  const fastest = Math.max(...runs.map((r) => r.imagesPerSecond ?? 0));
+  const shown = slow.map((r) => `#${r.n} (${(r.imagesPerSecond ?? 0).toFixed(1)} img/s)`).join(", ");
+  return `warning: ${what} run(s) ${shown} `
+    + `trained under ${LOAD_RATIO}× the fastest (${fastest.toFixed(1)} img/s): the machine was busier, and the noise `
+    + "floor includes that (fewer keeps, not false ones)";
 }
 
 /** One measured run of a candidate: its seed (null: unknown), metrics and throughput. */

@@ -8,6 +8,7 @@ import {
 } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { type } from "arktype";
+import { EXIT, Stop } from "./exit.ts";
 import { git, gitOk } from "./git.ts";
 import { oneLine } from "./results.ts";
 
@@ -29,6 +30,21 @@ export function parseRunMd(text: string | null): "True" | "False" | { error: str
     return { error: `${RUN_MD}: the first non-empty line must be exactly True or False, not "${shown}" (fail closed)` };
   }
   return v;
+}
+
+/**
+ * Whether run.md in `cwd` lets the loop go on: True yes; False no, said with how to go on (`again`:
+ * the command to run again, before a session exists; else `--resume`). Missing or garbage: refused.
+ */
+export function runMdSaysGo(cwd: string, log: (line: string) => void, again: string | null = null): boolean {
+  const v = parseRunMd(readText(join(cwd, RUN_MD)));
+  if (typeof v === "object") throw new Stop(EXIT.refused, v.error);
+  if (v === "False") {
+    log(again !== null
+      ? `${RUN_MD} says False: not starting a session. Set its first line to True and run \`${again}\` again.`
+      : `${RUN_MD} says False: stopping. Set its first line to True and run \`bun loop.ts --resume\` to continue.`);
+  }
+  return v === "True";
 }
 
 /**
@@ -112,7 +128,7 @@ export function readText(path: string): string | null {
  * Working-tree files whose content none of `commits` has at that path: changed tracked files and
  * untracked ones, symlinks always (deleted files are not listed: restoring one loses nothing).
  */
-export function unknownChanges(cwd: string, commits: string[]): string[] {
+function unknownChanges(cwd: string, commits: string[]): string[] {
   const list = (args: string[]) => git(args, { cwd }).split("\0").filter((p) => p !== "" && p !== RUN_MD);
   const paths = [...new Set([
     ...list(["diff", "--name-only", "-z", "--no-renames", "HEAD"]),
@@ -132,8 +148,31 @@ export function unknownChanges(cwd: string, commits: string[]): string[] {
   return paths.filter((p) => !blobs.has(p) || !known.has(`${p}\0${blobs.get(p)}`));
 }
 
+/**
+ * What a resume may roll back is what the loop wrote: an experiment's `commits` (its base, and
+ * train.ts at its candidate). Anything else in the tree (a file changed or added while the loop was
+ * down, or by the killed train.ts: the loop cannot tell which) is moved to `dest`, never deleted,
+ * and `log` says where. A normal run is different: there every change but train.ts is the
+ * experiment's, and it is reverted (lib/integrity.ts).
+ */
+export function setAsideUnknown(cwd: string, commits: string[], dest: string, log: (line: string) => void): void {
+  const head = rev(cwd, "HEAD");
+  if (!commits.includes(head)) {
+    const short = shortOf(cwd, head);
+    log(`resume: HEAD was at ${short} (not this experiment's commit): the rollback leaves it in \`git reflog\`; `
+      + `\`git branch <name> ${short}\` keeps it`);
+  }
+  const paths = unknownChanges(cwd, commits);
+  if (paths.length === 0) return;
+  moveAside(cwd, paths, resolve(cwd, dest));
+  const shown = `${paths.slice(0, 5).join(", ")}${paths.length > 5 ? ` and ${paths.length - 5} more` : ""}`;
+  const verb = paths.length === 1 ? "differs" : "differ";
+  log(`resume: ${shown} ${verb} from what the loop committed (changed while it was stopped, or by the interrupted `
+    + `run): moved to ${dest}/, nothing deleted; copy back what is yours`);
+}
+
 /** Move `paths` (relative to `cwd`) into `dest`, keeping their relative paths. */
-export function moveAside(cwd: string, paths: string[], dest: string): void {
+function moveAside(cwd: string, paths: string[], dest: string): void {
   for (const p of paths) {
     mkdirSync(dirname(join(dest, p)), { recursive: true });
     renameSync(join(cwd, p), join(dest, p));
