@@ -398,6 +398,23 @@ function runningBest(runs: RunSummary[], rule: BestRule) {
 }
 
 /**
+ * A session that keeps on a metric results.tsv has no column for (balanced_bin_acc) has the loop
+ * write it into each row's description as `(<metric> <value>)`, the value its decision used: read
+ * it back into the rows' metrics (a crash scores 0, as in every column), so they rank by it.
+ */
+function withSessionPrimary(parsed: ParsedResults, st: Journal | null): ParsedResults {
+  const m = st?.primary;
+  if (!m || parsed.rows.every((row) => m in row.metrics)) return parsed;
+  const at = new RegExp(`\\(${m.replace(/[^\w]/g, "\\$&")} (-?[\\d.]+(?:e-?\\d+)?)\\)`);
+  const rows = parsed.rows.map((row) => {
+    const v = at.exec(row.description)?.[1];
+    const value = v !== undefined ? Number(v) : row.status === "crash" ? 0 : undefined;
+    return value === undefined ? row : { ...row, metrics: { ...row.metrics, [m]: value } };
+  });
+  return { ...parsed, rows };
+}
+
+/**
  * The session's primary (the journal's) when results.tsv has it as a column, else the task's
  * default, with a note: a session may decide on a metric that only the journal records.
  */
@@ -559,6 +576,7 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
   const task = parsed.task;
   const st = opts.state ?? null;
   const data = opts.data ?? UNKNOWN_DATA;
+  parsed = withSessionPrimary(parsed, st);
   const { ranking, note: primaryNote } = rankingFor(task, st, parsed);
   const primary = ranking?.primary ?? null;
   const secondary = ranking?.secondary ?? null;
@@ -648,10 +666,15 @@ export async function summarize(parsed: ParsedResults, opts: SummarizeOptions): 
   // The journal's best carries every metric the loop measured, the row only results.tsv's columns.
   const bestMetrics = best ? { ...(journal.row ? st?.best?.metrics : {}), ...best.metrics } : null;
   const trivial = trivialCheck(st?.trivial ?? null, bestMetrics, primary, noiseFloor);
+  const baselineTrivial = trivialCheck(st?.trivial ?? null, st?.baseline?.metrics ?? null, primary, noiseFloor);
+  const atTrivial = baselineTrivial?.withinNoise && !trivial?.withinNoise ? baselineTrivial : null;
   const warnings = [
     ...(data.synthetic ? ["SYNTHETIC data: a plumbing test, not a measure of model quality"]
       : data.sample ? ["SAMPLE data: not a measure of model quality (the session trained on data/sample)"] : []),
     ...(trivial?.warning ? [trivial.warning] : []),
+    ...(atTrivial ? [`the baseline's ${atTrivial.compared} ${fmt(atTrivial.best)} was the trivial rate `
+      + `(${fmt(atTrivial.value)}, always the majority side or any constant answer): the untouched train.ts `
+      + "learned nothing a constant answer does not; every gain here is measured from that point"] : []),
   ];
 
   const summary: AnalysisSummary = {

@@ -392,7 +392,7 @@ export function summarize(root: string, bun: string): { line: string; missing: b
 }
 
 /** The screened class of the session's dataset (null: not screening, or the manifest is unreadable). */
-export function positiveClass(st: State): string | null {
+function positiveClass(st: State): string | null {
   try {
     return parseManifest(readFileSync(cacheFiles(st.cache.dir).manifest, "utf8"), st.cache.dir).positiveClass;
   } catch {

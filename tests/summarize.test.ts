@@ -452,6 +452,42 @@ describe("summarize", () => {
   }, SLOW_MS);
 });
 
+describe("a session that keeps on balanced_bin_acc (not a results.tsv column)", () => {
+  test("rows rank by the value the loop wrote in each description; a baseline at the trivial rate is a warning",
+    async () => {
+      const dir = tempDir();
+      const text = [
+        SCREEN_HEADER,
+        srow("aaaaaaa", 0.929, 0.4, "keep", "baseline 1/3 (balanced_bin_acc 0.5000)"),
+        srow("aaaaaaa", 0.929, 0.41, "baseline", "baseline repeat 2/3 (balanced_bin_acc 0.5000)"),
+        srow("aaaaaaa", 0.929, 0.42, "baseline", "baseline repeat 3/3 (balanced_bin_acc 0.5000)"),
+        srow("bbbbbbb", 0.82, 0.45, "keep", "classWeight 0 -> 1 (balanced_bin_acc 0.7243) (confirmed over seeds 0,1: "
+          + "mean 0.7243, +0.224 > floor 0)"),
+        srow("ccccccc", 0.93, 0.44, "discard", "batchSize 32 -> 64 (balanced_bin_acc 0.5100)"),
+      ].join("\n") + "\n";
+      const st: Journal = {
+        ...screeningJournal(dir, { sample: false }),
+        primary: "balanced_bin_acc",
+        noise: { metric: "balanced_bin_acc", runs: [0.5, 0.5, 0.5], mean: 0.5, sigma: 0, sigmas: 2, floor: 0 },
+        baseline: { commit: "a".repeat(40), metrics: { bin_acc: 0.929, mc_acc: 0.41, balanced_bin_acc: 0.5 } },
+        best: {
+          n: 4, commit: "b".repeat(40), short: "bbbbbbb", trainLines: 100, description: "classWeight 0 -> 1",
+          metrics: { bin_acc: 0.82, mc_acc: 0.45, balanced_bin_acc: 0.7243 },
+        },
+        trivial: { metric: "balanced_bin_acc", value: 0.5 },
+      };
+      const s = await summaryOf(text, { state: st });
+      expect(s.primary).toBe("balanced_bin_acc");
+      expect(s.primaryNote).toBeNull();
+      expect(s.best).toMatchObject({ run: 4, primary: 0.7243 });
+      const md = renderMarkdown(s);
+      expect(md).toContain("**Best balanced_bin_acc: 0.7243** at run 4");
+      expect(s.warnings.join("\n")).toContain("the baseline's balanced_bin_acc 0.5000 was the trivial rate (0.5000");
+      // The best is far from the trivial rate: no warning about the best.
+      expect(s.warnings.join("\n")).not.toContain("the best balanced_bin_acc");
+    }, QUICK_MS);
+});
+
 const SCREEN_HEADER = "commit\tmc_acc\tbin_acc\tmemory_gb\tstatus\tdescription";
 /** One screening row in the screening seed's column order. */
 const srow = (commit: string, bin: number, mc: number, status: string, description: string) =>
