@@ -368,7 +368,8 @@ describe("confirmation (seeded train.ts, --once)", () => {
     expect(rows(dir)).toHaveLength(n + 1);
     const row = last(rows(dir));
     expect(row.status).toBe("discard");
-    const why = String.raw`not confirmed over seeds 0,1: mean 0\.3\d{3}, -0\.0\d+ <= floor [\d.e-]+; first run \+0\.0\d+`;
+    const why = String.raw`not confirmed over seeds 0,1: mean 0\.3\d{3}, -0\.0\d+ <= floor [\d.e-]+; `
+      + String.raw`first run \+0\.0\d+`;
     expect(row.description).toMatch(new RegExp(`^lucky \\(${why}\\)$`));
     // The row's numbers are the mean of the two runs: (10/23 + 5/23) / 2 accuracy.
     expect(row.metrics.val_accuracy).toBeCloseTo(7.5 / 23, 6);
