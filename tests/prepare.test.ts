@@ -39,7 +39,10 @@ describe("prepare on real images", () => {
       }
     }
     expect(lines.some((l) => l.includes("only 8 images"))).toBe(true);
-    expect(lines.some((l) => l.includes("caveat"))).toBe(true);
+    // A copy of the photos in a folder of one's own: the yields note, but not the waste3 caveat (that is
+    // about ../shared's waste3 and data/sample, not about a person's own photos).
+    expect(lines.some((l) => l.includes("caveat"))).toBe(false);
+    expect(lines.some((l) => l.includes("yields are ASSUMED"))).toBe(true);
     expect(lines.some((l) => /^split: train \d+ +val \d+ .* test \d+/.test(l))).toBe(true);
     expect(lines.some((l) => /95% interval of an accuracy, at worst: ±0\.\d{3} on \d+ val images/.test(l))).toBe(true);
     const ds = await loadCache(undefined, cache);
