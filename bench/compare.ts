@@ -4,7 +4,11 @@
  * background load, and the spread across rounds says how noisy it was). On demand:
  *
  *   bun bench/compare.ts [--models baseline,mobilenet] [--threads 1,2] [--rounds 6] [--block 5]
- *                        [--before] [--channels-last]
+ *                        [--before] [--channels-last] [--features 1,8] [--no-ceiling]
+ *
+ * The first line names the machine: CPU model, cores, the BLAS PyTorch runs on, PyTorch's version,
+ * the thread counts compared, and `two_copies=` (bench/ceiling.ts: one single-threaded SIMD loop
+ * alone vs two copies at once, the most any second thread can give here).
  *
  * For each model and thread count it starts one warm process per side and then, round after round,
  * asks each side in turn for `--block` steps:
@@ -13,11 +17,18 @@
  *   before  (with --before, threads 1 only) ours with the SIMD kernels and skipped input gradients off
  * and prints per side the median ms/step over all timed steps, and the ratio ours/PyTorch as
  * SPEED (images/s ours ÷ images/s PyTorch: 1.0 = parity, 0.5 = half as fast), the median of the
- * per-round ratios with their min..max.
+ * per-round ratios with their min..max. Every line ends with the per-thread speed-up of each side
+ * (`ours_2t_over_1t=`) once both thread counts of a model have run.
  *
- * PyTorch is Debian's python3-torch (1.13, CPU). If /usr/bin/python3 cannot import torch, this
- * runs `apt-get update` and `apt-get install -y python3-torch` (needs root; otherwise it says what
- * to run and compares nothing).
+ * --features 1,8 adds the frozen backbone's forward pass at those batch sizes, 224 px: our nsfwjs
+ * MobileNetV2 (bench/features.ts --serve) vs torchvision's MobileNetV2 (torch_peer.py --features),
+ * same protocol, reported as ms per image.
+ *
+ * PyTorch is Debian's python3-torch (1.13, CPU) on OpenBLAS: with Debian's default reference BLAS
+ * it is several times slower and a ratio against it means little. If /usr/bin/python3 cannot import
+ * torch and torchvision, or libblas.so.3 is not OpenBLAS, this runs `apt-get update` and
+ * `apt-get install -y python3-torch python3-torchvision libopenblas0-pthread` (needs root; otherwise
+ * it says what to run and compares nothing).
  */
 import { join, resolve } from "node:path";
 import { median } from "./train_step.ts";
@@ -32,39 +43,54 @@ interface Args {
   block: number;
   before: boolean;
   channelsLast: boolean;
+  /** Backbone forward batch sizes (empty: no backbone groups). */
+  features: number[];
+  ceiling: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
   const a: Args = {
     models: ["baseline", "mobilenet"], threads: [1, 2], rounds: 6, block: 5, before: false, channelsLast: false,
+    features: [], ceiling: true,
   };
   for (let i = 0; i < argv.length; i++) {
     const v = argv[i + 1] ?? "";
     switch (argv[i]) {
-      case "--models": a.models = v.split(",").filter(Boolean); i++; break;
+      case "--models": a.models = v.split(",").filter((m) => m !== "" && m !== "none"); i++; break;
       case "--threads": a.threads = v.split(",").map(Number).filter((n) => Number.isInteger(n) && n > 0); i++; break;
       case "--rounds": a.rounds = Math.max(1, Number(v)); i++; break;
       case "--block": a.block = Math.max(1, Number(v)); i++; break;
       case "--before": a.before = true; break;
       case "--channels-last": a.channelsLast = true; break;
+      case "--features": a.features = v.split(",").map(Number).filter((n) => Number.isInteger(n) && n > 0); i++; break;
+      case "--no-ceiling": a.ceiling = false; break;
       default: throw new Error(`unknown argument ${argv[i]}`);
     }
   }
   return a;
 }
 
+const run = (cmd: string[]) => Bun.spawnSync(cmd, { stdout: "pipe", stderr: "ignore" });
+
 function torchAvailable(): boolean {
-  return Bun.spawnSync([PYTHON, "-c", "import torch"], { stdout: "ignore", stderr: "ignore" }).exitCode === 0;
+  return run([PYTHON, "-c", "import torch, torchvision"]).exitCode === 0;
+}
+
+/** The library behind libblas.so.3 (Debian's alternatives), e.g. ".../openblas-pthread/libblas.so.3". */
+function systemBlas(): string {
+  const q = run(["update-alternatives", "--query", "libblas.so.3-x86_64-linux-gnu"]);
+  return /^Value: (.*)$/m.exec(q.stdout.toString())?.[1]?.trim() ?? "unknown";
 }
 
 function ensureTorch(): boolean {
-  if (torchAvailable()) return true;
+  if (torchAvailable() && systemBlas().includes("openblas")) return true;
+  const pkgs = ["python3-torch", "python3-torchvision", "libopenblas0-pthread"];
   if (process.getuid?.() !== 0) {
-    console.log("compare: PyTorch missing; run as root: apt-get update && apt-get install -y python3-torch");
-    return false;
+    console.log(`compare: PyTorch or OpenBLAS missing; run as root: apt-get update && apt-get install -y ${pkgs.join(" ")}`);
+    return torchAvailable();
   }
-  console.log("compare: installing Debian's python3-torch (apt-get update; apt-get install -y python3-torch) ...");
-  for (const cmd of [["apt-get", "update"], ["apt-get", "install", "-y", "python3-torch"]]) {
+  console.log(`compare: installing ${pkgs.join(" ")} (apt-get update; apt-get install -y ...) ...`);
+  for (const cmd of [["apt-get", "update"], ["apt-get", "install", "-y", ...pkgs]]) {
     const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
     const r = Bun.spawnSync(cmd, { stdout: "ignore", stderr: "pipe", env });
     if (r.exitCode !== 0) {
@@ -73,6 +99,22 @@ function ensureTorch(): boolean {
     }
   }
   return torchAvailable();
+}
+
+/** CPU model name and logical core count, from /proc/cpuinfo. */
+function cpuModel(): string {
+  const info = run(["cat", "/proc/cpuinfo"]).stdout.toString();
+  const name = /^model name\s*:\s*(.*)$/m.exec(info)?.[1]?.trim() ?? "unknown CPU";
+  const flags = /^flags\s*:\s*(.*)$/m.exec(info)?.[1]?.split(" ") ?? [];
+  const simd = flags.includes("avx512f") ? "AVX-512" : flags.includes("avx2") ? "AVX2" : "no AVX2";
+  return `"${name}" (${simd}) cores=${navigator.hardwareConcurrency}`;
+}
+
+/** PyTorch's version and the BLAS its build says it uses (Debian's: "generic" = libblas.so.3). */
+function torchFacts(): string {
+  const py = "import torch,re; print(torch.__version__, re.search(r'BLAS_INFO=(\\w+)', torch.__config__.show()).group(1))";
+  const [version, blasInfo] = run([PYTHON, "-c", py]).stdout.toString().trim().split(" ");
+  return `torch=${version ?? "missing"} torch_blas_info=${blasInfo ?? "?"}`;
 }
 
 /** A warm benchmark process speaking "run K" -> "ms t1 .. tK". */
@@ -133,62 +175,129 @@ class Side {
 
 const fmt = (x: number, d = 1) => x.toFixed(d);
 
-async function compareGroup(model: string, threads: number, a: Args, withTorch: boolean): Promise<void> {
-  const trainStep = [process.execPath, join("bench", "train_step.ts")];
-  const specRun = Bun.spawnSync([...trainStep, "--spec-json", "--models", model], { cwd: ROOT });
-  const specJson = specRun.stdout.toString().trim();
-  const spec = JSON.parse(specJson) as { batch: number };
-  const ours = (before: boolean) => new Side(
-    before ? "before" : "ours",
-    [...trainStep, "--serve", "--models", model, "--backends", "wasm", ...(before ? ["--before"] : [])],
-    { ...process.env, AR_WASM_THREADS: String(threads) },
-  );
-  const sides: Side[] = [ours(false)];
-  if (withTorch) {
-    const peer = [PYTHON, join("bench", "torch_peer.py"), "--spec", specJson, "--threads", String(threads), "--serve"];
-    sides.push(new Side("torch", [...peer, ...(a.channelsLast ? ["--channels-last"] : [])], { ...process.env }));
-  }
-  if (a.before && threads === 1) sides.push(ours(true));
+/** Side b's ms per step over side a's, round by round: "median (rounds min..max)"; > 1 = a is faster. */
+function speedRatio(a: Side, b: Side): string {
+  const perRound = a.blockMedians.map((m, i) => b.blockMedians[i]! / m);
+  return `${fmt(median(perRound), 2)} (rounds ${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)})`;
+}
+
+/**
+ * Times the sides round-robin (the first side of each round rotates, so none always follows the same
+ * neighbour) and returns them; every process is started first and told to quit at the end.
+ */
+async function interleave(sides: Side[], a: Args): Promise<Side[]> {
   try {
     await Promise.all(sides.map((s) => s.ready()));
     for (let r = 0; r < a.rounds; r++) {
-      // Rotate who goes first, so no side always follows the same neighbour.
       for (let i = 0; i < sides.length; i++) await sides[(i + r) % sides.length]!.run(a.block);
     }
   } finally {
     await Promise.all(sides.map((s) => s.quit().catch(() => {})));
   }
-  const our = sides[0]!;
+  return sides;
+}
+
+/**
+ * One model (or backbone batch), every thread count, both sides, all in one interleaved set of rounds:
+ * the per-thread-count lines (ours vs PyTorch) and the 1 -> N thread scaling of each side come from the
+ * same rounds. `perStep` images per timed step.
+ */
+function report(kind: string, what: string, sides: Side[], threads: number[], perStep: number): void {
   const ms = (s: Side) => median(s.samples);
-  const imagesPerS = (s: Side) => fmt((spec.batch * 1000) / ms(s));
-  const parts = sides.map((s) => `${s.name}_ms=${fmt(ms(s))} ${s.name}_images_per_s=${imagesPerS(s)}`);
-  let line = `compare model=${model} threads=${threads} ${parts.join(" ")}`;
-  /** Their ms per step over ours, round by round: median, then the range in brackets. */
-  const ratio = (other: Side) => {
-    const perRound = our.blockMedians.map((m, i) => other.blockMedians[i]! / m);
-    return [fmt(median(perRound), 2), `(rounds ${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)})`];
-  };
-  const torch = sides.find((s) => s.name === "torch");
-  if (torch != null) {
-    const [mid, range] = ratio(torch);
-    line += ` ratio_ours_over_torch=${mid} ${range}`;
+  const find = (name: string, t: number) => sides.find((s) => s.name === `${name}@${t}`);
+  for (const t of threads) {
+    const our = find("ours", t)!;
+    const mine = sides.filter((s) => s.name.endsWith(`@${t}`));
+    const parts = mine.map((s) => {
+      const n = s.name.split("@")[0];
+      return `${n}_ms=${fmt(ms(s))} ${n}_images_per_s=${fmt((perStep * 1000) / ms(s))}` +
+        (perStep > 1 && kind === "features" ? ` ${n}_ms_per_image=${fmt(ms(s) / perStep)}` : "");
+    });
+    let line = `${kind} ${what} threads=${t} ${parts.join(" ")}`;
+    const torch = find("torch", t);
+    if (torch != null) line += ` ratio_ours_over_torch=${speedRatio(our, torch)}`;
+    const before = find("before", t);
+    if (before != null) line += ` speedup_vs_before=${speedRatio(our, before)}`;
+    console.log(line);
   }
-  const before = sides.find((s) => s.name === "before");
-  if (before != null) {
-    const [mid, range] = ratio(before);
-    line += ` speedup_vs_before=${mid}x ${range}`;
+  const t1 = threads[0]!;
+  for (const t of threads.slice(1)) {
+    const scale = ["ours", "torch"].flatMap((n) => {
+      const [a, b] = [find(n, t1), find(n, t)];
+      return a == null || b == null ? [] : [`${n}_${t}t_over_${t1}t=${speedRatio(b, a)}`];
+    });
+    console.log(`  scaling ${what}: ${scale.join(" ")}`);
   }
-  console.log(line);
   const labels = sides.map((s) => `${s.name} = ${s.label}`).join("; ");
-  console.log(`  sides: ${labels}; ${a.rounds} rounds x ${a.block} steps each, ms per step median over all`);
+  console.log(`  sides: ${labels}; ms per step median over all`);
+}
+
+async function compareModel(model: string, a: Args, withTorch: boolean): Promise<void> {
+  const trainStep = [process.execPath, join("bench", "train_step.ts")];
+  const specRun = Bun.spawnSync([...trainStep, "--spec-json", "--models", model], { cwd: ROOT });
+  const specJson = specRun.stdout.toString().trim();
+  const spec = JSON.parse(specJson) as { batch: number };
+  const sides: Side[] = [];
+  for (const t of a.threads) {
+    const env = { ...process.env, AR_WASM_THREADS: String(t) };
+    sides.push(new Side(`ours@${t}`, [...trainStep, "--serve", "--models", model, "--backends", "wasm"], env));
+    if (withTorch) {
+      const peer = [PYTHON, join("bench", "torch_peer.py"), "--spec", specJson, "--threads", String(t), "--serve"];
+      sides.push(new Side(`torch@${t}`, [...peer, ...(a.channelsLast ? ["--channels-last"] : [])], { ...process.env }));
+    }
+    if (a.before && t === 1) {
+      const cmd = [...trainStep, "--serve", "--models", model, "--backends", "wasm", "--before"];
+      sides.push(new Side(`before@${t}`, cmd, env));
+    }
+  }
+  report("compare", `model=${model}`, await interleave(sides, a), a.threads, spec.batch);
+  console.log(`  ${a.rounds} rounds x ${a.block} steps of batch ${spec.batch} per side`);
+}
+
+async function compareFeatures(batch: number, a: Args, withTorch: boolean): Promise<void> {
+  const sides: Side[] = [];
+  for (const t of a.threads) {
+    const env = { ...process.env, AR_WASM_THREADS: String(t) };
+    sides.push(new Side(`ours@${t}`, [process.execPath, join("bench", "features.ts"), "--serve", "--batch", String(batch)], env));
+    if (withTorch) {
+      const peer = [PYTHON, join("bench", "torch_peer.py"), "--features", String(batch), "--threads", String(t), "--serve"];
+      sides.push(new Side(`torch@${t}`, [...peer, ...(a.channelsLast ? ["--channels-last"] : [])], { ...process.env }));
+    }
+  }
+  report("features", `mobilenetv2_224 batch=${batch}`, await interleave(sides, a), a.threads, batch);
+  console.log(`  ${a.rounds} rounds x ${a.block} batches per side`);
+}
+
+/** bench/ceiling.ts alone vs two copies at once, interleaved: what a second core can give here. */
+async function twoCopies(a: Args): Promise<string> {
+  const cmd = [process.execPath, join("bench", "ceiling.ts")];
+  const [x, y] = [new Side("one", cmd, { ...process.env }), new Side("two", cmd, { ...process.env })];
+  const alone: number[] = [], both: number[] = [];
+  try {
+    await Promise.all([x.ready(), y.ready()]);
+    for (let r = 0; r < Math.max(3, a.rounds); r++) {
+      await x.run(20);
+      alone.push(x.blockMedians.at(-1)!);
+      await Promise.all([x.run(20), y.run(20)]);
+      both.push((x.blockMedians.at(-1)! + y.blockMedians.at(-1)!) / 2);
+    }
+  } finally {
+    await Promise.all([x.quit().catch(() => {}), y.quit().catch(() => {})]);
+  }
+  // Two copies' throughput over one's: 2 x (time alone / time each when both run).
+  const perRound = alone.map((m, i) => (2 * m) / both[i]!);
+  return `two_copies=${fmt(median(perRound), 2)}x (rounds ${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)})`;
 }
 
 async function main(): Promise<void> {
   const a = parseArgs(process.argv.slice(2));
   const withTorch = ensureTorch();
-  for (const model of a.models) {
-    for (const threads of a.threads) await compareGroup(model, threads, a, withTorch);
-  }
+  const ceiling = a.ceiling ? await twoCopies(a) : "two_copies=not measured";
+  const torch = withTorch ? torchFacts() : "torch=missing";
+  console.log(`machine cpu=${cpuModel()} blas=${systemBlas()} ${torch} threads=${a.threads.join(",")} ${ceiling} ` +
+    `bun=${Bun.version}`);
+  for (const model of a.models) await compareModel(model, a, withTorch);
+  for (const batch of a.features) await compareFeatures(batch, a, withTorch);
 }
 
 if (import.meta.main) await main();

@@ -14,6 +14,10 @@ batchnorm (eps 1e-3), relu, 2x2 max pool, depthwise convs as groups=channels, gl
 pool, dense + relu, a class head (cross-entropy) and a 1-unit regression head (MSE), summed, Adam.
 Tensors are NCHW (PyTorch's default layout, what a user gets) unless --channels-last.
 
+--features B times torchvision's MobileNetV2 (random weights, eval mode, no_grad) instead: the
+forward pass of B images at --size (224) up to the globally pooled 1280-d features, the peer of
+bench/features.ts (our nsfwjs MobileNetV2 backbone). Needs Debian's python3-torchvision.
+
 --serve speaks the line protocol of train_step.ts --serve on stdin/stdout:
 "run K" -> "ms t1 ... tK" (wall ms of each full step), "quit".
 """
@@ -83,22 +87,47 @@ def make_step(spec, channels_last):
     return step
 
 
+def make_features(batch, size, channels_last):
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2().eval()
+    x = torch.rand(batch, 3, size, size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.no_grad():
+            f = F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
+        return float(f[0, 0])
+
+    return step
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--spec", required=True, help="ModelSpec JSON (bun bench/train_step.ts --spec-json --models NAME)")
+    ap.add_argument("--features", type=int, default=0, help="batch size: time MobileNetV2 features instead")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--spec", default=None, help="ModelSpec JSON (bun bench/train_step.ts --spec-json --models NAME)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--serve", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     a = ap.parse_args()
-    spec = json.loads(a.spec)
+    if a.features <= 0 and a.spec is None:
+        ap.error("--spec is required (or --features B)")
     torch.set_num_threads(a.threads)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    step = make_step(spec, a.channels_last)
+    if a.features > 0:
+        step = make_features(a.features, a.size, a.channels_last)
+        spec = {"name": "mobilenet_v2_features", "batch": a.features, "size": a.size}
+    else:
+        spec = json.loads(a.spec)
+        step = make_step(spec, a.channels_last)
     for _ in range(1 + a.warmup):
         step()
     label = f"torch {torch.__version__} (threads: {torch.get_num_threads()}{', channels_last' if a.channels_last else ''})"
@@ -128,7 +157,8 @@ def main():
         ms.append((time.perf_counter() - t0) * 1000)
     ms.sort()
     med = ms[len(ms) // 2]
-    print(f"train_step model={spec['name']} backend=torch batch={spec['batch']} size={spec['size']} "
+    kind = "features" if a.features > 0 else "train_step"
+    print(f"{kind} model={spec['name']} backend=torch batch={spec['batch']} size={spec['size']} "
           f"ms_per_step={med:.1f} images_per_s={spec['batch'] * 1000 / med:.1f}  ({label}; ms min {ms[0]:.0f} max {ms[-1]:.0f})")
 
 

@@ -33,7 +33,7 @@
  * JSON key is (backbone, weights hash, input size, EXTRACTION version, dataset fingerprint): any
  * change recomputes.
  */
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { type } from "arktype";
@@ -41,7 +41,7 @@ import * as tf from "@tensorflow/tfjs";
 import { replaceDirAtomic, writeAtomic } from "./atomic.ts";
 import { CACHE_ROOT, imageBatch, type Dataset, type Predictor } from "./dataset.ts";
 import { fetchBytes, withRetry } from "./download.ts";
-import { decodeToRgb, mapPool, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./images.ts";
+import { decodeToRgb, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./images.ts";
 
 // ---------------------------------------------------------------------------
 // The registry
@@ -652,29 +652,39 @@ export async function datasetFeatures(
   // Smaller batches at large inputs: the wasm heap never shrinks, and training runs in this process after.
   const batch = o.batchSize ?? Math.max(8, Math.min(32, Math.round(32 * (128 / S) ** 2)));
   const rows = Array.from({ length: n }, (_, i) => i);
-  const decode = async (idx: number[]): Promise<tf.Tensor4D> => {
-    if (!fromFiles) return imageBatch(ds, idx);
-    const pixels = await mapPool(idx, 4, async (i) => {
-      const item = ds.manifest.items[i]!;
-      const file = join(ds.manifest.source, item.path);
-      let bytes: Uint8Array;
-      try { bytes = new Uint8Array(await readFile(file)); } catch {
-        throw new Error(`${file}: source image missing; features are computed from the original files ` +
-          "(re-run prepare.ts if the dataset moved)");
-      }
-      if (sha256Hex(bytes) !== item.sha256) {
-        throw new Error(`${file}: changed since prepare.ts cached it (sha256 differs); re-run prepare.ts`);
-      }
-      return decodeToRgb(bytes, S);
-    });
-    return tf.tensor4d(pixelsToFloat32(pixels, S), [idx.length, S, S, 3]);
+  /** One source file's bytes, checked against the sha256 prepare.ts recorded. */
+  const sourceBytes = (i: number): Uint8Array => {
+    const item = ds.manifest.items[i]!;
+    const file = join(ds.manifest.source, item.path);
+    let bytes: Uint8Array;
+    try { bytes = new Uint8Array(readFileSync(file)); } catch {
+      throw new Error(`${file}: source image missing; features are computed from the original files ` +
+        "(re-run prepare.ts if the dataset moved)");
+    }
+    if (sha256Hex(bytes) !== item.sha256) {
+      throw new Error(`${file}: changed since prepare.ts cached it (sha256 differs); re-run prepare.ts`);
+    }
+    return bytes;
+  };
+  // The files are read here and every decode of the batch handed to sharp at once: its threads then
+  // decode the whole batch while the backbone's synchronous forward pass holds this thread (a promise
+  // pool would start its next decode only when the forward pass yields).
+  const decode = (idx: number[]): Promise<tf.Tensor4D> => {
+    if (!fromFiles) return Promise.resolve(imageBatch(ds, idx));
+    const jobs = idx.map((i) => decodeToRgb(sourceBytes(i), S));
+    return Promise.all(jobs).then((px) => tf.tensor4d(pixelsToFloat32(px, S), [idx.length, S, S, 3]));
+  };
+  /** The next batch's decode, started now; a failure is reported where it is awaited. */
+  const prefetch = (idx: number[]): Promise<tf.Tensor4D> => {
+    const p = decode(idx);
+    p.catch(() => {});
+    return p;
   };
   let lastLog = performance.now();
-  // Decode the next batch (sharp, on its own threads) while the backbone runs on this one.
-  let next = decode(rows.slice(0, batch));
+  let next = prefetch(rows.slice(0, batch));
   for (let start = 0; start < n; start += batch) {
     const x = await next;
-    if (start + batch < n) next = decode(rows.slice(start + batch, start + 2 * batch));
+    if (start + batch < n) next = prefetch(rows.slice(start + batch, start + 2 * batch));
     const f = bb.features(x);
     x.dispose();
     data.set(await f.data() as Float32Array, start * bb.featureDim);

@@ -494,13 +494,16 @@ function simdFor(backend: unknown, ...infos: (tf.TensorInfo | undefined)[]): Sim
 const sizeOf = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);
 
 /**
- * Parts to split a kernel call into: one per thread, but only for calls with
- * at least ~0.1 ms of work (`work` ~ elements touched, or multiply-adds / 8);
- * below that, waking a helper thread costs more than it saves.
+ * Parts to split a kernel call into: a few per thread, claimed by whichever thread is free (pool.ts),
+ * so a helper that starts late costs only its last part; but only for calls with at least ~0.1 ms of
+ * work (`work` ~ elements touched, or multiply-adds / 8): below that, waking a helper thread costs
+ * more than it saves.
  */
 function partsFor(s: { threads: number; forced?: boolean }, work: number): number {
-  return s.forced === true || work >= 1 << 18 ? s.threads : 1;
+  if (s.forced === true) return s.threads;
+  return s.threads > 1 && work >= 1 << 18 ? s.threads * PARTS_PER_THREAD : 1;
 }
+const PARTS_PER_THREAD = 4;
 
 /** Byte offset of a tensor in the wasm heap. */
 function at(b: WasmBackendLike, t: tf.TensorInfo): number {

@@ -1,85 +1,80 @@
 /**
  * Runs the parts of a SIMD kernel call on several threads.
  *
- * With tfjs-wasm's threaded build the heap is a SharedArrayBuffer, so helper
- * Workers can instantiate the same kernels module on the same memory. Each
- * helper has a small shared control block (pool_layout.ts) and sleeps in
- * Atomics.wait; the main thread writes a part's arguments, bumps SEQ and
- * notifies, runs part 0 itself, then waits for every helper's DONE. A
- * round trip is small next to the kernels it splits (partsFor in
- * lib/wasm_kernels.ts keeps small calls on one thread).
+ * With tfjs-wasm's threaded build the heap is a SharedArrayBuffer, so helper Workers can instantiate
+ * the same kernels module on the same memory. The main thread writes every part's arguments into
+ * one shared control block (pool_layout.ts), wakes the helpers, and then every thread, itself
+ * included, claims parts with one atomic increment until none is left; it returns when all are
+ * finished. Parts are claimed, not assigned: a helper that wakes late (a busy machine, a vCPU that
+ * shares its core) leaves its parts to whoever is free, so a call never waits for one slow thread.
+ * partsFor in lib/wasm_kernels.ts keeps small calls on one thread.
  *
- * Helpers start asynchronously: until one reports READY its parts run on the
- * main thread, which gives the same result (kernels.c: any split computes
- * every element identically), just later. A helper that fails to start is
- * never used; one that fails a part makes the call throw.
+ * Helpers start asynchronously: until one is ready the main thread claims every part, which gives
+ * the same result (kernels.c: any split computes every element identically), just later. A helper
+ * that fails to start is never counted; a part that fails on a helper makes the call throw.
  */
-import { CTRL, FN_NAMES, type FnName } from "./pool_layout.ts";
-
-interface Helper {
-  ctrl: Int32Array;
-  args: Float64Array;
-  seq: number;
-  worker: Worker;
-}
+import { CLOSED, CTRL, FN_NAMES, type FnName } from "./pool_layout.ts";
 
 const WAIT_LIMIT_MS = 60_000;
 
 export class SimdPool {
-  private helpers: Helper[] = [];
+  private ctrl: Int32Array;
+  private args: Float64Array;
+  private helpers = 0;
 
   constructor(memory: WebAssembly.Memory, bytes: Uint8Array, helpers: number) {
+    const sab = new SharedArrayBuffer(CTRL.ARGS_BYTE + 8 * CTRL.MAX_ARGS * CTRL.MAX_PARTS);
+    this.ctrl = new Int32Array(sab);
+    this.args = new Float64Array(sab, CTRL.ARGS_BYTE);
+    Atomics.store(this.ctrl, CTRL.NEXT, CLOSED);
     for (let i = 0; i < helpers; i++) {
       try {
-        const sab = new SharedArrayBuffer(CTRL.ARGS_BYTE + 8 * CTRL.MAX_ARGS);
         const worker = new Worker(new URL("./worker.ts", import.meta.url).href);
         (worker as Worker & { unref?: () => void }).unref?.(); // helpers never keep the process alive
         worker.postMessage({ memory, bytes, ctrl: sab });
-        this.helpers.push({ ctrl: new Int32Array(sab), args: new Float64Array(sab, CTRL.ARGS_BYTE), seq: 0, worker });
+        this.helpers++;
       } catch {
-        break; // fewer helpers: parts run on the main thread
+        break; // fewer helpers: more parts for the others
       }
     }
   }
 
-  /** Threads a call is split across (main + helpers), counting helpers still starting. */
+  /** Threads a call can be split across: this one and every helper that has started. */
   get threads(): number {
-    return 1 + this.helpers.filter((h) => Atomics.load(h.ctrl, CTRL.READY) >= 0).length;
+    return 1 + Math.min(this.helpers, Atomics.load(this.ctrl, CTRL.READY));
   }
 
-  /** Runs fn(...parts[i]) for every part, part 0 on this thread; returns when all are done. */
+  /** Runs fn(...parts[i]) for every part; returns when all are done. */
   run(fn: FnName, parts: number[][], local: (...a: number[]) => void): void {
-    const dispatched: Helper[] = [];
-    const leftovers: number[][] = [];
-    for (let i = 1; i < parts.length; i++) {
-      const h = this.helpers[i - 1];
-      if (h == null || Atomics.load(h.ctrl, CTRL.READY) !== 1 || parts[i]!.length > CTRL.MAX_ARGS) {
-        leftovers.push(parts[i]!);
-        continue;
-      }
-      const a = parts[i]!;
-      for (let k = 0; k < a.length; k++) h.args[k] = a[k]!;
-      h.ctrl[CTRL.NARGS] = a.length;
-      h.ctrl[CTRL.FN] = FN_NAMES.indexOf(fn);
-      h.seq += 1;
-      Atomics.store(h.ctrl, CTRL.SEQ, h.seq);
-      Atomics.notify(h.ctrl, CTRL.SEQ);
-      dispatched.push(h);
+    const c = this.ctrl;
+    const n = parts.length;
+    const wide = parts.some((p) => p.length > CTRL.MAX_ARGS);
+    if (n > CTRL.MAX_PARTS || wide || Atomics.load(c, CTRL.READY) === 0) {
+      for (const p of parts) local(...p);
+      return;
     }
-    if (parts[0] != null) local(...parts[0]);
-    for (const a of leftovers) local(...a);
-    let failed = false;
-    for (const h of dispatched) {
-      const t0 = performance.now();
-      while (Atomics.load(h.ctrl, CTRL.DONE) !== h.seq) {
-        Atomics.wait(h.ctrl, CTRL.DONE, Atomics.load(h.ctrl, CTRL.DONE), 1000);
-        if (performance.now() - t0 > WAIT_LIMIT_MS) {
-          throw new Error(`wasm SIMD helper thread did not finish ${fn} in ${WAIT_LIMIT_MS / 1000} s`);
-        }
-      }
-      if (h.ctrl[CTRL.STATUS] !== 0) failed = true;
+    for (let i = 0; i < n; i++) this.args.set(parts[i]!, i * CTRL.MAX_ARGS);
+    c[CTRL.FN] = FN_NAMES.indexOf(fn);
+    c[CTRL.NARGS] = parts[0]!.length;
+    Atomics.store(c, CTRL.STATUS, 0);
+    Atomics.store(c, CTRL.FINISHED, 0);
+    Atomics.store(c, CTRL.COUNT, n);
+    Atomics.store(c, CTRL.NEXT, 0); // opens the call: everything above is visible to whoever claims a part
+    Atomics.add(c, CTRL.SEQ, 1);
+    Atomics.notify(c, CTRL.SEQ);
+    for (let i = Atomics.add(c, CTRL.NEXT, 1); i < n; i = Atomics.add(c, CTRL.NEXT, 1)) {
+      local(...parts[i]!);
+      Atomics.add(c, CTRL.FINISHED, 1);
     }
-    if (failed) throw new Error(`wasm SIMD kernel ${fn} failed on a helper thread`);
+    const t0 = performance.now();
+    for (let f = Atomics.load(c, CTRL.FINISHED); f < n; f = Atomics.load(c, CTRL.FINISHED)) {
+      Atomics.wait(c, CTRL.FINISHED, f, 1000);
+      if (performance.now() - t0 > WAIT_LIMIT_MS) {
+        throw new Error(`wasm SIMD helper thread did not finish ${fn} in ${WAIT_LIMIT_MS / 1000} s`);
+      }
+    }
+    Atomics.store(c, CTRL.NEXT, CLOSED);
+    if (Atomics.load(c, CTRL.STATUS) !== 0) throw new Error(`wasm SIMD kernel ${fn} failed on a helper thread`);
   }
 }
 

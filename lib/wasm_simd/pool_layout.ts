@@ -1,7 +1,18 @@
-/** Shared between pool.ts (main thread) and worker.ts (helpers): the control block of one helper. */
+/** Shared between pool.ts (main thread) and worker.ts (helpers): the pool's one control block. */
 
-/** Int32 slots of the control block; the kernel arguments follow as float64 from ARGS_BYTE. */
-export const CTRL = { SEQ: 0, DONE: 1, READY: 2, FN: 3, NARGS: 4, STATUS: 5, ARGS_BYTE: 64, MAX_ARGS: 32 } as const;
+/**
+ * Int32 slots of the control block. SEQ: bumped once per call (helpers wait on it); NEXT: the next
+ * unclaimed part (claimed with Atomics.add); COUNT: parts in this call; FINISHED: parts done; READY:
+ * helpers started; STATUS: non-zero when a part failed on a helper. The parts' arguments follow from
+ * ARGS_BYTE as float64, MAX_ARGS per part, MAX_PARTS parts.
+ */
+export const CTRL = {
+  SEQ: 0, NEXT: 1, COUNT: 2, FINISHED: 3, READY: 4, FN: 5, NARGS: 6, STATUS: 7,
+  ARGS_BYTE: 64, MAX_ARGS: 32, MAX_PARTS: 64,
+} as const;
+
+/** NEXT between calls: any claim fails until the next call resets it to 0. */
+export const CLOSED = 1 << 30;
 
 /** Kernels a helper can run, by index. */
 export const FN_NAMES = [

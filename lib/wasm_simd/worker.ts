@@ -1,10 +1,10 @@
 /**
- * A helper thread of lib/wasm_simd/pool.ts: instantiates the SIMD kernels on
- * tfjs-wasm's shared memory, then waits (Atomics.wait, no event loop, no
- * polling) for parts of kernel calls and runs them. See pool.ts for the
- * control block layout.
+ * A helper thread of lib/wasm_simd/pool.ts: instantiates the SIMD kernels on tfjs-wasm's shared
+ * memory, then sleeps (Atomics.wait, no event loop, no spinning: a spinning thread would slow the
+ * main thread wherever two vCPUs share a core) until a call starts, and claims its parts one at a
+ * time until none is left. See pool_layout.ts for the control block.
  */
-import { CTRL, FN_NAMES } from "./pool_layout.ts";
+import { CLOSED, CTRL, FN_NAMES } from "./pool_layout.ts";
 
 declare const self: Worker;
 
@@ -23,26 +23,26 @@ self.onmessage = (e: MessageEvent) => {
       return f as (...a: number[]) => void;
     });
   } catch {
-    Atomics.store(ctrl, CTRL.READY, -1);
-    return;
+    return; // never counted as ready: the main thread runs every part itself
   }
-  Atomics.store(ctrl, CTRL.READY, 1);
-  let seq = 0;
+  Atomics.add(ctrl, CTRL.READY, 1);
+  let seq = Atomics.load(ctrl, CTRL.SEQ);
   for (;;) {
     Atomics.wait(ctrl, CTRL.SEQ, seq);
     seq = Atomics.load(ctrl, CTRL.SEQ);
-    if (seq < 0) return;
-    let status = 0;
-    try {
-      const n = ctrl[CTRL.NARGS]!;
-      const a: number[] = [];
-      for (let i = 0; i < n; i++) a.push(args[i]!);
-      fns[ctrl[CTRL.FN]!]!(...a);
-    } catch {
-      status = 1;
+    for (;;) {
+      const i = Atomics.add(ctrl, CTRL.NEXT, 1);
+      if (i >= Atomics.load(ctrl, CTRL.COUNT) || i >= CLOSED) break;
+      try {
+        const n = ctrl[CTRL.NARGS]!;
+        const a: number[] = [];
+        for (let k = 0; k < n; k++) a.push(args[i * CTRL.MAX_ARGS + k]!);
+        fns[ctrl[CTRL.FN]!]!(...a);
+      } catch {
+        Atomics.store(ctrl, CTRL.STATUS, 1);
+      }
+      Atomics.add(ctrl, CTRL.FINISHED, 1);
+      Atomics.notify(ctrl, CTRL.FINISHED);
     }
-    ctrl[CTRL.STATUS] = status;
-    Atomics.store(ctrl, CTRL.DONE, seq);
-    Atomics.notify(ctrl, CTRL.DONE);
   }
 };
