@@ -609,6 +609,51 @@ function fusedBatchNorm(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   return out;
 }
 
+// Element-wise Add/Sub/Multiply and Relu without the thread pool: tfjs-wasm runs each through
+// XNNPACK on its pthreadpool, and in the threaded build every one of a step's ~250 such calls,
+// mostly tiny (Adam, batchnorm gradients), wakes the pool and waits for it: with two threads the
+// wake-ups ate the second core's gain. Same IEEE operation per element, so the same bits (tested).
+// Large calls are still split, by our pool (claimed parts, no waiting on a late thread).
+
+const BINARY_OPS = { Add: 0, Sub: 1, Multiply: 2 } as const;
+
+function binary(name: keyof typeof BINARY_OPS, args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const [a, b] = inputsOf(args, "a", "b");
+  const s = simdFor(args.backend, a, b);
+  if (s == null) return delegate(name, args);
+  const [na, nb] = [sizeOf(a.shape), sizeOf(b.shape)];
+  let out: number[];
+  try {
+    out = tf.backend_util.assertAndGetBroadcastShape(a.shape, b.shape);
+  } catch {
+    return delegate(name, args);
+  }
+  const n = sizeOf(out);
+  const c = out[out.length - 1] ?? 1;
+  /** A row of C values broadcast over every leading axis: [.., 1, C] against the output. */
+  const isRow = (shape: number[], size: number) => size === c && shape[shape.length - 1] === c && n % c === 0;
+  const mode = na === n && nb === n && a.shape.length === b.shape.length ? 0
+    : na === n && nb === 1 ? 1 : nb === n && na === 1 ? 2
+    : na === n && isRow(b.shape, nb) ? 3 : nb === n && isRow(a.shape, na) ? 4 : -1;
+  if (mode < 0 || n === 0) return delegate(name, args);
+  const result = s.b.makeOutput(out, "float32");
+  const unit = mode >= 3 ? c : 4;
+  s.run("binary_f32", splitRange(n, partsFor(s, n), unit).map(([i0, i1]) => [
+    BINARY_OPS[name], at(s.b, a), at(s.b, b), at(s.b, result), mode, c, i0, i1,
+  ]));
+  return result;
+}
+
+function relu(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const x = requireInput(args.inputs, "x");
+  const s = simdFor(args.backend, x);
+  const n = sizeOf(x.shape);
+  if (s == null || n === 0) return delegate("Relu", args);
+  const out = s.b.makeOutput([...x.shape], "float32");
+  s.run("relu_f32", splitRange(n, partsFor(s, n), 4).map(([i0, i1]) => [at(s.b, x), at(s.b, out), i0, i1]));
+  return out;
+}
+
 // Two helper kernels of our own, called from the gradients below.
 
 /** ArBroadcastRows: x [C] -> [...shape] with out[r, c] = x[c] / rows. */
@@ -745,6 +790,10 @@ const REPLACEMENTS: Record<string, tf.KernelFunc> = {
   Mean: (args) => reduceLeading("Mean", args),
   MaxPoolGrad: maxPoolGrad,
   FusedBatchNorm: fusedBatchNorm,
+  Add: (args) => binary("Add", args),
+  Sub: (args) => binary("Sub", args),
+  Multiply: (args) => binary("Multiply", args),
+  Relu: relu,
 };
 const ours = new Set<tf.KernelFunc>(Object.values(REPLACEMENTS));
 

@@ -267,6 +267,24 @@ describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's ow
       return tf.batchNorm(tf.tensor4d(seeded(n, 51), shape), m, v, undefined, undefined, 1e-5);
     }],
     ["Identity/Cast float32 (clone, cast)", () => tf.cast(tf.clone(tf.tensor4d(seeded(n, 53), shape)), "float32")],
+    ...(["add", "sub", "mul"] as const).flatMap((op): [string, () => tf.Tensor][] => {
+      const x = () => tf.tensor4d(seeded(n, 60), shape);
+      const row = (rank: number) => tf.tensor(seeded(20, 61), [...new Array<number>(rank - 1).fill(1), 20]);
+      return [
+        [`${op}: same shape`, () => tf[op](x(), tf.tensor4d(seeded(n, 62), shape))],
+        [`${op}: tensor and scalar`, () => tf[op](x(), tf.scalar(0.37))],
+        [`${op}: scalar and tensor`, () => tf[op](tf.scalar(-1.5), x())],
+        [`${op}: [N,H,W,C] and a [C] row`, () => tf[op](x(), row(1))],
+        [`${op}: a [1,1,1,C] row and [N,H,W,C]`, () => tf[op](row(4), x())],
+        [`${op}: odd length, odd row`, () => tf[op](tf.tensor2d(seeded(77, 63), [11, 7]), tf.tensor1d(seeded(7, 64)))],
+        [`${op}: [N,1] column (delegated)`, () => tf[op](tf.tensor2d(seeded(77, 65), [11, 7]), tf.ones([11, 1]))],
+      ];
+    }),
+    ["relu (with -0, +-Infinity, odd length)", () => {
+      const v = seeded(n - 1, 66);
+      v.set([-0, Infinity, -Infinity, 0], 0);
+      return tf.relu(tf.tensor1d(v));
+    }],
   ];
   for (const [name, f] of cases) {
     test(name, async () => {

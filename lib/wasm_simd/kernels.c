@@ -506,3 +506,79 @@ void depthwise_filter_grad(const float* x, const float* dy, float* dw, int B, in
     }
   }
 }
+
+/*
+ * Element-wise add (op 0), subtract (1) and multiply (2) of float32 tensors, one IEEE operation per
+ * element as tfjs-wasm's XNNPACK binary operators do (same bits), without their thread-pool
+ * round trip: most of a training step's ~200 binary ops are small, and each XNNPACK call wakes
+ * tfjs' pthreadpool. Modes: 0 same shape; 1 b is one value; 2 a is one value; 3 b is one row of C
+ * values repeated (out[i] = a[i] op b[i % C]); 4 a is that row. Part: elements [begin, end), whole
+ * rows of C in modes 3 and 4.
+ */
+#define BIN_LOOP(VOP, SOP)                                                              \
+  switch (mode) {                                                                       \
+    case 0: {                                                                           \
+      int i = begin;                                                                    \
+      for (; i + 4 <= end; i += 4)                                                      \
+        wasm_v128_store(out + i, VOP(wasm_v128_load(a + i), wasm_v128_load(b + i)));    \
+      for (; i < end; ++i) out[i] = a[i] SOP b[i];                                      \
+      break;                                                                            \
+    }                                                                                   \
+    case 1: {                                                                           \
+      const float s = b[0];                                                             \
+      const v128_t sv = wasm_f32x4_splat(s);                                            \
+      int i = begin;                                                                    \
+      for (; i + 4 <= end; i += 4) wasm_v128_store(out + i, VOP(wasm_v128_load(a + i), sv)); \
+      for (; i < end; ++i) out[i] = a[i] SOP s;                                         \
+      break;                                                                            \
+    }                                                                                   \
+    case 2: {                                                                           \
+      const float s = a[0];                                                             \
+      const v128_t sv = wasm_f32x4_splat(s);                                            \
+      int i = begin;                                                                    \
+      for (; i + 4 <= end; i += 4) wasm_v128_store(out + i, VOP(sv, wasm_v128_load(b + i))); \
+      for (; i < end; ++i) out[i] = s SOP b[i];                                         \
+      break;                                                                            \
+    }                                                                                   \
+    case 3:                                                                             \
+      for (int r = begin; r < end; r += C) {                                            \
+        int c = 0;                                                                      \
+        for (; c + 4 <= C; c += 4)                                                      \
+          wasm_v128_store(out + r + c, VOP(wasm_v128_load(a + r + c), wasm_v128_load(b + c))); \
+        for (; c < C; ++c) out[r + c] = a[r + c] SOP b[c];                              \
+      }                                                                                 \
+      break;                                                                            \
+    default:                                                                            \
+      for (int r = begin; r < end; r += C) {                                            \
+        int c = 0;                                                                      \
+        for (; c + 4 <= C; c += 4)                                                      \
+          wasm_v128_store(out + r + c, VOP(wasm_v128_load(a + c), wasm_v128_load(b + r + c))); \
+        for (; c < C; ++c) out[r + c] = a[c] SOP b[r + c];                              \
+      }                                                                                 \
+      break;                                                                            \
+  }
+
+EXPORT(binary_f32)
+void binary_f32(int op, const float* a, const float* b, float* out, int mode, int C, int begin, int end) {
+  if (op == 0) { BIN_LOOP(wasm_f32x4_add, +) }
+  else if (op == 1) { BIN_LOOP(wasm_f32x4_sub, -) }
+  else { BIN_LOOP(wasm_f32x4_mul, *) }
+}
+
+/*
+ * out = max(x, 0) for float32, like tfjs-wasm's Relu (an XNNPACK clamp) minus its thread-pool
+ * round trip. NaN stays NaN (x > 0 is false for NaN, so it is kept, as the clamp keeps it). Part:
+ * elements [begin, end).
+ */
+EXPORT(relu_f32)
+void relu_f32(const float* x, float* out, int begin, int end) {
+  const v128_t zero = wasm_f32x4_splat(0.0f);
+  int i = begin;
+  for (; i + 4 <= end; i += 4) {
+    const v128_t v = wasm_v128_load(x + i);
+    // keep v where v > 0 or v is NaN (v != v); else 0
+    const v128_t keep = wasm_v128_or(wasm_f32x4_gt(v, zero), wasm_f32x4_ne(v, v));
+    wasm_v128_store(out + i, wasm_v128_and(v, keep));
+  }
+  for (; i < end; ++i) out[i] = (x[i] > 0.0f || x[i] != x[i]) ? x[i] : 0.0f;
+}
