@@ -17,11 +17,11 @@
  * prepare.ts's evaluate().
  */
 import * as tf from "@tensorflow/tfjs";
-import { imageBatch, trainBatches } from "./prepare.ts";
+import { trainBatches } from "./prepare.ts";
 import { backendLabel } from "./lib/backend.ts";
 import { inputConvFilters, withoutInputGradients } from "./lib/wasm_kernels.ts";
 import { BACKBONE_NAMES, featureRows, type BackboneName } from "./lib/backbones.ts";
-import { flipAndShift } from "./lib/augment.ts";
+import { augmentedBatch } from "./lib/augment.ts";
 import { finishRun, hpSpace, startRun } from "./lib/run.ts";
 
 // ---------------------------------------------------------------------------
@@ -154,8 +154,8 @@ const rand = () => ((seed = (seed * 1664525 + 1013904223) >>> 0) / 2 ** 32);
 /** The training input of dataset rows `indices`: cached backbone features, or augmented pixels. */
 function batchInput(indices: Int32Array): tf.Tensor {
   if (features) return featureRows(features, indices);
-  // Flip and shift as one index map over the batch: no mirrorPad/reverse/slice kernels.
-  return flipAndShift(imageBatch(ds, indices), hp, rand);
+  // Flip and shift as one index map from the uint8 cache: no mirrorPad/reverse/slice kernels, no read-back.
+  return augmentedBatch(ds, indices, hp, rand);
 }
 
 // ---------------------------------------------------------------------------

@@ -86,7 +86,8 @@ function ensureTorch(): boolean {
   if (torchAvailable() && systemBlas().includes("openblas")) return true;
   const pkgs = ["python3-torch", "python3-torchvision", "libopenblas0-pthread"];
   if (process.getuid?.() !== 0) {
-    console.log(`compare: PyTorch or OpenBLAS missing; run as root: apt-get update && apt-get install -y ${pkgs.join(" ")}`);
+    const how = `apt-get update && apt-get install -y ${pkgs.join(" ")}`;
+    console.log(`compare: PyTorch or OpenBLAS missing; run as root: ${how}`);
     return torchAvailable();
   }
   console.log(`compare: installing ${pkgs.join(" ")} (apt-get update; apt-get install -y ...) ...`);
@@ -112,7 +113,8 @@ function cpuModel(): string {
 
 /** PyTorch's version and the BLAS its build says it uses (Debian's: "generic" = libblas.so.3). */
 function torchFacts(): string {
-  const py = "import torch,re; print(torch.__version__, re.search(r'BLAS_INFO=(\\w+)', torch.__config__.show()).group(1))";
+  const py = "import torch,re; " +
+    "print(torch.__version__, re.search(r'BLAS_INFO=(\\w+)', torch.__config__.show()).group(1))";
   const [version, blasInfo] = run([PYTHON, "-c", py]).stdout.toString().trim().split(" ");
   return `torch=${version ?? "missing"} torch_blas_info=${blasInfo ?? "?"}`;
 }
@@ -258,9 +260,11 @@ async function compareFeatures(batch: number, a: Args, withTorch: boolean): Prom
   const sides: Side[] = [];
   for (const t of a.threads) {
     const env = { ...process.env, AR_WASM_THREADS: String(t) };
-    sides.push(new Side(`ours@${t}`, [process.execPath, join("bench", "features.ts"), "--serve", "--batch", String(batch)], env));
+    const ours = [process.execPath, join("bench", "features.ts"), "--serve", "--batch", String(batch)];
+    sides.push(new Side(`ours@${t}`, ours, env));
     if (withTorch) {
-      const peer = [PYTHON, join("bench", "torch_peer.py"), "--features", String(batch), "--threads", String(t), "--serve"];
+      const peer = [PYTHON, join("bench", "torch_peer.py"), "--features", String(batch), "--threads", String(t)];
+      peer.push("--serve");
       sides.push(new Side(`torch@${t}`, [...peer, ...(a.channelsLast ? ["--channels-last"] : [])], { ...process.env }));
     }
   }
@@ -286,7 +290,8 @@ async function twoCopies(a: Args): Promise<string> {
   }
   // Two copies' throughput over one's: 2 x (time alone / time each when both run).
   const perRound = alone.map((m, i) => (2 * m) / both[i]!);
-  return `two_copies=${fmt(median(perRound), 2)}x (rounds ${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)})`;
+  const range = `${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)}`;
+  return `two_copies=${fmt(median(perRound), 2)}x (rounds ${range})`;
 }
 
 async function main(): Promise<void> {

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import * as tf from "@tensorflow/tfjs";
 import { backendLabel, initBackend, nodeBackendLabel, nodeDevice } from "../lib/backend.ts";
 import { evaluate, imageBatch, trainBatches, type Dataset, type Manifest } from "../prepare.ts";
-import { flipAndShift } from "../lib/augment.ts";
+import { augmentedBatch, flipAndShift } from "../lib/augment.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients,
 } from "../lib/wasm_kernels.ts";
@@ -631,6 +631,27 @@ describe("training-step pieces", () => {
     }
     x.dispose();
   }, SLOW);
+
+  test("augmentedBatch() from the uint8 cache equals flipAndShift(imageBatch()), bits and random draws", async () => {
+    await initBackend({ prefer: "wasm" });
+    const ds = tinyDataset();
+    const indices = Int32Array.from([5, 0, 3, 3, 7, 1]);
+    const settings = [
+      { flip: true, shift: 4 }, { flip: false, shift: 2 }, { flip: true, shift: 0 }, { flip: false, shift: 0 },
+    ];
+    for (const hp of settings) {
+      const mk = () => {
+        let st = 11;
+        return () => ((st = (Math.imul(st, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+      };
+      const r1 = mk(), r2 = mk();
+      const got = tf.tidy(() => augmentedBatch(ds, indices, hp, r1).dataSync() as Float32Array);
+      const ref = tf.tidy(() => flipAndShift(imageBatch(ds, indices), hp, r2).dataSync() as Float32Array);
+      expect(got.length).toBe(indices.length * ds.imageSize * ds.imageSize * 3);
+      expect(bits(got)).toEqual(bits(ref));
+      expect(r1()).toBe(r2());
+    }
+  });
 
   test("training steps of a baseline-shaped model (augmentation, batches, input-conv grads) leak nothing", async () => {
     await initBackend({ prefer: "wasm" });
