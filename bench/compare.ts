@@ -4,7 +4,7 @@
  * background load, and the spread across rounds says how noisy it was). On demand:
  *
  *   bun bench/compare.ts [--models baseline,mobilenet] [--threads 1,2] [--rounds 6] [--block 5]
- *                        [--before] [--channels-last] [--features 1,8] [--no-ceiling]
+ *                        [--before] [--channels-last] [--features 1,8] [--no-ceiling] [--vs DIR]
  *
  * The first line names the machine: CPU model, cores, the BLAS PyTorch runs on, PyTorch's version,
  * the thread counts compared, and `two_copies=` (bench/ceiling.ts: one single-threaded SIMD loop
@@ -20,6 +20,9 @@
  * per-round ratios with their min..max. Every line ends with the per-thread speed-up of each side
  * (`ours_2t_over_1t=`) once both thread counts of a model have run.
  *
+ * --vs DIR adds our sides run from another checkout of the project (e.g. `git worktree add DIR COMMIT`
+ * for the commit before a change), as `vs@N`, with `speedup_vs_other_checkout=` (ours ÷ theirs speed).
+ *
  * --features 1,8 adds the frozen backbone's forward pass at those batch sizes, 224 px: our nsfwjs
  * MobileNetV2 (bench/features.ts --serve) vs torchvision's MobileNetV2 (torch_peer.py --features),
  * same protocol, reported as ms per image.
@@ -30,6 +33,7 @@
  * `apt-get install -y python3-torch python3-torchvision libopenblas0-pthread` (needs root; otherwise
  * it says what to run and compares nothing).
  */
+import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { median } from "./train_step.ts";
 
@@ -46,6 +50,8 @@ interface Args {
   /** Backbone forward batch sizes (empty: no backbone groups). */
   features: number[];
   ceiling: boolean;
+  /** Another checkout of this project (e.g. the commit before a change): its sides run as "vs@N". */
+  vs?: string;
 }
 
 function parseArgs(argv: string[]): Args {
@@ -64,6 +70,7 @@ function parseArgs(argv: string[]): Args {
       case "--channels-last": a.channelsLast = true; break;
       case "--features": a.features = v.split(",").map(Number).filter((n) => Number.isInteger(n) && n > 0); i++; break;
       case "--no-ceiling": a.ceiling = false; break;
+      case "--vs": a.vs = resolve(v); i++; break;
       default: throw new Error(`unknown argument ${argv[i]}`);
     }
   }
@@ -127,8 +134,8 @@ class Side {
   samples: number[] = [];
   blockMedians: number[] = [];
 
-  constructor(readonly name: string, cmd: string[], env: Record<string, string | undefined>) {
-    this.proc = Bun.spawn(cmd, { cwd: ROOT, env, stdin: "pipe", stdout: "pipe", stderr: "inherit" });
+  constructor(readonly name: string, cmd: string[], env: Record<string, string | undefined>, cwd = ROOT) {
+    this.proc = Bun.spawn(cmd, { cwd, env, stdin: "pipe", stdout: "pipe", stderr: "inherit" });
     this.lines = Side.readLines(this.proc.stdout);
   }
 
@@ -220,11 +227,13 @@ function report(kind: string, what: string, sides: Side[], threads: number[], pe
     if (torch != null) line += ` ratio_ours_over_torch=${speedRatio(our, torch)}`;
     const before = find("before", t);
     if (before != null) line += ` speedup_vs_before=${speedRatio(our, before)}`;
+    const vs = find("vs", t);
+    if (vs != null) line += ` speedup_vs_other_checkout=${speedRatio(our, vs)}`;
     console.log(line);
   }
   const t1 = threads[0]!;
   for (const t of threads.slice(1)) {
-    const scale = ["ours", "torch"].flatMap((n) => {
+    const scale = ["ours", "torch", "vs"].flatMap((n) => {
       const [a, b] = [find(n, t1), find(n, t)];
       return a == null || b == null ? [] : [`${n}_${t}t_over_${t1}t=${speedRatio(b, a)}`];
     });
@@ -251,6 +260,7 @@ async function compareModel(model: string, a: Args, withTorch: boolean): Promise
       const cmd = [...trainStep, "--serve", "--models", model, "--backends", "wasm", "--before"];
       sides.push(new Side(`before@${t}`, cmd, env));
     }
+    if (a.vs != null) sides.push(new Side(`vs@${t}`, [...trainStep, "--serve", "--models", model], env, a.vs));
   }
   report("compare", `model=${model}`, await interleave(sides, a), a.threads, spec.batch);
   console.log(`  ${a.rounds} rounds x ${a.block} steps of batch ${spec.batch} per side`);
@@ -262,6 +272,10 @@ async function compareFeatures(batch: number, a: Args, withTorch: boolean): Prom
     const env = { ...process.env, AR_WASM_THREADS: String(t) };
     const ours = [process.execPath, join("bench", "features.ts"), "--serve", "--batch", String(batch)];
     sides.push(new Side(`ours@${t}`, ours, env));
+    // (a checkout without bench/features.ts has no such side)
+    if (a.vs != null && existsSync(join(a.vs, "bench", "features.ts"))) {
+      sides.push(new Side(`vs@${t}`, ours, env, a.vs));
+    }
     if (withTorch) {
       const peer = [PYTHON, join("bench", "torch_peer.py"), "--features", String(batch), "--threads", String(t)];
       peer.push("--serve");
