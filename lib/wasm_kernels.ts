@@ -609,7 +609,7 @@ function fusedBatchNorm(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   return out;
 }
 
-// Element-wise Add/Sub/Multiply and Relu without the thread pool: tfjs-wasm runs each through
+// Element-wise Add/Sub/Multiply, Square and Relu without the thread pool: tfjs-wasm runs each through
 // XNNPACK on its pthreadpool, and in the threaded build every one of a step's ~250 such calls,
 // mostly tiny (Adam, batchnorm gradients), wakes the pool and waits for it: with two threads the
 // wake-ups ate the second core's gain. Same IEEE operation per element, so the same bits (tested).
@@ -642,6 +642,19 @@ function binary(name: keyof typeof BINARY_OPS, args: KernelArgs): tf.TensorInfo 
     BINARY_OPS[name], at(s.b, a), at(s.b, b), at(s.b, result), mode, c, i0, i1,
   ]));
   return result;
+}
+
+/** Square as x * x: one IEEE multiply, what XNNPACK's square computes. */
+function square(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const x = requireInput(args.inputs, "x");
+  const s = simdFor(args.backend, x);
+  const n = sizeOf(x.shape);
+  if (s == null || n === 0) return delegate("Square", args);
+  const out = s.b.makeOutput([...x.shape], "float32");
+  s.run("binary_f32", splitRange(n, partsFor(s, n), 4).map(([i0, i1]) => [
+    BINARY_OPS.Multiply, at(s.b, x), at(s.b, x), at(s.b, out), 0, 1, i0, i1,
+  ]));
+  return out;
 }
 
 function relu(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
@@ -794,6 +807,7 @@ const REPLACEMENTS: Record<string, tf.KernelFunc> = {
   Sub: (args) => binary("Sub", args),
   Multiply: (args) => binary("Multiply", args),
   Relu: relu,
+  Square: square,
 };
 const ours = new Set<tf.KernelFunc>(Object.values(REPLACEMENTS));
 

@@ -280,6 +280,7 @@ describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's ow
         [`${op}: [N,1] column (delegated)`, () => tf[op](tf.tensor2d(seeded(77, 65), [11, 7]), tf.ones([11, 1]))],
       ];
     }),
+    ["square (odd length)", () => tf.square(tf.tensor1d(seeded(n - 3, 67)))],
     ["relu (with -0, +-Infinity, odd length)", () => {
       const v = seeded(n - 1, 66);
       v.set([-0, Infinity, -Infinity, 0], 0);
