@@ -609,13 +609,13 @@ function fusedBatchNorm(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   return out;
 }
 
-// Element-wise Add/Sub/Multiply, Square and Relu without the thread pool: tfjs-wasm runs each through
+// Element-wise Add/Sub/Multiply/RealDiv, Square, Sqrt and Relu without the thread pool: tfjs-wasm runs each through
 // XNNPACK on its pthreadpool, and in the threaded build every one of a step's ~250 such calls,
 // mostly tiny (Adam, batchnorm gradients), wakes the pool and waits for it: with two threads the
 // wake-ups ate the second core's gain. Same IEEE operation per element, so the same bits (tested).
 // Large calls are still split, by our pool (claimed parts, no waiting on a late thread).
 
-const BINARY_OPS = { Add: 0, Sub: 1, Multiply: 2 } as const;
+const BINARY_OPS = { Add: 0, Sub: 1, Multiply: 2, RealDiv: 3 } as const;
 
 function binary(name: keyof typeof BINARY_OPS, args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const [a, b] = inputsOf(args, "a", "b");
@@ -657,15 +657,17 @@ function square(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   return out;
 }
 
-function relu(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+/** Unary float32 kernels of kernels.c over the elements, split like the binary ones. */
+function unary(name: string, fn: "relu_f32" | "sqrt_f32", args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const x = requireInput(args.inputs, "x");
   const s = simdFor(args.backend, x);
   const n = sizeOf(x.shape);
-  if (s == null || n === 0) return delegate("Relu", args);
+  if (s == null || n === 0) return delegate(name, args);
   const out = s.b.makeOutput([...x.shape], "float32");
-  s.run("relu_f32", splitRange(n, partsFor(s, n), 4).map(([i0, i1]) => [at(s.b, x), at(s.b, out), i0, i1]));
+  s.run(fn, splitRange(n, partsFor(s, n), 4).map(([i0, i1]) => [at(s.b, x), at(s.b, out), i0, i1]));
   return out;
 }
+
 
 // Two helper kernels of our own, called from the gradients below.
 
@@ -806,7 +808,9 @@ const REPLACEMENTS: Record<string, tf.KernelFunc> = {
   Add: (args) => binary("Add", args),
   Sub: (args) => binary("Sub", args),
   Multiply: (args) => binary("Multiply", args),
-  Relu: relu,
+  RealDiv: (args) => binary("RealDiv", args),
+  Relu: (args) => unary("Relu", "relu_f32", args),
+  Sqrt: (args) => unary("Sqrt", "sqrt_f32", args),
   Square: square,
 };
 const ours = new Set<tf.KernelFunc>(Object.values(REPLACEMENTS));

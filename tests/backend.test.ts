@@ -267,7 +267,7 @@ describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's ow
       return tf.batchNorm(tf.tensor4d(seeded(n, 51), shape), m, v, undefined, undefined, 1e-5);
     }],
     ["Identity/Cast float32 (clone, cast)", () => tf.cast(tf.clone(tf.tensor4d(seeded(n, 53), shape)), "float32")],
-    ...(["add", "sub", "mul"] as const).flatMap((op): [string, () => tf.Tensor][] => {
+    ...(["add", "sub", "mul", "div"] as const).flatMap((op): [string, () => tf.Tensor][] => {
       const x = () => tf.tensor4d(seeded(n, 60), shape);
       const row = (rank: number) => tf.tensor(seeded(20, 61), [...new Array<number>(rank - 1).fill(1), 20]);
       return [
@@ -281,6 +281,11 @@ describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's ow
       ];
     }),
     ["square (odd length)", () => tf.square(tf.tensor1d(seeded(n - 3, 67)))],
+    ["sqrt (odd length, with 0 and a negative: NaN)", () => {
+      const v = seeded(n - 3, 68).map(Math.abs);
+      v.set([0, -1, Infinity], 0);
+      return tf.sqrt(tf.tensor1d(v));
+    }],
     ["relu (with -0, +-Infinity, odd length)", () => {
       const v = seeded(n - 1, 66);
       v.set([-0, Infinity, -Infinity, 0], 0);

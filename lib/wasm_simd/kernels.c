@@ -508,7 +508,7 @@ void depthwise_filter_grad(const float* x, const float* dy, float* dw, int B, in
 }
 
 /*
- * Element-wise add (op 0), subtract (1) and multiply (2) of float32 tensors, one IEEE operation per
+ * Element-wise add (op 0), subtract (1), multiply (2) and divide (3) of float32 tensors, one IEEE operation per
  * element as tfjs-wasm's XNNPACK binary operators do (same bits), without their thread-pool
  * round trip: most of a training step's ~200 binary ops are small, and each XNNPACK call wakes
  * tfjs' pthreadpool. Modes: 0 same shape; 1 b is one value; 2 a is one value; 3 b is one row of C
@@ -562,7 +562,16 @@ EXPORT(binary_f32)
 void binary_f32(int op, const float* a, const float* b, float* out, int mode, int C, int begin, int end) {
   if (op == 0) { BIN_LOOP(wasm_f32x4_add, +) }
   else if (op == 1) { BIN_LOOP(wasm_f32x4_sub, -) }
-  else { BIN_LOOP(wasm_f32x4_mul, *) }
+  else if (op == 2) { BIN_LOOP(wasm_f32x4_mul, *) }
+  else { BIN_LOOP(wasm_f32x4_div, /) }
+}
+
+/* out = sqrt(x), IEEE-exact per element (Adam's sqrt(v)). Part: elements [begin, end). */
+EXPORT(sqrt_f32)
+void sqrt_f32(const float* x, float* out, int begin, int end) {
+  int i = begin;
+  for (; i + 4 <= end; i += 4) wasm_v128_store(out + i, wasm_f32x4_sqrt(wasm_v128_load(x + i)));
+  for (; i < end; ++i) out[i] = __builtin_sqrtf(x[i]);
 }
 
 /*
