@@ -4,6 +4,7 @@
  *
  *   bun bench/features.ts [--batch 8] [--size 224] [--steps 10] [--backbone nsfwjs-mobilenetv2]
  *   bun bench/features.ts --serve --batch 8     # for bench/compare.ts --features 1,8
+ *   bun bench/features.ts --profile --batch 8   # also a tf.profile per-kernel breakdown of one batch
  *
  * Prints `features backbone=... batch=8 size=224 ms_per_batch=... ms_per_image=...`. --serve speaks
  * train_step.ts's line protocol ("run K" -> "ms t1 .. tK", each a whole batch), so compare.ts times it
@@ -12,7 +13,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { backendLabel, initBackend } from "../lib/backend.ts";
 import { loadBackbone } from "../lib/backbones.ts";
-import { median } from "./train_step.ts";
+import { median, profileStep } from "./train_step.ts";
 
 const argv = process.argv.slice(2);
 const opt = (name: string, fallback: string): string => {
@@ -51,6 +52,14 @@ if (argv.includes("--serve")) {
   process.exit(0);
 }
 const ms = median(timeK(steps));
+if (argv.includes("--profile")) {
+  const p = await profileStep(step);
+  const total = p.kernels.reduce((sum, k) => sum + k.ms, 0);
+  console.log(`profile batch=${batch} wall_ms=${p.wallMs.toFixed(1)} kernel_ms=${total.toFixed(1)}`);
+  for (const k of p.kernels.slice(0, 10)) {
+    console.log(`  ${k.name.padEnd(28)} ${k.ms.toFixed(1).padStart(7)} ms ${String(k.calls).padStart(4)} calls`);
+  }
+}
 console.log(`features backbone=${bb.id} batch=${batch} size=${size} ms_per_batch=${ms.toFixed(1)} ` +
   `ms_per_image=${(ms / batch).toFixed(1)}  (${backendLabel()})`);
 process.exit(0);

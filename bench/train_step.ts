@@ -200,9 +200,9 @@ function formatLine(model: string, backend: string, spec: ModelSpec, s: StepStat
 }
 
 /** Kernel time per kernel name for one step, largest first. */
-interface KernelTime { name: string; ms: number; calls: number }
+export interface KernelTime { name: string; ms: number; calls: number }
 
-async function profileStep(step: () => unknown): Promise<{ wallMs: number; kernels: KernelTime[] }> {
+export async function profileStep(step: () => unknown): Promise<{ wallMs: number; kernels: KernelTime[] }> {
   const t0 = performance.now();
   const info = await tf.profile(() => {
     step();

@@ -609,11 +609,11 @@ function fusedBatchNorm(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   return out;
 }
 
-// Element-wise Add/Sub/Multiply/RealDiv, Square, Sqrt and Relu without the thread pool: tfjs-wasm runs each through
-// XNNPACK on its pthreadpool, and in the threaded build every one of a step's ~250 such calls,
-// mostly tiny (Adam, batchnorm gradients), wakes the pool and waits for it: with two threads the
-// wake-ups ate the second core's gain. Same IEEE operation per element, so the same bits (tested).
-// Large calls are still split, by our pool (claimed parts, no waiting on a late thread).
+// Element-wise Add/Sub/Multiply/RealDiv, Square, Sqrt, Relu, ClipByValue without the thread pool:
+// tfjs-wasm runs each through XNNPACK on its pthreadpool, and in the threaded build every one of a
+// step's ~250 such calls, mostly tiny (Adam, batchnorm gradients), wakes the pool and waits for it:
+// with two threads the wake-ups ate the second core's gain. The same operations per element as
+// XNNPACK's, so the same bits (tested). Large calls are still split, by our pool (claimed parts).
 
 const BINARY_OPS = { Add: 0, Sub: 1, Multiply: 2, RealDiv: 3 } as const;
 
@@ -642,6 +642,19 @@ function binary(name: keyof typeof BINARY_OPS, args: KernelArgs): tf.TensorInfo 
     BINARY_OPS[name], at(s.b, a), at(s.b, b), at(s.b, result), mode, c, i0, i1,
   ]));
   return result;
+}
+
+/** ClipByValue (relu6 in the backbones) the way XNNPACK's clamp computes it (kernels.c). */
+function clip(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const x = requireInput(args.inputs, "x");
+  const [lo, hi] = [args.attrs?.clipValueMin, args.attrs?.clipValueMax];
+  const s = simdFor(args.backend, x);
+  const n = sizeOf(x.shape);
+  const bounds = typeof lo === "number" && typeof hi === "number";
+  if (s == null || n === 0 || !bounds) return delegate("ClipByValue", args);
+  const out = s.b.makeOutput([...x.shape], "float32");
+  s.run("clip_f32", splitRange(n, partsFor(s, n), 4).map(([i0, i1]) => [at(s.b, x), at(s.b, out), lo, hi, i0, i1]));
+  return out;
 }
 
 /** Square as x * x: one IEEE multiply, what XNNPACK's square computes. */
@@ -812,6 +825,7 @@ const REPLACEMENTS: Record<string, tf.KernelFunc> = {
   Relu: (args) => unary("Relu", "relu_f32", args),
   Sqrt: (args) => unary("Sqrt", "sqrt_f32", args),
   Square: square,
+  ClipByValue: clip,
 };
 const ours = new Set<tf.KernelFunc>(Object.values(REPLACEMENTS));
 

@@ -286,6 +286,11 @@ describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's ow
       v.set([0, -1, Infinity], 0);
       return tf.sqrt(tf.tensor1d(v));
     }],
+    ["clipByValue 0..6 (relu6; with NaN, -0, +-Infinity, the bounds, odd length)", () => {
+      const v = seeded(n - 1, 69).map((e) => 20 * e);
+      v.set([NaN, -0, Infinity, -Infinity, 0, 6, 5.999], 0);
+      return tf.clipByValue(tf.tensor1d(v), 0, 6);
+    }],
     ["relu (with -0, +-Infinity, odd length)", () => {
       const v = seeded(n - 1, 66);
       v.set([-0, Infinity, -Infinity, 0], 0);

@@ -40,6 +40,7 @@ export interface SimdKernels {
   binary_f32(op: number, a: number, b: number, out: number, mode: number, c: number, begin: number, end: number): void;
   relu_f32(x: number, out: number, begin: number, end: number): void;
   sqrt_f32(x: number, out: number, begin: number, end: number): void;
+  clip_f32(x: number, out: number, lo: number, hi: number, begin: number, end: number): void;
   depthwise_filter_grad(
     x: number, dy: number, dw: number, b: number, h: number, w: number, c: number, oh: number, ow: number,
     kh: number, kw: number, sh: number, sw: number, padTop: number, padLeft: number, cBegin: number, cEnd: number,

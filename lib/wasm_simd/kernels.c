@@ -591,3 +591,21 @@ void relu_f32(const float* x, float* out, int begin, int end) {
   }
   for (; i < end; ++i) out[i] = (x[i] > 0.0f || x[i] != x[i]) ? x[i] : 0.0f;
 }
+
+/*
+ * out = clamp(x, lo, hi) as XNNPACK's wasm SIMD clamp computes it (tfjs-wasm's ClipByValue; relu6
+ * in MobileNet): pmax(lo, x) then pmin(hi, .), so a NaN becomes lo; without the thread-pool round
+ * trip. Part: elements [begin, end).
+ */
+EXPORT(clip_f32)
+void clip_f32(const float* x, float* out, float lo, float hi, int begin, int end) {
+  const v128_t vlo = wasm_f32x4_splat(lo), vhi = wasm_f32x4_splat(hi);
+  int i = begin;
+  for (; i + 4 <= end; i += 4) {
+    wasm_v128_store(out + i, wasm_f32x4_pmin(vhi, wasm_f32x4_pmax(vlo, wasm_v128_load(x + i))));
+  }
+  for (; i < end; ++i) {
+    const float v = lo < x[i] ? x[i] : lo;
+    out[i] = v < hi ? v : hi;
+  }
+}
