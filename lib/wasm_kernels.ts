@@ -613,7 +613,9 @@ function fusedBatchNorm(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
 // tfjs-wasm runs each through XNNPACK on its pthreadpool, and in the threaded build every one of a
 // step's ~250 such calls, mostly tiny (Adam, batchnorm gradients), wakes the pool and waits for it:
 // with two threads the wake-ups ate the second core's gain. The same operations per element as
-// XNNPACK's, so the same bits (tested). Large calls are still split, by our pool (claimed parts).
+// XNNPACK's, so the same bits (tested). Never split, whatever their size: they are bound by memory
+// bandwidth, which a second thread adds little to, while a part on a helper that the OS parks (a busy
+// machine) can hold the whole step for a scheduler slice.
 
 const BINARY_OPS = { Add: 0, Sub: 1, Multiply: 2, RealDiv: 3 } as const;
 
@@ -638,7 +640,7 @@ function binary(name: keyof typeof BINARY_OPS, args: KernelArgs): tf.TensorInfo 
   if (mode < 0 || n === 0) return delegate(name, args);
   const result = s.b.makeOutput(out, "float32");
   const unit = mode >= 3 ? c : 4;
-  s.run("binary_f32", splitRange(n, partsFor(s, n), unit).map(([i0, i1]) => [
+  s.run("binary_f32", splitRange(n, 1, unit).map(([i0, i1]) => [
     BINARY_OPS[name], at(s.b, a), at(s.b, b), at(s.b, result), mode, c, i0, i1,
   ]));
   return result;
@@ -653,7 +655,7 @@ function clip(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const bounds = typeof lo === "number" && typeof hi === "number";
   if (s == null || n === 0 || !bounds) return delegate("ClipByValue", args);
   const out = s.b.makeOutput([...x.shape], "float32");
-  s.run("clip_f32", splitRange(n, partsFor(s, n), 4).map(([i0, i1]) => [at(s.b, x), at(s.b, out), lo, hi, i0, i1]));
+  s.run("clip_f32", splitRange(n, 1, 4).map(([i0, i1]) => [at(s.b, x), at(s.b, out), lo, hi, i0, i1]));
   return out;
 }
 
@@ -664,7 +666,7 @@ function square(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const n = sizeOf(x.shape);
   if (s == null || n === 0) return delegate("Square", args);
   const out = s.b.makeOutput([...x.shape], "float32");
-  s.run("binary_f32", splitRange(n, partsFor(s, n), 4).map(([i0, i1]) => [
+  s.run("binary_f32", splitRange(n, 1, 4).map(([i0, i1]) => [
     BINARY_OPS.Multiply, at(s.b, x), at(s.b, x), at(s.b, out), 0, 1, i0, i1,
   ]));
   return out;
@@ -677,7 +679,7 @@ function unary(name: string, fn: "relu_f32" | "sqrt_f32", args: KernelArgs): tf.
   const n = sizeOf(x.shape);
   if (s == null || n === 0) return delegate(name, args);
   const out = s.b.makeOutput([...x.shape], "float32");
-  s.run(fn, splitRange(n, partsFor(s, n), 4).map(([i0, i1]) => [at(s.b, x), at(s.b, out), i0, i1]));
+  s.run(fn, splitRange(n, 1, 4).map(([i0, i1]) => [at(s.b, x), at(s.b, out), i0, i1]));
   return out;
 }
 
