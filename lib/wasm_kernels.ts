@@ -41,6 +41,9 @@
  *   FusedBatchNorm in SIMD: bit-identical to tfjs-wasm's own (inference path);
  * - zero-copy Identity and same-dtype Cast (the engine clones every tensor it
  *   saves for backprop; tfjs-wasm copied each one);
+ * - Add/Sub/Multiply/RealDiv, Square, Sqrt, Relu and ClipByValue on the calling
+ *   thread: bit-identical to XNNPACK's, without a round trip through tfjs'
+ *   thread pool per call (what kept a second thread from helping);
  * - gradients: batchnorm from two per-channel sums in one pass, the Mean
  *   gradient written in one pass;
  * - withoutInputGradients(): no input gradient for the first conv (the fused
@@ -611,7 +614,7 @@ function fusedBatchNorm(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
 
 // Element-wise Add/Sub/Multiply/RealDiv, Square, Sqrt, Relu, ClipByValue without the thread pool:
 // tfjs-wasm runs each through XNNPACK on its pthreadpool, and in the threaded build every one of a
-// step's ~250 such calls, mostly tiny (Adam, batchnorm gradients), wakes the pool and waits for it:
+// step's hundreds of such calls, mostly tiny (Adam, batchnorm gradients), wakes the pool and waits for it:
 // with two threads the wake-ups ate the second core's gain. The same operations per element as
 // XNNPACK's, so the same bits (tested). Never split, whatever their size: they are bound by memory
 // bandwidth, which a second thread adds little to, while a part on a helper that the OS parks (a busy
