@@ -724,7 +724,7 @@ async function openQueue(url: string, resumed: boolean): Promise<Queued> {
   const journal = resumed ? Q.readQueueJournal(ROOT, url) : { url, nextSeq: 0, currentSeq: null, pending: [] };
   Q.saveQueueJournal(ROOT, journal);
   return {
-    Q, q: Q.openLoopQueue(url), journal, data: await Q.loopData(CACHE_ROOT), head: null, measured: new Map(),
+    Q, q: Q.openLoopQueue(url, say), journal, data: await Q.loopData(CACHE_ROOT), head: null, measured: new Map(),
     jobIds: [],
   };
 }
@@ -857,7 +857,7 @@ function nextRun(ctx: Ctx, qd: Queued, started: number):
 /** Dispatch runs until every live worker slot has one. "max" / "none": nothing more to dispatch now. */
 async function fill(ctx: Ctx, qd: Queued, started: number): Promise<{ started: number; stop: "max" | "none" | null }> {
   const j = qd.journal;
-  const slots = await qd.Q.liveSlots(qd.q.plain);
+  const slots = await qd.Q.liveSlots(qd.q);
   while (j.pending.length < slots) {
     const next = nextRun(ctx, qd, started);
     if (next === "max" || next === "none") return { started, stop: next };

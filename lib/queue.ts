@@ -101,11 +101,13 @@ export async function dropHeartbeat(c: RedisClient, id: string): Promise<void> {
 }
 
 /** Job slots of the workers alive now (the sum of their concurrency). */
-export async function liveSlots(c: RedisClient): Promise<number> {
-  const keys = (await c.send("KEYS", [`${WORKER_KEY}*`])) as string[];
-  if (keys.length === 0) return 0;
-  const values = (await c.send("MGET", keys)) as (string | null)[];
-  return values.reduce((s, v) => s + (Number(v) || 0), 0);
+export async function liveSlots(q: LoopQueue): Promise<number> {
+  return untilRedis(q, "counting workers", async () => {
+    const keys = (await q.plain.send("KEYS", [`${WORKER_KEY}*`])) as string[];
+    if (keys.length === 0) return 0;
+    const values = (await q.plain.send("MGET", keys)) as (string | null)[];
+    return values.reduce((s, v) => s + (Number(v) || 0), 0);
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -214,14 +216,17 @@ export interface LoopQueue {
   url: string;
   queue: Queue;
   plain: RedisClient;
+  /** Said once per outage: Redis is unreachable, the loop waits for it. */
+  log: (line: string) => void;
   close: () => Promise<void>;
 }
 
-export function openLoopQueue(url: string): LoopQueue {
+export function openLoopQueue(url: string, log: (line: string) => void): LoopQueue {
   const queue = new Queue(QUEUE_NAME, { connection: connection(url) });
+  queue.on("error", () => { /* an outage: the calls below wait it out */ });
   const plain = plainClient(url);
   return {
-    url, queue, plain,
+    url, queue, plain, log,
     close: async () => {
       await queue.close().catch(() => {});
       plain.close();
@@ -230,16 +235,40 @@ export function openLoopQueue(url: string): LoopQueue {
 }
 
 /**
+ * `fn` until it succeeds: a Redis restarted mid-night is waited for (it says so once, and once
+ * when it is back), never a reason to stop the loop. Gives up after `maxS` seconds.
+ */
+export async function untilRedis<T>(q: LoopQueue, what: string, fn: () => Promise<T>, maxS = 3600): Promise<T> {
+  const t0 = Date.now();
+  let said = false;
+  for (;;) {
+    try {
+      const r = await fn();
+      if (said) q.log(`Redis at ${q.url} is back`);
+      return r;
+    } catch (err) {
+      const msg = err instanceof Error ? err.message : String(err);
+      if ((Date.now() - t0) / 1000 > maxS) throw new Error(`Redis at ${q.url}: ${what}: ${msg} (for ${maxS} s)`);
+      if (!said) q.log(`Redis at ${q.url} unreachable (${what}: ${msg}): waiting for it`);
+      said = true;
+      await Bun.sleep(1000);
+    }
+  }
+}
+
+/**
  * Add `data` as job `id` unless it is there. `first`: ahead of the queued ones (a confirmation run
  * or a check holds the loop up; the runs dispatched ahead do not).
  */
 export async function ensureJob(q: LoopQueue, id: string, data: JobData, first: boolean): Promise<"added" | "there"> {
-  if (await q.queue.getJob(id)) return "there";
-  await q.queue.add("train", data, {
-    jobId: id, lifo: first, attempts: 3, backoff: { type: "fixed", delay: 2000 },
-    removeOnComplete: { age: 7 * 24 * 3600 }, removeOnFail: { age: 7 * 24 * 3600 },
+  return untilRedis(q, `adding job ${id}`, async () => {
+    if (await q.queue.getJob(id)) return "there";
+    await q.queue.add("train", data, {
+      jobId: id, lifo: first, attempts: 3, backoff: { type: "fixed", delay: 2000 },
+      removeOnComplete: { age: 7 * 24 * 3600 }, removeOnFail: { age: 7 * 24 * 3600 },
+    });
+    return "added";
   });
-  return "added";
 }
 
 /**
@@ -251,26 +280,29 @@ export async function awaitJob(q: LoopQueue, id: string, data: JobData, o: {
 }): Promise<JobResult | { failed: string } | null> {
   for (;;) {
     if (o.aborted()) return null;
-    const job = await q.queue.getJob(id);
-    if (!job) {
+    const seen = await untilRedis(q, `reading job ${id}`, async () => {
+      const job = await q.queue.getJob(id);
+      return job ? { state: await job.getState(), value: job.returnvalue as unknown, reason: job.failedReason } : null;
+    });
+    if (!seen) {
       o.log(`job ${id} is not in Redis (restarted without its data?): queued again`);
       await ensureJob(q, id, data, true);
-    } else {
-      const state = await job.getState();
-      if (state === "completed") {
-        const r = JobResult(job.returnvalue);
-        if (r instanceof type.errors) return { failed: `its result is not a job result: ${r.summary}` };
-        return r;
-      }
-      if (state === "failed") return { failed: job.failedReason || "failed" };
+    } else if (seen.state === "completed") {
+      const r = JobResult(seen.value);
+      if (r instanceof type.errors) return { failed: `its result is not a job result: ${r.summary}` };
+      return r;
+    } else if (seen.state === "failed") {
+      return { failed: seen.reason || "failed" };
     }
     await Bun.sleep(o.pollMs ?? 500);
   }
 }
 
 export async function removeJobs(q: LoopQueue, ids: string[]): Promise<void> {
-  for (const id of ids) {
-    const job = await q.queue.getJob(id);
-    await job?.remove().catch(() => {});
-  }
+  await untilRedis(q, "removing decided jobs", async () => {
+    for (const id of ids) {
+      const job = await q.queue.getJob(id);
+      await job?.remove().catch(() => {});
+    }
+  });
 }
