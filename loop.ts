@@ -54,7 +54,8 @@ import type { JobData, LoopQueue, Pending, QueueJournal } from "./lib/queue.ts";
 import { evaluateCheckpoint, trainCandidate } from "./lib/trial.ts";
 import { confirmVerdict, decide, lineCount, num, signed } from "./lib/verdict.ts";
 import {
-  TRAIN, commitAside, commitPaths, dirtyPaths, readText, removeFiles, resetTo, rev, runMdSaysGo, shortOf, untrackedFiles,
+  TRAIN, commitAside, commitPaths, dirtyPaths, readText, removeFiles, resetTo, rev, runMdSaysGo, shortOf,
+  untrackedFiles,
 } from "./lib/worktree.ts";
 
 // ---------------------------------------------------------------------------
@@ -776,7 +777,8 @@ function adopt(ctx: Ctx, e: Pending): Proposal {
   let description = e.description;
   if (e.base !== cur.base) {
     description = `${e.description} (from ${shortOf(ROOT, e.base)})`;
-    c = commitAside(ROOT, { base: cur.base, tree: git(["rev-parse", `${c}^{tree}`], { cwd: ROOT }), message: description });
+    const tree = git(["rev-parse", `${c}^{tree}`], { cwd: ROOT });
+    c = commitAside(ROOT, { base: cur.base, tree, message: description });
   }
   resetTo(ROOT, c);
   return { description, move: e.move, failure: null };
@@ -815,12 +817,15 @@ async function remoteRun(ctx: Ctx, qd: Queued, o: {
   const r = await qd.Q.awaitJob(qd.q, id, data, { log: say, aborted: () => control.abort });
   if (r === null) throw new Stop(EXIT.aborted, "aborted while a worker trained; `bun loop.ts --resume` collects it");
   rmSync(o.checkpointDir, { recursive: true, force: true });
-  if ("failed" in r) return { ok: false, reason: `worker: ${r.failed}`, memoryGb: 0, trainSeconds: 0, imagesPerSecond: null };
+  if ("failed" in r) {
+    return { ok: false, reason: `worker: ${r.failed}`, memoryGb: 0, trainSeconds: 0, imagesPerSecond: null };
+  }
   writeAtomic(join(LOGS_DIR, o.logName), r.log);
   try { appendFileSync(RUN_LOG, r.log); } catch { /* run.log is a convenience */ }
   if (r.checkpoint) qd.Q.unpackCheckpoint(r.checkpoint, o.checkpointDir);
   if (r.eval) qd.measured.set(o.checkpointDir, r.eval);
-  say(`${o.label}: trained on worker ${r.worker} (${r.trainSeconds.toFixed(0)} s${r.ok ? "" : `, crash: ${r.reason}`})`);
+  const crash = r.ok ? "" : `, crash: ${r.reason}`;
+  say(`${o.label}: trained on worker ${r.worker} (${r.trainSeconds.toFixed(0)} s${crash})`);
   const ok = r.ok && r.checkpoint !== null;
   const reason = r.ok && !ok ? "no checkpoint: the worker returned none" : r.reason;
   return { ok, reason, memoryGb: r.memoryGb, trainSeconds: r.trainSeconds, imagesPerSecond: r.imagesPerSecond };
@@ -846,7 +851,8 @@ function nextRun(ctx: Ctx, qd: Queued, started: number):
   if (ctx.flags.maxExperiments !== undefined && started >= ctx.flags.maxExperiments) return "max";
   const base = st.best?.commit ?? st.sessionStart;
   // Moves in flight count as tried: each worker gets another one.
-  const inFlight = pending.flatMap((e) => e.move ? [{ base: e.base, axis: e.move.axis, value: e.move.to, status: "queued" }] : []);
+  const inFlight = pending.flatMap((e) => (e.move
+    ? [{ base: e.base, axis: e.move.axis, value: e.move.to, status: "queued" }] : []));
   const p = proposeBuiltin(ROOT, BUN, { ...st, tried: [...st.tried, ...inFlight] }, base);
   if (!p) return "none";
   const candidate = commitAside(ROOT, { base, message: p.description });
@@ -918,7 +924,9 @@ async function runQueued(ctx: Ctx, qd: Queued): Promise<number> {
           + "current best: nothing left to try (widen HP_SPACE in train.ts, or use --agent)");
       }
       if (stop !== null) return EXIT.ok;
-      if (!waiting) say(`no worker is taking jobs from ${qd.q.url}: waiting (\`bun loop.ts worker --queue ${qd.q.url}\`)`);
+      if (!waiting) {
+        say(`no worker is taking jobs from ${qd.q.url}: waiting (\`bun loop.ts worker --queue ${qd.q.url}\`)`);
+      }
       waiting = true;
       await Bun.sleep(1000);
       continue;

@@ -72,14 +72,17 @@ async function main(): Promise<void> {
   }
   const wanted = resolve(arg(argv, "--source", join(ROOT, "..", "shared", "datasets", "waste3")));
   const source = existsSync(wanted) ? wanted : "synthetic";
-  if (source === "synthetic") console.log(`*** ${wanted} is absent: SYNTHETIC data (plumbing only, no model quality) ***`);
+  if (source === "synthetic") {
+    console.log(`*** ${wanted} is absent: SYNTHETIC data (plumbing only, no model quality) ***`);
+  }
   const cache = mkdtempSync(join(tmpdir(), "arv-bench-queue-cache-"));
   await prepareData({ task: "waste", source, cacheRoot: cache, log: () => {} });
   const env = { ...process.env, AR_CACHE: cache };
   const common = ["--budget", String(budget), "--seed", "0", "--baseline-runs", "2", "--no-summarize"];
-  const spawn = (dir: string, args: string[], extra: Record<string, string> = {}) => Bun.spawn([BUN, "loop.ts", ...args], {
-    cwd: dir, stdout: "ignore", stderr: "ignore", env: { ...env, ...extra }, detached: true,
-  });
+  const spawn = (dir: string, args: string[], extra: Record<string, string> = {}) =>
+    Bun.spawn([BUN, "loop.ts", ...args], {
+      cwd: dir, stdout: "ignore", stderr: "ignore", env: { ...env, ...extra }, detached: true,
+    });
   console.log(`queue: ${cpus().length} cores (${cpus()[0]?.model ?? "?"}), budget ${budget}s, window ${seconds}s, `
     + `source ${source}`);
 

@@ -151,7 +151,9 @@ export async function runWorker(root: string, argv: string[]): Promise<number> {
   });
   worker.on("error", (err) => say(`redis: ${err.message}`));
   worker.on("completed", (job) => say(`job ${job.id} done`));
-  worker.on("failed", (job, err) => { if (!(err instanceof DelayedError)) say(`job ${job?.id} failed: ${err.message}`); });
+  worker.on("failed", (job, err) => {
+    if (!(err instanceof DelayedError)) say(`job ${job?.id} failed: ${err.message}`);
+  });
   const beat = async () => { try { await heartbeat(plain, id, f.concurrency); } catch { /* Redis away: next beat */ } };
   await beat();
   const timer = setInterval(() => void beat(), HEARTBEAT_MS);
