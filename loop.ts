@@ -720,9 +720,9 @@ function stopped(ctx: Ctx): number {
 // ---------------------------------------------------------------------------
 
 /** The queue, and its journal: a resumed session finds what it had in flight; a new one starts empty. */
-async function openQueue(url: string, resumed: boolean): Promise<Queued> {
+async function openQueue(url: string, tag: string, resumed: boolean): Promise<Queued> {
   const Q = await import("./lib/queue.ts");
-  const journal = resumed ? Q.readQueueJournal(ROOT, url) : { url, nextSeq: 0, currentSeq: null, pending: [] };
+  const journal = Q.readQueueJournal(ROOT, url, tag, !resumed);
   Q.saveQueueJournal(ROOT, journal);
   return {
     Q, q: Q.openLoopQueue(url, say), journal, data: await Q.loopData(CACHE_ROOT), head: null, measured: new Map(),
@@ -730,11 +730,10 @@ async function openQueue(url: string, resumed: boolean): Promise<Queued> {
   };
 }
 
-/** Without --queue, runs a queued session left in flight are not collected: say how. */
-function warnInFlight(): void {
-  const path = join(".autoresearch", "queue.json");
-  const text = readText(path);
-  const n = text === null ? 0 : (/"seq"/g[Symbol.match](text) ?? []).length;
+/** Without --queue, the runs a queued session left in flight are not collected: say how. */
+async function warnInFlight(st: State): Promise<void> {
+  if (!existsSync(join(ROOT, ".autoresearch", "queue.json"))) return;
+  const n = (await import("./lib/queue.ts")).readQueueJournal(ROOT, "", st.tag).pending.length;
   if (n > 0) say(`warning: ${n} run(s) of this session are in flight on workers: \`--queue <url>\` collects them`);
 }
 
@@ -975,9 +974,9 @@ async function main(argv: string[]): Promise<number> {
     const ctx: Ctx = {
       flags, mode: flags.once ? "once" : flags.agent !== undefined ? "agent" : "builtin",
       st, resultsText: "", fatal: null, warnedNoSummarizer: false, noTestSplit: null, hpSeeds: new Map(),
-      queue: flags.queue === undefined ? null : await openQueue(flags.queue, resumed),
+      queue: flags.queue === undefined ? null : await openQueue(flags.queue, st.tag, resumed),
     };
-    if (!ctx.queue) warnInFlight();
+    if (!ctx.queue && resumed) await warnInFlight(st);
     if (st.baselines.wanted === 1 && (!resumed || flags.resume)) {
       say("warning: --baseline-runs 1 measures no noise (σ = 0): every gain, however small, is kept; "
         + "2 or more runs set a noise floor");

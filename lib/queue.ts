@@ -184,6 +184,8 @@ export type Pending = typeof Pending.infer;
 
 /** .autoresearch/queue.json: what `--resume` finds in flight (its results are collected, or it is queued again). */
 const QueueJournal = type({
+  /** The session's tag: another session's runs are not this one's. */
+  tag: "string",
   url: "string",
   nextSeq: "number.integer >= 0",
   /** The sequence number of the experiment being decided (its confirmation runs' jobs use it). */
@@ -194,12 +196,16 @@ export type QueueJournal = typeof QueueJournal.infer;
 
 export const QUEUE_FILE = join(AR_DIR, "queue.json");
 
-export function readQueueJournal(root: string, url: string): QueueJournal {
+/** The session `tag`'s queue journal (empty when there is none, it is another session's, or `fresh`). */
+export function readQueueJournal(root: string, url: string, tag: string, fresh = false): QueueJournal {
   const path = join(root, QUEUE_FILE);
-  if (!existsSync(path)) return { url, nextSeq: 0, currentSeq: null, pending: [] };
-  const q = QueueJournal(JSON.parse(readFileSync(path, "utf8")));
+  const empty = { tag, url, nextSeq: 0, currentSeq: null, pending: [] };
+  if (fresh || !existsSync(path)) return empty;
+  let raw: unknown;
+  try { raw = JSON.parse(readFileSync(path, "utf8")); } catch { throw new Error(`${path}: not valid JSON`); }
+  const q = QueueJournal(raw);
   if (q instanceof type.errors) throw new Error(`${path}: not a queue journal: ${q.summary}`);
-  return { ...q, url };
+  return q.tag === tag ? { ...q, url } : empty;
 }
 
 export function saveQueueJournal(root: string, q: QueueJournal): void {
