@@ -121,7 +121,7 @@ export async function runWorker(root: string, argv: string[]): Promise<number> {
     if (r.code !== 0) say(`\`${d.data.prepare}\` failed (exit ${r.code})`);
   };
 
-  const process1 = async (job: Job, token?: string): Promise<JobResult> => {
+  const processJob = async (job: Job, token?: string): Promise<JobResult> => {
     const d = JobData(job.data);
     if (d instanceof type.errors) throw new Error(`job ${job.id}: not a training job: ${d.summary}`);
     await prepared(d);
@@ -145,7 +145,7 @@ export async function runWorker(root: string, argv: string[]): Promise<number> {
   };
 
   const lockMs = Number(process.env.AR_TEST_LOCK_MS ?? 30_000);
-  const worker = new Worker(QUEUE_NAME, process1, {
+  const worker = new Worker(QUEUE_NAME, processJob, {
     connection: connection(f.queue), concurrency: f.concurrency, lockDuration: lockMs,
     stalledInterval: Math.max(500, Math.floor(lockMs / 2)), maxStalledCount: 3,
   });
