@@ -45,7 +45,7 @@ function parseWorkerFlags(argv: string[]): WorkerFlags {
     .option("--queue <url>", "the loop's Redis, redis://HOST:PORT")
     .option("--concurrency <n>", "jobs at once (one per GPU, or cores / threads)", { default: 1 })
     .option("--id <name>", "this worker's name in the logs (default: host-pid)")
-    .option("--backend <name>", "AR_BACKEND for its runs (e.g. wasm, tensorflow)")
+    .option("--backend <name>", "AR_BACKEND for its runs: gpu, node, wasm or cpu")
     .option("--threads <n>", "AR_WASM_THREADS for its runs")
     .option("--features-timeout <seconds>", "kill `bun prepare.ts features` after this long", { default: 3600 })
     .action((o: Record<string, unknown>) => { raw = o; });
