@@ -50,10 +50,12 @@ import {
   loadResultsText, newExperiment, notClean, openSession, rebaselineReport, recordDecision, restoreResults,
   resumeSettings, resumedLine, runLine, sessionReport, statusLine, summarize,
 } from "./lib/session.ts";
+import type { JobData, LoopQueue, Pending, QueueJournal } from "./lib/queue.ts";
 import { evaluateCheckpoint, trainCandidate } from "./lib/trial.ts";
 import { confirmVerdict, decide, lineCount, num, signed } from "./lib/verdict.ts";
 import {
-  TRAIN, commitPaths, dirtyPaths, readText, removeFiles, resetTo, rev, runMdSaysGo, shortOf, untrackedFiles,
+  TRAIN, commitAside, commitPaths, dirtyPaths, readText, removeFiles, resetTo, rev, runMdSaysGo, shortOf,
+  untrackedFiles,
 } from "./lib/worktree.ts";
 
 // ---------------------------------------------------------------------------
@@ -93,6 +95,22 @@ interface Ctx {
   noTestSplit: string | null;
   /** HP.seed of a commit (null: train.ts has none), read once per commit. */
   hpSeeds: Map<string, number | null>;
+  /** --queue: workers train, the loop decides (null: the loop trains itself). */
+  queue: Queued | null;
+}
+
+/** What the loop holds while workers train: the queue, its journal, the data key, results awaiting decision. */
+interface Queued {
+  Q: typeof import("./lib/queue.ts");
+  q: LoopQueue;
+  journal: QueueJournal;
+  data: JobData["data"];
+  /** The dispatched run whose turn it is (null: the current experiment was not dispatched ahead). */
+  head: Pending | null;
+  /** `prepare.ts evaluate` on val as the worker measured it, by checkpoint folder, until the loop reads it. */
+  measured: Map<string, { metrics: Record<string, number> } | { error: string }>;
+  /** Jobs of the current experiment: removed from Redis once it is decided. */
+  jobIds: string[];
 }
 
 // ---------------------------------------------------------------------------
@@ -173,6 +191,7 @@ async function repair(ctx: Ctx, base: string, integ: Integrity): Promise<void> {
 async function propose(ctx: Ctx): Promise<Proposal> {
   const cur = ctx.st.current!;
   if (cur.kind !== "experiment") return { description: cur.description, move: null, failure: null };
+  if (ctx.queue?.head) return adopt(ctx, ctx.queue.head);
   if (ctx.mode === "once") {
     return { description: oneLine(git(["log", "-1", "--format=%s"], { cwd: ROOT })), move: null, failure: null };
   }
@@ -258,6 +277,7 @@ async function trainRun(ctx: Ctx, o: {
   const budgetS = st.settings.budgetSeconds;
   const { seed, env } = runSeed(ctx, o.offset);
   const seeded = o.offset > 0 && seed !== null ? ` with seed ${seed}` : "";
+  if (ctx.queue) return remoteRun(ctx, ctx.queue, { ...o, env, label: `${o.what}${seeded}` });
   let t: Awaited<ReturnType<typeof trainCandidate>>;
   try {
     t = await trainCandidate({
@@ -316,6 +336,11 @@ async function trainPhase(ctx: Ctx): Promise<void> {
 /** `prepare.ts evaluate` of a checkpoint on val (decisions) or test (never decisions). */
 async function measure(ctx: Ctx, checkpointDir: string, split: "val" | "test") {
   const st = ctx.st;
+  const byWorker = split === "val" ? ctx.queue?.measured.get(checkpointDir) : undefined;
+  if (byWorker) {
+    ctx.queue!.measured.delete(checkpointDir);
+    return byWorker;
+  }
   let m: Awaited<ReturnType<typeof evaluateCheckpoint>>;
   try {
     m = await evaluateCheckpoint({
@@ -483,6 +508,7 @@ async function restoreBest(ctx: Ctx): Promise<void> {
 async function experiment(ctx: Ctx, kind: Kind): Promise<Status> {
   const st = ctx.st;
   const cur = newExperiment(st, kind, countRows(ctx.resultsText));
+  if (ctx.queue) startQueued(ctx.queue, cur.n);
   st.current = cur;
   save(ctx);
   const proposer = ctx.mode === "builtin" ? "built-in search" : ctx.mode === "agent" ? "agent" : "HEAD";
@@ -492,6 +518,7 @@ async function experiment(ctx: Ctx, kind: Kind): Promise<Status> {
   if (cur.phase === "committed") await trainPhase(ctx);
   if (cur.phase === "evaluating" || cur.phase === "confirming") await measureAndDecide(ctx);
   await logAndApply(ctx);
+  if (ctx.queue) await endQueued(ctx.queue);
   if (ctx.fatal) throw new Stop(EXIT.paused, ctx.fatal);
   return cur.row!.status;
 }
@@ -622,6 +649,7 @@ async function once(ctx: Ctx, baselinesRan: boolean): Promise<number> {
 }
 
 async function runLoop(ctx: Ctx): Promise<number> {
+  if (ctx.queue) return runQueued(ctx, ctx.queue);
   const { exit, ran } = await baselines(ctx);
   if (exit !== null) return exit;
   if (ctx.mode === "once") return once(ctx, ran);
@@ -688,10 +716,251 @@ function stopped(ctx: Ctx): number {
 }
 
 // ---------------------------------------------------------------------------
+// --queue: workers train, the loop decides (README, "More than one machine")
+// ---------------------------------------------------------------------------
+
+/** The queue, and its journal: a resumed session finds what it had in flight; a new one starts empty. */
+async function openQueue(url: string, tag: string, resumed: boolean): Promise<Queued> {
+  const Q = await import("./lib/queue.ts");
+  const journal = Q.readQueueJournal(ROOT, url, tag, !resumed);
+  Q.saveQueueJournal(ROOT, journal);
+  return {
+    Q, q: Q.openLoopQueue(url, say), journal, data: await Q.loopData(CACHE_ROOT), head: null, measured: new Map(),
+    jobIds: [],
+  };
+}
+
+/** Without --queue, the runs a queued session left in flight are not collected: say how. */
+async function warnInFlight(st: State): Promise<void> {
+  if (!existsSync(join(ROOT, ".autoresearch", "queue.json"))) return;
+  const n = (await import("./lib/queue.ts")).readQueueJournal(ROOT, "", st.tag).pending.length;
+  if (n > 0) say(`warning: ${n} run(s) of this session are in flight on workers: \`--queue <url>\` collects them`);
+}
+
+function saveJournal(qd: Queued): void {
+  qd.Q.saveQueueJournal(ROOT, qd.journal);
+}
+
+/** An experiment starts: the jobs of its runs are numbered by the dispatched run it decides, or a new number. */
+function startQueued(qd: Queued, n: number): void {
+  const j = qd.journal;
+  if (qd.head) {
+    qd.head.n = n;
+    j.currentSeq = qd.head.seq;
+  } else {
+    j.currentSeq = j.nextSeq++;
+  }
+  saveJournal(qd);
+}
+
+/** The experiment is decided: its jobs leave Redis, its side ref goes. */
+async function endQueued(qd: Queued): Promise<void> {
+  const j = qd.journal;
+  if (qd.head) {
+    j.pending = j.pending.filter((e) => e.seq !== qd.head!.seq);
+    git(["update-ref", "-d", qd.Q.sideRef(qd.head.seq)], { cwd: ROOT, allowFail: true });
+  }
+  j.currentSeq = null;
+  saveJournal(qd);
+  await qd.Q.removeJobs(qd.q, qd.jobIds.splice(0));
+}
+
+/**
+ * A dispatched candidate's turn: its commit becomes the branch's next one. Proposed from an older
+ * best (a run decided before it was kept), the same tree is committed on top of the current best:
+ * the code measured is the code kept, compared with the best of its turn.
+ */
+function adopt(ctx: Ctx, e: Pending): Proposal {
+  const cur = ctx.st.current!;
+  let c = e.candidate;
+  let description = e.description;
+  if (e.base !== cur.base) {
+    description = `${e.description} (from ${shortOf(ROOT, e.base)})`;
+    const tree = git(["rev-parse", `${c}^{tree}`], { cwd: ROOT });
+    c = commitAside(ROOT, { base: cur.base, tree, message: description });
+  }
+  resetTo(ROOT, c);
+  return { description, move: e.move, failure: null };
+}
+
+function jobData(ctx: Ctx, qd: Queued, commit: string, offset: number, env: Record<string, string>,
+  label: string): JobData {
+  const st = ctx.st;
+  return {
+    session: st.tag, seq: qd.journal.currentSeq ?? 0, offset, label, env,
+    trainTs: git(["show", `${commit}:${TRAIN}`], { cwd: ROOT }),
+    budgetS: st.settings.budgetSeconds, deadlineS: st.settings.budgetSeconds + ctx.flags.grace + ALLOWANCE_S,
+    task: st.task, primary: st.primary, harness: qd.Q.harnessOf(st.protected), data: qd.data,
+  };
+}
+
+/**
+ * One training run of the current candidate on a worker (the job dispatched ahead, or a new one ahead
+ * of the queued ones): its checkpoint and log land where a local run's would, and the worker's
+ * `prepare.ts evaluate` is what measure() reads for it.
+ */
+async function remoteRun(ctx: Ctx, qd: Queued, o: {
+  checkpointDir: string; offset: number; logName: string; label: string; env: Record<string, string>;
+  onSpawn: (pid: number) => void;
+}): Promise<Trained> {
+  const st = ctx.st;
+  const cur = st.current!;
+  const seq = qd.journal.currentSeq!;
+  const id = qd.Q.jobId(st.tag, seq, o.offset);
+  const head = qd.head && qd.head.offset === o.offset ? qd.head : null;
+  const data = { ...jobData(ctx, qd, cur.candidate!, o.offset, head?.env ?? o.env, o.label), seq };
+  const how = await qd.Q.ensureJob(qd.q, id, data, true);
+  qd.jobIds.push(id);
+  o.onSpawn(0);
+  status(ctx, `${o.label}: job ${id} ${how === "there" ? "(dispatched earlier)" : "queued"}`);
+  const r = await qd.Q.awaitJob(qd.q, id, data, { log: say, aborted: () => control.abort });
+  if (r === null) throw new Stop(EXIT.aborted, "aborted while a worker trained; `bun loop.ts --resume` collects it");
+  rmSync(o.checkpointDir, { recursive: true, force: true });
+  if ("failed" in r) {
+    return { ok: false, reason: `worker: ${r.failed}`, memoryGb: 0, trainSeconds: 0, imagesPerSecond: null };
+  }
+  writeAtomic(join(LOGS_DIR, o.logName), r.log);
+  try { appendFileSync(RUN_LOG, r.log); } catch { /* run.log is a convenience */ }
+  if (r.checkpoint) qd.Q.unpackCheckpoint(r.checkpoint, o.checkpointDir);
+  if (r.eval) qd.measured.set(o.checkpointDir, r.eval);
+  const crash = r.ok ? "" : `, crash: ${r.reason}`;
+  say(`${o.label}: trained on worker ${r.worker} (${r.trainSeconds.toFixed(0)} s${crash})`);
+  const ok = r.ok && r.checkpoint !== null;
+  const reason = r.ok && !ok ? "no checkpoint: the worker returned none" : r.reason;
+  return { ok, reason, memoryGb: r.memoryGb, trainSeconds: r.trainSeconds, imagesPerSecond: r.imagesPerSecond };
+}
+
+/** What to dispatch next, or why nothing: "max" (--max-experiments), "none" (the search is exhausted from here). */
+function nextRun(ctx: Ctx, qd: Queued, started: number):
+  Omit<Pending, "seq" | "env"> & { front: boolean } | "max" | "none" {
+  const st = ctx.st;
+  const pending = qd.journal.pending;
+  const count = (k: string) => pending.filter((e) => e.kind === k).length;
+  const baseRun = { description: "", move: null, front: false };
+  if (st.baselines.primaries.length + count("baseline") < st.baselines.wanted) {
+    const offset = st.baselines.primaries.length + count("baseline");
+    return { ...baseRun, kind: "baseline", base: st.sessionStart, candidate: st.sessionStart, offset };
+  }
+  const rb = st.rebaseline;
+  if (rb && rb.done + count("rebaseline") < rb.wanted) {
+    // Repeats of a kept structure change are part of that keep: decided before the runs in flight.
+    const offset = rb.metrics.length + count("rebaseline");
+    return { ...baseRun, kind: "rebaseline", base: rb.commit, candidate: rb.commit, offset, front: true };
+  }
+  if (ctx.flags.maxExperiments !== undefined && started >= ctx.flags.maxExperiments) return "max";
+  const base = st.best?.commit ?? st.sessionStart;
+  // Moves in flight count as tried: each worker gets another one.
+  const inFlight = pending.flatMap((e) => (e.move
+    ? [{ base: e.base, axis: e.move.axis, value: e.move.to, status: "queued" }] : []));
+  const p = proposeBuiltin(ROOT, BUN, { ...st, tried: [...st.tried, ...inFlight] }, base);
+  if (!p) return "none";
+  const candidate = commitAside(ROOT, { base, message: p.description });
+  resetTo(ROOT, base);
+  return { kind: "experiment", base, candidate, description: p.description, move: p.move, offset: 0, front: false };
+}
+
+/** Dispatch runs until every live worker slot has one. "max" / "none": nothing more to dispatch now. */
+async function fill(ctx: Ctx, qd: Queued, started: number): Promise<{ started: number; stop: "max" | "none" | null }> {
+  const j = qd.journal;
+  const slots = await qd.Q.liveSlots(qd.q);
+  while (j.pending.length < slots) {
+    const next = nextRun(ctx, qd, started);
+    if (next === "max" || next === "none") return { started, stop: next };
+    const { front, ...run } = next;
+    // Repeats are seeds after HP's own: the seed of HEAD's train.ts (the session start or the best, as dispatched).
+    const e: Pending = { ...run, seq: j.nextSeq++, env: runSeed(ctx, run.offset).env };
+    if (front) j.pending.unshift(e);
+    else j.pending.push(e);
+    git(["update-ref", qd.Q.sideRef(e.seq), e.candidate], { cwd: ROOT });
+    saveJournal(qd);
+    const label = e.kind === "experiment" ? e.description : `${e.kind} run (seed offset ${e.offset})`;
+    const data = { ...jobData(ctx, qd, e.candidate, e.offset, e.env, label), seq: e.seq };
+    await qd.Q.ensureJob(qd.q, qd.Q.jobId(ctx.st.tag, e.seq, e.offset), data, front);
+    say(`dispatched ${label} (job ${qd.Q.jobId(ctx.st.tag, e.seq, e.offset)}; ${j.pending.length} in flight, `
+      + `${slots} worker slot(s))`);
+    if (e.kind === "experiment") started++;
+  }
+  return { started, stop: null };
+}
+
+/**
+ * The loop with workers: runs are dispatched ahead (one per live worker slot) and decided one at a
+ * time in the order dispatched, each by experiment() as without workers. run.md False, Ctrl-C,
+ * --max-experiments or an exhausted search stop the dispatching; the runs in flight are still
+ * collected, decided and logged.
+ */
+async function runQueued(ctx: Ctx, qd: Queued): Promise<number> {
+  const st = ctx.st;
+  const j = qd.journal;
+  const before = j.pending.length;
+  j.pending = j.pending.filter((e) => e.n === undefined || e.n >= st.nextN); // decided before a kill
+  if (before > 0) {
+    let again = 0;
+    for (const e of j.pending) {
+      const data = { ...jobData(ctx, qd, e.candidate, e.offset, e.env, e.description || e.kind), seq: e.seq };
+      if (await qd.Q.ensureJob(qd.q, qd.Q.jobId(st.tag, e.seq, e.offset), data, false) === "added") again++;
+    }
+    say(`resume: ${j.pending.length} run(s) were in flight: ${j.pending.length - again} found in Redis, ${again} `
+      + "queued again");
+  }
+  saveJournal(qd);
+  let started = 0;
+  let stop: "max" | "none" | "runmd" | "signal" | null = null;
+  let waiting = false;
+  for (;;) {
+    if (stop === null && control.stop) stop = "signal";
+    if (stop === null && !runMdSaysGo(ROOT, say)) stop = "runmd";
+    if (stop === null || (stop === "none" && j.pending.length > 0)) {
+      const r = await fill(ctx, qd, started);
+      started = r.started;
+      if (r.stop === "max") say(`--max-experiments ${ctx.flags.maxExperiments} reached: no more runs dispatched`);
+      if (r.stop !== null) stop = r.stop;
+    }
+    if (j.pending.length === 0) {
+      if (stop === "signal") return stopped(ctx);
+      if (stop === "none") {
+        throw new Stop(EXIT.ok, "the built-in search has measured every value of HP_SPACE reachable from the "
+          + "current best: nothing left to try (widen HP_SPACE in train.ts, or use --agent)");
+      }
+      if (stop !== null) return EXIT.ok;
+      if (!waiting) {
+        say(`no worker is taking jobs from ${qd.q.url}: waiting (\`bun loop.ts worker --queue ${qd.q.url}\`)`);
+      }
+      waiting = true;
+      await Bun.sleep(1000);
+      continue;
+    }
+    waiting = false;
+    const e = j.pending[0]!;
+    qd.head = e;
+    let s: Status;
+    try {
+      s = await experiment(ctx, e.kind);
+    } finally {
+      qd.head = null;
+    }
+    if (e.kind === "baseline" && s === "crash") {
+      const why = st.current?.row?.description ?? "";
+      throw new Stop(EXIT.paused, `the baseline (the unmodified train.ts) crashed: ${why}. `
+        + "Fix the cause (see run.log), then `bun loop.ts --resume --queue <url>`.");
+    }
+    if (e.kind === "baseline" && st.baselines.primaries.length === st.baselines.wanted) baselineReport(st).forEach(say);
+    if (e.kind === "rebaseline") {
+      if (s === "crash") say("the re-baseline crashed: the noise floor stays as it was");
+      else rebaselineReport(st).forEach(say);
+    }
+    if (stop === "none" && s === "keep") stop = null; // a new best: new moves
+    const exit = await checkStreak(ctx);
+    if (exit !== null) return exit;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Main
 // ---------------------------------------------------------------------------
 
 async function main(argv: string[]): Promise<number> {
+  if (argv[2] === "worker") return (await import("./lib/worker.ts")).runWorker(ROOT, argv.slice(3));
   const flags = parseFlags(argv, ALLOWANCE_S);
   process.chdir(ROOT);
   const loopFiles = [RESULTS_FILE, RUN_LOG, STATE_FILE, join(LATEST_CHECKPOINT_DIR, "meta.json")];
@@ -705,7 +974,9 @@ async function main(argv: string[]): Promise<number> {
     const ctx: Ctx = {
       flags, mode: flags.once ? "once" : flags.agent !== undefined ? "agent" : "builtin",
       st, resultsText: "", fatal: null, warnedNoSummarizer: false, noTestSplit: null, hpSeeds: new Map(),
+      queue: flags.queue === undefined ? null : await openQueue(flags.queue, st.tag, resumed),
     };
+    if (!ctx.queue && resumed) await warnInFlight(st);
     if (st.baselines.wanted === 1 && (!resumed || flags.resume)) {
       say("warning: --baseline-runs 1 measures no noise (σ = 0): every gain, however small, is kept; "
         + "2 or more runs set a noise floor");
@@ -722,6 +993,7 @@ async function main(argv: string[]): Promise<number> {
       throw err;
     } finally {
       say(sessionReport(ctx.st));
+      await ctx.queue?.q.close();
     }
   } finally {
     release();

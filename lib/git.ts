@@ -8,11 +8,13 @@ export interface GitOptions {
   cwd?: string;
   /** Return the output even when git fails, instead of throwing. */
   allowFail?: boolean;
+  /** Extra environment (GIT_INDEX_FILE: a commit made beside the index). */
+  env?: Record<string, string | undefined>;
 }
 
 /** git's stdout (trailing newline trimmed); a failure throws `git <args>: <stderr>` unless allowFail. */
 export function git(args: string[], o: GitOptions = {}): string {
-  const r = Bun.spawnSync(["git", ...args], { cwd: o.cwd, stdout: "pipe", stderr: "pipe" });
+  const r = Bun.spawnSync(["git", ...args], { cwd: o.cwd, stdout: "pipe", stderr: "pipe", env: o.env });
   if (r.exitCode !== 0 && !o.allowFail) {
     throw new Error(`git ${args.join(" ")}: ${r.stderr.toString().trim() || `exit ${r.exitCode}`}`);
   }

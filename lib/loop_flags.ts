@@ -21,6 +21,7 @@ const Flags = type({
   "maxExperiments?": "number.integer >= 0",
   "seed?": "number.integer",
   summarize: "boolean",
+  "queue?": "string > 0",
 });
 export type Flags = typeof Flags.infer;
 
@@ -62,6 +63,8 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     .option("--max-experiments <n>", "stop after this many experiments (default: never)")
     .option("--seed <n>", `seed of the built-in proposer (default ${DEFAULTS.seed})`)
     .option("--no-summarize", "do not run summarize_results.ts after each experiment")
+    .option("--queue <url>", "train on workers (`bun loop.ts worker --queue <url>` on each machine) through "
+      + "Redis at redis://HOST:PORT; the loop keeps git, results.tsv and the journal")
     .action((options: Record<string, unknown>) => { raw = options; });
   cli.help();
   try {
@@ -82,7 +85,7 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     featuresTimeout: toNum(r.featuresTimeout), baselineRuns: toNum(r.baselineRuns), noiseSigmas: toNum(r.noiseSigmas),
     confirmRuns: toNum(r.confirmRuns), primary: r.primary === undefined ? undefined : String(r.primary),
     maxCrashStreak: toNum(r.maxCrashStreak), maxExperiments: toNum(r.maxExperiments), seed: toNum(r.seed),
-    summarize: r.summarize !== false,
+    summarize: r.summarize !== false, queue: r.queue === undefined ? undefined : String(r.queue),
   }).filter(([, v]) => v !== undefined));
   const flags = Flags(given);
   if (flags instanceof type.errors) throw new Stop(EXIT.refused, `loop.ts: ${flags.summary}`);
@@ -90,5 +93,24 @@ export function parseFlags(argv: string[], allowanceS: number): Flags {
     const why = "--once measures HEAD without a proposer; it cannot be combined with --agent";
     throw new Stop(EXIT.refused, `loop.ts: ${why}`);
   }
+  if (flags.queue !== undefined) {
+    const bad = checkUrl(flags.queue);
+    if (bad) throw new Stop(EXIT.refused, `loop.ts: ${bad}`);
+    if (flags.once || flags.agent !== undefined) {
+      throw new Stop(EXIT.refused, "loop.ts: --queue runs the built-in search on workers; it cannot be combined "
+        + "with --once or --agent yet");
+    }
+  }
   return flags;
+}
+
+/** `redis://HOST:PORT` checked: the one line a person sees for a typo. */
+export function checkUrl(url: string): string | null {
+  try {
+    const u = new URL(url);
+    if (u.protocol !== "redis:" && u.protocol !== "rediss:") return `--queue ${url}: not a redis:// URL`;
+    return null;
+  } catch {
+    return `--queue ${url}: not a URL (redis://HOST:PORT)`;
+  }
 }

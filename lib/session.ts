@@ -514,7 +514,9 @@ export function sessionReport(st: State): string {
   const vs = best !== null && base !== null
     ? `; best ${st.primary} ${best.toFixed(6)} vs baseline ${base.toFixed(6)} (${signed(best - base)})`
     : "";
+  // With workers (--queue) runs train side by side: more training than wall time, no overhead to speak of.
+  const time = overhead >= 0 ? `loop overhead ${overhead.toFixed(1)}s per run (time not spent in train.ts)`
+    : `${(t.trainSeconds / t.runs).toFixed(1)}s of training per run, side by side on workers`;
   return `session ${st.branch}: ${st.counts.experiments} experiments, ${st.counts.keeps} kept, `
-    + `${st.counts.discards} discarded, ${st.counts.crashes} crashed${vs}; `
-    + `loop overhead ${overhead.toFixed(1)}s per run (time not spent in train.ts)`;
+    + `${st.counts.discards} discarded, ${st.counts.crashes} crashed${vs}; ${time}`;
 }

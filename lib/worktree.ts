@@ -83,6 +83,29 @@ export function commitPaths(cwd: string, message: string, paths: string[]): void
   git([...identity, "commit", "-q", "--no-verify", "-m", message, "--", ...paths], { cwd });
 }
 
+/**
+ * A commit of `base` with `path` (relative to `cwd`) as it is in the working tree now, made
+ * without moving HEAD, the branch or the index: a candidate dispatched to a worker ahead of its turn.
+ * `tree` makes that tree a child of another commit (a candidate decided after a newer keep).
+ */
+export function commitAside(cwd: string, a: { base: string; path?: string; message: string; tree?: string }): string {
+  const anonymous = git(["config", "user.email"], { cwd, allowFail: true }) === "";
+  const identity = anonymous ? ["-c", "user.name=autoresearch", "-c", "user.email=autoresearch@localhost"] : [];
+  let tree = a.tree;
+  if (tree === undefined) {
+    const index = resolve(cwd, git(["rev-parse", "--git-path", `aside-index-${process.pid}`], { cwd }));
+    const env = { ...process.env, GIT_INDEX_FILE: index };
+    try {
+      git(["read-tree", a.base], { cwd, env });
+      git(["add", "--", a.path ?? TRAIN], { cwd, env });
+      tree = git(["write-tree"], { cwd, env });
+    } finally {
+      rmSync(index, { force: true });
+    }
+  }
+  return git([...identity, "commit-tree", tree, "-p", a.base, "-m", a.message], { cwd });
+}
+
 /** Changes in the working tree, untracked files included, ignored files not. */
 export function dirtyPaths(cwd: string): string[] {
   const lines = git(["status", "--porcelain", "--untracked-files=all"], { cwd }).split("\n").filter(Boolean);
