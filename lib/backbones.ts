@@ -487,7 +487,8 @@ async function npmArtifacts(pkg: string, file: string): Promise<Artifacts> {
   const a = await readArtifactsDir(dirname(path), basename(path));
   const need = groupBytes(a.json).reduce((x, y) => x + y, 0);
   if (a.weightData.byteLength !== need) {
-    throw new Error(`${path}: weights have ${a.weightData.byteLength} bytes, the model needs ${need} (damaged package)`);
+    const got = a.weightData.byteLength;
+    throw new Error(`${path}: weights have ${got} bytes, the model needs ${need} (damaged package)`);
   }
   return a;
 }
@@ -831,9 +832,10 @@ export interface FeatureCache {
 }
 
 export function featureCachePath(
-  ds: Pick<Dataset, "dir">, backbone: Pick<Backbone, "spec" | "inputSize" | "unfrozenBlocks">,
+  ds: Pick<Dataset, "dir">, backbone: Pick<Backbone, "spec" | "inputSize"> & { unfrozenBlocks?: number },
 ): string {
-  const part = backbone.unfrozenBlocks > 0 ? `-frozen-to-${backbone.spec.blockEnds![backbone.unfrozenBlocks - 1]}` : "";
+  const k = backbone.unfrozenBlocks ?? 0;
+  const part = k > 0 ? `-frozen-to-${backbone.spec.blockEnds![k - 1]}` : "";
   return join(ds.dir, `features-${backbone.spec.name}-${backbone.inputSize}${part}.f32`);
 }
 
@@ -933,10 +935,20 @@ export async function datasetFeatures(
  * clock), and train.ts's startRun calls it again and finds the features cached.
  */
 export async function backboneWithFeatures(
-  ds: Dataset, name: string, o: { inputSize?: number; log?: (l: string) => void } = {},
+  ds: Dataset, name: string, o: { inputSize?: number; unfreezeBlocks?: number; log?: (l: string) => void } = {},
 ): Promise<{ backbone: Backbone; features: FeatureCache }> {
-  const backbone = await loadBackbone(name, { inputSize: o.inputSize, ...(o.log ? { log: o.log } : {}) });
+  const backbone = await loadBackbone(name, {
+    inputSize: o.inputSize, unfreezeBlocks: o.unfreezeBlocks, ...(o.log ? { log: o.log } : {}),
+  });
   return { backbone, features: await datasetFeatures(ds, backbone, { log: o.log }) };
+}
+
+/**
+ * The fine-tuned blocks and the head as one model, [B, frozen features] → the head's outputs: what
+ * a fine-tuned checkpoint holds, and what backbonePredictor runs over the frozen part's features.
+ */
+export function blocksAndHead(blocks: tf.LayersModel, head: tf.LayersModel): tf.LayersModel {
+  return tf.model({ inputs: blocks.inputs, outputs: head.apply(blocks.outputs[0]!) as tf.SymbolicTensor[] });
 }
 
 /** Cached features of dataset rows `indices`, as a [B, D] tensor. */
@@ -968,9 +980,14 @@ export function backbonePredictor(head: tf.LayersModel, bb: Backbone, cache?: Fe
 /** Human-readable line for meta.notes and logs. */
 export function describeBackbone(bb: Backbone): string {
   const weights = bb.spec.imagenet ? "ImageNet" : bb.spec.weights;
-  return `frozen backbone ${bb.id}: ${bb.spec.title}; input ${bb.inputSize}x${bb.inputSize}, ` +
-    `pixels scaled to [${bb.spec.inputRange.join(", ")}]; weights ${weights} (sha256 ${bb.weightsId}…); ` +
-    `the checkpoint holds only the head over ${bb.featureDim}-d pooled features`;
+  const k = bb.unfrozenBlocks;
+  const holds = k > 0
+    ? `the checkpoint holds the last ${k} block(s), fine-tuned, and the head; the frozen part ends at ` +
+      `${bb.spec.blockEnds![k - 1]} (its ${bb.featureDim}-value feature maps are what is cached)`
+    : `the checkpoint holds only the head over ${bb.featureDim}-d pooled features`;
+  return `${k > 0 ? "partly fine-tuned" : "frozen"} backbone ${bb.id}: ${bb.spec.title}; input ` +
+    `${bb.inputSize}x${bb.inputSize}, pixels scaled to [${bb.spec.inputRange.join(", ")}]; weights ${weights} ` +
+    `(sha256 ${bb.weightsId}…); ${holds}`;
 }
 
 /** Temp folders of downloads whose process is gone (killed mid-download): never a valid cache. */
