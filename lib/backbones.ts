@@ -14,6 +14,12 @@
  *   NOT ImageNet weights: it started from ImageNet, but every layer we use was then trained on
  *   their task. Ships inside the package as base64 JS (uint8-quantized, 2.6 MB), so it needs no
  *   network. nsfwjs feeds it pixels scaled to [0, 1], so that is the range used here.
+ * - "coco-centernet-mobilenetv3" (offline, from the npm package @vladmandic/human, MIT): a CenterNet
+ *   object detector on MobileNetV3 trained on COCO's 80 classes (bottle, cup, laptop, phone, fruit,
+ *   …: what people throw away), a tfjs graph model (float16, 4 MB). Fed unscaled RGB [0, 255], as
+ *   human feeds it. Fully convolutional: any side that is a multiple of 32 runs once the neck's
+ *   three upsampling sizes (baked in for 512) are rewritten. Features: three nodes pooled and
+ *   concatenated (the registry entry says which).
  * - "mobilenet-v2-imagenet" (online): Google's ImageNet MobileNetV2 1.0/224 from TF Hub, tfjs graph
  *   format (the model @tensorflow-models/mobilenet loads), input [0, 1], fixed 224×224 input.
  * - "mobilenet-v1-imagenet" (online): Google's ImageNet MobileNetV1 1.0/224, tfjs layers format
@@ -26,6 +32,11 @@
  * Features are the last conv block's output, global-average-pooled (1280-d for MobileNetV2). A
  * layers model runs at another input size by rebuilding it from its JSON with a new input shape,
  * cut at the feature layer, and copying the weights layer by layer.
+ *
+ * Fine-tuning (loadBackbone's unfreezeBlocks k > 0, a layers model with spec.blockEnds): the
+ * backbone is cut k blocks short of the end; its feature maps (flattened, not pooled) are what
+ * features() returns and the cache holds, and trainableBlocks() gives the last k blocks as a
+ * model of their own with the pretrained weights, for train.ts to train with its head.
  *
  * Feature cache: <dataset dir>/features-<name>-<size>.f32 (+ .json), computed from the ORIGINAL
  * source images decoded at the backbone's input size with decodeToRgb (the image cache is only
@@ -122,7 +133,8 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
     imagenet: false,
     weights: "trained for COCO 2017 object detection (80 classes: bottle, cup, laptop, phone, banana, …) " +
       "by github.com/610265158/mobilenetv3_centernet; converted to tfjs (float16) by @vladmandic/human",
-    license: "MIT (@vladmandic/human); model from github.com/610265158/mobilenetv3_centernet",
+    // The upstream repository names no licence of its own; the npm package that ships the files is MIT.
+    license: "MIT (@vladmandic/human, which ships the files); model from github.com/610265158/mobilenetv3_centernet",
     format: "graph",
     source: { kind: "npm", package: "@vladmandic/human", file: "models/centernet.json" },
     featureNode: [
@@ -839,9 +851,14 @@ export function featureCachePath(
   return join(ds.dir, `features-${backbone.spec.name}-${backbone.inputSize}${part}.f32`);
 }
 
-/** What the feature cache records as the backbone: its id, and where a frozen part for fine-tuning ends. */
+/**
+ * What the feature cache records as the backbone: its id, the nodes pooled when there are several
+ * (another choice of nodes is other features), and where a frozen part for fine-tuning ends.
+ */
 function cachedAs(bb: Backbone): string {
-  return bb.unfrozenBlocks > 0 ? `${bb.id} frozen to ${bb.spec.blockEnds![bb.unfrozenBlocks - 1]}` : bb.id;
+  const nodes = typeof bb.spec.featureNode === "string" ? "" : ` nodes ${bb.spec.featureNode.join("+")}`;
+  const frozen = bb.unfrozenBlocks > 0 ? ` frozen to ${bb.spec.blockEnds![bb.unfrozenBlocks - 1]}` : "";
+  return `${bb.id}${nodes}${frozen}`;
 }
 
 /**
