@@ -126,7 +126,7 @@ function buildModel(featureDim: number | null): { train: tf.LayersModel; infer: 
 }
 
 const { train: model, infer } = buildModel(run.headDim);
-const numParams = infer.countParams();
+const numParams = infer.countParams() + (blocks?.countParams() ?? 0);
 console.log(`backend: ${backendLabel()}  params: ${numParams}  budget: ${budget}s  hp: ${JSON.stringify(hp)}`);
 
 // ---------------------------------------------------------------------------

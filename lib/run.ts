@@ -15,7 +15,7 @@
  */
 import { type } from "arktype";
 import { cac } from "cac";
-import * as tf from "@tensorflow/tfjs";
+import type * as tf from "@tensorflow/tfjs";
 import {
   TIME_BUDGET, describeDataset, evaluate, loadCache, peakMemoryMb, printFooter, type Dataset,
 } from "../prepare.ts";
