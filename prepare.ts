@@ -15,6 +15,7 @@
  *   bun prepare.ts evaluate --model checkpoints/latest      # re-measure a saved checkpoint on val
  *   bun prepare.ts evaluate --model DIR --split test        # ... on test, which no keep decision reads
  *   bun prepare.ts features --backbone nsfwjs-mobilenetv2 --size 224   # cache a backbone's features
+ *   bun prepare.ts features --backbone nsfwjs-mobilenetv2 --unfreeze 1  # ... of its frozen part (fine-tuning)
  *
  * Environment: AR_CACHE (cache root), AR_TASK / AR_SOURCE / AR_POSITIVE (defaults for the flags),
  * AR_BACKEND (see lib/backend.ts).
@@ -926,11 +927,15 @@ async function featuresCommand(raw: Record<string, unknown>): Promise<void> {
   if (size !== undefined && !Number.isInteger(size)) {
     throw new Error(`prepare.ts features: --size ${String(raw.size)} is not a whole number`);
   }
+  const unfreezeBlocks = raw.unfreeze === undefined ? undefined : Number(raw.unfreeze);
+  if (unfreezeBlocks !== undefined && !Number.isInteger(unfreezeBlocks)) {
+    throw new Error(`prepare.ts features: --unfreeze ${String(raw.unfreeze)} is not a whole number`);
+  }
   const { initBackend } = await import("./lib/backend.ts");
   const { backboneWithFeatures, describeBackbone } = await import("./lib/backbones.ts");
   await initBackend();
   const ds = await loadCache();
-  const { backbone, features } = await backboneWithFeatures(ds, raw.backbone, { inputSize: size });
+  const { backbone, features } = await backboneWithFeatures(ds, raw.backbone, { inputSize: size, unfreezeBlocks });
   console.log(describeBackbone(backbone));
   console.log(`features ready: ${features.n} rows of ${backbone.id} in ${features.path}`);
 }
@@ -957,6 +962,7 @@ async function main(): Promise<void> {
   cli.command("features", "download a frozen backbone and cache its features of the active dataset")
     .option("--backbone <name>", "backbone name (lib/backbones.ts BACKBONE_NAMES)")
     .option("--size <pixels>", "backbone input side (default: the backbone's own)")
+    .option("--unfreeze <k>", "fine-tuning: cache the frozen part's feature maps, k blocks short of the end")
     .action((raw: Record<string, unknown>) => featuresCommand(raw));
   cli.help();
   cli.parse(process.argv, { run: false });

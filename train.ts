@@ -10,7 +10,9 @@
  * HP.backbone picks the model: "none" trains the CNN below from scratch on the cached 64×64 pixels;
  * a backbone name (lib/backbones.ts) trains a small head on that frozen pretrained network's
  * features, computed once from the original photos at HP.backboneSize and cached next to the image
- * cache (before the training timer starts; `feature_seconds:` says how long that took).
+ * cache (before the training timer starts; `feature_seconds:` says how long that took). With
+ * HP.unfreezeBlocks k > 0 the backbone's last k blocks train too: what is cached is the frozen
+ * part's feature maps, and run.blocks (pretrained, trainable) runs on them inside the gradient tape.
  * Everything around the research (flags, data, evaluation, checkpoint, footer) is lib/run.ts.
  * It ends with the footer (val_accuracy: … backend: …) and a checkpoint in checkpoints/latest/
  * (or --checkpoint DIR). The loop does not trust the footer: it re-measures the checkpoint with
@@ -20,7 +22,7 @@ import * as tf from "@tensorflow/tfjs";
 import { trainBatches } from "./prepare.ts";
 import { backendLabel } from "./lib/backend.ts";
 import { inputConvFilters, withoutInputGradients } from "./lib/wasm_kernels.ts";
-import { BACKBONE_NAMES, featureRows, type BackboneName } from "./lib/backbones.ts";
+import { BACKBONE_NAMES, featureRows, fineTunable, type BackboneName } from "./lib/backbones.ts";
 import { augmentedBatch } from "./lib/augment.ts";
 import { finishRun, hpSpace, startRun } from "./lib/run.ts";
 
@@ -34,6 +36,7 @@ export const HP = {
   backbone: "none" as Backbone, // "none" (CNN from scratch) or a frozen pretrained backbone, see HP_SPACE
   backboneSize: 224, // backbone input side in pixels (features are computed once per size and cached)
   featureDropout: 0.2, // backbone only: dropout on the input features (feature-space augmentation)
+  unfreezeBlocks: 0, // backbone only: fine-tune its last 0, 1 or 2 blocks (a layers-model backbone, see HP_SPACE)
   width: 16, // channels of the first conv block; each block doubles it
   depth: 3, // conv blocks
   hidden: 64, // units of the dense layer before the heads
@@ -60,6 +63,7 @@ export const HP_SPACE = hpSpace(HP, {
   backbone: ["none", ...BACKBONE_NAMES],
   // Training from scratch these axes do nothing, so they keep one value and the proposer skips them.
   ...(HP.backbone === "none" ? {} : { backboneSize: [96, 128, 160, 224], featureDropout: [0, 0.1, 0.2, 0.3, 0.5] }),
+  ...(fineTunable(HP.backbone) ? { unfreezeBlocks: [0, 1, 2] } : {}),
   width: [8, 12, 16, 24, 32],
   depth: [2, 3, 4],
   hidden: [32, 64, 128],
@@ -78,7 +82,7 @@ export const HP_SPACE = hpSpace(HP, {
 
 // Flags, AR_HP, the dataset and (with a backbone) its cached features: lib/run.ts.
 const run = await startRun(HP, HP_SPACE);
-const { hp, ds, budget, features } = run;
+const { hp, ds, budget, features, blocks } = run;
 
 // ---------------------------------------------------------------------------
 // Model
@@ -121,8 +125,8 @@ function buildModel(featureDim: number | null): { train: tf.LayersModel; infer: 
   return { train: tf.model({ inputs: input, outputs }), infer: tf.model({ inputs: input, outputs: inferOutputs }) };
 }
 
-const { train: model, infer } = buildModel(features?.dim ?? null);
-const numParams = infer.countParams();
+const { train: model, infer } = buildModel(run.headDim);
+const numParams = infer.countParams() + (blocks?.countParams() ?? 0);
 console.log(`backend: ${backendLabel()}  params: ${numParams}  budget: ${budget}s  hp: ${JSON.stringify(hp)}`);
 
 // ---------------------------------------------------------------------------
@@ -153,6 +157,9 @@ const rand = () => ((seed = (seed * 1664525 + 1013904223) >>> 0) / 2 ** 32);
 
 /** The training input of dataset rows `indices`: cached backbone features, or augmented pixels. */
 function batchInput(indices: Int32Array): tf.Tensor {
+  // Fine-tuned blocks keep their pretrained batchnorm statistics (training: false): a batch is too
+  // small to re-estimate them; their weights still get gradients, as this runs inside the tape.
+  if (features && blocks) return blocks.apply(featureRows(features, indices), { training: false }) as tf.Tensor;
   if (features) return featureRows(features, indices);
   // Flip and shift as one index map from the uint8 cache: no mirrorPad/reverse/slice kernels, no read-back.
   return augmentedBatch(ds, indices, hp, rand);
@@ -187,14 +194,13 @@ while (trainingSeconds < budget) {
   epoch = e;
   optimizer.learningRate = learningRate(Math.min(1, trainingSeconds / budget));
   const lossValue = tf.tidy(() => {
-    const x = batchInput(indices);
     const labels = tf.oneHot(tf.tensor1d(Array.from(indices, (i: number) => ds.labels[i]!), "int32"), ds.numClasses);
     const targetYields = tf.tensor2d(Array.from(indices, (i: number) => ds.yields[i]!), [indices.length, 1]);
     const exampleWeights = hp.classWeight > 0
       ? tf.tensor1d(Array.from(indices, (i: number) => classWeights[ds.labels[i]!]!)) : undefined;
     // No input gradient for the first conv: its input is the image batch, nothing upstream learns.
     const loss = withoutInputGradients(inputConvs, () => optimizer.minimize(() => {
-      const outs = model.apply(x, { training: true }) as tf.Tensor | tf.Tensor[];
+      const outs = model.apply(batchInput(indices), { training: true }) as tf.Tensor | tf.Tensor[];
       const [logits, yieldPred] = Array.isArray(outs) ? outs : [outs];
       let l = tf.losses.softmaxCrossEntropy(labels, logits!, exampleWeights, hp.labelSmoothing);
       if (yieldPred) l = tf.add(l, tf.mul(hp.yieldLossWeight, tf.losses.meanSquaredError(targetYields, yieldPred)));

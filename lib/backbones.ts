@@ -14,6 +14,12 @@
  *   NOT ImageNet weights: it started from ImageNet, but every layer we use was then trained on
  *   their task. Ships inside the package as base64 JS (uint8-quantized, 2.6 MB), so it needs no
  *   network. nsfwjs feeds it pixels scaled to [0, 1], so that is the range used here.
+ * - "coco-centernet-mobilenetv3" (offline, from the npm package @vladmandic/human, MIT): a CenterNet
+ *   object detector on MobileNetV3 trained on COCO's 80 classes (bottle, cup, laptop, phone, fruit,
+ *   …: what people throw away), a tfjs graph model (float16, 4 MB). Fed unscaled RGB [0, 255], as
+ *   human feeds it. Fully convolutional: any side that is a multiple of 32 runs once the neck's
+ *   three upsampling sizes (baked in for 512) are rewritten. Features: three nodes pooled and
+ *   concatenated (the registry entry says which).
  * - "mobilenet-v2-imagenet" (online): Google's ImageNet MobileNetV2 1.0/224 from TF Hub, tfjs graph
  *   format (the model @tensorflow-models/mobilenet loads), input [0, 1], fixed 224×224 input.
  * - "mobilenet-v1-imagenet" (online): Google's ImageNet MobileNetV1 1.0/224, tfjs layers format
@@ -27,6 +33,11 @@
  * layers model runs at another input size by rebuilding it from its JSON with a new input shape,
  * cut at the feature layer, and copying the weights layer by layer.
  *
+ * Fine-tuning (loadBackbone's unfreezeBlocks k > 0, a layers model with spec.blockEnds): the
+ * backbone is cut k blocks short of the end; its feature maps (flattened, not pooled) are what
+ * features() returns and the cache holds, and trainableBlocks() gives the last k blocks as a
+ * model of their own with the pretrained weights, for train.ts to train with its head.
+ *
  * Feature cache: <dataset dir>/features-<name>-<size>.f32 (+ .json), computed from the ORIGINAL
  * source images decoded at the backbone's input size with decodeToRgb (the image cache is only
  * 64×64); synthetic and CIFAR datasets have no files, so their cached pixels are upsampled. The
@@ -35,7 +46,8 @@
  */
 import { existsSync, readFileSync } from "node:fs";
 import { readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { join, resolve } from "node:path";
+import { createRequire } from "node:module";
+import { basename, dirname, join, resolve } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
 import { replaceDirAtomic, writeAtomic } from "./atomic.ts";
@@ -47,7 +59,9 @@ import { decodeToRgb, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./images
 // The registry
 // ---------------------------------------------------------------------------
 
-export const BACKBONE_NAMES = ["nsfwjs-mobilenetv2", "mobilenet-v2-imagenet", "mobilenet-v1-imagenet"] as const;
+export const BACKBONE_NAMES = [
+  "nsfwjs-mobilenetv2", "coco-centernet-mobilenetv3", "mobilenet-v2-imagenet", "mobilenet-v1-imagenet",
+] as const;
 export type BackboneName = (typeof BACKBONE_NAMES)[number];
 
 /** Where a URL backbone's files live: `${base}${file}${query}` for model.json and each shard. */
@@ -63,15 +77,34 @@ export interface BackboneSpec {
   weights: string;
   license: string;
   format: "layers" | "graph";
-  source: { kind: "nsfwjs" } | { kind: "url"; mirrors: Mirror[]; pinned?: PinnedFile[] };
-  /** layers: the layer whose output is pooled; graph: the node executed. */
-  featureNode: string;
+  source:
+    | { kind: "nsfwjs" }
+    /** model.json + its shards shipped inside an installed npm package (`file` is the json's path in it). */
+    | { kind: "npm"; package: string; file: string }
+    | { kind: "url"; mirrors: Mirror[]; pinned?: PinnedFile[] };
+  /**
+   * layers: the layer whose output is pooled; graph: the node(s) executed, each global-average-pooled
+   * (a feature map) and concatenated in this order.
+   */
+  featureNode: string | readonly string[];
   featureDim: number;
   nativeSize: number;
-  /** Layers models can be rebuilt for another input size; graph models keep their own. */
+  /**
+   * Layers models can be rebuilt for another input size; a graph model only when `sizeConstants`
+   * says how its baked-in shapes follow the input side.
+   */
   resizable: boolean;
   /** Pixel values [0, 1] are mapped linearly to this range before the model. */
   inputRange: readonly [number, number];
+  /** The input side must be a multiple of this (the strides of a fully convolutional graph). */
+  sizeStep?: number;
+  /** graph: int32 [h, w] constants that are the input side divided by this (upsampling targets). */
+  sizeConstants?: Readonly<Record<string, number>>;
+  /**
+   * layers: where the frozen part ends when the last k blocks are fine-tuned (entry k-1), from the
+   * top down; absent: the backbone is frozen whole.
+   */
+  blockEnds?: readonly string[];
 }
 
 const TFHUB_MOBILENET_V2 = "google/imagenet/mobilenet_v2_100_224/classification/2/";
@@ -91,6 +124,35 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
     nativeSize: 224,
     resizable: true,
     inputRange: [0, 1], // nsfwjs's own preprocessing: img / 255
+    // Unfreezing 1: block_16 + Conv_1 train (block_16 has no residual); 2: block_15 as well.
+    blockEnds: ["block_15_add", "block_14_add"],
+  },
+  "coco-centernet-mobilenetv3": {
+    name: "coco-centernet-mobilenetv3",
+    title: "CenterNet object detector on MobileNetV3, COCO (from the npm package @vladmandic/human, offline)",
+    imagenet: false,
+    weights: "trained for COCO 2017 object detection (80 classes: bottle, cup, laptop, phone, banana, …) " +
+      "by github.com/610265158/mobilenetv3_centernet; converted to tfjs (float16) by @vladmandic/human",
+    // The upstream repository names no licence of its own; the npm package that ships the files is MIT.
+    license: "MIT (@vladmandic/human, which ships the files); model from github.com/610265158/mobilenetv3_centernet",
+    format: "graph",
+    source: { kind: "npm", package: "@vladmandic/human", file: "models/centernet.json" },
+    featureNode: [
+      "tower_0/extern1/hard_swish/mul_1", // the backbone's last stage, stride 32, 480 channels
+      "tower_0/CenternetHead/mul", // the neck's features the detection heads read, stride 4, 128 channels
+      "tower_0/keypoints", // the 80 class heatmaps (sigmoid), pooled: "how much of each COCO class"
+    ],
+    featureDim: 480 + 128 + 80,
+    nativeSize: 512,
+    resizable: true,
+    inputRange: [0, 255], // @vladmandic/human feeds it unscaled RGB; in [0, 1] its detections are nonsense
+    sizeStep: 32,
+    // The neck upsamples stride 32 → 16 → 8 → 4 to sizes baked in for a 512 input.
+    sizeConstants: {
+      "tower_0/CenternetHead/c5_upsample/up_sampling2d/mul": 16,
+      "tower_0/CenternetHead/c4_upsample/up_sampling2d_1/mul": 8,
+      "tower_0/CenternetHead/c3_upsample/up_sampling2d_2/mul": 4,
+    },
   },
   "mobilenet-v2-imagenet": {
     name: "mobilenet-v2-imagenet",
@@ -132,6 +194,7 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
     nativeSize: 224,
     resizable: true,
     inputRange: [-1, 1], // Keras MobileNet preprocessing
+    blockEnds: ["conv_pw_12_relu", "conv_pw_11_relu"],
   },
 };
 
@@ -335,8 +398,8 @@ async function verifyDir(dir: string): Promise<FilesManifest> {
   return m;
 }
 
-async function readArtifactsDir(dir: string): Promise<Artifacts> {
-  const json = parseModelJson(JSON.parse(await readFile(join(dir, "model.json"), "utf8")), join(dir, "model.json"));
+async function readArtifactsDir(dir: string, file = "model.json"): Promise<Artifacts> {
+  const json = parseModelJson(JSON.parse(await readFile(join(dir, file), "utf8")), join(dir, file));
   const paths = json.weightsManifest.flatMap((g) => g.paths).map((p) => join(dir, safePath(p)));
   const parts = await Promise.all(paths.map(async (p) => new Uint8Array(await readFile(p))));
   return { json, weightData: concat(parts) };
@@ -409,6 +472,81 @@ async function nsfwjsArtifacts(): Promise<Artifacts> {
 }
 
 // ---------------------------------------------------------------------------
+// Offline backbones shipped as model files inside an npm package
+// ---------------------------------------------------------------------------
+
+const PackageJson = type({ name: "string" });
+
+/** The folder of an installed npm package: up from its resolved entry point to its package.json. */
+function packageRoot(pkg: string): string {
+  let entry: string;
+  try { entry = createRequire(import.meta.url).resolve(pkg); } catch {
+    throw new Error(`npm package ${pkg} is not installed (run npm install)`);
+  }
+  for (let dir = dirname(entry); dir !== dirname(dir); dir = dirname(dir)) {
+    const pj = join(dir, "package.json");
+    if (!existsSync(pj)) continue;
+    const parsed = PackageJson(JSON.parse(readFileSync(pj, "utf8")));
+    if (!(parsed instanceof type.errors) && parsed.name === pkg) return dir;
+  }
+  throw new Error(`npm package ${pkg}: no package.json above ${entry}`);
+}
+
+/** model.json and its shards from an installed package: no network; sizes checked against the manifest. */
+async function npmArtifacts(pkg: string, file: string): Promise<Artifacts> {
+  const path = join(packageRoot(pkg), safePath(file));
+  if (!existsSync(path)) throw new Error(`${path}: missing from the installed package ${pkg}`);
+  const a = await readArtifactsDir(dirname(path), basename(path));
+  const need = groupBytes(a.json).reduce((x, y) => x + y, 0);
+  if (a.weightData.byteLength !== need) {
+    const got = a.weightData.byteLength;
+    throw new Error(`${path}: weights have ${got} bytes, the model needs ${need} (damaged package)`);
+  }
+  return a;
+}
+
+/**
+ * A graph model's artifacts for input side `size`: the input placeholder takes any batch and
+ * `size`×`size`, and the int32 [h, w] constants of `sizeConstants` become size / divisor.
+ */
+function graphForSize(a: Artifacts, size: number, consts: Readonly<Record<string, number>>): Artifacts {
+  const json = structuredClone(a.json);
+  const checked = GraphTopology(json.modelTopology);
+  if (checked instanceof type.errors) throw new Error(`not a graph model topology: ${checked.summary}`);
+  // The same object, now known to have that shape: edited in place.
+  const topo = json.modelTopology as typeof GraphTopology.infer;
+  for (const node of topo.node) {
+    if (node.op !== "Placeholder") continue;
+    const dims = node.attr?.shape?.shape?.dim;
+    if (dims?.length === 4) dims.splice(0, 3, { size: "-1" }, { size: String(size) }, { size: String(size) });
+  }
+  const weightData = a.weightData.slice(0);
+  let offset = 0;
+  const found = new Set<string>();
+  for (const w of json.weightsManifest.flatMap((g) => g.weights)) {
+    const divisor = consts[w.name];
+    if (divisor !== undefined) {
+      if (w.dtype !== "int32" || w.quantization || w.shape.join() !== "2") {
+        throw new Error(`constant ${w.name} is not an int32 [h, w] pair`);
+      }
+      new Int32Array(weightData, offset, 2).set([size / divisor, size / divisor]);
+      found.add(w.name);
+    }
+    offset += bytesOf(w);
+  }
+  const missing = Object.keys(consts).filter((k) => !found.has(k));
+  if (missing.length) throw new Error(`size constants not in the model: ${missing.join(", ")}`);
+  return { json, weightData };
+}
+
+const GraphTopology = type({
+  node: type({
+    name: "string", op: "string",
+    "attr?": { "shape?": { "shape?": { "dim?": type({ size: "string" }).array() } } },
+  }).array(),
+});
+
+// ---------------------------------------------------------------------------
 // Building the feature extractor
 // ---------------------------------------------------------------------------
 
@@ -474,6 +612,51 @@ async function layersTrunk(a: Artifacts, cut: string, size: number, nativeSize: 
   }
 }
 
+/**
+ * The layers after `from` up to `to` as a model of their own, fed `from`'s output map flattened
+ * ([B, h·w·c]) and ending in global average pooling: the blocks fine-tuning trains. The JSON is
+ * rebuilt with an input + reshape in place of `from`, and the pretrained weights copied in.
+ */
+async function layersBlocks(a: Artifacts, from: string, to: string, map: readonly number[]): Promise<tf.LayersModel> {
+  const full = await tf.loadLayersModel(tf.io.fromMemory({
+    modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs: weightSpecsOf(a),
+    weightData: a.weightData,
+  }));
+  try {
+    const topo = a.json.modelTopology as Record<string, unknown>;
+    const cfg = KerasFunctional(structuredClone(topo.model_config ?? topo));
+    if (cfg instanceof type.errors) throw new Error(`not a functional Keras model (${cfg.summary})`);
+    const frozen = ancestors(cfg.config.layers, from);
+    const keep = ancestors(cfg.config.layers, to);
+    const blocks = cfg.config.layers.filter((l) => keep.has(l.name) && !frozen.has(l.name));
+    // References to the frozen part's last layer now read the reshaped input instead.
+    const rewire = (n: unknown): unknown => Array.isArray(n)
+      ? (n[0] === from ? [BLOCKS_MAP, 0, 0, n[3] ?? {}] : n.map(rewire)) : n;
+    for (const l of blocks) l.inbound_nodes = l.inbound_nodes.map(rewire);
+    const D = map.reduce((x, y) => x * y, 1);
+    cfg.config.layers = [
+      { name: BLOCKS_INPUT, class_name: "InputLayer", inbound_nodes: [],
+        config: { batch_input_shape: [null, D], dtype: "float32", sparse: false, name: BLOCKS_INPUT } },
+      { name: BLOCKS_MAP, class_name: "Reshape", inbound_nodes: [[[BLOCKS_INPUT, 0, 0, {}]]],
+        config: { name: BLOCKS_MAP, trainable: true, dtype: "float32", target_shape: [...map] } },
+      ...blocks,
+      { name: BLOCKS_POOL, class_name: "GlobalAveragePooling2D", inbound_nodes: [[[to, 0, 0, {}]]],
+        config: { name: BLOCKS_POOL, trainable: true, dtype: "float32", data_format: "channels_last" } },
+    ];
+    cfg.config.input_layers = [[BLOCKS_INPUT, 0, 0]];
+    cfg.config.output_layers = [[BLOCKS_POOL, 0, 0]];
+    const modelTopology = { class_name: cfg.class_name, config: cfg.config } as unknown as tf.serialization.ConfigDict;
+    const model = await tf.models.modelFromJSON({ modelTopology });
+    for (const layer of model.layers) {
+      if (layer.weights.length > 0) layer.setWeights(full.getLayer(layer.name).getWeights());
+    }
+    return model;
+  } finally {
+    full.dispose();
+  }
+}
+const BLOCKS_INPUT = "frozen_features", BLOCKS_MAP = "frozen_map", BLOCKS_POOL = "blocks_pool";
+
 export interface Backbone {
   /** "name@size": recorded in checkpoints (meta.backbone) and in the feature cache key. */
   readonly id: string;
@@ -482,14 +665,27 @@ export interface Backbone {
   readonly featureDim: number;
   /** sha256 (first 16 hex) of the weight bytes: a change of weights invalidates cached features. */
   readonly weightsId: string;
+  /**
+   * Fine-tuning: how many of the last blocks are NOT in this (frozen) part. 0: the whole backbone,
+   * features pooled. k > 0: features() stops where spec.blockEnds[k-1] says and returns that
+   * feature map flattened ([B, h·w·c], what the trainable blocks take), cached like pooled ones.
+   */
+  readonly unfrozenBlocks: number;
   /** [B, H, W, 3] pixels in [0, 1] (resized bilinearly if H, W ≠ inputSize) → [B, featureDim]. */
   features(images: tf.Tensor4D): tf.Tensor2D;
+  /**
+   * With unfrozenBlocks > 0: a new trainable copy (pretrained weights) of the blocks after the
+   * frozen part, [B, featureDim] → [B, pooled features]. Throws when unfrozenBlocks is 0.
+   */
+  trainableBlocks(): Promise<tf.LayersModel>;
   dispose(): void;
 }
 
 export interface LoadBackboneOptions extends UrlModelOptions {
   /** Input side; default: the size in the id ("name@128"), else the backbone's native size. */
   inputSize?: number;
+  /** Fine-tuning: leave the last k blocks out of the frozen part (see Backbone.unfrozenBlocks). */
+  unfreezeBlocks?: number;
   /** Use this spec instead of the registry entry (tests, experiments). */
   spec?: BackboneSpec;
   /** Load again even if this process already has it (by default a backbone is loaded once). */
@@ -500,7 +696,12 @@ export interface LoadBackboneOptions extends UrlModelOptions {
 
 const loaded = new Map<string, Promise<Backbone>>();
 
-/** Load a backbone by name or "name@size". Loaded once per process and input size. */
+/** Whether `name` has blocks fine-tuning can unfreeze (a layers model with spec.blockEnds). */
+export function fineTunable(name: string): boolean {
+  return isBackboneName(name) && (BACKBONES[name].blockEnds?.length ?? 0) > 0;
+}
+
+/** Load a backbone by name or "name@size". Loaded once per process, input size and frozen part. */
 export async function loadBackbone(id: string, o: LoadBackboneOptions = {}): Promise<Backbone> {
   const parsed = parseBackboneId(id);
   const spec = o.spec ?? (isBackboneName(parsed.name) ? BACKBONES[parsed.name] : undefined);
@@ -515,55 +716,88 @@ export async function loadBackbone(id: string, o: LoadBackboneOptions = {}): Pro
   if (!Number.isInteger(size) || size < 32 || size > 512) {
     throw new Error(`backbone ${spec.name}: input size ${size} is out of range (32..512)`);
   }
-  const key = JSON.stringify([spec, size, resolve(o.cacheRoot ?? CACHE_ROOT), o.mirrors ?? null]);
+  if (spec.sizeStep && size % spec.sizeStep !== 0) {
+    throw new Error(`backbone ${spec.name}: input size ${size} is not a multiple of ${spec.sizeStep} ` +
+      `(its strides); try ${Math.max(spec.sizeStep, Math.round(size / spec.sizeStep) * spec.sizeStep)}`);
+  }
+  const unfreeze = o.unfreezeBlocks ?? 0;
+  const ends = spec.blockEnds ?? [];
+  if (!Number.isInteger(unfreeze) || unfreeze < 0 || unfreeze > ends.length) {
+    throw new Error(`backbone ${spec.name}: cannot unfreeze ${unfreeze} blocks ` + (ends.length
+      ? `(0..${ends.length})` : `(a ${spec.format} model: it can only be used frozen, unfreezeBlocks 0)`));
+  }
+  const key = JSON.stringify([spec, size, unfreeze, resolve(o.cacheRoot ?? CACHE_ROOT), o.mirrors ?? null]);
   let p = o.reload ? undefined : loaded.get(key);
   if (!p) {
-    p = build(spec, size, o).then((bb) => ({ ...bb, dispose: () => { loaded.delete(key); bb.dispose(); } }));
+    p = build(spec, size, unfreeze, o).then((bb) => ({ ...bb, dispose: () => { loaded.delete(key); bb.dispose(); } }));
     loaded.set(key, p);
     p.catch(() => loaded.delete(key));
   }
   return p;
 }
 
-async function build(spec: BackboneSpec, size: number, o: LoadBackboneOptions): Promise<Backbone> {
-  const a = spec.source.kind === "nsfwjs"
-    ? await nsfwjsArtifacts()
-    : await readArtifactsDir(await ensureUrlModel(spec, o));
+async function artifactsOf(spec: BackboneSpec, o: LoadBackboneOptions): Promise<Artifacts> {
+  switch (spec.source.kind) {
+    case "nsfwjs": return nsfwjsArtifacts();
+    case "npm": return npmArtifacts(spec.source.package, spec.source.file);
+    case "url": return readArtifactsDir(await ensureUrlModel(spec, o));
+  }
+}
+
+async function build(spec: BackboneSpec, size: number, unfreeze: number, o: LoadBackboneOptions): Promise<Backbone> {
+  const a = await artifactsOf(spec, o);
   const weightsId = sha256Hex(new Uint8Array(a.weightData)).slice(0, 16);
   const [lo, hi] = spec.inputRange;
-  let run: (x: tf.Tensor4D) => tf.Tensor;
+  const nodes = typeof spec.featureNode === "string" ? [spec.featureNode] : [...spec.featureNode];
+  const frozenEnd = unfreeze > 0 ? spec.blockEnds![unfreeze - 1]! : null;
+  let run: (x: tf.Tensor4D) => tf.Tensor[];
   let dispose: () => void;
+  let map: readonly number[] | null = null;
   if (spec.format === "layers") {
-    const trunk = await layersTrunk(a, spec.featureNode, size, spec.nativeSize).catch((err: unknown) => {
+    const cut = frozenEnd ?? nodes[0]!;
+    if (nodes.length !== 1) throw new Error(`backbone ${spec.name}: a layers model pools one layer, not ${nodes}`);
+    const trunk = await layersTrunk(a, cut, size, spec.nativeSize).catch((err: unknown) => {
       const why = err instanceof Error ? err.message : String(err);
-      throw new Error(`backbone ${spec.name}: cannot cut at "${spec.featureNode}" for ${size}×${size}: ${why}`);
+      throw new Error(`backbone ${spec.name}: cannot cut at "${cut}" for ${size}×${size}: ${why}`);
     });
-    run = (x) => trunk.predict(x) as tf.Tensor;
+    if (frozenEnd) map = trunk.outputs[0]!.shape.slice(1).map(Number);
+    run = (x) => [trunk.predict(x) as tf.Tensor];
     dispose = () => trunk.dispose();
   } else {
+    const sized = spec.sizeConstants ? graphForSize(a, size, spec.sizeConstants) : a;
     const graph = await tf.loadGraphModel(tf.io.fromMemory({
-      modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], format: "graph-model",
-      weightSpecs: weightSpecsOf(a), weightData: a.weightData, signature: a.json.signature,
-      userDefinedMetadata: a.json.userDefinedMetadata as tf.io.ModelArtifacts["userDefinedMetadata"],
-      modelInitializer: a.json.modelInitializer,
+      modelTopology: sized.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], format: "graph-model",
+      weightSpecs: weightSpecsOf(sized), weightData: sized.weightData, signature: sized.json.signature,
+      userDefinedMetadata: sized.json.userDefinedMetadata as tf.io.ModelArtifacts["userDefinedMetadata"],
+      modelInitializer: sized.json.modelInitializer,
     }));
-    run = (x) => graph.execute(x, spec.featureNode) as tf.Tensor;
+    run = (x) => {
+      const out = graph.execute(x, nodes.length === 1 ? nodes[0]! : nodes);
+      return Array.isArray(out) ? out : [out];
+    };
     dispose = () => graph.dispose();
   }
+  const featureDim = map ? map.reduce((x, y) => x * y, 1) : spec.featureDim;
   const bb: Backbone = {
-    id: `${spec.name}@${size}`, spec, inputSize: size, featureDim: spec.featureDim, weightsId,
+    id: `${spec.name}@${size}`, spec, inputSize: size, featureDim, weightsId, unfrozenBlocks: unfreeze,
     features(images) {
       return tf.tidy(() => {
         let x: tf.Tensor4D = images;
         if (x.shape[1] !== size || x.shape[2] !== size) x = tf.image.resizeBilinear(x, [size, size], false, true);
         x = tf.add(tf.mul(x, hi - lo), lo);
-        let f = run(x);
-        if (f.rank === 4) f = tf.mean(f, [1, 2]); // global average pooling
-        if (f.rank !== 2 || f.shape[1] !== spec.featureDim) {
-          throw new Error(`backbone ${spec.name}: features of shape [${f.shape}], expected [B, ${spec.featureDim}]`);
+        const outs = run(x);
+        // A frozen part's map is kept whole (the trainable blocks read it); features are pooled.
+        const parts = outs.map((f) => map ? tf.reshape(f, [f.shape[0]!, -1]) : f.rank === 4 ? tf.mean(f, [1, 2]) : f);
+        const f = parts.length === 1 ? parts[0]! : tf.concat(parts, 1);
+        if (f.rank !== 2 || f.shape[1] !== featureDim) {
+          throw new Error(`backbone ${spec.name}: features of shape [${f.shape}], expected [B, ${featureDim}]`);
         }
         return f as tf.Tensor2D;
       });
+    },
+    async trainableBlocks() {
+      if (!frozenEnd || !map) throw new Error(`backbone ${spec.name}@${size}: frozen whole, no blocks to train`);
+      return layersBlocks(a, frozenEnd, nodes[0]!, map);
     },
     dispose,
   };
@@ -609,8 +843,22 @@ export interface FeatureCache {
   path: string;
 }
 
-export function featureCachePath(ds: Pick<Dataset, "dir">, backbone: Pick<Backbone, "spec" | "inputSize">): string {
-  return join(ds.dir, `features-${backbone.spec.name}-${backbone.inputSize}.f32`);
+export function featureCachePath(
+  ds: Pick<Dataset, "dir">, backbone: Pick<Backbone, "spec" | "inputSize"> & { unfrozenBlocks?: number },
+): string {
+  const k = backbone.unfrozenBlocks ?? 0;
+  const part = k > 0 ? `-frozen-to-${backbone.spec.blockEnds![k - 1]}` : "";
+  return join(ds.dir, `features-${backbone.spec.name}-${backbone.inputSize}${part}.f32`);
+}
+
+/**
+ * What the feature cache records as the backbone: its id, the nodes pooled when there are several
+ * (another choice of nodes is other features), and where a frozen part for fine-tuning ends.
+ */
+function cachedAs(bb: Backbone): string {
+  const nodes = typeof bb.spec.featureNode === "string" ? "" : ` nodes ${bb.spec.featureNode.join("+")}`;
+  const frozen = bb.unfrozenBlocks > 0 ? ` frozen to ${bb.spec.blockEnds![bb.unfrozenBlocks - 1]}` : "";
+  return `${bb.id}${nodes}${frozen}`;
 }
 
 /**
@@ -625,7 +873,7 @@ export async function datasetFeatures(
   const path = featureCachePath(ds, bb);
   const fromFiles = !(ds.manifest.synthetic || ds.task === "cifar100");
   const key = {
-    backbone: bb.id, weightsId: bb.weightsId, inputSize: bb.inputSize, extraction: EXTRACTION,
+    backbone: cachedAs(bb), weightsId: bb.weightsId, inputSize: bb.inputSize, extraction: EXTRACTION,
     datasetFingerprint: ds.manifest.fingerprint, pixels: fromFiles ? "source-files" : "upsampled-cache",
   } as const;
   const n = ds.manifest.items.length;
@@ -714,10 +962,20 @@ export async function datasetFeatures(
  * clock), and train.ts's startRun calls it again and finds the features cached.
  */
 export async function backboneWithFeatures(
-  ds: Dataset, name: string, o: { inputSize?: number; log?: (l: string) => void } = {},
+  ds: Dataset, name: string, o: { inputSize?: number; unfreezeBlocks?: number; log?: (l: string) => void } = {},
 ): Promise<{ backbone: Backbone; features: FeatureCache }> {
-  const backbone = await loadBackbone(name, { inputSize: o.inputSize, ...(o.log ? { log: o.log } : {}) });
+  const backbone = await loadBackbone(name, {
+    inputSize: o.inputSize, unfreezeBlocks: o.unfreezeBlocks, ...(o.log ? { log: o.log } : {}),
+  });
   return { backbone, features: await datasetFeatures(ds, backbone, { log: o.log }) };
+}
+
+/**
+ * The fine-tuned blocks and the head as one model, [B, frozen features] → the head's outputs: what
+ * a fine-tuned checkpoint holds, and what backbonePredictor runs over the frozen part's features.
+ */
+export function blocksAndHead(blocks: tf.LayersModel, head: tf.LayersModel): tf.LayersModel {
+  return tf.model({ inputs: blocks.inputs, outputs: head.apply(blocks.outputs[0]!) as tf.SymbolicTensor[] });
 }
 
 /** Cached features of dataset rows `indices`, as a [B, D] tensor. */
@@ -749,9 +1007,14 @@ export function backbonePredictor(head: tf.LayersModel, bb: Backbone, cache?: Fe
 /** Human-readable line for meta.notes and logs. */
 export function describeBackbone(bb: Backbone): string {
   const weights = bb.spec.imagenet ? "ImageNet" : bb.spec.weights;
-  return `frozen backbone ${bb.id}: ${bb.spec.title}; input ${bb.inputSize}x${bb.inputSize}, ` +
-    `pixels scaled to [${bb.spec.inputRange.join(", ")}]; weights ${weights} (sha256 ${bb.weightsId}…); ` +
-    `the checkpoint holds only the head over ${bb.featureDim}-d pooled features`;
+  const k = bb.unfrozenBlocks;
+  const holds = k > 0
+    ? `the checkpoint holds the last ${k} block(s), fine-tuned, and the head; the frozen part ends at ` +
+      `${bb.spec.blockEnds![k - 1]} (its ${bb.featureDim}-value feature maps are what is cached)`
+    : `the checkpoint holds only the head over ${bb.featureDim}-d pooled features`;
+  return `${k > 0 ? "partly fine-tuned" : "frozen"} backbone ${bb.id}: ${bb.spec.title}; input ` +
+    `${bb.inputSize}x${bb.inputSize}, pixels scaled to [${bb.spec.inputRange.join(", ")}]; weights ${weights} ` +
+    `(sha256 ${bb.weightsId}…); ${holds}`;
 }
 
 /** Temp folders of downloads whose process is gone (killed mid-download): never a valid cache. */

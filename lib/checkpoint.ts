@@ -23,6 +23,11 @@ export const CheckpointMeta = type({
   preprocessing: "string",
   /** Backbone name when the model is a head over backbone features (see lib/backbones.ts). */
   backbone: "string | null",
+  /**
+   * Fine-tuned: the model is the backbone's last k blocks + the head, fed the frozen part's feature
+   * maps (lib/backbones.ts, Backbone.unfrozenBlocks). Absent: 0, a head over pooled features.
+   */
+  "unfrozenBlocks?": "number.integer >= 0",
   hasYieldHead: "boolean",
   numParams: "number.integer >= 0",
   metrics: "Record<string, number>",
@@ -175,7 +180,8 @@ export function predictorFor(ckpt: Checkpoint, ds?: Dataset): Predictor {
   const ready: Promise<Predictor> = (async () => {
     const { backbonePredictor, datasetFeatures, loadBackbone } = await import("./backbones.ts");
     // No trial forward pass: the first real batch checks the feature shape just the same.
-    const bb = await loadBackbone(id, { trialPass: false }).catch((err: unknown) => {
+    const unfreezeBlocks = ckpt.meta.unfrozenBlocks ?? 0;
+    const bb = await loadBackbone(id, { trialPass: false, unfreezeBlocks }).catch((err: unknown) => {
       throw new Error(`${ckpt.dir}: backbone ${id}: ${err instanceof Error ? err.message : String(err)}`);
     });
     const features = ds ? await datasetFeatures(ds, bb, { log: (l) => console.error(l) }) : undefined;

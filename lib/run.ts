@@ -7,7 +7,9 @@
  *              (checked against what HP and HP_SPACE declare), the backend, the prepared dataset, and,
  *              when hp.backbone names a frozen backbone, its features of every image (cached next to
  *              the image cache, computed before the budget starts; under the loop, by
- *              `bun prepare.ts features` before train.ts even starts).
+ *              `bun prepare.ts features` before train.ts even starts). With hp.unfreezeBlocks k > 0 the
+ *              frozen part stops k blocks early: its feature maps are what is cached, and the last k
+ *              blocks come back as a trainable model (run.blocks) for train.ts to fine-tune.
  *   finishRun  evaluate() on the val split, the checkpoint (its meta built from the dataset's manifest),
  *              the footer the loop reads.
  */
@@ -20,7 +22,7 @@ import {
 import { backendLabel, initBackend } from "./backend.ts";
 import { LATEST_CHECKPOINT_DIR, checkpointMeta, layersPredictor, saveCheckpoint } from "./checkpoint.ts";
 import {
-  backbonePredictor, backboneWithFeatures, describeBackbone, type Backbone, type FeatureCache,
+  backbonePredictor, backboneWithFeatures, blocksAndHead, describeBackbone, type Backbone, type FeatureCache,
 } from "./backbones.ts";
 import { headCommit } from "./git.ts";
 import type { HpValue } from "./journal.ts";
@@ -112,6 +114,13 @@ export interface Run<T extends HpRecord> {
   /** The frozen backbone and its features of every dataset row; both null when training from pixels. */
   backbone: Backbone | null;
   features: FeatureCache | null;
+  /**
+   * Fine-tuning (hp.unfreezeBlocks > 0): the backbone's last blocks, pretrained and trainable,
+   * [B, features.dim] → [B, headDim]; train.ts runs them on `features` inside its gradient tape.
+   */
+  blocks: tf.LayersModel | null;
+  /** Width of the head's input: the pooled features (after `blocks` if any); null when training from pixels. */
+  headDim: number | null;
   featureSeconds: number;
   startedAt: number;
 }
@@ -146,12 +155,15 @@ export async function startRun<T extends HpRecord>(HP: T, HP_SPACE: HpSpace<T>):
   const t = performance.now();
   const name = typeof hp.backbone === "string" && hp.backbone !== "none" ? hp.backbone : null;
   const inputSize = typeof hp.backboneSize === "number" ? hp.backboneSize : undefined;
-  const prepared = name === null ? null : await backboneWithFeatures(ds, name, { inputSize });
+  const unfreezeBlocks = typeof hp.unfreezeBlocks === "number" ? hp.unfreezeBlocks : undefined;
+  const prepared = name === null ? null : await backboneWithFeatures(ds, name, { inputSize, unfreezeBlocks });
   const backbone = prepared?.backbone ?? null;
   const features = prepared?.features ?? null;
+  const blocks = backbone && backbone.unfrozenBlocks > 0 ? await backbone.trainableBlocks() : null;
   if (backbone) console.log(describeBackbone(backbone));
+  const headDim = blocks ? Number(blocks.outputs[0]!.shape[1]) : features?.dim ?? null;
   return {
-    hp, ds, budget: flags.budget, checkpointDir: flags.checkpoint, backbone, features,
+    hp, ds, budget: flags.budget, checkpointDir: flags.checkpoint, backbone, features, blocks, headDim,
     featureSeconds: (performance.now() - t) / 1000, startedAt,
   };
 }
@@ -163,14 +175,17 @@ export interface Trained { steps: number; epochs: number; images: number; traini
  * Everything after the last step: evaluate `model` (output 0: class probabilities; output 1, if any:
  * yields) on the val split, save it as a checkpoint, print the footer.
  */
-export async function finishRun(run: Run<HpRecord>, model: tf.LayersModel, t: Trained): Promise<void> {
+export async function finishRun(run: Run<HpRecord>, head: tf.LayersModel, t: Trained): Promise<void> {
   const { ds, backbone, features } = run;
+  // Fine-tuned: the checkpoint is the trained blocks and the head as one model over the frozen part's features.
+  const model = run.blocks ? blocksAndHead(run.blocks, head) : head;
   const predict = backbone ? backbonePredictor(model, backbone, features ?? undefined) : layersPredictor(model);
   const result = await evaluate(predict, ds);
   const numParams = model.countParams();
   await saveCheckpoint(run.checkpointDir, model, checkpointMeta(ds.manifest, {
     backbone: backbone?.id ?? null, hasYieldHead: model.outputs.length > 1, numParams, metrics: result.metrics,
     commit: headCommit(), ...(backbone ? { notes: describeBackbone(backbone) } : {}),
+    ...(backbone && backbone.unfrozenBlocks > 0 ? { unfrozenBlocks: backbone.unfrozenBlocks } : {}),
   }));
   const ips = t.images / Math.max(t.trainingSeconds, 1e-9);
   console.log(`checkpoint: ${run.checkpointDir}  (epochs: ${t.epochs}, ${ips.toFixed(1)} img/s)`);

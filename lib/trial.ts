@@ -133,10 +133,12 @@ export async function trainCandidate(o: CandidateOptions): Promise<{
  * that train.ts finds them ready. Its own timeout, and a silence that counts as a stall.
  */
 async function prepareFeatures(o: ChildHooks & {
-  cwd: string; bun: string; backbone: string; size: number | null; timeoutS: number; silenceS: number;
+  cwd: string; bun: string; backbone: string; size: number | null; unfreeze: number; timeoutS: number;
+  silenceS: number;
 }): Promise<{ ok: boolean; reason: string; seconds: number }> {
   const size = o.size === null ? [] : ["--size", String(o.size)];
-  const ran = await runChild([o.bun, "prepare.ts", "features", "--backbone", o.backbone, ...size], {
+  const unfreeze = o.unfreeze > 0 ? ["--unfreeze", String(o.unfreeze)] : [];
+  const ran = await runChild([o.bun, "prepare.ts", "features", "--backbone", o.backbone, ...size, ...unfreeze], {
     cwd: o.cwd, timeoutS: o.timeoutS, silenceS: o.silenceS, echo: true, logs: o.logs, onSpawn: o.onSpawn, log: o.log,
   });
   const seconds = ran.seconds;
@@ -164,9 +166,11 @@ async function backboneFeatures(o: ChildHooks & {
   const name = dump.HP.backbone;
   if (typeof name !== "string" || name === "none") return null;
   const size = typeof dump.HP.backboneSize === "number" ? dump.HP.backboneSize : null;
-  o.announce(`features of backbone ${name}${size === null ? "" : ` at ${size}px`}: \`bun prepare.ts features\` `
+  const unfreeze = typeof dump.HP.unfreezeBlocks === "number" ? dump.HP.unfreezeBlocks : 0;
+  const part = unfreeze > 0 ? ` (frozen part: all but the last ${unfreeze} blocks)` : "";
+  o.announce(`features of backbone ${name}${size === null ? "" : ` at ${size}px`}${part}: \`bun prepare.ts features\` `
     + `(killed after ${o.timeoutS}s, or after ${o.silenceS}s without output)`);
-  const r = await prepareFeatures({ ...o, backbone: name, size });
+  const r = await prepareFeatures({ ...o, backbone: name, size, unfreeze });
   return r.ok ? null : r.reason;
 }
 

@@ -1,0 +1,190 @@
+/**
+ * The offline COCO backbone (CenterNet/MobileNetV3 from @vladmandic/human) and fine-tuning the last
+ * blocks of a layers backbone (HP.unfreezeBlocks): features, caches, checkpoints, predictions.
+ * Real photos from data/sample only (a few per class, small inputs): fast, and no full set needed.
+ */
+import { beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import * as tf from "@tensorflow/tfjs";
+import { evaluate, loadCache, parseFooter, prepareData, type Dataset } from "../prepare.ts";
+import { initBackend } from "../lib/backend.ts";
+import {
+  BACKBONES, datasetFeatures, featureCachePath, fineTunable, loadBackbone, type Backbone,
+} from "../lib/backbones.ts";
+import { inputSizeFor, loadCheckpoint, predictorFor } from "../lib/checkpoint.ts";
+import { decodeToRgb } from "../lib/images.ts";
+import { runScript, sliceOf, tempDir } from "./helpers.ts";
+
+const COCO = "coco-centernet-mobilenetv3";
+const SIZE = 64; // a multiple of the model's stride 32, and small: fast on the wasm backend
+const quiet = () => {};
+const SLOW = 180_000;
+
+/** A data/sample photo decoded at `size`, as a [1, size, size, 3] batch in [0, 1]. */
+async function photo(ds: Dataset, row: number, size: number): Promise<tf.Tensor4D> {
+  const px = await decodeToRgb(join(ds.manifest.source, ds.manifest.items[row]!.path), size);
+  return tf.tensor4d(Float32Array.from(px, (v) => v / 255), [1, size, size, 3]);
+}
+
+let ds: Dataset;
+let cache: string;
+beforeAll(async () => {
+  await initBackend({ prefer: "wasm" });
+  cache = tempDir();
+  await prepareData({ task: "waste", source: sliceOf("sample", 4), cacheRoot: cache, log: quiet });
+  ds = await loadCache(undefined, cache);
+}, SLOW);
+
+describe("COCO CenterNet backbone (offline, from @vladmandic/human)", () => {
+  let bb: Backbone;
+
+  test("loads from the installed package with no network at all", async () => {
+    const realFetch = globalThis.fetch;
+    let fetched = 0;
+    globalThis.fetch = Object.assign(async () => { fetched++; throw new Error("no network in this test"); }, realFetch);
+    try {
+      bb = await loadBackbone(COCO, { inputSize: SIZE, reload: true });
+    } finally {
+      globalThis.fetch = realFetch;
+    }
+    expect(fetched).toBe(0);
+    expect(bb.spec.source.kind).toBe("npm");
+    expect(bb.id).toBe(`${COCO}@${SIZE}`);
+    expect(bb.featureDim).toBe(480 + 128 + 80);
+    expect(bb.weightsId).toMatch(/^[0-9a-f]{16}$/);
+    expect(fineTunable(COCO)).toBe(false); // a graph model: only ever frozen
+  }, SLOW);
+
+  test("features of a photo are deterministic, at this size and after a reload", async () => {
+    const x = await photo(ds, 0, SIZE);
+    const [a, b] = [bb.features(x), bb.features(x)];
+    const again = await loadBackbone(COCO, { inputSize: SIZE, reload: true });
+    const c = again.features(x);
+    const [va, vb, vc] = [await a.data(), await b.data(), await c.data()];
+    expect(a.shape).toEqual([1, bb.featureDim]);
+    expect(Array.from(vb)).toEqual(Array.from(va));
+    expect(Array.from(vc)).toEqual(Array.from(va));
+    // The 80 pooled class heatmaps are sigmoid outputs: in (0, 1), not all alike.
+    const heat = Array.from(va.slice(608));
+    expect(heat.every((v) => v > 0 && v < 1)).toBe(true);
+    expect(Math.max(...heat)).toBeGreaterThan(Math.min(...heat) * 2);
+    tf.dispose([x, a, b, c]);
+    again.dispose();
+  }, SLOW);
+
+  test("the input is unscaled RGB: the same photo in [0, 1] would give other features", async () => {
+    const x = await photo(ds, 0, SIZE);
+    const unit = await loadBackbone(COCO, { inputSize: SIZE, spec: { ...BACKBONES[COCO], inputRange: [0, 1] } });
+    const [a, b] = [bb.features(x), unit.features(x)];
+    const diff = tf.tidy(() => tf.max(tf.abs(tf.sub(a, b))).dataSync()[0]!);
+    expect(diff).toBeGreaterThan(0.01);
+    tf.dispose([x, a, b]);
+    unit.dispose();
+  }, SLOW);
+
+  test("another input side rewrites the graph's upsampling sizes; a side off the stride is refused", async () => {
+    const x = await photo(ds, 1, 96);
+    const bb96 = await loadBackbone(`${COCO}@96`);
+    const f = bb96.features(x);
+    expect(f.shape).toEqual([1, bb96.featureDim]);
+    expect((await f.data()).every(Number.isFinite)).toBe(true);
+    tf.dispose([x, f]);
+    await expect(loadBackbone(`${COCO}@100`)).rejects.toThrow(/100 is not a multiple of 32.*try 96/);
+    await expect(loadBackbone(COCO, { inputSize: SIZE, unfreezeBlocks: 1 }))
+      .rejects.toThrow(/cannot unfreeze 1 blocks \(a graph model: it can only be used frozen/);
+  }, SLOW);
+
+  test("dataset features are cached: the second call reads the cache, a changed key recomputes", async () => {
+    const cold = await datasetFeatures(ds, bb, { log: quiet });
+    expect(cold.reused).toBe(false);
+    expect([cold.n, cold.dim]).toEqual([ds.manifest.items.length, bb.featureDim]);
+    const warm = await datasetFeatures(ds, bb, { log: quiet });
+    expect(warm.reused).toBe(true);
+    expect(warm.data).toEqual(cold.data);
+    // Row 0 equals the features of that photo computed by hand.
+    const x = await photo(ds, 0, SIZE);
+    const f = bb.features(x);
+    const row = await f.data();
+    for (let k = 0; k < bb.featureDim; k += 37) expect(row[k]!).toBeCloseTo(cold.data[k]!, 4);
+    tf.dispose([x, f]);
+    // Other weights (the key's weightsId) recompute.
+    const path = featureCachePath(ds, bb);
+    const meta = JSON.parse(readFileSync(`${path}.json`, "utf8")) as Record<string, unknown>;
+    writeFileSync(`${path}.json`, JSON.stringify({ ...meta, weightsId: "0000000000000000" }));
+    const again = await datasetFeatures(ds, bb, { log: quiet });
+    expect(again.reused).toBe(false);
+    expect(again.data).toEqual(cold.data);
+  }, SLOW);
+});
+
+describe("fine-tuning the last blocks of nsfwjs's MobileNetV2 (HP.unfreezeBlocks)", () => {
+  test("the frozen part's feature maps are cached once and reused; the blocks start from the pretrained weights",
+    async () => {
+      const frozen = await loadBackbone("nsfwjs-mobilenetv2", { inputSize: SIZE, unfreezeBlocks: 1 });
+      const whole = await loadBackbone("nsfwjs-mobilenetv2", { inputSize: SIZE });
+      // 64 px: stride 32 → a 2×2 map of block_15_add's 160 channels, flattened.
+      expect(frozen.featureDim).toBe(2 * 2 * 160);
+      expect(featureCachePath(ds, frozen)).not.toBe(featureCachePath(ds, whole));
+      const cold = await datasetFeatures(ds, frozen, { log: quiet });
+      expect(cold.reused).toBe(false);
+      expect((await datasetFeatures(ds, frozen, { log: quiet })).reused).toBe(true);
+      // Frozen part + pretrained blocks = the whole frozen backbone's pooled features.
+      const blocks = await frozen.trainableBlocks();
+      const x = await photo(ds, 2, SIZE);
+      const [map, pooled] = [frozen.features(x), whole.features(x)];
+      const viaBlocks = blocks.predict(map) as tf.Tensor;
+      const [a, b] = [await viaBlocks.data(), await pooled.data()];
+      expect(a.length).toBe(1280);
+      for (let k = 0; k < a.length; k += 31) expect(a[k]!).toBeCloseTo(b[k]!, 3);
+      expect(blocks.trainableWeights.length).toBeGreaterThan(0);
+      tf.dispose([x, map, pooled, viaBlocks]);
+      blocks.dispose();
+      await expect(whole.trainableBlocks()).rejects.toThrow(/frozen whole/);
+    }, SLOW);
+
+  test("train.ts fine-tunes 1 block; the checkpoint holds it and predicts the same after reload, through "
+    + "evaluate() and on new photos", async () => {
+    const ckpt = join(tempDir(), "ckpt");
+    const hp = JSON.stringify({ backbone: "nsfwjs-mobilenetv2", backboneSize: SIZE, unfreezeBlocks: 1 });
+    const r = runScript(["train.ts", "--budget", "4", "--checkpoint", ckpt], { AR_CACHE: cache, AR_HP: hp });
+    expect(r.code).toBe(0);
+    expect(r.out).toContain("partly fine-tuned backbone nsfwjs-mobilenetv2@64");
+    // The frozen part's maps were cached by the test above: reused, not extracted again.
+    expect(r.out).toMatch(/feature_seconds: +\d+\.\d \(cached features/);
+    const footer = parseFooter(r.out);
+
+    const loaded = await loadCheckpoint(ckpt, ds);
+    expect(loaded.meta.unfrozenBlocks).toBe(1);
+    expect(inputSizeFor(loaded.meta)).toBe(SIZE);
+    // The fine-tuned block is in the checkpoint, and it moved away from the pretrained weights.
+    const tuned = loaded.model.getLayer("block_16_project").getWeights()[0]!;
+    const fresh = await (await loadBackbone("nsfwjs-mobilenetv2", { inputSize: SIZE, unfreezeBlocks: 1 }))
+      .trainableBlocks();
+    const pretrained = fresh.getLayer("block_16_project").getWeights()[0]!;
+    expect(tuned.shape).toEqual(pretrained.shape);
+    expect(tf.tidy(() => tf.max(tf.abs(tf.sub(tuned, pretrained))).dataSync()[0]!)).toBeGreaterThan(0);
+    fresh.dispose();
+
+    const again = await evaluate(predictorFor(loaded, ds), ds);
+    expect(again.metrics).toEqual(loaded.meta.metrics);
+    expect(again.metrics.val_accuracy).toBeCloseTo(Number(footer.val_accuracy), 6);
+    const reloaded = await loadCheckpoint(ckpt, ds);
+    expect((await evaluate(predictorFor(reloaded, ds), ds)).metrics).toEqual(loaded.meta.metrics);
+
+    // New photos (predict.ts's path): frozen part + fine-tuned block + head on the pixels, same answers.
+    const val = Array.from(ds.val).slice(0, 4);
+    const xs = await Promise.all(val.map((i) => photo(ds, i, SIZE)));
+    const x = tf.concat(xs, 0);
+    const onPixels = await predictorFor(reloaded)(x, new Int32Array(val.length));
+    const onCache = await predictorFor(loaded, ds)(x, Int32Array.from(val));
+    const [a, b] = [await onPixels.probs.data(), await onCache.probs.data()];
+    for (let k = 0; k < a.length; k++) expect(a[k]!).toBeCloseTo(b[k]!, 4);
+    tf.dispose([x, ...xs]);
+
+    const ev = runScript(["prepare.ts", "evaluate", "--model", ckpt], { AR_CACHE: cache });
+    expect(ev.code).toBe(0);
+    expect(Number(parseFooter(ev.out.split("\neval_json")[0]!).val_accuracy))
+      .toBeCloseTo(loaded.meta.metrics.val_accuracy!, 6);
+  }, SLOW);
+});
