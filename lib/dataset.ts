@@ -114,19 +114,18 @@ export function activeCacheDir(cacheRoot = CACHE_ROOT): string {
 }
 
 /**
- * The image sides the active dataset is cached at, ascending: its own size plus any other `--sizes`;
- * `fallback` alone when nothing is prepared (so `train.ts --print-hp` works before prepare).
+ * The image sides the active dataset is cached at (its own size plus any other `--sizes`) and `current`
+ * (HP's value, so HP_SPACE always holds it; a run at an uncached size fails with loadCacheAtSize's
+ * error), ascending. Only `current` when nothing is prepared, so `train.ts --print-hp` works before prepare.
  */
-export function cachedImageSizes(fallback: number, cacheRoot = CACHE_ROOT): number[] {
-  let p: ActivePointer;
-  let own: number;
+export function cachedImageSizes(current: number, cacheRoot = CACHE_ROOT): number[] {
+  const sizes = [current];
   try {
-    p = readActivePointer(cacheRoot);
-    own = parseManifest(readFileSync(cacheFiles(p.dir).manifest, "utf8"), p.dir).imageSize;
-  } catch {
-    return [fallback];
-  }
-  return [...new Set([own, ...Object.keys(p.sizes ?? {}).map(Number)])].sort((a, b) => a - b);
+    const p = readActivePointer(cacheRoot);
+    sizes.push(parseManifest(readFileSync(cacheFiles(p.dir).manifest, "utf8"), p.dir).imageSize);
+    sizes.push(...Object.keys(p.sizes ?? {}).map(Number));
+  } catch { /* nothing prepared, or unreadable: loadCache says why when a run starts */ }
+  return [...new Set(sizes)].sort((a, b) => a - b);
 }
 
 export function parseManifest(text: string, dir: string): Manifest {
