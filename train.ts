@@ -34,7 +34,7 @@ type Backbone = "none" | BackboneName;
 type Family = "cnn" | "vit";
 
 export const HP = {
-  backbone: "none" as Backbone, // "none" (CNN from scratch) or a frozen pretrained backbone, see HP_SPACE
+  backbone: "none" as Backbone, // "none" (a model from scratch, see family) or a frozen pretrained backbone
   backboneSize: 224, // backbone input side in pixels (features are computed once per size and cached)
   featureDropout: 0.2, // backbone only: dropout on the input features (feature-space augmentation)
   width: 16, // channels of the first conv block; each block doubles it
@@ -111,8 +111,8 @@ function buildModel(featureDim: number | null): { train: tf.LayersModel; infer: 
   const apply = (layer: tf.layers.Layer, x: tf.SymbolicTensor) => layer.apply(x) as tf.SymbolicTensor;
   let x = input;
   if (featureDim === null && hp.family === "vit") {
-    const { imageSize, patch, embedDim, numHeads, vitDepth: depth, mlpRatio } = { ...hp, imageSize: ds.imageSize };
-    x = vitTrunk(input, { imageSize, patch, embedDim, numHeads, depth, mlpRatio });
+    const { patch, embedDim, numHeads, mlpRatio } = hp;
+    x = vitTrunk(input, { imageSize: ds.imageSize, patch, embedDim, numHeads, depth: hp.vitDepth, mlpRatio });
   } else if (featureDim === null) {
     for (let block = 0; block < hp.depth; block++) {
       const filters = hp.width * 2 ** block;
