@@ -6,12 +6,12 @@
  *
  * The tokens are kept as a [batch, patches, 1, dim] image and every per-token dense layer is a 1×1
  * conv: the same arithmetic, but on wasm the conv's gradients run as the SIMD kernels of
- * lib/wasm_kernels.ts, where a dense layer's gradients are tfjs-wasm's BatchMatMul with a transposed
- * operand, a scalar loop several times slower.
+ * lib/wasm_kernels.ts, where a dense layer's gradients go through tfjs-wasm's BatchMatMul with a
+ * transposed operand, which took several times longer in a profiled training step.
  *
  * tfjs-layers has no attention layer, so small custom layers do what it lacks: PositionEmbedding
- * (one learned [patches, dim] weight), SelfAttention (the multi-head attention arithmetic between
- * the q/k/v projection and the output projection, both ordinary dense layers) and TokenNorm (layer
+ * (one learned [patches, 1, dim] weight), SelfAttention (the multi-head attention arithmetic between
+ * the q/k/v projection and the output projection, both 1×1 convs) and TokenNorm (layer
  * normalization over the channels: tfjs-layers' own tiles its statistics and scale to the input's
  * shape, and the gradient of that tile is one slice per token, which made a training step take
  * seconds on wasm). All are registered with tfjs' serialization, so a checkpoint of a ViT loads like
