@@ -12,6 +12,7 @@
  *   bun prepare.ts --task screening --source DIR --positive trash
  *   bun prepare.ts --task cifar100                          # official CIFAR-100 binary archive
  *   bun prepare.ts --source synthetic                       # SYNTHETIC images, plumbing tests only
+ *   bun prepare.ts --source DIR --sizes 64,96               # also cache the same images and split at 96 px
  *   bun prepare.ts evaluate --model checkpoints/latest      # re-measure a saved checkpoint on val
  *   bun prepare.ts evaluate --model DIR --split test        # ... on test, which no keep decision reads
  *   bun prepare.ts features --backbone nsfwjs-mobilenetv2 --size 224   # cache a backbone's features
@@ -27,10 +28,10 @@ import { type } from "arktype";
 import { cac } from "cac";
 import { replaceDirAtomic, writeAtomic } from "./lib/atomic.ts";
 import {
-  activePointerPath, CACHE_ROOT, cacheChecksums, cacheFiles, cacheMismatch, imageBatch, loadCache, Manifest,
-  MANIFEST_VERSION, parseManifest, type Split, Task, type Dataset, type Predictor,
+  activePointerPath, CACHE_ROOT, cacheChecksums, cacheFiles, cacheMismatch, imageBatch, loadCache, loadCacheAtSize,
+  Manifest, MANIFEST_VERSION, parseManifest, type ActivePointer, type Split, Task, type Dataset, type Predictor,
 } from "./lib/dataset.ts";
-import { decodeToRgb, mapPool, PREPROCESSING, sha256Hex } from "./lib/images.ts";
+import { decodeToRgb, mapPool, PREPROCESSING, RESIZED, resizeRgb, sha256Hex } from "./lib/images.ts";
 import {
   downloadCifar100, downloadHfDataset, linkReport, listImageFolder, loadCifar100, mapWasteLabel, WASTE_CLASSES,
   type WasteClass, REAL_SETS_HINT, SAMPLE_DIR, SAMPLE_NOTE, sampleFolder,
@@ -39,8 +40,8 @@ import {
 // The dataset, its cache layout and the loader live in lib/dataset.ts (checkpoints and backbones read
 // them too); they are part of the harness, so they are reachable from here.
 export {
-  activeCacheDir, activePointerPath, CACHE_ROOT, cacheFiles, cacheFingerprint, imageBatch, loadCache, Manifest,
-  prepareCommandFor, Split, Task, type CacheFingerprint, type Dataset, type Predictor,
+  activeCacheDir, activePointerPath, CACHE_ROOT, cachedImageSizes, cacheFiles, cacheFingerprint, imageBatch, loadCache,
+  loadCacheAtSize, Manifest, prepareCommandFor, Split, Task, type CacheFingerprint, type Dataset, type Predictor,
 } from "./lib/dataset.ts";
 
 // ---------------------------------------------------------------------------
@@ -53,6 +54,13 @@ export const TIME_BUDGET = 300;
 export const IMAGE_SIZE = 64;
 /** CIFAR-100 is kept at its native 32×32. */
 export const CIFAR_IMAGE_SIZE = 32;
+/**
+ * The sides `--sizes` may add (train.ts's HP.imageSize picks among those prepared). Each is a
+ * full cache of its own, made from the original photos at that side, with the same images and split.
+ * CIFAR-100's photos are 32×32: a larger side is an upsampling of them (no detail added, only more
+ * pixels for the model to look at).
+ */
+export const EXTRA_IMAGE_SIZES = [32, 48, 64, 96, 128] as const;
 /** Images per forward pass in evaluate(): bounded memory, same result for any value. */
 export const EVAL_BATCH_SIZE = 128;
 /**
@@ -201,6 +209,8 @@ function assumedYield(task: Task, cls: string): number {
 
 export interface PrepareOptions {
   task: Task;
+  /** Image sides to cache; the task's own (IMAGE_SIZE, CIFAR_IMAGE_SIZE) always is. See EXTRA_IMAGE_SIZES. */
+  sizes?: number[];
   /** "hf" (HuggingFace hub), "cifar" (official archive), "sample" (data/sample), "synthetic", or a folder path. */
   source: string;
   positive?: string;
@@ -224,11 +234,27 @@ export async function prepareData(opts: PrepareOptions): Promise<PrepareResult> 
   const t0 = performance.now();
   const synthetic = opts.source === "synthetic";
   const say = synthetic ? (l: string) => log(`[SYNTHETIC DATA] ${l}`) : log;
-  let result: PrepareResult;
-  if (opts.task === "cifar100") result = await prepareCifar(opts, cacheRoot, say);
-  else if (synthetic) result = await prepareSynthetic(opts, cacheRoot, say);
-  else result = await prepareImageFolder(opts, cacheRoot, say);
-  writeAtomic(activePointerPath(cacheRoot), JSON.stringify({ dir: result.dir }));
+  const own = opts.task === "cifar100" ? CIFAR_IMAGE_SIZE : IMAGE_SIZE;
+  for (const s of opts.sizes ?? []) {
+    if (s !== own && !(EXTRA_IMAGE_SIZES as readonly number[]).includes(s)) {
+      throw new Error(`--sizes: ${s} is not one of ${own}, ${EXTRA_IMAGE_SIZES.filter((e) => e !== own).join(", ")}`);
+    }
+  }
+  const prepareAt = (size: number) => opts.task === "cifar100" ? prepareCifar(opts, cacheRoot, say, size)
+    : synthetic ? prepareSynthetic(opts, cacheRoot, say, size) : prepareImageFolder(opts, cacheRoot, say, size);
+  const result = await prepareAt(own);
+  // The same candidates and content hashes at each size, so the same split (checked again on load).
+  const others: Record<string, string> = {};
+  for (const size of [...new Set(opts.sizes ?? [])].filter((s) => s !== own).sort((a, b) => a - b)) {
+    const r = await prepareAt(size);
+    others[String(size)] = r.dir;
+    const mb = (await dirBytes(r.dir)) / 1e6;
+    say(`cache at ${size} px: ${r.dir} (${r.reused ? "reused" : "written"}, ${mb.toFixed(1)} MB)`);
+  }
+  // Without --sizes, active.json stays exactly what it was: { dir }.
+  const pointer: ActivePointer = Object.keys(others).length > 0 ? { dir: result.dir, sizes: others }
+    : { dir: result.dir };
+  writeAtomic(activePointerPath(cacheRoot), JSON.stringify(pointer));
   result.seconds = (performance.now() - t0) / 1000;
   describeDataset(result.manifest, say);
   const mb = (await dirBytes(result.dir)) / 1e6;
@@ -237,7 +263,9 @@ export async function prepareData(opts: PrepareOptions): Promise<PrepareResult> 
   return result;
 }
 
-async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: Log): Promise<PrepareResult> {
+async function prepareImageFolder(
+  opts: PrepareOptions, cacheRoot: string, log: Log, size: number,
+): Promise<PrepareResult> {
   let root = opts.source;
   if (root === "hf") {
     if (opts.task !== "waste") {
@@ -289,29 +317,29 @@ async function prepareImageFolder(opts: PrepareOptions, cacheRoot: string, log: 
     return `${relative(root, f.path)}:${s.size}:${s.mtimeMs}`;
   }));
   const key = {
-    task: opts.task, classes, positive, size: IMAGE_SIZE, PREPROCESSING, yields: yields.fingerprint, stats,
+    task: opts.task, classes, positive, size, PREPROCESSING, yields: yields.fingerprint, stats,
     split: SPLIT_RULE,
   };
   const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
-  const dir = join(cacheRoot, `${opts.task}-${slug(root)}-${IMAGE_SIZE}`);
+  const dir = join(cacheRoot, `${opts.task}-${slug(root)}-${size}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   return await writeCache({
     dir, fingerprint, task: opts.task, classes, positive, source: root, synthetic: false, sample: root === SAMPLE_DIR,
-    yieldSource: yields.source, candidates, yieldOf: yields.of, log,
+    yieldSource: yields.source, candidates, yieldOf: yields.of, log, size,
   });
 }
 
-async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log): Promise<PrepareResult> {
+async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log, size: number): Promise<PrepareResult> {
   if (opts.source === "sample") {
     throw new Error("--source sample holds waste photos; cifar100 needs --source cifar or a cifar-100-binary folder");
   }
   const folder = opts.source === "hf" || opts.source === "cifar"
     ? await downloadCifar100({ destDir: join(cacheRoot, "downloads", "cifar100"), url: opts.cifarUrl, log })
     : resolve(opts.source);
-  const key = { task: "cifar100", folder, size: CIFAR_IMAGE_SIZE, split: `official test; ${SPLIT_RULE}` };
+  const key = { task: "cifar100", folder, size, split: `official test; ${SPLIT_RULE}` };
   const fingerprint = sha256Hex(new TextEncoder().encode(JSON.stringify(key)));
-  const dir = join(cacheRoot, `cifar100-${CIFAR_IMAGE_SIZE}`);
+  const dir = join(cacheRoot, `cifar100-${size}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   const data = loadCifar100(folder);
@@ -334,15 +362,21 @@ async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log): 
   const trainSplits = splitByHash(train, { val: VAL_FRACTION, test: 0 });
   const all = [...train.map((r, i) => ({ ...r, split: trainSplits[i] ?? "train" })),
     ...test.map((r) => ({ ...r, split: "test" as const }))];
-  const images = new Uint8Array(all.length * px);
-  all.forEach((r, i) => images.set(r.pixels, i * px));
+  // The hashes (and so the split) are of the native 32×32 pixels at every size.
+  const images = new Uint8Array(all.length * size * size * 3);
+  await mapPool(all, 4, async (r, i) => {
+    const pixels = size === CIFAR_IMAGE_SIZE ? r.pixels : await resizeRgb(r.pixels, CIFAR_IMAGE_SIZE, size);
+    images.set(pixels, i * size * size * 3);
+  });
   const items: Manifest["items"] = all.map((r) => ({
     path: r.path, label: r.label, sha256: r.sha, split: r.split, yield: 0,
   }));
   if (skipped.length > 0) log(`cifar100: ${skipped.length} train images identical to a test image, left out`);
   const manifest: Manifest = {
     version: MANIFEST_VERSION, task: "cifar100", classes: data.classNames, positiveClass: null,
-    imageSize: CIFAR_IMAGE_SIZE, preprocessing: "cifar100-binary-hwc", source: folder, synthetic: false,
+    imageSize: size,
+    preprocessing: size === CIFAR_IMAGE_SIZE ? "cifar100-binary-hwc" : `cifar100-binary-hwc-${RESIZED}`,
+    source: folder, synthetic: false,
     yieldSource: "none", fingerprint, createdAt: new Date().toISOString(), skipped: skipped.length, duplicates: 0,
     items,
   };
@@ -351,7 +385,9 @@ async function prepareCifar(opts: PrepareOptions, cacheRoot: string, log: Log): 
 }
 
 /** Coloured shapes, one look per class. Only for plumbing tests: never a measure of model quality. */
-async function prepareSynthetic(opts: PrepareOptions, cacheRoot: string, log: Log): Promise<PrepareResult> {
+async function prepareSynthetic(
+  opts: PrepareOptions, cacheRoot: string, log: Log, size: number,
+): Promise<PrepareResult> {
   const classes = opts.task === "waste" ? [...WASTE_CLASSES] : ["synthetic_a", "synthetic_b", "synthetic_positive"];
   const positive = opts.task === "screening" ? "synthetic_positive" : null;
   const perClass = 40;
@@ -362,13 +398,13 @@ async function prepareSynthetic(opts: PrepareOptions, cacheRoot: string, log: Lo
       candidates.push({ path: `synthetic/${classes[c]}/${i}.raw`, className: classes[c] ?? "", read });
     }
   }
-  const fingerprint = sha256Hex(new TextEncoder().encode(`synthetic-v1-${opts.task}-${IMAGE_SIZE}-${SPLIT_RULE}`));
-  const dir = join(cacheRoot, `${opts.task}-synthetic-${IMAGE_SIZE}`);
+  const fingerprint = sha256Hex(new TextEncoder().encode(`synthetic-v1-${opts.task}-${size}-${SPLIT_RULE}`));
+  const dir = join(cacheRoot, `${opts.task}-synthetic-${size}`);
   const reused = await reuseIfFresh(dir, fingerprint, opts.force, log);
   if (reused) return { dir, manifest: reused, reused: true, seconds: 0 };
   return await writeCache({
     dir, fingerprint, task: opts.task, classes, positive, source: "synthetic", synthetic: true, yieldSource: "table",
-    candidates, yieldOf: (_path, cls) => assumedYield(opts.task, cls), log, raw: true,
+    candidates, yieldOf: (_path, cls) => assumedYield(opts.task, cls), log, raw: true, size,
   });
 }
 
@@ -399,12 +435,13 @@ interface WriteCacheArgs {
   dir: string; fingerprint: string; task: Task; classes: string[]; positive: string | null; source: string;
   synthetic: boolean; sample?: boolean; yieldSource: string; candidates: Candidate[];
   yieldOf: (path: string, cls: string) => number;
-  log: Log; raw?: boolean;
+  /** `raw`: the candidates are IMAGE_SIZE² RGB pixels already (synthetic), resized when `size` differs. */
+  log: Log; raw?: boolean; size: number;
 }
 
 /** Decode every candidate (in parallel, bounded), split by content hash, and write the cache. */
 async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
-  const px = IMAGE_SIZE * IMAGE_SIZE * 3;
+  const px = a.size * a.size * 3;
   const t0 = performance.now();
   let done = 0;
   const skipped: { path: string; reason: string }[] = [];
@@ -413,7 +450,9 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
     try {
       const bytes = await c.read();
       const sha = sha256Hex(bytes);
-      const pixels = a.raw ? bytes : await decodeToRgb(bytes, IMAGE_SIZE);
+      // The hash is of the file's bytes, whatever the size: every size gets the same split.
+      const pixels = !a.raw ? await decodeToRgb(bytes, a.size)
+        : a.size === IMAGE_SIZE ? bytes : await resizeRgb(bytes, IMAGE_SIZE, a.size);
       return { c, sha, pixels };
     } catch (err) {
       const reason = (err instanceof Error ? err.message : String(err)).split("\n")[0] ?? "unknown error";
@@ -442,8 +481,9 @@ async function writeCache(a: WriteCacheArgs): Promise<PrepareResult> {
     return { path, label, sha256: d.sha, split: splits[i] ?? "train", yield: a.yieldOf(path, className) };
   });
   const manifest: Manifest = {
-    version: MANIFEST_VERSION, task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: IMAGE_SIZE,
-    preprocessing: a.raw ? "synthetic-raw" : PREPROCESSING, source: a.source, synthetic: a.synthetic,
+    version: MANIFEST_VERSION, task: a.task, classes: a.classes, positiveClass: a.positive, imageSize: a.size,
+    preprocessing: !a.raw ? PREPROCESSING : a.size === IMAGE_SIZE ? "synthetic-raw" : `synthetic-raw-${RESIZED}`,
+    source: a.source, synthetic: a.synthetic,
     sample: a.sample === true,
     yieldSource: a.yieldSource, fingerprint: a.fingerprint, createdAt: new Date().toISOString(),
     skipped: skipped.length, duplicates, items,
@@ -876,7 +916,7 @@ export function peakMemoryMb(): number {
 
 const PrepareFlags = type({
   "+": "delete",
-  task: Task, source: "string", "positive?": "string", "yields?": "string", force: "boolean",
+  task: Task, source: "string", "positive?": "string", "yields?": "string", force: "boolean", "sizes?": "string",
   "hubUrl?": "string", "cifarUrl?": "string",
 });
 
@@ -884,12 +924,19 @@ async function prepareCommand(raw: Record<string, unknown>): Promise<void> {
   const task = raw.task;
   const source = raw.source ?? (task === "cifar100" ? "cifar" : "hf");
   // cac leaves unset options as undefined; arktype's optional keys mean "absent", so drop them.
-  const given = Object.entries({ ...raw, task, source, force: raw.force === true }).filter(([, v]) => v !== undefined);
+  // cac reads `--sizes 96` as a number and `--sizes 64,96` as a string: a string either way.
+  const sizeList = raw.sizes === undefined ? undefined : String(raw.sizes);
+  const given = Object.entries({ ...raw, task, source, sizes: sizeList, force: raw.force === true })
+    .filter(([, v]) => v !== undefined);
   const flags = PrepareFlags(Object.fromEntries(given));
   if (flags instanceof type.errors) throw new Error(`prepare.ts: ${flags.summary}`);
+  const sizes = flags.sizes?.split(",").map((w) => Number(w.trim()));
+  if (sizes?.some((n) => !Number.isInteger(n) || n <= 0)) {
+    throw new Error(`prepare.ts: --sizes ${flags.sizes}: expected whole numbers separated by commas, e.g. 64,96`);
+  }
   await prepareData({
     task: flags.task, source: flags.source, positive: flags.positive, yieldsCsv: flags.yields, force: flags.force,
-    hubUrl: flags.hubUrl, cifarUrl: flags.cifarUrl,
+    hubUrl: flags.hubUrl, cifarUrl: flags.cifarUrl, sizes,
   });
 }
 
@@ -901,9 +948,10 @@ async function evaluateCommand(raw: Record<string, unknown>): Promise<void> {
   if (flags instanceof type.errors) throw new Error(`prepare.ts evaluate: ${flags.summary}`);
   const dir = flags.model;
   const { initBackend, backendLabel } = await import("./lib/backend.ts");
-  const { loadCheckpoint, predictorFor } = await import("./lib/checkpoint.ts");
+  const { loadCheckpoint, predictorFor, readMeta } = await import("./lib/checkpoint.ts");
   await initBackend();
-  const ds = await loadCache();
+  // The checkpoint says the image side it was trained at: the active dataset at that side is measured.
+  const ds = await loadCacheAtSize((await readMeta(dir)).imageSize);
   const ckpt = await loadCheckpoint(dir, ds);
   const t0 = performance.now();
   const result = await evaluate(predictorFor(ckpt, ds), ds, { split: flags.split });
@@ -950,6 +998,7 @@ async function main(): Promise<void> {
     .option("--positive <class>", "screening: the positive class", { default: process.env.AR_POSITIVE })
     .option("--yields <csv>", "waste: measured per-image yields (path,yield)")
     .option("--force", "rebuild the cache even if it is fresh", { default: false })
+    .option("--sizes <list>", `image sides to cache, e.g. ${IMAGE_SIZE},96 (train.ts HP.imageSize picks one)`)
     .option("--hub-url <url>", "HuggingFace endpoint (tests point it at 127.0.0.1)")
     .option("--cifar-url <url>", "CIFAR-100 archive URL")
     .action((_args: string[], raw: Record<string, unknown>) => prepareCommand(raw));

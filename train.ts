@@ -7,7 +7,8 @@
  *   bun train.ts --help          # the flags
  *   AR_HP='{"backbone":"nsfwjs-mobilenetv2"}' bun train.ts   # override HP keys for one run (validated)
  *
- * HP.backbone picks the model: "none" trains the CNN below from scratch on the cached 64×64 pixels;
+ * HP.backbone picks the model: "none" trains a model from scratch on the cached pixels (HP.family: the CNN
+ * below or a small vision transformer, lib/vit.ts) at HP.imageSize (one of the sizes prepare cached);
  * a backbone name (lib/backbones.ts) trains a small head on that frozen pretrained network's
  * features, computed once from the original photos at HP.backboneSize and cached next to the image
  * cache (before the training timer starts; `feature_seconds:` says how long that took). With
@@ -19,11 +20,12 @@
  * prepare.ts's evaluate().
  */
 import * as tf from "@tensorflow/tfjs";
-import { trainBatches } from "./prepare.ts";
+import { cachedImageSizes, trainBatches } from "./prepare.ts";
 import { backendLabel } from "./lib/backend.ts";
 import { inputConvFilters, withoutInputGradients } from "./lib/wasm_kernels.ts";
 import { BACKBONE_NAMES, featureRows, fineTunable, type BackboneName } from "./lib/backbones.ts";
 import { augmentedBatch } from "./lib/augment.ts";
+import { vitTrunk } from "./lib/vit.ts";
 import { finishRun, hpSpace, startRun } from "./lib/run.ts";
 
 // ---------------------------------------------------------------------------
@@ -31,9 +33,10 @@ import { finishRun, hpSpace, startRun } from "./lib/run.ts";
 // ---------------------------------------------------------------------------
 
 type Backbone = "none" | BackboneName;
+type Family = "cnn" | "vit";
 
 export const HP = {
-  backbone: "none" as Backbone, // "none" (CNN from scratch) or a frozen pretrained backbone, see HP_SPACE
+  backbone: "none" as Backbone, // "none" (a model from scratch, see family) or a frozen pretrained backbone
   backboneSize: 224, // backbone input side in pixels (features are computed once per size and cached)
   featureDropout: 0.2, // backbone only: dropout on the input features (feature-space augmentation)
   unfreezeBlocks: 0, // backbone only: fine-tune its last 0, 1 or 2 blocks (a layers-model backbone, see HP_SPACE)
@@ -52,6 +55,14 @@ export const HP = {
   flip: true, // random horizontal flips
   shift: 4, // random translation of up to this many pixels (per batch)
   seed: 0, // not in HP_SPACE: another seed is a re-roll of the noise, not an improvement
+  // From scratch: which model, at which input size (the CNN ignores the vit keys; the ViT width and depth).
+  family: "cnn" as Family, // "cnn": the conv blocks below; "vit": a small vision transformer (lib/vit.ts)
+  imageSize: 64, // input side in pixels: one of the sizes prepared (`bun prepare.ts --source DIR --sizes 64,96`)
+  patch: 8, // vit: side of the square patches, in pixels (imageSize must be a multiple)
+  embedDim: 64, // vit: width of each patch's token (a multiple of numHeads)
+  numHeads: 4, // vit: attention heads per block
+  vitDepth: 4, // vit: transformer blocks
+  mlpRatio: 2, // vit: each block's MLP width, in multiples of embedDim
 };
 
 /**
@@ -78,6 +89,12 @@ export const HP_SPACE = hpSpace(HP, {
   yieldLossWeight: [0.3, 1, 3],
   flip: [false, true],
   shift: [0, 2, 4, 8],
+  family: ["cnn", "vit"],
+  // Only the sizes the active dataset is cached at: the proposer never picks one train.ts cannot load.
+  ...(HP.backbone === "none" ? { imageSize: cachedImageSizes(HP.imageSize) } : {}),
+  ...(HP.family === "vit"
+    ? { patch: [4, 8, 16], embedDim: [32, 64, 96, 128], numHeads: [2, 4, 8], vitDepth: [2, 4, 6], mlpRatio: [2, 4] }
+    : {}),
 });
 
 // Flags, AR_HP, the dataset and (with a backbone) its cached features: lib/run.ts.
@@ -89,14 +106,18 @@ const { hp, ds, budget, features, blocks } = run;
 // ---------------------------------------------------------------------------
 
 /**
- * A small VGG-style CNN: [conv3x3 → batchnorm → relu → maxpool] × depth, then two heads. With
- * `featureDim` (a frozen backbone) the input is that feature vector instead: dropout → the heads.
+ * A small VGG-style CNN: [conv3x3 → batchnorm → relu → maxpool] × depth, or the ViT of lib/vit.ts
+ * (HP.family), then two heads. With `featureDim` (a frozen backbone) the input is that feature vector
+ * instead: dropout → the heads.
  */
 function buildModel(featureDim: number | null): { train: tf.LayersModel; infer: tf.LayersModel } {
   const input = tf.input({ shape: featureDim === null ? [ds.imageSize, ds.imageSize, 3] : [featureDim] });
   const apply = (layer: tf.layers.Layer, x: tf.SymbolicTensor) => layer.apply(x) as tf.SymbolicTensor;
   let x = input;
-  if (featureDim === null) {
+  if (featureDim === null && hp.family === "vit") {
+    const { patch, embedDim, numHeads, mlpRatio } = hp;
+    x = vitTrunk(input, { imageSize: ds.imageSize, patch, embedDim, numHeads, depth: hp.vitDepth, mlpRatio });
+  } else if (featureDim === null) {
     for (let block = 0; block < hp.depth; block++) {
       const filters = hp.width * 2 ** block;
       // useBias: false — batchnorm's beta does the bias's job, one less gradient per layer.

@@ -13,6 +13,8 @@ import { join } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
 import { Task, type Dataset, type Manifest, type Predictor } from "./dataset.ts";
+// Registers the ViT's custom layers with tfjs, so a ViT checkpoint loads wherever checkpoints do.
+import "./vit.ts";
 
 export const CheckpointMeta = type({
   version: "'1'",

@@ -4,7 +4,9 @@
  * the backbones' feature cache, checkpoints and the loop's integrity check read it through here.
  *
  * Layout: CACHE_ROOT/active.json names the active dataset's folder (the last one prepared), which
- * holds images.u8 (N×S×S×3 uint8, HWC, in manifest order), manifest.json and skipped.tsv.
+ * holds images.u8 (N×S×S×3 uint8, HWC, in manifest order), manifest.json and skipped.tsv. When
+ * prepare was asked for more sizes (`--sizes 64,96`), active.json also lists the folders of the same
+ * images at the other sizes: one full cache each, the same items in the same order and split.
  */
 import { existsSync, readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
@@ -79,7 +81,9 @@ type Checksums = NonNullable<Manifest["checksums"]>;
 // The layout on disk
 // ---------------------------------------------------------------------------
 
-const ActivePointer = type({ dir: "string" });
+/** `dir`: the active dataset at its task's own size; `sizes`: size in pixels → folder of the other sizes. */
+export const ActivePointer = type({ dir: "string", "sizes?": "Record<string, string>" });
+export type ActivePointer = typeof ActivePointer.infer;
 
 /** The file naming the active dataset's folder. */
 export function activePointerPath(cacheRoot = CACHE_ROOT): string {
@@ -91,8 +95,8 @@ export function cacheFiles(dir: string): { images: string; manifest: string; ski
   return { images: join(dir, "images.u8"), manifest: join(dir, "manifest.json"), skipped: join(dir, "skipped.tsv") };
 }
 
-/** The active dataset's folder; a one-line error naming active.json when there is none. */
-export function activeCacheDir(cacheRoot = CACHE_ROOT): string {
+/** active.json, read and checked; a one-line error naming it when there is none. */
+export function readActivePointer(cacheRoot = CACHE_ROOT): ActivePointer {
   const pointer = activePointerPath(cacheRoot);
   if (!existsSync(pointer)) {
     throw new Error(`${pointer}: no prepared dataset; run \`bun prepare.ts --source DIR\` first`);
@@ -101,7 +105,27 @@ export function activeCacheDir(cacheRoot = CACHE_ROOT): string {
   try { raw = JSON.parse(readFileSync(pointer, "utf8")); } catch { throw new Error(`${pointer}: not valid JSON`); }
   const p = ActivePointer(raw);
   if (p instanceof type.errors) throw new Error(`${pointer}: ${p.summary}`);
-  return p.dir;
+  return p;
+}
+
+/** The active dataset's folder; a one-line error naming active.json when there is none. */
+export function activeCacheDir(cacheRoot = CACHE_ROOT): string {
+  return readActivePointer(cacheRoot).dir;
+}
+
+/**
+ * The image sides the active dataset is cached at (its own size plus any other `--sizes`) and `current`
+ * (HP's value, so HP_SPACE always holds it; a run at an uncached size fails with loadCacheAtSize's
+ * error), ascending. Only `current` when nothing is prepared, so `train.ts --print-hp` works before prepare.
+ */
+export function cachedImageSizes(current: number, cacheRoot = CACHE_ROOT): number[] {
+  const sizes = [current];
+  try {
+    const p = readActivePointer(cacheRoot);
+    sizes.push(parseManifest(readFileSync(cacheFiles(p.dir).manifest, "utf8"), p.dir).imageSize);
+    sizes.push(...Object.keys(p.sizes ?? {}).map(Number));
+  } catch { /* nothing prepared, or unreadable: loadCache says why when a run starts */ }
+  return [...new Set(sizes)].sort((a, b) => a - b);
 }
 
 export function parseManifest(text: string, dir: string): Manifest {
@@ -163,12 +187,17 @@ function shellWord(s: string): string {
   return /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replaceAll("'", "'\\''")}'`;
 }
 
-/** The command that prepares this manifest's dataset again (its task, source, positive class and yields). */
-export function prepareCommandFor(m: Manifest): string {
+/**
+ * The command that prepares this manifest's dataset again (its task, source, positive class and yields),
+ * with `--sizes` when `sizes` names more than the manifest's own.
+ */
+export function prepareCommandFor(m: Manifest, sizes: number[] = []): string {
   const source = m.synthetic ? "synthetic" : m.sample ? "sample" : m.source;
   const words = ["bun", "prepare.ts", "--task", m.task, "--source", source];
   if (m.positiveClass !== null) words.push("--positive", m.positiveClass);
   if (m.yieldSource.startsWith("csv:")) words.push("--yields", m.yieldSource.slice("csv:".length));
+  const all = [...new Set([m.imageSize, ...sizes])].sort((a, b) => a - b);
+  if (all.length > 1) words.push("--sizes", all.join(","));
   return words.map(shellWord).join(" ");
 }
 
@@ -192,8 +221,16 @@ export async function cacheFingerprint(cacheRoot = CACHE_ROOT): Promise<CacheFin
   try { m = parseManifest(readFileSync(files.manifest, "utf8"), dir); } catch { return { ...missing, dir }; }
   if (!existsSync(files.images)) return { ...missing, dir };
   const { createdAt: _createdAt, ...content } = m;
-  const manifest = new Bun.CryptoHasher("sha256").update(JSON.stringify(content)).digest("hex");
-  return { dir, images: await sha256File(files.images), manifest, task: m.task };
+  const hasher = new Bun.CryptoHasher("sha256").update(JSON.stringify(content));
+  // The other sizes count as part of the data: their recorded checksums (loadCache holds each cache to
+  // its own) join the hash, so re-preparing one of them is a change too. Without --sizes: as before.
+  const p = readActivePointer(cacheRoot);
+  for (const [size, at] of Object.entries(p.sizes ?? {}).sort(([a], [b]) => Number(a) - Number(b))) {
+    let other: Manifest["checksums"] | "missing" = "missing";
+    try { other = parseManifest(readFileSync(cacheFiles(at).manifest, "utf8"), at).checksums ?? "missing"; } catch {}
+    hasher.update(JSON.stringify({ size, dir: at, checksums: other }));
+  }
+  return { dir, images: await sha256File(files.images), manifest: hasher.digest("hex"), task: m.task };
 }
 
 // ---------------------------------------------------------------------------
@@ -240,6 +277,33 @@ export async function loadCache(dir?: string, cacheRoot = CACHE_ROOT): Promise<D
     train: idx("train"), val: idx("val"), test: idx("test"),
     numClasses: manifest.classes.length, imageSize: manifest.imageSize, task: manifest.task,
   };
+}
+
+/**
+ * The active dataset at `size` pixels: the active cache itself when that is its size, else the cache
+ * prepare made with `--sizes`, refused unless it holds the same images in the same split. An uncached
+ * size is a one-line error naming the command that prepares it.
+ */
+export async function loadCacheAtSize(size: number, cacheRoot = CACHE_ROOT): Promise<Dataset> {
+  const p = readActivePointer(cacheRoot);
+  const own = await loadCache(p.dir, cacheRoot);
+  if (own.imageSize === size) return own;
+  const at = p.sizes?.[String(size)];
+  const cached = [own.imageSize, ...Object.keys(p.sizes ?? {}).map(Number)];
+  if (at === undefined) {
+    const fix = prepareCommandFor(own.manifest, [...cached, size]);
+    throw new Error(`${activePointerPath(cacheRoot)}: the active dataset is not cached at ${size} px (cached: `
+      + `${cached.sort((a, b) => a - b).join(", ")}): prepare it with \`${fix}\``
+      + ", or set HP.imageSize to one of those");
+  }
+  const ds = await loadCache(at, cacheRoot);
+  const key = (m: Manifest) => JSON.stringify([m.task, m.classes, m.positiveClass, m.yieldSource,
+    m.items.map((it) => [it.path, it.sha256, it.label, it.split, it.yield])]);
+  if (ds.imageSize !== size || key(ds.manifest) !== key(own.manifest)) {
+    throw new Error(`${cacheFiles(at).manifest}: not the active dataset's images and split at ${size} px; `
+      + `prepare again: \`${prepareCommandFor(own.manifest, cached)}\``);
+  }
+  return ds;
 }
 
 /** Images at `indices` as a float32 tensor in [0, 1], shape [B, S, S, 3]. */

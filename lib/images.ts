@@ -57,6 +57,21 @@ export async function decodeToRgb(input: string | Uint8Array, size: number): Pro
   return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
 }
 
+/** How resizeRgb scales (recorded in the preprocessing of a cache made with it). */
+export const RESIZED = "resized-lanczos3-v1";
+
+/**
+ * `from`×`from`×3 uint8 RGB pixels (CIFAR's 32×32, synthetic images) scaled to `to`×`to`×3: what a
+ * cache at another size holds for a source that comes as pixels rather than as image files.
+ */
+export async function resizeRgb(pixels: Uint8Array, from: number, to: number): Promise<Uint8Array> {
+  const raw = { width: from, height: from, channels: 3 as const };
+  const data = await sharp(Buffer.from(pixels.buffer, pixels.byteOffset, pixels.byteLength), { raw })
+    .resize(to, to, { kernel: "lanczos3" }).raw().toBuffer();
+  if (data.length !== to * to * 3) throw new Error(`resized to ${data.length} bytes, expected ${to}x${to}x3`);
+  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
 /**
  * The reason a decode failed, in words a person can act on. libvips keeps its error text in one
  * process-wide buffer, so when several images decode at once (predict.ts, prepare.ts) a failing

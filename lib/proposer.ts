@@ -83,8 +83,11 @@ export function seedFor(base: number | null, offset: number): { seed: number | n
   return { seed, env: offset === 0 ? {} : { AR_HP: JSON.stringify({ seed }) } };
 }
 
-/** Keys a move of which changes the model's structure: a keep re-measures the noise floor. */
-export const STRUCTURE_AXES: readonly string[] = ["backbone"];
+/**
+ * Keys a move of which changes the model's structure: a keep re-measures the noise floor. Another
+ * family (CNN or ViT) or input size is another model, with its own run-to-run noise, as a backbone is.
+ */
+export const STRUCTURE_AXES: readonly string[] = ["backbone", "family", "imageSize"];
 
 /**
  * Keys the built-in proposer never moves for `task`: the seed (confirmation varies it on purpose),

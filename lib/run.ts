@@ -4,7 +4,8 @@
  * after its last.
  *
  *   startRun   the command line (--budget, --checkpoint, --print-hp, --help), HP with AR_HP's overrides
- *              (checked against what HP and HP_SPACE declare), the backend, the prepared dataset, and,
+ *              (checked against what HP and HP_SPACE declare), the backend, the prepared dataset (at
+ *              hp.imageSize when train.ts has that key), and,
  *              when hp.backbone names a frozen backbone, its features of every image (cached next to
  *              the image cache, computed before the budget starts; under the loop, by
  *              `bun prepare.ts features` before train.ts even starts). With hp.unfreezeBlocks k > 0 the
@@ -17,7 +18,7 @@ import { type } from "arktype";
 import { cac } from "cac";
 import type * as tf from "@tensorflow/tfjs";
 import {
-  TIME_BUDGET, describeDataset, evaluate, loadCache, peakMemoryMb, printFooter, type Dataset,
+  TIME_BUDGET, describeDataset, evaluate, loadCache, loadCacheAtSize, peakMemoryMb, printFooter, type Dataset,
 } from "../prepare.ts";
 import { backendLabel, initBackend } from "./backend.ts";
 import { LATEST_CHECKPOINT_DIR, checkpointMeta, layersPredictor, saveCheckpoint } from "./checkpoint.ts";
@@ -147,7 +148,8 @@ export async function startRun<T extends HpRecord>(HP: T, HP_SPACE: HpSpace<T>):
   const hp = checkHp(HP, HP_SPACE, parseOverrides(env), `train.ts HP block${env ? " + AR_HP" : ""}`);
   if (env) console.log(`hp overrides from AR_HP: ${env}`);
   await initBackend();
-  const ds = await loadCache();
+  // hp.imageSize picks among the sizes prepare cached (`--sizes`); an uncached one is a one-line error.
+  const ds = typeof hp.imageSize === "number" ? await loadCacheAtSize(hp.imageSize) : await loadCache();
   describeDataset(ds.manifest, (l) => console.log(l));
 
   // A frozen backbone: features of every image, cached next to the image cache (not in the budget).

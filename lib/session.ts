@@ -440,7 +440,7 @@ export function recordDecision(st: State): void {
   }
   if (cur.kind === "experiment" && row.status === "keep" && cur.move && STRUCTURE_AXES.includes(cur.move.axis)
     && st.baselines.wanted > 1) {
-    // Another model (a pretrained backbone instead of pixels) has another noise: measured again.
+    // Another model (a pretrained backbone instead of pixels, a ViT, another input size) has another noise.
     st.rebaseline = {
       commit: cur.candidate!, move: describeMove(cur.move), wanted: st.baselines.wanted - 1, done: 0,
       metrics: cur.runs.map((r) => r.metrics),
