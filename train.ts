@@ -57,7 +57,7 @@ export const HP = {
   seed: 0, // not in HP_SPACE: another seed is a re-roll of the noise, not an improvement
   // From scratch: which model, at which input size (the CNN ignores the vit keys; the ViT width and depth).
   family: "cnn" as Family, // "cnn": the conv blocks below; "vit": a small vision transformer (lib/vit.ts)
-  imageSize: 64, // input side in pixels: one of the sizes prepared (`bun prepare.ts --source DIR --sizes 64,96`)
+  imageSize: 0, // input side in pixels: 0 = the size prepared by default (64; CIFAR-100 32), or one added by --sizes
   patch: 8, // vit: side of the square patches, in pixels (imageSize must be a multiple)
   embedDim: 64, // vit: width of each patch's token (a multiple of numHeads)
   numHeads: 4, // vit: attention heads per block

@@ -116,13 +116,15 @@ export function activeCacheDir(cacheRoot = CACHE_ROOT): string {
 /**
  * The image sides the active dataset is cached at (its own size plus any other `--sizes`) and `current`
  * (HP's value, so HP_SPACE always holds it; a run at an uncached size fails with loadCacheAtSize's
- * error), ascending. Only `current` when nothing is prepared, so `train.ts --print-hp` works before prepare.
+ * error), ascending. A `current` of 0 (the prepared default size) stands in for the active cache's own
+ * size. Only `current` when nothing is prepared, so `train.ts --print-hp` works before prepare.
  */
 export function cachedImageSizes(current: number, cacheRoot = CACHE_ROOT): number[] {
   const sizes = [current];
   try {
     const p = readActivePointer(cacheRoot);
-    sizes.push(parseManifest(readFileSync(cacheFiles(p.dir).manifest, "utf8"), p.dir).imageSize);
+    // 0 stands for the prepared default size: listing that size as well would be a move that changes nothing.
+    if (current !== 0) sizes.push(parseManifest(readFileSync(cacheFiles(p.dir).manifest, "utf8"), p.dir).imageSize);
     sizes.push(...Object.keys(p.sizes ?? {}).map(Number));
   } catch { /* nothing prepared, or unreadable: loadCache says why when a run starts */ }
   return [...new Set(sizes)].sort((a, b) => a - b);
@@ -280,14 +282,14 @@ export async function loadCache(dir?: string, cacheRoot = CACHE_ROOT): Promise<D
 }
 
 /**
- * The active dataset at `size` pixels: the active cache itself when that is its size, else the cache
+ * The active dataset at `size` pixels: the active cache itself when that is its size or `size` is 0, else the cache
  * prepare made with `--sizes`, refused unless it holds the same images in the same split. An uncached
  * size is a one-line error naming the command that prepares it.
  */
 export async function loadCacheAtSize(size: number, cacheRoot = CACHE_ROOT): Promise<Dataset> {
   const p = readActivePointer(cacheRoot);
   const own = await loadCache(p.dir, cacheRoot);
-  if (own.imageSize === size) return own;
+  if (size === 0 || own.imageSize === size) return own; // 0: the size prepared by default
   const at = p.sizes?.[String(size)];
   const cached = [own.imageSize, ...Object.keys(p.sizes ?? {}).map(Number)];
   if (at === undefined) {

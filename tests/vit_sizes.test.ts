@@ -123,6 +123,9 @@ describe("image size as an HP", () => {
     expect(sized.dir).toBe(plain.dir);
     expect(sized.reused).toBe(true); // the 64 px cache is untouched by adding a size
     expect(cachedImageSizes(64, cache)).toEqual([64, 96]);
+    // HP's default 0 is the prepared default size: listed once, loaded as the active cache.
+    expect(cachedImageSizes(0, cache)).toEqual([0, 96]);
+    expect((await loadCacheAtSize(0, cache)).imageSize).toBe(64);
     const at64 = await loadCache(undefined, cache);
     const at96 = await loadCacheAtSize(96, cache);
     expect(at96.imageSize).toBe(96);
@@ -189,7 +192,8 @@ describe("image size as an HP", () => {
     expect(at64.manifest.items).toEqual(at32.manifest.items);
     expect(at64.manifest.preprocessing).toContain("resized");
     const ckpt = join(cache, "ckpt");
-    const hp = JSON.stringify({ family: "vit", imageSize: 32, patch: 8, embedDim: 32, vitDepth: 2, batchSize: 16 });
+    // No imageSize: HP's default (0) trains CIFAR-100 at the 32 px it is prepared at.
+    const hp = JSON.stringify({ family: "vit", patch: 8, embedDim: 32, vitDepth: 2, batchSize: 16 });
     const train = runScript(["train.ts", "--budget", "2", "--checkpoint", ckpt], { AR_CACHE: cache, AR_HP: hp });
     expect(train.code).toBe(0);
     const footer = parseFooter(train.out);
