@@ -11,6 +11,7 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 import { describeDataset, prepareData } from "../prepare.ts";
+import { BACKBONE_NAMES } from "../lib/backbones.ts";
 import { bestCheckpointDir } from "../lib/checkpoint.ts";
 import { runChild } from "../lib/child.ts";
 import { SAMPLE_DIR } from "../lib/sources.ts";
@@ -186,7 +187,7 @@ describe("backbone features before train.ts", () => {
     expect(last(rows(dir))).toMatchObject({
       status: "crash",
       description: `no such backbone (crash: features: error: unknown backbone "nonesuch": choose one of `
-        + "nsfwjs-mobilenetv2, mobilenet-v2-imagenet, mobilenet-v1-imagenet)",
+        + `${BACKBONE_NAMES.join(", ")})`,
     });
     expect(r.out).not.toContain("stub train.ts:");
     expect(head(dir)).toBe(kept);
