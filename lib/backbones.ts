@@ -578,38 +578,55 @@ function ancestors(layers: (typeof KerasLayerJson.infer)[], layer: string): Set<
   return seen;
 }
 
+/** The pretrained layers model of `a`, as tfjs loads it. */
+function loadFull(a: Artifacts): Promise<tf.LayersModel> {
+  return tf.loadLayersModel(tf.io.fromMemory({
+    modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs: weightSpecsOf(a),
+    weightData: a.weightData,
+  }));
+}
+
+/**
+ * A new model from `full`'s Keras JSON as `edit` rewrites it, each layer that has weights given the
+ * pretrained layer's of the same name. `full` is disposed.
+ */
+async function rebuilt(
+  a: Artifacts, full: tf.LayersModel, edit: (cfg: typeof KerasFunctional.infer) => void,
+): Promise<tf.LayersModel> {
+  try {
+    const topo = a.json.modelTopology as Record<string, unknown>;
+    const cfg = KerasFunctional(structuredClone(topo.model_config ?? topo));
+    if (cfg instanceof type.errors) throw new Error(`not a functional Keras model (${cfg.summary})`);
+    edit(cfg);
+    // (validated above; tfjs types its JSON input as PyJsonDict)
+    const modelTopology = { class_name: cfg.class_name, config: cfg.config } as unknown as tf.serialization.ConfigDict;
+    const model = await tf.models.modelFromJSON({ modelTopology });
+    for (const layer of model.layers) {
+      if (layer.weights.length > 0) layer.setWeights(full.getLayer(layer.name).getWeights());
+    }
+    return model;
+  } finally {
+    full.dispose();
+  }
+}
+
 /**
  * A layers model cut at `cut`, with input `size`×`size`: the JSON is rebuilt with the new input
  * shape and only the layers the cut needs, then the weights are copied layer by layer.
  */
 async function layersTrunk(a: Artifacts, cut: string, size: number, nativeSize: number): Promise<tf.LayersModel> {
-  const full = await tf.loadLayersModel(tf.io.fromMemory({
-    modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs: weightSpecsOf(a),
-    weightData: a.weightData,
-  }));
+  const full = await loadFull(a);
   if (size === nativeSize) {
     return tf.model({ inputs: full.inputs, outputs: full.getLayer(cut).output as tf.SymbolicTensor });
   }
-  try {
-    const topo = a.json.modelTopology as Record<string, unknown>;
-    const cfg = KerasFunctional(structuredClone(topo.model_config ?? topo));
-    if (cfg instanceof type.errors) throw new Error(`not a functional Keras model (${cfg.summary})`);
+  return rebuilt(a, full, (cfg) => {
     const keep = ancestors(cfg.config.layers, cut);
     cfg.config.layers = cfg.config.layers.filter((l) => keep.has(l.name));
     const inputs = cfg.config.layers.filter((l) => l.class_name === "InputLayer");
     if (inputs.length !== 1) throw new Error(`expected one input layer, found ${inputs.length}`);
     inputs[0]!.config.batch_input_shape = [null, size, size, 3];
     cfg.config.output_layers = [[cut, 0, 0]];
-    // (validated above; tfjs types its JSON input as PyJsonDict)
-    const modelTopology = { class_name: cfg.class_name, config: cfg.config } as unknown as tf.serialization.ConfigDict;
-    const trunk = await tf.models.modelFromJSON({ modelTopology });
-    for (const layer of trunk.layers) {
-      if (layer.weights.length > 0) layer.setWeights(full.getLayer(layer.name).getWeights());
-    }
-    return trunk;
-  } finally {
-    full.dispose();
-  }
+  });
 }
 
 /**
@@ -618,14 +635,7 @@ async function layersTrunk(a: Artifacts, cut: string, size: number, nativeSize: 
  * rebuilt with an input + reshape in place of `from`, and the pretrained weights copied in.
  */
 async function layersBlocks(a: Artifacts, from: string, to: string, map: readonly number[]): Promise<tf.LayersModel> {
-  const full = await tf.loadLayersModel(tf.io.fromMemory({
-    modelTopology: a.json.modelTopology as tf.io.ModelArtifacts["modelTopology"], weightSpecs: weightSpecsOf(a),
-    weightData: a.weightData,
-  }));
-  try {
-    const topo = a.json.modelTopology as Record<string, unknown>;
-    const cfg = KerasFunctional(structuredClone(topo.model_config ?? topo));
-    if (cfg instanceof type.errors) throw new Error(`not a functional Keras model (${cfg.summary})`);
+  return rebuilt(a, await loadFull(a), (cfg) => {
     const frozen = ancestors(cfg.config.layers, from);
     const keep = ancestors(cfg.config.layers, to);
     const blocks = cfg.config.layers.filter((l) => keep.has(l.name) && !frozen.has(l.name));
@@ -645,15 +655,7 @@ async function layersBlocks(a: Artifacts, from: string, to: string, map: readonl
     ];
     cfg.config.input_layers = [[BLOCKS_INPUT, 0, 0]];
     cfg.config.output_layers = [[BLOCKS_POOL, 0, 0]];
-    const modelTopology = { class_name: cfg.class_name, config: cfg.config } as unknown as tf.serialization.ConfigDict;
-    const model = await tf.models.modelFromJSON({ modelTopology });
-    for (const layer of model.layers) {
-      if (layer.weights.length > 0) layer.setWeights(full.getLayer(layer.name).getWeights());
-    }
-    return model;
-  } finally {
-    full.dispose();
-  }
+  });
 }
 const BLOCKS_INPUT = "frozen_features", BLOCKS_MAP = "frozen_map", BLOCKS_POOL = "blocks_pool";
 
