@@ -25,6 +25,7 @@ import { backendLabel } from "./lib/backend.ts";
 import { inputConvFilters, withoutInputGradients } from "./lib/wasm_kernels.ts";
 import { BACKBONE_NAMES, featureRows, fineTunable, type BackboneName } from "./lib/backbones.ts";
 import { augmentedBatch } from "./lib/augment.ts";
+import { adam } from "./lib/adam.ts";
 import { vitTrunk } from "./lib/vit.ts";
 import { finishRun, hpSpace, startRun } from "./lib/run.ts";
 
@@ -154,8 +155,9 @@ console.log(`backend: ${backendLabel()}  params: ${numParams}  budget: ${budget}
 // Optimizer
 // ---------------------------------------------------------------------------
 
-// Adam reads `learningRate` on every step, so the schedule below can move it.
-const optimizer = tf.train.adam(hp.lr) as unknown as tf.Optimizer & { learningRate: number };
+// Adam reads `learningRate` on every step, so the schedule below can move it. tfjs' Adam, its update
+// fused into one kernel per variable where the backend has one (same bits: lib/adam.ts).
+const optimizer = adam(hp.lr) as unknown as tf.Optimizer & { learningRate: number };
 const weights = model.trainableWeights.map((w) => w.read() as tf.Variable);
 
 // ---------------------------------------------------------------------------

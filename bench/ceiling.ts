@@ -23,7 +23,7 @@ const dw = tf.zeros([3, 3, 16, 32]);
 const at = (t: tf.Tensor) => backend.getMemoryOffset(t.dataId);
 const call = (): number => {
   const t0 = performance.now();
-  simd.k.conv2d_filter_grad(at(x), at(dy), at(dw), 32, 32, 32, 16, 32, 32, 32, 3, 3, 1, 1, 1, 1, 0, 32);
+  simd.k.conv2d_filter_grad(at(x), at(dy), at(dw), 32, 32, 16, 32, 32, 32, 3, 3, 1, 1, 1, 1, 0, 32);
   return performance.now() - t0;
 };
 for (let i = 0; i < 5; i++) call();

@@ -5,12 +5,13 @@
  *
  *   bun bench/train_step.ts [--models baseline,mobilenet] [--backends wasm,cpu]
  *                           [--steps 10] [--warmup 3] [--cpu-steps 1]
- *                           [--batch 32] [--size 64] [--no-profile]
+ *                           [--batch 32] [--size 64] [--no-profile] [--profile-steps 5] [--top 12]
  *                           [--before] [--spec-json]
  *
  * Prints one line per (model, backend):
  *   train_step model=baseline backend=wasm batch=32 size=64 ms_per_step=... images_per_s=...
- * and a tf.profile breakdown of one wasm step per model (top kernels by time).
+ * and a tf.profile breakdown of wasm steps per model (top kernels by time, each the median over
+ * --profile-steps profiled steps).
  * Thread count of the wasm backend: AR_WASM_THREADS (default: all cores).
  * --before runs with the CPU speed work switched off (tfjs' own kernels plus
  * the XNNPACK gradient composites, input gradients of the first conv kept):
@@ -22,6 +23,7 @@
  * --serve (a line protocol on stdin/stdout: "run K" -> "ms t1 t2 ... tK").
  */
 import * as tf from "@tensorflow/tfjs";
+import { adam } from "../lib/adam.ts";
 import { backendLabel, initBackend, parseBackendName, type BackendName } from "../lib/backend.ts";
 import {
   inputConvFilters, registerWasmGradKernels, setSimdKernelsEnabled, withoutInputGradients,
@@ -129,7 +131,7 @@ function syntheticBatch(spec: ModelSpec): Batch {
 function makeTrainStep(
   model: tf.LayersModel, spec: ModelSpec, batch: Batch, opts: { skipInputGrad?: boolean } = {},
 ): () => number {
-  const optimizer = tf.train.adam(spec.lr);
+  const optimizer = adam(spec.lr); // tfjs' Adam, fused where the SIMD kernels run (not in --before)
   const vars = model.trainableWeights.map((w) => w.read());
   const isVariable = (t: tf.Tensor): t is tf.Variable => t instanceof tf.Variable;
   const varList = vars.filter(isVariable);
@@ -224,6 +226,24 @@ export async function profileStep(step: () => unknown): Promise<{ wallMs: number
   return { wallMs, kernels };
 }
 
+/**
+ * profileStep over `steps` steps, each kernel's time the median over the steps: one step's profile is
+ * at the mercy of one garbage-collection pause or one late thread, which lands on a random kernel.
+ */
+export async function profileSteps(
+  step: () => unknown, steps: number,
+): Promise<{ wallMs: number; kernelMs: number; kernels: KernelTime[] }> {
+  const runs: Awaited<ReturnType<typeof profileStep>>[] = [];
+  for (let i = 0; i < steps; i++) runs.push(await profileStep(step));
+  const names = new Set(runs.flatMap((r) => r.kernels.map((k) => k.name)));
+  const kernels = [...names].map((name) => {
+    const per = runs.map((r) => r.kernels.find((k) => k.name === name) ?? { name, ms: 0, calls: 0 });
+    return { name, ms: median(per.map((k) => k.ms)), calls: median(per.map((k) => k.calls)) };
+  }).sort((a, b) => b.ms - a.ms);
+  const kernelMs = median(runs.map((r) => r.kernels.reduce((s, k) => s + k.ms, 0)));
+  return { wallMs: median(runs.map((r) => r.wallMs)), kernelMs, kernels };
+}
+
 // ---------------------------------------------------------------------------
 // CLI
 
@@ -234,6 +254,9 @@ interface Args {
   warmup: number;
   cpuSteps: number;
   profile: boolean;
+  /** Steps profiled (each kernel's median over them) and kernels listed. */
+  profileSteps: number;
+  top: number;
   specJson: boolean;
   serve: boolean;
   before: boolean;
@@ -244,7 +267,7 @@ interface Args {
 function parseArgs(argv: string[]): Args {
   const a: Args = {
     models: ["baseline", "mobilenet"], backends: ["wasm", "cpu"], steps: 10, warmup: 3, cpuSteps: 1, profile: true,
-    specJson: false, serve: false, before: false,
+    profileSteps: 5, top: 12, specJson: false, serve: false, before: false,
   };
   const num = (i: number): number => {
     const v = Number(argv[i + 1]);
@@ -273,6 +296,8 @@ function parseArgs(argv: string[]): Args {
       case "--batch": a.batch = num(i++); break;
       case "--size": a.size = num(i++); break;
       case "--no-profile": a.profile = false; break;
+      case "--profile-steps": a.profileSteps = Math.max(1, num(i++)); break;
+      case "--top": a.top = num(i++); break;
       case "--spec-json": a.specJson = true; break;
       case "--serve": a.serve = true; break;
       case "--before": a.before = true; break;
@@ -360,11 +385,11 @@ async function main(): Promise<void> {
       const label = `${backendLabel()}${args.before ? ", before" : ""}`;
       console.log(`${formatLine(name, b, spec, stats)}  (${label}; ms ${range}; ${lossInfo})`);
       if (args.profile && b === "wasm") {
-        const p = await profileStep(step);
-        const total = p.kernels.reduce((s, k) => s + k.ms, 0);
-        console.log(`profile model=${name} backend=wasm wall_ms=${p.wallMs.toFixed(1)} kernel_ms=${total.toFixed(1)} ` +
-          "(rest is JS/engine overhead, incl. profiling itself)");
-        for (const k of p.kernels.slice(0, 12)) {
+        const p = await profileSteps(step, args.profileSteps);
+        const total = p.kernelMs;
+        console.log(`profile model=${name} backend=wasm steps=${args.profileSteps} wall_ms=${p.wallMs.toFixed(1)} ` +
+          `kernel_ms=${total.toFixed(1)} (medians over the steps; the rest is JS/engine overhead, incl. profiling)`);
+        for (const k of p.kernels.slice(0, args.top)) {
           const [ms, calls] = [k.ms.toFixed(1).padStart(8), String(k.calls).padStart(4)];
           const share = ((100 * k.ms) / total).toFixed(1).padStart(5);
           console.log(`  ${k.name.padEnd(36)} ${ms} ms  ${calls} calls  ${share}%`);

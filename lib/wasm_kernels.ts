@@ -35,7 +35,10 @@
  * - direct SIMD conv gradients: the filter gradient (any stride, co % 4 == 0)
  *   and the input gradient (stride 1, ci % 4 == 0) as register-blocked GEMMs,
  *   and the depthwise filter gradient (multiplier 1); the XNNPACK composites
- *   above remain for every other case;
+ *   above remain for every other case; filter gradients are summed over parts
+ *   of the batch, a fixed number of them, so threads never share an output
+ *   cache line and the bits do not depend on the thread count;
+ * - ArAdam: tfjs' Adam update of one variable as one kernel (lib/adam.ts);
  * - MaxPoolGrad in SIMD with tfjs-cpu's tie rule (tfjs-wasm's is a scalar loop);
  * - Sum/Mean over leading axes without tfjs-wasm's full transpose, and
  *   FusedBatchNorm in SIMD: bit-identical to tfjs-wasm's own (inference path);
@@ -230,14 +233,10 @@ function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
   const s = channelsLast && info.outChannels % 4 === 0 ? simdFor(backend, x, dy) : null;
   if (s != null) {
     const { batchSize, inChannels: ci, outChannels: co } = info;
-    const dw = s.b.makeOutput([...filterShape], "float32");
-    s.k.zero_fill(at(s.b, dw), sizeOf(filterShape));
-    // threads split the output channels (whole 8-channel tiles where possible)
-    const parts = splitRange(co, partsFor(s, (sizeOf(dy.shape) * kh * kw * ci) / 8), co % 8 === 0 ? 8 : 4);
-    s.run("conv2d_filter_grad", parts.map(([c0, c1]) => [
-      at(s.b, x), at(s.b, dy), at(s.b, dw), batchSize, h, w, ci, oh, ow, co, kh, kw, sH, sW, top, left, c0, c1,
-    ]));
-    return dw;
+    const work = (sizeOf(dy.shape) * kh * kw * ci) / 8;
+    return filterGradOverImages(s, "conv2d_filter_grad", batchSize, filterShape, work, (b0, b1, dw) => [
+      at(s.b, x), at(s.b, dy), dw, h, w, ci, oh, ow, co, kh, kw, sH, sW, top, left, b0, b1,
+    ]);
   }
 
   return runComposite(backend, [x, dy], (xt, dyt) => {
@@ -250,6 +249,37 @@ function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
     if (bottom < 0 || right < 0) r = tf.slice(r, [0, 0, 0, 0], [info.inChannels, kh, kw, info.outChannels]);
     return tf.transpose(r, [1, 2, 0, 3]); // -> [kh, kw, ci, co]
   });
+}
+
+/**
+ * Images per filter-gradient part: the batch is cut into this many parts (fewer for a smaller batch), each
+ * part sums its images into its own buffer, and the buffers are added in part order (sum_rows). The count
+ * never depends on the threads, so neither do the bits: 1 and 2 threads give the same gradient.
+ */
+const FILTER_GRAD_PARTS = 8;
+
+/** Runs a filter-gradient kernel over parts of the batch and adds the parts' results in order. */
+function filterGradOverImages(
+  s: SimdCall, fn: "conv2d_filter_grad" | "depthwise_filter_grad", batch: number, filterShape: Shape4, work: number,
+  args: (b0: number, b1: number, dw: number) => number[],
+): tf.TensorInfo {
+  const size = sizeOf(filterShape);
+  const dw = s.b.makeOutput([...filterShape], "float32");
+  const images = splitRange(batch, Math.min(batch, FILTER_GRAD_PARTS));
+  if (images.length === 1) {
+    s.run(fn, [args(0, batch, at(s.b, dw))]);
+    return dw;
+  }
+  const partial = s.b.makeOutput([images.length, size], "float32");
+  const base = at(s.b, partial);
+  const parts = images.map(([b0, b1], i) => args(b0, b1, base + 4 * i * size));
+  if (partsFor(s, work) > 1) s.run(fn, parts);
+  else for (const p of parts) s.run(fn, [p]); // too small to wake a helper
+  s.run("sum_rows", splitRange(size, partsFor(s, images.length * size), LINE).map(([c0, c1]) => [
+    base, at(s.b, dw), images.length, size, c0, c1, 0,
+  ]));
+  s.b.disposeData(partial.dataId);
+  return dw;
 }
 
 // ---------------------------------------------------------------------------
@@ -284,12 +314,10 @@ function depthwiseBackpropFilter(args: KernelArgs): tf.TensorInfo {
   // conv over batch*channels with the whole dy as filter.
   const s = mult === 1 ? simdFor(backend, x, dy) : null;
   if (s != null) {
-    const dw = s.b.makeOutput([...filterShape], "float32");
-    s.k.zero_fill(at(s.b, dw), sizeOf(filterShape));
-    s.run("depthwise_filter_grad", splitRange(c, partsFor(s, sizeOf(dy.shape) * kh * kw / 4), 4).map(([c0, c1]) => [
-      at(s.b, x), at(s.b, dy), at(s.b, dw), b, h, w, c, oh, ow, kh, kw, sH, sW, top, left, c0, c1,
-    ]));
-    return dw;
+    const work = (sizeOf(dy.shape) * kh * kw) / 4;
+    return filterGradOverImages(s, "depthwise_filter_grad", b, filterShape, work, (b0, b1, dw) => [
+      at(s.b, x), at(s.b, dy), dw, h, w, c, oh, ow, kh, kw, sH, sW, top, left, b0, b1,
+    ]);
   }
 
   return runComposite(backend, [x, dy], (xt, dyt) => {
@@ -507,6 +535,12 @@ function partsFor(s: { threads: number; forced?: boolean }, work: number): numbe
   return s.threads > 1 && work >= 1 << 18 ? s.threads * PARTS_PER_THREAD : 1;
 }
 const PARTS_PER_THREAD = 4;
+/**
+ * Floats per cache line: kernels that split columns (sum_rows, bn_grad_sums) write their running totals
+ * many times per call, so two threads must never share a line of them; 16-column parts (one 64-byte line)
+ * keep them apart. A narrower tensor is not split.
+ */
+const LINE = 16;
 
 /** Byte offset of a tensor in the wasm heap. */
 function at(b: WasmBackendLike, t: tf.TensorInfo): number {
@@ -558,7 +592,7 @@ function reduceLeading(name: "Sum" | "Mean", args: KernelArgs): tf.TensorInfo | 
   const out = s.b.makeOutput(outShape, "float32");
   // threads split the columns: each column is still summed in row order (same bits)
   const mean = name === "Mean" ? 1 : 0;
-  const parts = splitRange(cols, partsFor(s, rows * cols), 4);
+  const parts = splitRange(cols, partsFor(s, rows * cols), LINE);
   s.run("sum_rows", parts.map(([c0, c1]) => [at(s.b, x), at(s.b, out), rows, cols, c0, c1, mean]));
   return out;
 }
@@ -711,10 +745,37 @@ function bnGradSumsKernel(args: KernelArgs): tf.TensorInfo {
   if (s == null) throw new Error("ArBnGradSums: needs the wasm SIMD kernels");
   const c = sizeOf(mean.shape);
   const out = s.b.makeOutput([2, c], "float32");
-  s.run("bn_grad_sums", splitRange(c, partsFor(s, 2 * sizeOf(x.shape)), c % 8 === 0 ? 8 : 4).map(([c0, c1]) => [
+  s.run("bn_grad_sums", splitRange(c, partsFor(s, 2 * sizeOf(x.shape)), LINE).map(([c0, c1]) => [
     at(s.b, x), at(s.b, dy), at(s.b, mean), at(s.b, out), sizeOf(x.shape) / c, c, c0, c1,
   ]));
   return out;
+}
+
+/**
+ * ArAdam: x, m, v, g (one variable, its two moments, its gradient) and c1, c2 (the scalars 1 - beta1^t and
+ * 1 - beta2^t) -> [x', m', v'], one Adam step in one pass (kernels.c adam_f32; lib/adam.ts calls it).
+ */
+function adamKernel(args: KernelArgs): tf.TensorInfo[] {
+  const [x, m, v, g, c1, c2] = inputsOf(args, "x", "m", "v", "g", "c1", "c2");
+  const s = simdFor(args.backend, x, m, v, g, c1, c2);
+  if (s == null) throw new Error("ArAdam: needs the wasm SIMD kernels");
+  const a = args.attrs ?? {};
+  const [beta1, beta2, epsilon, lr] = [a.beta1, a.beta2, a.epsilon, a.learningRate];
+  if (typeof beta1 !== "number" || typeof beta2 !== "number" || typeof epsilon !== "number" || typeof lr !== "number") {
+    throw new Error("ArAdam: attrs beta1, beta2, epsilon and learningRate must be numbers");
+  }
+  const outs = [x, m, v].map((t) => s.b.makeOutput([...t.shape], "float32"));
+  // 1 - beta and -lr are computed in float64 and then rounded, as tfjs does when it makes them scalars.
+  s.k.adam_f32(
+    at(s.b, x), at(s.b, m), at(s.b, v), at(s.b, g), at(s.b, outs[0]!), at(s.b, outs[1]!), at(s.b, outs[2]!),
+    at(s.b, c1), at(s.b, c2), beta1, 1 - beta1, beta2, 1 - beta2, epsilon, -lr, 0, sizeOf(x.shape),
+  );
+  return outs;
+}
+
+/** Whether the current backend runs ArAdam (wasm with the SIMD kernels on). */
+export function hasFusedAdam(): boolean {
+  return tf.getKernel("ArAdam", tf.getBackend()) != null && simdFor(tf.engine().backend) != null;
 }
 
 // Skipping input gradients nobody reads. tfjs' fused conv2d (what tf.layers'
@@ -812,6 +873,7 @@ const KERNELS: tf.KernelConfig[] = [
   { kernelName: "DepthwiseConv2dNativeBackpropInput", backendName: "wasm", kernelFunc: depthwiseBackpropInput },
   { kernelName: "ArBroadcastRows", backendName: "wasm", kernelFunc: broadcastRowsKernel },
   { kernelName: "ArBnGradSums", backendName: "wasm", kernelFunc: bnGradSumsKernel },
+  { kernelName: "ArAdam", backendName: "wasm", kernelFunc: adamKernel },
 ];
 
 /** tfjs-wasm kernels we replace; each falls back to the native one outside its fast path. */

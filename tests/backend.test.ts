@@ -9,6 +9,7 @@ import * as tf from "@tensorflow/tfjs";
 import { backendLabel, initBackend, nodeBackendLabel, nodeDevice } from "../lib/backend.ts";
 import { evaluate, imageBatch, trainBatches, type Dataset, type Manifest } from "../prepare.ts";
 import { augmentedBatch, flipAndShift } from "../lib/augment.ts";
+import { adam } from "../lib/adam.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients,
 } from "../lib/wasm_kernels.ts";
@@ -101,6 +102,8 @@ const CASES: Case[] = [
   { op: "conv2d", x: [2, 7, 9, 3], filter: [3, 3, 3, 4], strides: 2, pad: 1, rounding: "ceil" },
   { op: "conv2d", x: [2, 7, 9, 3], filter: [3, 3, 3, 4], strides: 2, pad: explicit },
   { op: "conv2d", x: [2, 7, 9, 3], filter: [1, 1, 3, 4], strides: 2, pad: wide },
+  // more images than filter-gradient parts: uneven parts, added in order
+  { op: "conv2d", x: [11, 6, 5, 4], filter: [3, 3, 4, 8], strides: 1, pad: "same" },
   // Channel counts the direct SIMD kernels take (input grad: stride 1, ci % 4 == 0; filter grad: co % 4 == 0),
   // with their 8-wide main loops and 4-wide tails, every padding kind, and the fallbacks beside them.
   { op: "conv2d", x: [2, 7, 9, 4], filter: [3, 3, 4, 8], strides: 1, pad: "same" },
@@ -121,6 +124,7 @@ const CASES: Case[] = [
   { op: "depthwise", x: [3, 6, 5, 4], filter: [3, 3, 4, 1], strides: 1, pad: "valid" },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [3, 3, 3, 2], strides: 2, pad: explicit },
   { op: "depthwise", x: [2, 7, 9, 3], filter: [1, 1, 3, 2], strides: 1, pad: wide },
+  { op: "depthwise", x: [11, 6, 5, 8], filter: [3, 3, 8, 1], strides: 1, pad: "same" },
 ];
 
 describe("wasm gradient kernels vs cpu", () => {
@@ -317,6 +321,58 @@ describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's ow
     };
     const { native, ours } = nativeVsOurs(f);
     expect(bits(ours)).toEqual(bits(native));
+  });
+});
+
+describe("the fused Adam update", () => {
+  /** Weights and both moments after `steps` steps of a conv + dense net from fixed weights and data. */
+  function train(makeOptimizer: (lr: number) => tf.Optimizer, steps: number): Float32Array[] {
+    const w1 = tf.variable(tf.tensor4d(seeded(3 * 3 * 3 * 8, 71), [3, 3, 3, 8]));
+    const w2 = tf.variable(tf.tensor2d(seeded(8 * 5, 72), [8, 5]));
+    const b2 = tf.variable(tf.tensor1d(seeded(5, 73)));
+    const x = tf.tensor4d(seeded(4 * 6 * 6 * 3, 74), [4, 6, 6, 3]);
+    const y = tf.oneHot(tf.tensor1d([0, 3, 1, 4], "int32"), 5);
+    const opt = makeOptimizer(0.01);
+    for (let i = 0; i < steps; i++) {
+      opt.minimize(() => {
+        const h = tf.mean(tf.relu(tf.conv2d(x, w1, 1, "same")), [1, 2]) as tf.Tensor2D;
+        return tf.losses.softmaxCrossEntropy(y, tf.add(tf.matMul(h, w2), b2)) as tf.Scalar;
+      });
+    }
+    const out = [w1, w2, b2].map((v) => v.dataSync() as Float32Array);
+    const state = (opt as unknown as { accumulatedFirstMoment: { variable: tf.Variable }[] }).accumulatedFirstMoment
+      .concat((opt as unknown as { accumulatedSecondMoment: { variable: tf.Variable }[] }).accumulatedSecondMoment)
+      .map((s) => s.variable.dataSync() as Float32Array);
+    tf.dispose([w1, w2, b2, x, y]);
+    opt.dispose();
+    return [...out, ...state];
+  }
+
+  test("gives tfjs' Adam's weights and moments bit for bit on wasm, in one kernel per variable", async () => {
+    await initBackend({ prefer: "wasm" });
+    const theirs = train((lr) => tf.train.adam(lr), 5);
+    const ours = train(adam, 5);
+    expect(ours.length).toBe(9);
+    for (let i = 0; i < ours.length; i++) expect(bits(ours[i]!)).toEqual(bits(theirs[i]!));
+    // and the update really ran as ArAdam: 3 variables -> 3 calls in a profiled step
+    const w = tf.variable(tf.ones([4]));
+    const opt = adam(0.1);
+    const info = await tf.profile(() => { opt.minimize(() => tf.sum(tf.square(w)) as tf.Scalar); });
+    expect(info.kernels.filter((k) => k.name === "ArAdam").length).toBe(1);
+    expect(info.kernels.filter((k) => k.name === "Sqrt").length).toBe(0);
+    opt.dispose();
+    w.dispose();
+  });
+
+  test("is tfjs' own Adam where the backend has no fused kernel (cpu)", async () => {
+    await initBackend({ prefer: "cpu" });
+    try {
+      const theirs = train((lr) => tf.train.adam(lr), 3);
+      const ours = train(adam, 3);
+      for (let i = 0; i < ours.length; i++) expect(bits(ours[i]!)).toEqual(bits(theirs[i]!));
+    } finally {
+      await initBackend({ prefer: "wasm" });
+    }
   });
 });
 

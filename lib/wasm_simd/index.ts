@@ -30,8 +30,8 @@ export interface SimdKernels {
   broadcast_rows(v: number, out: number, rBegin: number, rEnd: number, c: number, divisor: number): void;
   zero_fill(out: number, n: number): void;
   conv2d_filter_grad(
-    x: number, dy: number, dw: number, b: number, h: number, w: number, ci: number, oh: number, ow: number, co: number,
-    kh: number, kw: number, sh: number, sw: number, padTop: number, padLeft: number, coBegin: number, coEnd: number,
+    x: number, dy: number, dw: number, h: number, w: number, ci: number, oh: number, ow: number, co: number,
+    kh: number, kw: number, sh: number, sw: number, padTop: number, padLeft: number, bBegin: number, bEnd: number,
   ): void;
   conv2d_input_grad(
     dy: number, filterT: number, dx: number, b: number, h: number, w: number, ci: number, oh: number, ow: number,
@@ -41,9 +41,14 @@ export interface SimdKernels {
   relu_f32(x: number, out: number, begin: number, end: number): void;
   sqrt_f32(x: number, out: number, begin: number, end: number): void;
   clip_f32(x: number, out: number, lo: number, hi: number, begin: number, end: number): void;
+  adam_f32(
+    x: number, m: number, v: number, g: number, xOut: number, mOut: number, vOut: number, c1: number, c2: number,
+    beta1: number, oneMinusBeta1: number, beta2: number, oneMinusBeta2: number, epsilon: number, negLr: number,
+    begin: number, end: number,
+  ): void;
   depthwise_filter_grad(
-    x: number, dy: number, dw: number, b: number, h: number, w: number, c: number, oh: number, ow: number,
-    kh: number, kw: number, sh: number, sw: number, padTop: number, padLeft: number, cBegin: number, cEnd: number,
+    x: number, dy: number, dw: number, h: number, w: number, c: number, oh: number, ow: number,
+    kh: number, kw: number, sh: number, sw: number, padTop: number, padLeft: number, bBegin: number, bEnd: number,
   ): void;
 }
 

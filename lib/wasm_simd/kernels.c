@@ -279,6 +279,11 @@ void zero_fill(float* out, int n) { __builtin_memset(out, 0, (unsigned long)n * 
  * broadcast x value times one dy vector per step. The rows involved stay in
  * L1; dw (the accumulators' home) is read and written once per row and tile.
  * Requires co % 4 == 0 (the caller falls back otherwise).
+ *
+ * Part: images [b_begin, b_end), summed into this part's own dw, which it
+ * zeroes first. Splitting the output channels instead made two threads write
+ * into the same cache lines (dw rows of a few channels) on every row, and a
+ * second core then gave nothing; the caller adds the parts' dw in part order.
  */
 #define FG_STEP(N_CI)                                                         \
   for (int ow = ow0; ow < ow1; ++ow) {                                        \
@@ -317,10 +322,11 @@ void zero_fill(float* out, int n) { __builtin_memset(out, 0, (unsigned long)n * 
   }
 
 EXPORT(conv2d_filter_grad)
-void conv2d_filter_grad(const float* x, const float* dy, float* dw, int B, int H, int W, int CI, int OH, int OW, int CO,
-                        int KH, int KW, int sh, int sw, int pt, int pl, int co_begin, int co_end) {
-  // Part: output channels [co_begin, co_end) (multiples of 4); dw must be zeroed by the caller.
-  for (int b = 0; b < B; ++b) {
+void conv2d_filter_grad(const float* x, const float* dy, float* dw, int H, int W, int CI, int OH, int OW, int CO,
+                        int KH, int KW, int sh, int sw, int pt, int pl, int b_begin, int b_end) {
+  const int co_begin = 0, co_end = CO;
+  __builtin_memset(dw, 0, (unsigned long)KH * KW * CI * CO * sizeof(float));
+  for (int b = b_begin; b < b_end; ++b) {
     for (int oh = 0; oh < OH; ++oh) {
       const float* grow = dy + (long)(b * OH + oh) * OW * CO;
       for (int kh = 0; kh < KH; ++kh) {
@@ -457,12 +463,15 @@ void conv2d_input_grad(const float* dy, const float* ft, float* dx, int B, int H
  * (NHWC input, filter [KH,KW,C,1]):
  *   dw[kh,kw,c] = sum over b,oh,ow of x[b, oh*sh+kh-pt, ow*sw+kw-pl, c] * dy[b,oh,ow,c]
  * For each output row and tap, 16 channels (4 accumulators) run along the
- * row. Part: channels [c_begin, c_end); dw must be zeroed by the caller.
+ * row. Part: images [b_begin, b_end) into this part's own dw, which it zeroes
+ * first (as conv2d_filter_grad, and for the same reason).
  */
 EXPORT(depthwise_filter_grad)
-void depthwise_filter_grad(const float* x, const float* dy, float* dw, int B, int H, int W, int C, int OH, int OW,
-                           int KH, int KW, int sh, int sw, int pt, int pl, int c_begin, int c_end) {
-  for (int b = 0; b < B; ++b) {
+void depthwise_filter_grad(const float* x, const float* dy, float* dw, int H, int W, int C, int OH, int OW,
+                           int KH, int KW, int sh, int sw, int pt, int pl, int b_begin, int b_end) {
+  const int c_begin = 0, c_end = C;
+  __builtin_memset(dw, 0, (unsigned long)KH * KW * C * sizeof(float));
+  for (int b = b_begin; b < b_end; ++b) {
     for (int oh = 0; oh < OH; ++oh) {
       const float* grow = dy + (long)(b * OH + oh) * OW * C;
       for (int kh = 0; kh < KH; ++kh) {
@@ -607,5 +616,41 @@ void clip_f32(const float* x, float* out, float lo, float hi, int begin, int end
   for (; i < end; ++i) {
     const float v = lo < x[i] ? x[i] : lo;
     out[i] = v < hi ? v : hi;
+  }
+}
+
+/*
+ * One Adam step for one variable, the very operations tfjs' AdamOptimizer runs as 14 separate
+ * kernels (tfjs-core adam_optimizer.ts, 4.22), in the same order and each rounded to float32:
+ *   m' = m*b1 + g*(1-b1);  v' = v*b2 + (g*g)*(1-b2)
+ *   x' = ((m'/c1) / (sqrt(v'/c2) + eps)) * (-lr) + x,   c1 = 1 - b1^t, c2 = 1 - b2^t (read from memory)
+ * hence the same bits (tests/backend.test.ts). Part: elements [begin, end).
+ */
+EXPORT(adam_f32)
+void adam_f32(const float* x, const float* m, const float* v, const float* g, float* xo, float* mo, float* vo,
+              const float* c1p, const float* c2p, float b1, float omb1, float b2, float omb2, float eps, float nlr,
+              int begin, int end) {
+  const float c1 = *c1p, c2 = *c2p;
+  const v128_t B1 = wasm_f32x4_splat(b1), OB1 = wasm_f32x4_splat(omb1), B2 = wasm_f32x4_splat(b2);
+  const v128_t OB2 = wasm_f32x4_splat(omb2), EPS = wasm_f32x4_splat(eps), NLR = wasm_f32x4_splat(nlr);
+  const v128_t C1 = wasm_f32x4_splat(c1), C2 = wasm_f32x4_splat(c2);
+  int i = begin;
+  for (; i + 4 <= end; i += 4) {
+    const v128_t gi = wasm_v128_load(g + i);
+    const v128_t mi = wasm_f32x4_add(wasm_f32x4_mul(wasm_v128_load(m + i), B1), wasm_f32x4_mul(gi, OB1));
+    const v128_t vi = wasm_f32x4_add(wasm_f32x4_mul(wasm_v128_load(v + i), B2), wasm_f32x4_mul(wasm_f32x4_mul(gi, gi), OB2));
+    const v128_t den = wasm_f32x4_add(wasm_f32x4_sqrt(wasm_f32x4_div(vi, C2)), EPS);
+    const v128_t step = wasm_f32x4_mul(wasm_f32x4_div(wasm_f32x4_div(mi, C1), den), NLR);
+    wasm_v128_store(mo + i, mi);
+    wasm_v128_store(vo + i, vi);
+    wasm_v128_store(xo + i, wasm_f32x4_add(step, wasm_v128_load(x + i)));
+  }
+  for (; i < end; ++i) {
+    const float gi = g[i];
+    const float mi = m[i] * b1 + gi * omb1;
+    const float vi = v[i] * b2 + (gi * gi) * omb2;
+    mo[i] = mi;
+    vo[i] = vi;
+    xo[i] = ((mi / c1) / (__builtin_sqrtf(vi / c2) + eps)) * nlr + x[i];
   }
 }
