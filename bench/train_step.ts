@@ -24,7 +24,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { adam } from "../lib/adam.ts";
-import { backendLabel, initBackend, parseBackendName, type BackendName } from "../lib/backend.ts";
+import { backendLabel, initBackend, parseBackendName, type BackendName, type WasmPool } from "../lib/backend.ts";
 import {
   inputConvFilters, registerWasmGradKernels, setSimdKernelsEnabled, withoutInputGradients,
 } from "../lib/wasm_kernels.ts";
@@ -312,13 +312,18 @@ function specFor(args: Args, name: string): ModelSpec {
   return { ...base, batch: args.batch ?? base.batch, size: args.size ?? base.size };
 }
 
+/** The pool train.ts uses from scratch (lib/run.ts); tfjs' own kernels (--before) keep tfjs' pool. */
+function poolFor(args: Args): WasmPool {
+  return args.before ? "xnnpack" : "simd";
+}
+
 /**
  * --serve: one model on one backend, kept warm; reads "run K" lines and
  * answers "ms t1 ... tK" (per-step wall ms). "info" answers the backend label.
  */
 async function serve(args: Args): Promise<void> {
   const backend = args.backends[0] ?? "wasm";
-  await initBackend({ prefer: backend });
+  await initBackend({ prefer: backend, wasmPool: poolFor(args) });
   if (args.before) setSpeedWork(false);
   const spec = specFor(args, args.models[0] ?? "baseline");
   const model = buildModel(spec);
@@ -356,7 +361,7 @@ async function main(): Promise<void> {
   if (args.serve) return serve(args);
   for (const b of args.backends) {
     try {
-      await initBackend({ prefer: b });
+      await initBackend({ prefer: b, wasmPool: poolFor(args) });
     } catch (e) {
       console.log(`train_step backend=${b} skipped: ${e instanceof Error ? e.message : String(e)}`);
       continue;

@@ -27,6 +27,7 @@ import os from "node:os";
 import { dirname, join } from "node:path";
 import { writeAtomic } from "./atomic.ts";
 import { registerWasmGradKernels } from "./wasm_kernels.ts";
+import { setSimdPoolThreads } from "./wasm_simd/index.ts";
 
 export type BackendName = "tensorflow-gpu" | "tensorflow" | "wasm" | "cpu";
 
@@ -38,7 +39,18 @@ export interface InitBackendOptions {
   prefer?: string;
   /** Where warnings go (default: stderr). */
   log?: (line: string) => void;
+  /**
+   * Whom the wasm backend's extra threads serve (AR_WASM_POOL wins). "xnnpack" (default): tfjs' own
+   * pthreadpool runs XNNPACK's operators, the frozen backbones' convolutions, and our SIMD kernels get
+   * helpers of their own. "simd": tfjs' threaded build runs its operators on the calling thread and every
+   * extra thread is our SIMD pool's, for training from scratch, whose heavy kernels are ours: one pool, so
+   * two pools' threads never compete for the same cores (on a busy machine XNNPACK's pool waits, ours
+   * hands a late thread's parts to whoever is free).
+   */
+  wasmPool?: WasmPool;
 }
+
+export type WasmPool = "xnnpack" | "simd";
 
 const ALIASES: Record<string, BackendName> = {
   gpu: "tensorflow-gpu",
@@ -65,7 +77,8 @@ function tfName(b: BackendName): string {
 let active: BackendName | undefined;
 /** Which node package registered the "tensorflow" backend (they share the name). */
 let nodeFlavor: "tensorflow-gpu" | "tensorflow" | undefined;
-let wasmFacts: { simd: boolean; threads: number } | undefined;
+/** threads: tfjs' own; pool: the threads of our SIMD pool when it has them all (wasmPool "simd"). */
+let wasmFacts: { simd: boolean; threads: number; pool?: number } | undefined;
 /** Load failures are remembered so repeated calls do not re-import or re-warn. */
 const failures = new Map<BackendName, string>();
 
@@ -158,6 +171,14 @@ const requireHere = createRequire(import.meta.url);
 /** How long the threaded build may take to start before we fall back (it normally needs a fraction of a second). */
 const THREAD_INIT_TIMEOUT_S = 30;
 
+/** AR_WASM_POOL if set (xnnpack or simd), else the caller's choice, else "xnnpack". */
+function wasmPoolWanted(option: WasmPool | undefined): WasmPool {
+  const raw = process.env.AR_WASM_POOL?.trim();
+  if (raw == null || raw === "") return option ?? "xnnpack";
+  if (raw !== "xnnpack" && raw !== "simd") throw new Error(`AR_WASM_POOL must be xnnpack or simd, got '${raw}'`);
+  return raw;
+}
+
 /** Threads wanted: AR_WASM_THREADS (1 = single-threaded build), else every core, at most 8 (tfjs' pool). */
 function wantedWasmThreads(): number {
   const raw = process.env.AR_WASM_THREADS?.trim();
@@ -247,7 +268,7 @@ function patchForWasmThreads(threads: number, onInitError: (e: unknown) => void)
   };
 }
 
-async function loadWasm(): Promise<void> {
+async function loadWasm(pool: WasmPool): Promise<void> {
   const wasm = await import("@tensorflow/tfjs-backend-wasm");
   // Before the first training step (and before setBackend, so the engine runs
   // the setupFunc of the kernels we replace): wasm cannot train conv nets
@@ -267,7 +288,8 @@ async function loadWasm(): Promise<void> {
       const silent = new Error(`no answer from the pthread workers in ${THREAD_INIT_TIMEOUT_S} s`);
       timer = setTimeout(() => fail(silent), THREAD_INIT_TIMEOUT_S * 1000);
       tf.env().set("WASM_HAS_MULTITHREAD_SUPPORT", true);
-      wasm.setThreadsCount(threads);
+      wasm.setThreadsCount(pool === "simd" ? 1 : threads);
+      setSimdPoolThreads(pool === "simd" ? threads : undefined);
       // A later setBackend supersedes a hung one: tfjs ignores the outdated init.
       const ok = await Promise.race([tf.setBackend("wasm"), failed]);
       if (!ok) throw new Error("threaded build failed to initialize");
@@ -292,17 +314,17 @@ async function loadWasm(): Promise<void> {
   } catch {
     // Only throws before init; the single-threaded build reports 1 anyway.
   }
-  wasmFacts = { simd: simd === true, threads: actual };
+  wasmFacts = { simd: simd === true, threads: actual, pool: ready && pool === "simd" ? threads : undefined };
   if (threadNote != null) console.error(threadNote);
 }
 
-async function load(b: BackendName): Promise<void> {
+async function load(b: BackendName, pool: WasmPool): Promise<void> {
   switch (b) {
     case "tensorflow-gpu":
     case "tensorflow":
       return loadNode(b);
     case "wasm":
-      return loadWasm();
+      return loadWasm(pool);
     case "cpu":
       if (!(await tf.setBackend("cpu"))) throw new Error("tf.setBackend('cpu') failed");
       return;
@@ -310,12 +332,12 @@ async function load(b: BackendName): Promise<void> {
 }
 
 /** Tries one backend; returns undefined on success or the reason it failed. */
-async function attempt(b: BackendName): Promise<string | undefined> {
+async function attempt(b: BackendName, pool: WasmPool): Promise<string | undefined> {
   const known = failures.get(b);
   if (known != null) return known;
   if (active === b && tf.engine().backendName === tfName(b)) return undefined;
   try {
-    await load(b);
+    await load(b, pool);
     active = b;
     return undefined;
   } catch (e) {
@@ -328,17 +350,18 @@ async function attempt(b: BackendName): Promise<string | undefined> {
 /**
  * Selects and initializes the backend; returns which one. Idempotent: a
  * second call with the same preference is a no-op, a call with a different
- * one switches.
+ * one switches. The wasm pool (wasmPool) is fixed when wasm first loads.
  */
 export async function initBackend(opts: InitBackendOptions = {}): Promise<BackendName> {
   const log = opts.log ?? ((line: string) => console.error(line));
+  const pool = wasmPoolWanted(opts.wasmPool);
   const raw = opts.prefer ?? process.env.AR_BACKEND ?? "";
   if (raw.trim() !== "") {
     const wanted = parseBackendName(raw);
     if (wanted == null) {
       throw new Error(`unknown backend '${raw}' (AR_BACKEND / prefer): use gpu, node, wasm or cpu`);
     }
-    const why = await attempt(wanted);
+    const why = await attempt(wanted, pool);
     if (why != null) throw new Error(`backend '${wanted}' was requested but could not be loaded: ${why}`);
     // Asked for the GPU: running on the CPU instead would make every number mislabelled.
     const cpuOnly = wanted === "tensorflow-gpu" ? gpuMissing() : undefined;
@@ -350,7 +373,7 @@ export async function initBackend(opts: InitBackendOptions = {}): Promise<Backen
   }
   const skipped: string[] = [];
   for (const b of BACKEND_ORDER) {
-    const why = await attempt(b);
+    const why = await attempt(b, pool);
     if (why == null) {
       if (b === "cpu") {
         log("!".repeat(78));
@@ -379,6 +402,7 @@ export function backendLabel(): string {
   if (current == null) return "uninitialized";
   if (current === "wasm") {
     const f = wasmFacts;
+    if (f?.pool != null) return `wasm (threads: ${f.pool} in the SIMD pool, simd: ${f.simd})`;
     return f == null ? "wasm" : `wasm (threads: ${f.threads}, simd: ${f.simd})`;
   }
   if (current === "tensorflow") {

@@ -147,7 +147,10 @@ export async function startRun<T extends HpRecord>(HP: T, HP_SPACE: HpSpace<T>):
   const env = process.env.AR_HP;
   const hp = checkHp(HP, HP_SPACE, parseOverrides(env), `train.ts HP block${env ? " + AR_HP" : ""}`);
   if (env) console.log(`hp overrides from AR_HP: ${env}`);
-  await initBackend();
+  // From scratch every heavy kernel is ours: all threads to our SIMD pool. A backbone's convolutions are
+  // XNNPACK's: tfjs' pool keeps the threads (lib/backend.ts, wasmPool).
+  const fromScratch = typeof hp.backbone !== "string" || hp.backbone === "none";
+  await initBackend({ wasmPool: fromScratch ? "simd" : "xnnpack" });
   // hp.imageSize picks among the sizes prepare cached (`--sizes`); an uncached one is a one-line error.
   const ds = typeof hp.imageSize === "number" ? await loadCacheAtSize(hp.imageSize) : await loadCache();
   describeDataset(ds.manifest, (l) => console.log(l));

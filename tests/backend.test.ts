@@ -10,6 +10,7 @@ import { backendLabel, initBackend, nodeBackendLabel, nodeDevice } from "../lib/
 import { evaluate, imageBatch, trainBatches, type Dataset, type Manifest } from "../prepare.ts";
 import { augmentedBatch, flipAndShift } from "../lib/augment.ts";
 import { adam } from "../lib/adam.ts";
+import { BUN } from "./helpers.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients,
 } from "../lib/wasm_kernels.ts";
@@ -374,6 +375,46 @@ describe("the fused Adam update", () => {
       await initBackend({ prefer: "wasm" });
     }
   });
+});
+
+describe("the wasm thread pool (wasmPool)", () => {
+  // A process initializes wasm once, so each pool runs in a child: same net, same data, its gradients' bits.
+  const script = (pool: string) => `
+    import * as tf from "@tensorflow/tfjs";
+    import { backendLabel, initBackend } from ${JSON.stringify(`${import.meta.dir}/../lib/backend.ts`)};
+    await initBackend({ prefer: "wasm", wasmPool: ${JSON.stringify(pool)} });
+    const r = (n, k) => tf.tensor1d(Array.from({ length: n }, (_, i) => Math.sin(i * 12.9898 + k) * 0.5));
+    const x = r(32 * 16 * 16 * 8, 1).reshape([32, 16, 16, 8]);
+    const w = tf.variable(r(3 * 3 * 8 * 16, 2).reshape([3, 3, 8, 16]));
+    const { grads } = tf.variableGrads(() => tf.sum(tf.square(tf.relu(tf.conv2d(x, w, 1, "same")))), [w]);
+    const g = grads[w.name].dataSync();
+    console.log(JSON.stringify({ label: backendLabel(), bits: Array.from(new Uint32Array(g.buffer, g.byteOffset, g.length)) }));
+  `;
+  function run(pool: string): { label: string; bits: number[] } {
+    const r = Bun.spawnSync([BUN, "-e", script(pool)], {
+      env: { ...process.env, AR_WASM_THREADS: "2", AR_WASM_POOL: "" }, stderr: "pipe",
+    });
+    const out = r.stdout.toString().trim().split("\n").at(-1) ?? "";
+    if (r.exitCode !== 0) throw new Error(`child (${pool}) failed: ${r.stderr.toString()}`);
+    return JSON.parse(out) as { label: string; bits: number[] };
+  }
+
+  test("simd: every thread in our pool, tfjs single-threaded; the same gradient bits as tfjs' pool", () => {
+    const ours = run("simd");
+    const theirs = run("xnnpack");
+    expect(ours.label).toBe("wasm (threads: 2 in the SIMD pool, simd: true)");
+    expect(theirs.label).toBe("wasm (threads: 2, simd: true)");
+    expect(ours.bits.length).toBe(3 * 3 * 8 * 16);
+    expect(ours.bits).toEqual(theirs.bits);
+  }, 60_000);
+
+  test("AR_WASM_POOL names a pool or is refused in one line", async () => {
+    const r = Bun.spawnSync([BUN, "-e", script("xnnpack")], {
+      env: { ...process.env, AR_WASM_THREADS: "2", AR_WASM_POOL: "both" }, stderr: "pipe",
+    });
+    expect(r.exitCode).not.toBe(0);
+    expect(r.stderr.toString()).toContain("AR_WASM_POOL must be xnnpack or simd, got 'both'");
+  }, 60_000);
 });
 
 describe("SIMD kernels split across threads", () => {

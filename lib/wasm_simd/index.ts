@@ -89,6 +89,16 @@ function memoryOf(module: object): WebAssembly.Memory | undefined {
   return undefined;
 }
 
+let poolThreads: number | undefined;
+
+/**
+ * Threads for our pool when tfjs runs its own operators single-threaded (lib/backend.ts, wasmPool
+ * "simd"); undefined: as many as tfjs' pthreadpool has. Read when the kernels bind to a backend.
+ */
+export function setSimdPoolThreads(n: number | undefined): void {
+  poolThreads = n;
+}
+
 let disabledReason: string | undefined = process.env.AR_WASM_SIMD === "0" ? "AR_WASM_SIMD=0" : undefined;
 let forcedSplit: number | undefined;
 
@@ -119,8 +129,8 @@ export function simdKernels(backend: WasmBackendLike): Simd | null {
       const bytes = new Uint8Array(Buffer.from(shared ? KERNELS_WASM_SHARED : KERNELS_WASM_PLAIN, "base64"));
       const instance = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } });
       const k = instance.exports as unknown as SimdKernels;
-      // Helper threads only where the heap is shared (tfjs' threaded build), one per extra tfjs thread.
-      const threads = shared ? Math.max(1, backend.wasm.tfjs?.getThreadsCount?.() ?? 1) : 1;
+      // Helper threads only where the heap is shared (tfjs' threaded build), one per extra thread.
+      const threads = shared ? Math.max(1, poolThreads ?? backend.wasm.tfjs?.getThreadsCount?.() ?? 1) : 1;
       const pool = threads > 1 ? new SimdPool(memory, bytes, threads - 1) : null;
       const fns = k as unknown as Record<FnName, (...a: number[]) => void>;
       simd = {
