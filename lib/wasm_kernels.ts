@@ -202,6 +202,40 @@ function spatialPadding(top: number, bottom: number, left: number, right: number
 }
 
 // ---------------------------------------------------------------------------
+// Conv2D / FusedConv2D forward, stride 1
+
+/**
+ * The forward convolution on our thread pool (kernels.c conv2d_forward: XNNPACK's accumulation order,
+ * so the same bits as tfjs-wasm's own): stride 1, dilation 1, NHWC, co % 4 == 0, a linear fused
+ * activation, at most a bias. Anything else (the backbones' strided and relu6 convs) is tfjs-wasm's.
+ */
+function conv2DForward(name: "Conv2D" | "FusedConv2D", args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
+  const attrs = args.attrs ?? {};
+  const [x, filter] = inputsOf(args, "x", "filter");
+  const bias = args.inputs.bias as tf.TensorInfo | undefined;
+  const activation = attrs.activation ?? "linear";
+  const plain = activation === "linear" && args.inputs.preluActivationWeights == null && attrs.dataFormat !== "NCHW";
+  const [dH, dW] = readPair(attrs, "dilations", 1);
+  const [sH, sW] = readPair(attrs, "strides");
+  const s = plain && dH === 1 && dW === 1 && sH === 1 && sW === 1 ? simdFor(args.backend, x, filter, bias) : null;
+  const filterShape = shape4(filter, "filter");
+  const biasFits = bias == null || sizeOf(bias.shape) === filterShape[3];
+  if (s == null || filterShape[3] % 4 !== 0 || x.shape.length !== 4 || !biasFits) return delegate(name, args);
+  const info = tf.backend_util.computeConv2DInfo(
+    shape4(x, "x"), filterShape, [1, 1], 1, readPad(attrs), readRounding(attrs), false,
+  );
+  const { batchSize, inHeight: h, inWidth: w, inChannels: ci, outHeight: oh, outWidth: ow, outChannels: co } = info;
+  const y = s.b.makeOutput([batchSize, oh, ow, co], "float32");
+  const work = (batchSize * oh * ow * co * info.filterHeight * info.filterWidth * ci) / 8;
+  const parts = splitRange(batchSize, partsFor(s, work));
+  s.run("conv2d_forward", parts.map(([b0, b1]) => [
+    at(s.b, x), at(s.b, filter), bias == null ? 0 : at(s.b, bias), at(s.b, y), h, w, ci, oh, ow, co,
+    info.filterHeight, info.filterWidth, info.padInfo.top, info.padInfo.left, b0, b1,
+  ]));
+  return y;
+}
+
+// ---------------------------------------------------------------------------
 // Conv2DBackpropFilter
 
 function conv2DBackpropFilter(args: KernelArgs): tf.TensorInfo {
@@ -878,6 +912,8 @@ const KERNELS: tf.KernelConfig[] = [
 
 /** tfjs-wasm kernels we replace; each falls back to the native one outside its fast path. */
 const REPLACEMENTS: Record<string, tf.KernelFunc> = {
+  Conv2D: (args) => conv2DForward("Conv2D", args),
+  FusedConv2D: (args) => conv2DForward("FusedConv2D", args),
   Conv2DBackpropInput: conv2DBackpropInput,
   Identity: identity,
   Cast: cast,

@@ -29,6 +29,8 @@ afterAll(() => {
   else process.env.AR_BACKEND = savedEnv;
 });
 
+const sizeOfShape = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
+
 /** Deterministic data that does not depend on which backend is active. */
 function seeded(n: number, seed: number): Float32Array {
   let s = seed >>> 0;
@@ -272,6 +274,27 @@ describe("SIMD kernels on the inference path are bit-identical to tfjs-wasm's ow
       return tf.batchNorm(tf.tensor4d(seeded(n, 51), shape), m, v, undefined, undefined, 1e-5);
     }],
     ["Identity/Cast float32 (clone, cast)", () => tf.cast(tf.clone(tf.tensor4d(seeded(n, 53), shape)), "float32")],
+    // the forward conv on our pool: XNNPACK's bits (evaluate() and the backbones' features run it)
+    ...([
+      [[4, 9, 11, 3], [3, 3, 3, 16], "same"], [[3, 8, 8, 16], [3, 3, 16, 32], "same"],
+      [[2, 7, 6, 20], [1, 1, 20, 8], "valid"], [[2, 9, 7, 5], [5, 5, 5, 12], "valid"], [[2, 6, 6, 8], [3, 3, 8, 4], 1],
+      [[2, 10, 9, 64], [3, 3, 64, 36], "same"],
+    ] as [number[], number[], "same" | "valid" | number][]).map(([xs, fs, pad], i): [string, () => tf.Tensor] => [
+      `Conv2D ${xs.join("x")} * ${fs.join("x")} ${pad}`,
+      () => tf.conv2d(
+        tf.tensor4d(seeded(sizeOfShape(xs), 60 + i), xs as Shape4),
+        tf.tensor4d(seeded(sizeOfShape(fs), 70 + i), fs as Shape4), 1, pad,
+      ),
+    ]),
+    ["FusedConv2D with a bias", () => tf.fused.conv2d({
+      x: tf.tensor4d(seeded(3 * 8 * 8 * 16, 80), [3, 8, 8, 16]),
+      filter: tf.tensor4d(seeded(9 * 16 * 24, 81), [3, 3, 16, 24]), strides: 1, pad: "same",
+      bias: tf.tensor1d(seeded(24, 82)),
+    })],
+    ["FusedConv2D with relu6 (tfjs-wasm's own)", () => tf.fused.conv2d({
+      x: tf.tensor4d(seeded(2 * 8 * 8 * 8, 83), [2, 8, 8, 8]), filter: tf.tensor4d(seeded(9 * 8 * 8, 84), [3, 3, 8, 8]),
+      strides: 1, pad: "same", activation: "relu6",
+    })],
     ...(["add", "sub", "mul", "div"] as const).flatMap((op): [string, () => tf.Tensor][] => {
       const x = () => tf.tensor4d(seeded(n, 60), shape);
       const row = (rank: number) => tf.tensor(seeded(20, 61), [...new Array<number>(rank - 1).fill(1), 20]);
@@ -388,7 +411,8 @@ describe("the wasm thread pool (wasmPool)", () => {
     const w = tf.variable(r(3 * 3 * 8 * 16, 2).reshape([3, 3, 8, 16]));
     const { grads } = tf.variableGrads(() => tf.sum(tf.square(tf.relu(tf.conv2d(x, w, 1, "same")))), [w]);
     const g = grads[w.name].dataSync();
-    console.log(JSON.stringify({ label: backendLabel(), bits: Array.from(new Uint32Array(g.buffer, g.byteOffset, g.length)) }));
+    const bits = Array.from(new Uint32Array(g.buffer, g.byteOffset, g.length));
+    console.log(JSON.stringify({ label: backendLabel(), bits }));
   `;
   function run(pool: string): { label: string; bits: number[] } {
     const r = Bun.spawnSync([BUN, "-e", script(pool)], {

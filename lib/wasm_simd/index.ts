@@ -41,6 +41,10 @@ export interface SimdKernels {
   relu_f32(x: number, out: number, begin: number, end: number): void;
   sqrt_f32(x: number, out: number, begin: number, end: number): void;
   clip_f32(x: number, out: number, lo: number, hi: number, begin: number, end: number): void;
+  conv2d_forward(
+    x: number, f: number, bias: number, y: number, h: number, w: number, ci: number, oh: number, ow: number,
+    co: number, kh: number, kw: number, padTop: number, padLeft: number, bBegin: number, bEnd: number,
+  ): void;
   adam_f32(
     x: number, m: number, v: number, g: number, xOut: number, mOut: number, vOut: number, c1: number, c2: number,
     beta1: number, oneMinusBeta1: number, beta2: number, oneMinusBeta2: number, epsilon: number, negLr: number,

@@ -654,3 +654,86 @@ void adam_f32(const float* x, const float* m, const float* v, const float* g, fl
     xo[i] = ((mi / c1) / (__builtin_sqrtf(vi / c2) + eps)) * nlr + x[i];
   }
 }
+
+/*
+ * Forward 2-D convolution, stride 1 (NHWC input, HWIO filter, optional bias):
+ *   y[b,oh,ow,co] = bias[co] + sum over kh, kw, ci of x[b, oh+kh-pt, ow+kw-pl, ci] * f[kh,kw,ci,co]
+ * accumulated from the bias in the order XNNPACK's igemm accumulates (taps row-major, then input
+ * channels in order, one mul and one add per product), so the bits are XNNPACK's (tests/backend.test.ts):
+ * tfjs-wasm runs this on its own thread pool, here it runs on ours. Padding taps are skipped, where
+ * XNNPACK adds 0 * f: the same value. Tiles of 4 pixels by 8 output channels run over the input
+ * channels; y is the accumulators' home across taps. Requires co % 4 == 0. Part: images [b_begin, b_end).
+ */
+#define FW_TILE(NP, NV)                                                          \
+  {                                                                              \
+    float* d = yrow + ow * CO + co0;                                             \
+    v128_t c00 = wasm_v128_load(d), c01 = NV > 1 ? wasm_v128_load(d + 4) : c00; \
+    v128_t c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;     \
+    if (NP > 1) { c10 = wasm_v128_load(d + CO); if (NV > 1) c11 = wasm_v128_load(d + CO + 4); } \
+    if (NP > 2) { c20 = wasm_v128_load(d + 2 * CO); if (NV > 1) c21 = wasm_v128_load(d + 2 * CO + 4); } \
+    if (NP > 3) { c30 = wasm_v128_load(d + 3 * CO); if (NV > 1) c31 = wasm_v128_load(d + 3 * CO + 4); } \
+    const float* a = xrow + (ow + kw - pl) * CI;                                 \
+    const float* f = ftap + co0;                                                 \
+    for (int ci = 0; ci < CI; ++ci, f += CO) {                                   \
+      const v128_t f0 = wasm_v128_load(f), f1 = NV > 1 ? wasm_v128_load(f + 4) : f0; \
+      v128_t s = wasm_f32x4_splat(a[ci]);                                        \
+      c00 = wasm_f32x4_add(c00, wasm_f32x4_mul(s, f0));                          \
+      if (NV > 1) c01 = wasm_f32x4_add(c01, wasm_f32x4_mul(s, f1));              \
+      if (NP > 1) {                                                              \
+        s = wasm_f32x4_splat(a[CI + ci]);                                        \
+        c10 = wasm_f32x4_add(c10, wasm_f32x4_mul(s, f0));                        \
+        if (NV > 1) c11 = wasm_f32x4_add(c11, wasm_f32x4_mul(s, f1));            \
+      }                                                                          \
+      if (NP > 2) {                                                              \
+        s = wasm_f32x4_splat(a[2 * CI + ci]);                                    \
+        c20 = wasm_f32x4_add(c20, wasm_f32x4_mul(s, f0));                        \
+        if (NV > 1) c21 = wasm_f32x4_add(c21, wasm_f32x4_mul(s, f1));            \
+      }                                                                          \
+      if (NP > 3) {                                                              \
+        s = wasm_f32x4_splat(a[3 * CI + ci]);                                    \
+        c30 = wasm_f32x4_add(c30, wasm_f32x4_mul(s, f0));                        \
+        if (NV > 1) c31 = wasm_f32x4_add(c31, wasm_f32x4_mul(s, f1));            \
+      }                                                                          \
+    }                                                                            \
+    wasm_v128_store(d, c00); if (NV > 1) wasm_v128_store(d + 4, c01);            \
+    if (NP > 1) { wasm_v128_store(d + CO, c10); if (NV > 1) wasm_v128_store(d + CO + 4, c11); } \
+    if (NP > 2) { wasm_v128_store(d + 2 * CO, c20); if (NV > 1) wasm_v128_store(d + 2 * CO + 4, c21); } \
+    if (NP > 3) { wasm_v128_store(d + 3 * CO, c30); if (NV > 1) wasm_v128_store(d + 3 * CO + 4, c31); } \
+  }
+
+EXPORT(conv2d_forward)
+void conv2d_forward(const float* x, const float* f, const float* bias, float* y, int H, int W, int CI, int OH, int OW,
+                    int CO, int KH, int KW, int pt, int pl, int b_begin, int b_end) {
+  for (int b = b_begin; b < b_end; ++b) {
+    for (int oh = 0; oh < OH; ++oh) {
+      float* yrow = y + (long)(b * OH + oh) * OW * CO;
+      for (int ow = 0; ow < OW; ++ow) {
+        if (bias) __builtin_memcpy(yrow + ow * CO, bias, (unsigned long)CO * sizeof(float));
+        else __builtin_memset(yrow + ow * CO, 0, (unsigned long)CO * sizeof(float));
+      }
+      for (int kh = 0; kh < KH; ++kh) {
+        const int r = oh + kh - pt;
+        if (r < 0 || r >= H) continue;
+        const float* xrow = x + (long)(b * H + r) * W * CI;
+        for (int kw = 0; kw < KW; ++kw) {
+          // ow such that 0 <= ow + kw - pl < W
+          const int ow0 = pl - kw > 0 ? pl - kw : 0;
+          const int ow1 = W + pl - kw < OW ? W + pl - kw : OW;
+          if (ow0 >= ow1) continue;
+          const float* ftap = f + (long)(kh * KW + kw) * CI * CO;
+          int co0 = 0;
+          for (; co0 + 8 <= CO; co0 += 8) {
+            int ow = ow0;
+            for (; ow + 4 <= ow1; ow += 4) FW_TILE(4, 2)
+            for (; ow < ow1; ++ow) FW_TILE(1, 2)
+          }
+          for (; co0 + 4 <= CO; co0 += 4) {
+            int ow = ow0;
+            for (; ow + 4 <= ow1; ow += 4) FW_TILE(4, 1)
+            for (; ow < ow1; ++ow) FW_TILE(1, 1)
+          }
+        }
+      }
+    }
+  }
+}
