@@ -989,8 +989,9 @@ async function featuresCommand(raw: Record<string, unknown>): Promise<void> {
   console.log(describeBackbone(ready.backbone));
   for (const f of [ready.features, ...(ready.mirrored ? [ready.mirrored] : [])]) {
     const per = (f.extractSeconds * 1000) / Math.max(f.n, 1);
+    const when = f.reused ? " (as recorded when cached)" : "";
     console.log(`features ready: ${f.n} rows of ${ready.backbone.id} (${f.view}) in ${f.path}; cold extraction `
-      + `${f.extractSeconds.toFixed(1)} s, ${per.toFixed(1)} ms per image${f.reused ? " (as recorded when cached)" : ""}`);
+      + `${f.extractSeconds.toFixed(1)} s, ${per.toFixed(1)} ms per image${when}`);
   }
 }
 

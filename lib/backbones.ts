@@ -757,8 +757,10 @@ async function loadCombo(names: string[], size: number | null, o: LoadBackboneOp
     throw new Error(`backbone ${label}: a combination can only be used frozen, unfreezeBlocks 0`);
   }
   if (new Set(names).size !== names.length) throw new Error(`backbone ${label}: names a backbone twice`);
-  const inputSize = o.inputSize ?? size ?? Math.min(...names.map((n) => isBackboneName(n) ? BACKBONES[n].nativeSize : 224));
-  const parts = await Promise.all(names.map((n) => loadBackbone(n, { ...o, inputSize, unfreezeBlocks: 0, spec: undefined })));
+  const native = names.map((n) => isBackboneName(n) ? BACKBONES[n].nativeSize : 224);
+  const inputSize = o.inputSize ?? size ?? Math.min(...native);
+  const parts: Backbone[] = [];
+  for (const n of names) parts.push(await loadBackbone(n, { ...o, inputSize, unfreezeBlocks: 0, spec: undefined }));
   const sizes = new Set(parts.map((p) => p.inputSize));
   if (sizes.size !== 1) throw new Error(`backbone ${label}: its parts cannot share the input side ${inputSize}`);
   const featureDim = parts.reduce((s, p) => s + p.featureDim, 0);
@@ -994,8 +996,10 @@ export async function datasetFeatures(
     const side = fromFiles ? S : ds.imageSize;
     const px = side * side * 3;
     const jobs = idx.map((i) => fromFiles ? decodeToRgb(sourceBytes(i), S) : ds.images.subarray(i * px, (i + 1) * px));
-    return Promise.all(jobs).then((rows) => tf.tensor4d(
-      pixelsToFloat32(view === "mirrored" ? rows.map((r) => mirrorRgb(r, side)) : rows, side), [idx.length, side, side, 3]));
+    return Promise.all(jobs).then((rows) => {
+      const floats = pixelsToFloat32(view === "mirrored" ? rows.map((r) => mirrorRgb(r, side)) : rows, side);
+      return tf.tensor4d(floats, [idx.length, side, side, 3]);
+    });
   };
   /** The next batch's decode, started now; a failure is reported where it is awaited. */
   const prefetch = (idx: number[]): Promise<tf.Tensor4D> => {
