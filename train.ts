@@ -28,6 +28,7 @@ import {
 } from "./lib/backbones.ts";
 import { augmentedBatch } from "./lib/augment.ts";
 import { vitTrunk } from "./lib/vit.ts";
+import { featureStats, Standardize } from "./lib/standardize.ts";
 import { finishRun, hpSpace, startRun } from "./lib/run.ts";
 
 // ---------------------------------------------------------------------------
@@ -41,6 +42,7 @@ export const HP = {
   backbone: "none" as Backbone, // "none" (a model from scratch, see family) or a frozen pretrained backbone
   backboneSize: 224, // backbone input side in pixels (features are computed once per size and cached)
   featureDropout: 0.2, // backbone only: dropout on the input features (feature-space augmentation)
+  standardize: true, // frozen backbone: the head first standardizes each feature (train split's mean and std)
   unfreezeBlocks: 0, // backbone only: fine-tune its last 0, 1 or 2 blocks (a layers-model backbone, see HP_SPACE)
   backboneLrScale: 0.1, // fine-tuning only: the unfrozen blocks' lr, as a fraction of lr (pretrained weights move less)
   width: 16, // channels of the first conv block; each block doubles it
@@ -77,7 +79,9 @@ const fromScratch = HP.backbone === "none";
 export const HP_SPACE = hpSpace(HP, {
   backbone: ["none", ...BACKBONE_NAMES, ...BACKBONE_COMBOS],
   // Axes that do nothing for the current model keep one value, and the proposer skips them.
-  ...(fromScratch ? {} : { backboneSize: [96, 128, 160, 224, 320], featureDropout: [0, 0.1, 0.2, 0.3, 0.5] }),
+  ...(fromScratch ? {} : {
+    backboneSize: [96, 128, 160, 224, 320], featureDropout: [0, 0.1, 0.2, 0.3, 0.5], standardize: [false, true],
+  }),
   ...(fineTunable(HP.backbone) ? { unfreezeBlocks: [0, 1, 2] } : {}),
   ...(fineTunable(HP.backbone) && HP.unfreezeBlocks > 0 ? { backboneLrScale: [0.03, 0.1, 0.3, 1] } : {}),
   ...(fromScratch && HP.family === "cnn" ? { width: [8, 12, 16, 24, 32], depth: [2, 3, 4] } : {}),
@@ -111,7 +115,7 @@ const { hp, ds, budget, features, mirrored, blocks } = run;
 /**
  * A small VGG-style CNN: [conv3x3 → batchnorm → relu → maxpool] × depth, or the ViT of lib/vit.ts
  * (HP.family), then two heads. With `featureDim` (a frozen backbone) the input is that feature vector
- * instead: dropout → the heads.
+ * instead: standardized (HP.standardize) → dropout → the heads.
  */
 function buildModel(featureDim: number | null): { train: tf.LayersModel; infer: tf.LayersModel } {
   const input = tf.input({ shape: featureDim === null ? [ds.imageSize, ds.imageSize, 3] : [featureDim] });
@@ -132,6 +136,10 @@ function buildModel(featureDim: number | null): { train: tf.LayersModel; infer: 
     }
     x = apply(tf.layers.globalAveragePooling2d({}), x);
   } else {
+    // Fine-tuning, the head reads the blocks' output, not the cached features: nothing to standardize by.
+    if (hp.standardize && features && !blocks) {
+      x = apply(new Standardize({ stats: featureStats(features.data, features.dim, ds.train) }), x);
+    }
     x = apply(tf.layers.dropout({ rate: hp.featureDropout }), x);
   }
   x = apply(tf.layers.dense({ units: hp.hidden, activation: "relu" }), x);
