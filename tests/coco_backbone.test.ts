@@ -15,6 +15,7 @@ import {
 } from "../lib/backbones.ts";
 import { inputSizeFor, loadCheckpoint, predictorFor } from "../lib/checkpoint.ts";
 import { decodeToRgb, mirrorRgb } from "../lib/images.ts";
+import { featureStats, Standardize } from "../lib/standardize.ts";
 import { runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const COCO = "coco-centernet-mobilenetv3";
@@ -189,6 +190,32 @@ describe("fine-tuning the last blocks of nsfwjs's MobileNetV2 (HP.unfreezeBlocks
     expect(Number(parseFooter(ev.out.split("\neval_json")[0]!).val_accuracy))
       .toBeCloseTo(loaded.meta.metrics.val_accuracy!, 6);
   }, SLOW);
+});
+
+describe("HP.standardize: the head's first layer standardizes features with the train split's statistics", () => {
+  test("featureStats measures only the rows given; Standardize maps them to mean 0, std 1; a constant column to 0",
+    async () => {
+      // 4 rows × 3 features; rows 0..2 are "train": column 0 = 1, 2, 3; column 1 = 10, 30, 50; column 2 constant.
+      const data = Float32Array.from([1, 10, 7, 2, 30, 7, 3, 50, 7, 100, 100, 100]);
+      const { mean, invStd } = featureStats(data, 3, [0, 1, 2]);
+      expect(Array.from(mean)).toEqual([2, 30, 7]);
+      expect(invStd[0]!).toBeCloseTo(1 / Math.sqrt(2 / 3), 5);
+      expect(invStd[1]!).toBeCloseTo(1 / Math.sqrt(800 / 3), 5);
+      expect(() => featureStats(data, 3, [])).toThrow(/no rows/);
+      const input = tf.input({ shape: [3] });
+      const model = tf.model({
+        inputs: input, outputs: new Standardize({ stats: { mean, invStd } }).apply(input) as tf.SymbolicTensor,
+      });
+      const y = model.predict(tf.tensor2d(data.subarray(0, 9), [3, 3])) as tf.Tensor;
+      const { mean: m, variance: v } = tf.moments(y, 0);
+      const [mv, vv, col2] = [await m.data(), await v.data(), await tf.slice(y, [0, 2], [3, 1]).data()];
+      for (const k of [0, 1]) { expect(mv[k]!).toBeCloseTo(0, 5); expect(vv[k]!).toBeCloseTo(1, 4); }
+      expect(Array.from(col2)).toEqual([0, 0, 0]);
+      // Its statistics are weights, not trainable: saved with the head, never moved by the optimizer.
+      expect(model.trainableWeights.length).toBe(0);
+      expect(model.getWeights().length).toBe(2);
+      tf.dispose([y, m, v]);
+    });
 });
 
 describe("fine-tuned blocks learn at HP.backboneLrScale × lr", () => {

@@ -35,7 +35,7 @@ describe("HP_SPACE offers only the keys that matter for the model HP names", () 
   test("the scratch CNN: width and depth, no ViT keys, no backbone keys", () => {
     const m = moves(spaceWith({}));
     expect(m).toEqual(expect.arrayContaining(["width", "depth", "shift", "family", "lr"]));
-    for (const k of ["patch", "embedDim", "numHeads", "vitDepth", "mlpRatio", "backboneSize", "unfreezeBlocks"]) {
+    for (const k of ["patch", "embedDim", "numHeads", "vitDepth", "mlpRatio", "backboneSize", "standardize"]) {
       expect(m).not.toContain(k);
     }
   }, STARTUP);
@@ -49,7 +49,7 @@ describe("HP_SPACE offers only the keys that matter for the model HP names", () 
 
   test("a graph backbone (COCO): head and feature keys; nothing of the pixel models, no fine-tuning", () => {
     const m = moves(spaceWith({ backbone: '"coco-centernet-mobilenetv3" as Backbone' }));
-    expect(m).toEqual(expect.arrayContaining(["backboneSize", "featureDropout", "hidden", "flip", "lr"]));
+    expect(m).toEqual(expect.arrayContaining(["backboneSize", "featureDropout", "standardize", "hidden", "flip", "lr"]));
     for (const k of ["width", "depth", "shift", "imageSize", "patch", "unfreezeBlocks", "backboneLrScale"]) {
       expect(m).not.toContain(k);
     }
