@@ -149,7 +149,8 @@ describe("fine-tuning the last blocks of nsfwjs's MobileNetV2 (HP.unfreezeBlocks
   test("train.ts fine-tunes 1 block; the checkpoint holds it and predicts the same after reload, through "
     + "evaluate() and on new photos", async () => {
     const ckpt = join(tempDir(), "ckpt");
-    const hp = JSON.stringify({ backbone: "nsfwjs-mobilenetv2", backboneSize: SIZE, unfreezeBlocks: 1 });
+    // flip false: the photos' own maps only (the mirrored ones would be a second extraction here).
+    const hp = JSON.stringify({ backbone: "nsfwjs-mobilenetv2", backboneSize: SIZE, unfreezeBlocks: 1, flip: false });
     const r = runScript(["train.ts", "--budget", "4", "--checkpoint", ckpt], { AR_CACHE: cache, AR_HP: hp });
     expect(r.code).toBe(0);
     expect(r.out).toContain("partly fine-tuned backbone nsfwjs-mobilenetv2@64");
