@@ -11,9 +11,10 @@
  * below or a small vision transformer, lib/vit.ts) at HP.imageSize (one of the sizes prepare cached);
  * a backbone name (lib/backbones.ts) trains a small head on that frozen pretrained network's
  * features, computed once from the original photos at HP.backboneSize and cached next to the image
- * cache (before the training timer starts; `feature_seconds:` says how long that took). With
- * HP.unfreezeBlocks k > 0 the backbone's last k blocks train too: what is cached is the frozen
- * part's feature maps, and run.blocks (pretrained, trainable) runs on them inside the gradient tape.
+ * cache (before the training timer starts; `feature_seconds:` says how long that took); with HP.flip
+ * the mirrored photos' features too, and each batch row reads one of the two at random. With
+ * HP.unfreezeBlocks k > 0 the backbone's last k blocks train too (at HP.backboneLrScale × lr): what is
+ * cached is the frozen part's feature maps, and run.blocks runs on them inside the gradient tape.
  * Everything around the research (flags, data, evaluation, checkpoint, footer) is lib/run.ts.
  * It ends with the footer (val_accuracy: … backend: …) and a checkpoint in checkpoints/latest/
  * (or --checkpoint DIR). The loop does not trust the footer: it re-measures the checkpoint with
