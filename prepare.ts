@@ -17,6 +17,7 @@
  *   bun prepare.ts evaluate --model DIR --split test        # ... on test, which no keep decision reads
  *   bun prepare.ts features --backbone nsfwjs-mobilenetv2 --size 224   # cache a backbone's features
  *   bun prepare.ts features --backbone nsfwjs-mobilenetv2 --unfreeze 1  # ... of its frozen part (fine-tuning)
+ *   bun prepare.ts features --backbone nsfwjs-mobilenetv2 --mirrored    # ... and of every photo mirrored
  *
  * Environment: AR_CACHE (cache root), AR_TASK / AR_SOURCE / AR_POSITIVE (defaults for the flags),
  * AR_BACKEND (see lib/backend.ts).
@@ -983,9 +984,15 @@ async function featuresCommand(raw: Record<string, unknown>): Promise<void> {
   const { backboneWithFeatures, describeBackbone } = await import("./lib/backbones.ts");
   await initBackend();
   const ds = await loadCache();
-  const { backbone, features } = await backboneWithFeatures(ds, raw.backbone, { inputSize: size, unfreezeBlocks });
-  console.log(describeBackbone(backbone));
-  console.log(`features ready: ${features.n} rows of ${backbone.id} in ${features.path}`);
+  const mirrored = raw.mirrored === true;
+  const ready = await backboneWithFeatures(ds, raw.backbone, { inputSize: size, unfreezeBlocks, mirrored });
+  console.log(describeBackbone(ready.backbone));
+  for (const f of [ready.features, ...(ready.mirrored ? [ready.mirrored] : [])]) {
+    const per = (f.extractSeconds * 1000) / Math.max(f.n, 1);
+    const when = f.reused ? " (as recorded when cached)" : "";
+    console.log(`features ready: ${f.n} rows of ${ready.backbone.id} (${f.view}) in ${f.path}; cold extraction `
+      + `${f.extractSeconds.toFixed(1)} s, ${per.toFixed(1)} ms per image${when}`);
+  }
 }
 
 async function main(): Promise<void> {
@@ -1012,6 +1019,7 @@ async function main(): Promise<void> {
     .option("--backbone <name>", "backbone name (lib/backbones.ts BACKBONE_NAMES)")
     .option("--size <pixels>", "backbone input side (default: the backbone's own)")
     .option("--unfreeze <k>", "fine-tuning: cache the frozen part's feature maps, k blocks short of the end")
+    .option("--mirrored", "also cache the features of every photo mirrored (train.ts's HP.flip)")
     .action((raw: Record<string, unknown>) => featuresCommand(raw));
   cli.help();
   cli.parse(process.argv, { run: false });

@@ -53,7 +53,7 @@ import * as tf from "@tensorflow/tfjs";
 import { replaceDirAtomic, writeAtomic } from "./atomic.ts";
 import { CACHE_ROOT, imageBatch, type Dataset, type Predictor } from "./dataset.ts";
 import { fetchBytes, withRetry } from "./download.ts";
-import { decodeToRgb, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./images.ts";
+import { decodeToRgb, mirrorRgb, pixelsToFloat32, PREPROCESSING, sha256Hex } from "./images.ts";
 
 // ---------------------------------------------------------------------------
 // The registry
@@ -63,6 +63,12 @@ export const BACKBONE_NAMES = [
   "nsfwjs-mobilenetv2", "coco-centernet-mobilenetv3", "mobilenet-v2-imagenet", "mobilenet-v1-imagenet",
 ] as const;
 export type BackboneName = (typeof BACKBONE_NAMES)[number];
+/**
+ * Two backbones whose pooled features are concatenated (each part cached on its own, at the same
+ * input side): what one network's training task missed, the other's may have kept.
+ */
+export const BACKBONE_COMBOS = ["coco-centernet-mobilenetv3+nsfwjs-mobilenetv2"] as const;
+export type BackboneCombo = (typeof BACKBONE_COMBOS)[number];
 
 /** Where a URL backbone's files live: `${base}${file}${query}` for model.json and each shard. */
 export interface Mirror { base: string; query?: string }
@@ -202,9 +208,9 @@ function isBackboneName(s: string): s is BackboneName {
   return (BACKBONE_NAMES as readonly string[]).includes(s);
 }
 
-/** "name" or "name@size" (what checkpoints record in meta.backbone). */
+/** "name", "name@size" or "name+name@size" (what checkpoints record in meta.backbone). */
 export function parseBackboneId(id: string): { name: string; inputSize: number | null } {
-  const m = /^([A-Za-z0-9._-]+)(?:@(\d+))?$/.exec(id.trim());
+  const m = /^([A-Za-z0-9._-]+(?:\+[A-Za-z0-9._-]+)*)(?:@(\d+))?$/.exec(id.trim());
   if (!m) throw new Error(`backbone "${id}": expected NAME or NAME@SIZE (one of ${BACKBONE_NAMES.join(", ")})`);
   return { name: m[1]!, inputSize: m[2] ? Number(m[2]) : null };
 }
@@ -680,6 +686,8 @@ export interface Backbone {
    * frozen part, [B, featureDim] → [B, pooled features]. Throws when unfrozenBlocks is 0.
    */
   trainableBlocks(): Promise<tf.LayersModel>;
+  /** A combination (BACKBONE_COMBOS): its backbones, whose features are concatenated in this order. */
+  readonly parts?: readonly Backbone[];
   dispose(): void;
 }
 
@@ -706,6 +714,7 @@ export function fineTunable(name: string): boolean {
 /** Load a backbone by name or "name@size". Loaded once per process, input size and frozen part. */
 export async function loadBackbone(id: string, o: LoadBackboneOptions = {}): Promise<Backbone> {
   const parsed = parseBackboneId(id);
+  if (parsed.name.includes("+")) return loadCombo(parsed.name.split("+"), parsed.inputSize, o);
   const spec = o.spec ?? (isBackboneName(parsed.name) ? BACKBONES[parsed.name] : undefined);
   if (!spec) throw new Error(`unknown backbone "${parsed.name}": choose one of ${BACKBONE_NAMES.join(", ")}`);
   let size = o.inputSize ?? parsed.inputSize ?? spec.nativeSize;
@@ -736,6 +745,37 @@ export async function loadBackbone(id: string, o: LoadBackboneOptions = {}): Pro
     p.catch(() => loaded.delete(key));
   }
   return p;
+}
+
+/**
+ * Backbones run side by side on the same input side, their pooled features concatenated: frozen
+ * whole (no blocks to fine-tune), each part's features cached on its own.
+ */
+async function loadCombo(names: string[], size: number | null, o: LoadBackboneOptions): Promise<Backbone> {
+  const label = names.join("+");
+  if ((o.unfreezeBlocks ?? 0) > 0) {
+    throw new Error(`backbone ${label}: a combination can only be used frozen, unfreezeBlocks 0`);
+  }
+  if (new Set(names).size !== names.length) throw new Error(`backbone ${label}: names a backbone twice`);
+  const native = names.map((n) => isBackboneName(n) ? BACKBONES[n].nativeSize : 224);
+  const inputSize = o.inputSize ?? size ?? Math.min(...native);
+  const parts: Backbone[] = [];
+  for (const n of names) parts.push(await loadBackbone(n, { ...o, inputSize, unfreezeBlocks: 0, spec: undefined }));
+  const sizes = new Set(parts.map((p) => p.inputSize));
+  if (sizes.size !== 1) throw new Error(`backbone ${label}: its parts cannot share the input side ${inputSize}`);
+  const featureDim = parts.reduce((s, p) => s + p.featureDim, 0);
+  const spec: BackboneSpec = {
+    ...parts[0]!.spec, name: label, title: parts.map((p) => p.spec.title).join(" + "),
+    imagenet: parts.every((p) => p.spec.imagenet), weights: parts.map((p) => p.spec.weights).join("; "),
+    license: parts.map((p) => p.spec.license).join("; "), featureDim, blockEnds: undefined,
+  };
+  return {
+    id: `${label}@${inputSize}`, spec, inputSize, featureDim, unfrozenBlocks: 0, parts,
+    weightsId: sha256Hex(new TextEncoder().encode(parts.map((p) => p.weightsId).join("+"))).slice(0, 16),
+    features: (images) => tf.tidy(() => tf.concat(parts.map((p) => p.features(images)), 1) as tf.Tensor2D),
+    trainableBlocks: () => Promise.reject(new Error(`backbone ${label}: frozen whole, no blocks to train`)),
+    dispose: () => { for (const p of parts) p.dispose(); },
+  };
 }
 
 async function artifactsOf(spec: BackboneSpec, o: LoadBackboneOptions): Promise<Artifacts> {
@@ -830,9 +870,16 @@ const FeatureCacheMeta = type({
 });
 type FeatureCacheMeta = typeof FeatureCacheMeta.infer;
 
+/**
+ * Which photo the features are of: the photo as prepared, or its mirror image (left and right
+ * swapped), what a random horizontal flip shows the head when training on cached features.
+ */
+export type FeatureView = "photo" | "mirrored";
+
 export interface FeatureCache {
   /** Backbone id ("name@size"). */
   backbone: string;
+  view: FeatureView;
   n: number;
   dim: number;
   /** n × dim, row i = dataset row i. */
@@ -847,20 +894,38 @@ export interface FeatureCache {
 
 export function featureCachePath(
   ds: Pick<Dataset, "dir">, backbone: Pick<Backbone, "spec" | "inputSize"> & { unfrozenBlocks?: number },
+  view: FeatureView = "photo",
 ): string {
   const k = backbone.unfrozenBlocks ?? 0;
   const part = k > 0 ? `-frozen-to-${backbone.spec.blockEnds![k - 1]}` : "";
-  return join(ds.dir, `features-${backbone.spec.name}-${backbone.inputSize}${part}.f32`);
+  const mirrored = view === "mirrored" ? "-mirrored" : "";
+  return join(ds.dir, `features-${backbone.spec.name}-${backbone.inputSize}${part}${mirrored}.f32`);
 }
 
 /**
  * What the feature cache records as the backbone: its id, the nodes pooled when there are several
  * (another choice of nodes is other features), and where a frozen part for fine-tuning ends.
  */
-function cachedAs(bb: Backbone): string {
+function cachedAs(bb: Backbone, view: FeatureView): string {
   const nodes = typeof bb.spec.featureNode === "string" ? "" : ` nodes ${bb.spec.featureNode.join("+")}`;
   const frozen = bb.unfrozenBlocks > 0 ? ` frozen to ${bb.spec.blockEnds![bb.unfrozenBlocks - 1]}` : "";
-  return `${bb.id}${nodes}${frozen}`;
+  return `${bb.id}${nodes}${frozen}${view === "mirrored" ? " of the mirrored photos" : ""}`;
+}
+
+/** Row i of each part's features, side by side: a combination's features from its parts' caches. */
+function concatFeatures(bb: Backbone, parts: FeatureCache[], view: FeatureView, seconds: number): FeatureCache {
+  const n = parts[0]!.n;
+  const dim = parts.reduce((s, p) => s + p.dim, 0);
+  const data = new Float32Array(n * dim);
+  for (let i = 0; i < n; i++) {
+    let o = i * dim;
+    for (const p of parts) { data.set(p.data.subarray(i * p.dim, (i + 1) * p.dim), o); o += p.dim; }
+  }
+  const extractSeconds = parts.reduce((s, p) => s + p.extractSeconds, 0);
+  return {
+    backbone: bb.id, view, n, dim, data, extractSeconds, seconds, reused: parts.every((p) => p.reused),
+    path: parts.map((p) => p.path).join(" + "),
+  };
 }
 
 /**
@@ -868,14 +933,21 @@ function cachedAs(bb: Backbone): string {
  * when its key matches, else computed (with progress lines) and written atomically.
  */
 export async function datasetFeatures(
-  ds: Dataset, bb: Backbone, o: { log?: (l: string) => void; force?: boolean; batchSize?: number } = {},
+  ds: Dataset, bb: Backbone,
+  o: { log?: (l: string) => void; force?: boolean; batchSize?: number; view?: FeatureView } = {},
 ): Promise<FeatureCache> {
   const log = o.log ?? ((l: string) => console.log(l));
   const t0 = performance.now();
-  const path = featureCachePath(ds, bb);
+  const view = o.view ?? "photo";
+  if (bb.parts) {
+    const parts: FeatureCache[] = [];
+    for (const p of bb.parts) parts.push(await datasetFeatures(ds, p, o));
+    return concatFeatures(bb, parts, view, (performance.now() - t0) / 1000);
+  }
+  const path = featureCachePath(ds, bb, view);
   const fromFiles = !(ds.manifest.synthetic || ds.task === "cifar100");
   const key = {
-    backbone: cachedAs(bb), weightsId: bb.weightsId, inputSize: bb.inputSize, extraction: EXTRACTION,
+    backbone: cachedAs(bb, view), weightsId: bb.weightsId, inputSize: bb.inputSize, extraction: EXTRACTION,
     datasetFingerprint: ds.manifest.fingerprint, pixels: fromFiles ? "source-files" : "upsampled-cache",
   } as const;
   const n = ds.manifest.items.length;
@@ -886,9 +958,9 @@ export async function datasetFeatures(
       const data = new Float32Array((await readFile(path)).buffer.slice(0));
       const seconds = (performance.now() - t0) / 1000;
       const took = `extraction took ${meta.seconds.toFixed(1)} s; loaded in ${seconds.toFixed(2)} s`;
-      log(`features ${bb.id}: ${n} rows from ${path} (cached: ${took})`);
+      log(`features ${bb.id}${view === "mirrored" ? " (mirrored)" : ""}: ${n} rows from ${path} (cached: ${took})`);
       const extractSeconds = meta.seconds;
-      return { backbone: bb.id, n, dim: bb.featureDim, data, extractSeconds, seconds, reused: true, path };
+      return { backbone: bb.id, view, n, dim: bb.featureDim, data, extractSeconds, seconds, reused: true, path };
     }
     log(`features ${bb.id}: cache at ${path} is stale or damaged; recomputing`);
   }
@@ -920,9 +992,14 @@ export async function datasetFeatures(
   // decode the whole batch while the backbone's synchronous forward pass holds this thread (a promise
   // pool would start its next decode only when the forward pass yields).
   const decode = (idx: number[]): Promise<tf.Tensor4D> => {
-    if (!fromFiles) return Promise.resolve(imageBatch(ds, idx));
-    const jobs = idx.map((i) => decodeToRgb(sourceBytes(i), S));
-    return Promise.all(jobs).then((px) => tf.tensor4d(pixelsToFloat32(px, S), [idx.length, S, S, 3]));
+    if (!fromFiles && view === "photo") return Promise.resolve(imageBatch(ds, idx));
+    const side = fromFiles ? S : ds.imageSize;
+    const px = side * side * 3;
+    const jobs = idx.map((i) => fromFiles ? decodeToRgb(sourceBytes(i), S) : ds.images.subarray(i * px, (i + 1) * px));
+    return Promise.all(jobs).then((rows) => {
+      const floats = pixelsToFloat32(view === "mirrored" ? rows.map((r) => mirrorRgb(r, side)) : rows, side);
+      return tf.tensor4d(floats, [idx.length, side, side, 3]);
+    });
   };
   /** The next batch's decode, started now; a failure is reported where it is awaited. */
   const prefetch = (idx: number[]): Promise<tf.Tensor4D> => {
@@ -955,7 +1032,7 @@ export async function datasetFeatures(
   writeAtomic(path, new Uint8Array(data.buffer));
   writeAtomic(`${path}.json`, JSON.stringify(meta, null, 2)); // written last: it is what says "complete"
   log(`features ${bb.id}: ${n} images in ${seconds.toFixed(1)} s, cached in ${path}`);
-  return { backbone: bb.id, n, dim: bb.featureDim, data, extractSeconds: seconds, seconds, reused: false, path };
+  return { backbone: bb.id, view, n, dim: bb.featureDim, data, extractSeconds: seconds, seconds, reused: false, path };
 }
 
 /**
@@ -964,12 +1041,15 @@ export async function datasetFeatures(
  * clock), and train.ts's startRun calls it again and finds the features cached.
  */
 export async function backboneWithFeatures(
-  ds: Dataset, name: string, o: { inputSize?: number; unfreezeBlocks?: number; log?: (l: string) => void } = {},
-): Promise<{ backbone: Backbone; features: FeatureCache }> {
+  ds: Dataset, name: string,
+  o: { inputSize?: number; unfreezeBlocks?: number; mirrored?: boolean; log?: (l: string) => void } = {},
+): Promise<{ backbone: Backbone; features: FeatureCache; mirrored: FeatureCache | null }> {
   const backbone = await loadBackbone(name, {
     inputSize: o.inputSize, unfreezeBlocks: o.unfreezeBlocks, ...(o.log ? { log: o.log } : {}),
   });
-  return { backbone, features: await datasetFeatures(ds, backbone, { log: o.log }) };
+  const features = await datasetFeatures(ds, backbone, { log: o.log });
+  const mirrored = o.mirrored ? await datasetFeatures(ds, backbone, { log: o.log, view: "mirrored" }) : null;
+  return { backbone, features, mirrored };
 }
 
 /**
@@ -980,13 +1060,22 @@ export function blocksAndHead(blocks: tf.LayersModel, head: tf.LayersModel): tf.
   return tf.model({ inputs: blocks.inputs, outputs: head.apply(blocks.outputs[0]!) as tf.SymbolicTensor[] });
 }
 
-/** Cached features of dataset rows `indices`, as a [B, D] tensor. */
-export function featureRows(fc: FeatureCache, indices: ArrayLike<number>): tf.Tensor2D {
+/**
+ * Cached features of dataset rows `indices`, as a [B, D] tensor. With `mirror`, each row is the
+ * mirrored photo's features instead when mirror.rand() < 0.5: a random horizontal flip.
+ */
+export function featureRows(
+  fc: FeatureCache, indices: ArrayLike<number>, mirror?: { fc: FeatureCache; rand: () => number },
+): tf.Tensor2D {
+  if (mirror && (mirror.fc.n !== fc.n || mirror.fc.dim !== fc.dim)) {
+    throw new Error(`mirrored features ${mirror.fc.n}×${mirror.fc.dim} do not match ${fc.n}×${fc.dim}`);
+  }
   const out = new Float32Array(indices.length * fc.dim);
   for (let b = 0; b < indices.length; b++) {
     const i = indices[b]!;
     if (i < 0 || i >= fc.n) throw new Error(`feature row ${i} out of range (cache has ${fc.n})`);
-    out.set(fc.data.subarray(i * fc.dim, (i + 1) * fc.dim), b * fc.dim);
+    const src = mirror && mirror.rand() < 0.5 ? mirror.fc : fc;
+    out.set(src.data.subarray(i * fc.dim, (i + 1) * fc.dim), b * fc.dim);
   }
   return tf.tensor2d(out, [indices.length, fc.dim]);
 }
@@ -1008,6 +1097,10 @@ export function backbonePredictor(head: tf.LayersModel, bb: Backbone, cache?: Fe
 
 /** Human-readable line for meta.notes and logs. */
 export function describeBackbone(bb: Backbone): string {
+  if (bb.parts) {
+    return `frozen backbones ${bb.id}, pooled features concatenated (${bb.featureDim}-d; the checkpoint holds only ` +
+      `the head): ${bb.parts.map(describeBackbone).join(" | ")}`;
+  }
   const weights = bb.spec.imagenet ? "ImageNet" : bb.spec.weights;
   const k = bb.unfrozenBlocks;
   const holds = k > 0

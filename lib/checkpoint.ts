@@ -13,8 +13,9 @@ import { join } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
 import { Task, type Dataset, type Manifest, type Predictor } from "./dataset.ts";
-// Registers the ViT's custom layers with tfjs, so a ViT checkpoint loads wherever checkpoints do.
+// Register the ViT's custom layers and the heads' Standardize with tfjs: such checkpoints load wherever checkpoints do.
 import "./vit.ts";
+import "./standardize.ts";
 
 export const CheckpointMeta = type({
   version: "'1'",

@@ -133,6 +133,17 @@ export async function mapPool<T, R>(
  * Training and evaluate() (imageBatch, lib/dataset.ts) and predict.ts all go through it, and a test
  * checks that a cached image and the same file decoded for prediction give byte-equal tensors.
  */
+/** A size×size RGB image with left and right swapped (a horizontal flip), as a new array. */
+export function mirrorRgb(pixels: Uint8Array, size: number): Uint8Array {
+  if (pixels.length !== size * size * 3) throw new Error(`mirrorRgb: ${pixels.length} bytes is not ${size}x${size}x3`);
+  const out = new Uint8Array(pixels.length);
+  for (let y = 0; y < size; y++) {
+    const row = y * size * 3;
+    for (let x = 0; x < size; x++) out.set(pixels.subarray(row + x * 3, row + x * 3 + 3), row + (size - 1 - x) * 3);
+  }
+  return out;
+}
+
 export function pixelsToFloat32(images: readonly Uint8Array[], size: number): Float32Array {
   const px = size * size * 3;
   const out = new Float32Array(images.length * px);

@@ -5,8 +5,8 @@
  *
  *   startRun   the command line (--budget, --checkpoint, --print-hp, --help), HP with AR_HP's overrides
  *              (checked against what HP and HP_SPACE declare), the backend, the prepared dataset (at
- *              hp.imageSize when train.ts has that key), and,
- *              when hp.backbone names a frozen backbone, its features of every image (cached next to
+ *              hp.imageSize when train.ts has that key), and, when hp.backbone names a frozen backbone,
+ *              its features of every image, and with hp.flip of every image mirrored (cached next to
  *              the image cache, computed before the budget starts; under the loop, by
  *              `bun prepare.ts features` before train.ts even starts). With hp.unfreezeBlocks k > 0 the
  *              frozen part stops k blocks early: its feature maps are what is cached, and the last k
@@ -115,6 +115,8 @@ export interface Run<T extends HpRecord> {
   /** The frozen backbone and its features of every dataset row; both null when training from pixels. */
   backbone: Backbone | null;
   features: FeatureCache | null;
+  /** With hp.flip: the backbone's features of every image mirrored (left and right swapped); else null. */
+  mirrored: FeatureCache | null;
   /**
    * Fine-tuning (hp.unfreezeBlocks > 0): the backbone's last blocks, pretrained and trainable,
    * [B, features.dim] → [B, headDim]; train.ts runs them on `features` inside its gradient tape.
@@ -161,7 +163,9 @@ export async function startRun<T extends HpRecord>(HP: T, HP_SPACE: HpSpace<T>):
   const name = typeof hp.backbone === "string" && hp.backbone !== "none" ? hp.backbone : null;
   const inputSize = typeof hp.backboneSize === "number" ? hp.backboneSize : undefined;
   const unfreezeBlocks = typeof hp.unfreezeBlocks === "number" ? hp.unfreezeBlocks : undefined;
-  const prepared = name === null ? null : await backboneWithFeatures(ds, name, { inputSize, unfreezeBlocks });
+  // Random flips over cached features: the mirrored photos' features are cached as well.
+  const mirrored = hp.flip === true;
+  const prepared = name === null ? null : await backboneWithFeatures(ds, name, { inputSize, unfreezeBlocks, mirrored });
   const backbone = prepared?.backbone ?? null;
   const features = prepared?.features ?? null;
   const blocks = backbone && backbone.unfrozenBlocks > 0 ? await backbone.trainableBlocks() : null;
@@ -169,6 +173,7 @@ export async function startRun<T extends HpRecord>(HP: T, HP_SPACE: HpSpace<T>):
   const headDim = blocks ? Number(blocks.outputs[0]!.shape[1]) : features?.dim ?? null;
   return {
     hp, ds, budget: flags.budget, checkpointDir: flags.checkpoint, backbone, features, blocks, headDim,
+    mirrored: prepared?.mirrored ?? null,
     featureSeconds: (performance.now() - t) / 1000, startedAt,
   };
 }
@@ -195,7 +200,7 @@ export async function finishRun(run: Run<HpRecord>, head: tf.LayersModel, t: Tra
   const ips = t.images / Math.max(t.trainingSeconds, 1e-9);
   console.log(`checkpoint: ${run.checkpointDir}  (epochs: ${t.epochs}, ${ips.toFixed(1)} img/s)`);
   if (features) {
-    const how = features.reused ? "cached features" : "extracted now";
+    const how = features.reused && (run.mirrored?.reused ?? true) ? "cached features" : "extracted now";
     console.log(`feature_seconds: ${run.featureSeconds.toFixed(1)} (${how}; not part of training_seconds)`);
   }
   printFooter(result, {

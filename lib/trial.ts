@@ -133,12 +133,14 @@ export async function trainCandidate(o: CandidateOptions): Promise<{
  * that train.ts finds them ready. Its own timeout, and a silence that counts as a stall.
  */
 async function prepareFeatures(o: ChildHooks & {
-  cwd: string; bun: string; backbone: string; size: number | null; unfreeze: number; timeoutS: number;
-  silenceS: number;
+  cwd: string; bun: string; backbone: string; size: number | null; unfreeze: number; mirrored: boolean;
+  timeoutS: number; silenceS: number;
 }): Promise<{ ok: boolean; reason: string; seconds: number }> {
   const size = o.size === null ? [] : ["--size", String(o.size)];
   const unfreeze = o.unfreeze > 0 ? ["--unfreeze", String(o.unfreeze)] : [];
-  const ran = await runChild([o.bun, "prepare.ts", "features", "--backbone", o.backbone, ...size, ...unfreeze], {
+  const mirrored = o.mirrored ? ["--mirrored"] : [];
+  const args = ["features", "--backbone", o.backbone, ...size, ...unfreeze, ...mirrored];
+  const ran = await runChild([o.bun, "prepare.ts", ...args], {
     cwd: o.cwd, timeoutS: o.timeoutS, silenceS: o.silenceS, echo: true, logs: o.logs, onSpawn: o.onSpawn, log: o.log,
   });
   const seconds = ran.seconds;
@@ -168,9 +170,11 @@ async function backboneFeatures(o: ChildHooks & {
   const size = typeof dump.HP.backboneSize === "number" ? dump.HP.backboneSize : null;
   const unfreeze = typeof dump.HP.unfreezeBlocks === "number" ? dump.HP.unfreezeBlocks : 0;
   const part = unfreeze > 0 ? ` (frozen part: all but the last ${unfreeze} blocks)` : "";
+  // train.ts flips cached features by reading the mirrored photos' features (lib/run.ts).
+  const mirrored = dump.HP.flip === true;
   o.announce(`features of backbone ${name}${size === null ? "" : ` at ${size}px`}${part}: \`bun prepare.ts features\` `
     + `(killed after ${o.timeoutS}s, or after ${o.silenceS}s without output)`);
-  const r = await prepareFeatures({ ...o, backbone: name, size, unfreeze });
+  const r = await prepareFeatures({ ...o, backbone: name, size, unfreeze, mirrored });
   return r.ok ? null : r.reason;
 }
 

@@ -10,10 +10,12 @@ import * as tf from "@tensorflow/tfjs";
 import { evaluate, loadCache, parseFooter, prepareData, type Dataset } from "../prepare.ts";
 import { initBackend } from "../lib/backend.ts";
 import {
-  BACKBONES, datasetFeatures, featureCachePath, fineTunable, loadBackbone, type Backbone,
+  BACKBONE_COMBOS, BACKBONES, datasetFeatures, featureCachePath, featureRows, fineTunable, loadBackbone,
+  type Backbone,
 } from "../lib/backbones.ts";
 import { inputSizeFor, loadCheckpoint, predictorFor } from "../lib/checkpoint.ts";
-import { decodeToRgb } from "../lib/images.ts";
+import { decodeToRgb, mirrorRgb } from "../lib/images.ts";
+import { featureStats, Standardize } from "../lib/standardize.ts";
 import { runScript, sliceOf, tempDir } from "./helpers.ts";
 
 const COCO = "coco-centernet-mobilenetv3";
@@ -21,9 +23,10 @@ const SIZE = 64; // a multiple of the model's stride 32, and small: fast on the 
 const quiet = () => {};
 const SLOW = 180_000;
 
-/** A data/sample photo decoded at `size`, as a [1, size, size, 3] batch in [0, 1]. */
-async function photo(ds: Dataset, row: number, size: number): Promise<tf.Tensor4D> {
-  const px = await decodeToRgb(join(ds.manifest.source, ds.manifest.items[row]!.path), size);
+/** A data/sample photo decoded at `size` (mirrored: left and right swapped), a [1, size, size, 3] batch in [0, 1]. */
+async function photo(ds: Dataset, row: number, size: number, mirrored = false): Promise<tf.Tensor4D> {
+  const decoded = await decodeToRgb(join(ds.manifest.source, ds.manifest.items[row]!.path), size);
+  const px = mirrored ? mirrorRgb(decoded, size) : decoded;
   return tf.tensor4d(Float32Array.from(px, (v) => v / 255), [1, size, size, 3]);
 }
 
@@ -146,7 +149,8 @@ describe("fine-tuning the last blocks of nsfwjs's MobileNetV2 (HP.unfreezeBlocks
   test("train.ts fine-tunes 1 block; the checkpoint holds it and predicts the same after reload, through "
     + "evaluate() and on new photos", async () => {
     const ckpt = join(tempDir(), "ckpt");
-    const hp = JSON.stringify({ backbone: "nsfwjs-mobilenetv2", backboneSize: SIZE, unfreezeBlocks: 1 });
+    // flip false: the photos' own maps only (the mirrored ones would be a second extraction here).
+    const hp = JSON.stringify({ backbone: "nsfwjs-mobilenetv2", backboneSize: SIZE, unfreezeBlocks: 1, flip: false });
     const r = runScript(["train.ts", "--budget", "4", "--checkpoint", ckpt], { AR_CACHE: cache, AR_HP: hp });
     expect(r.code).toBe(0);
     expect(r.out).toContain("partly fine-tuned backbone nsfwjs-mobilenetv2@64");
@@ -187,4 +191,140 @@ describe("fine-tuning the last blocks of nsfwjs's MobileNetV2 (HP.unfreezeBlocks
     expect(Number(parseFooter(ev.out.split("\neval_json")[0]!).val_accuracy))
       .toBeCloseTo(loaded.meta.metrics.val_accuracy!, 6);
   }, SLOW);
+});
+
+describe("HP.standardize: the head's first layer standardizes features with the train split's statistics", () => {
+  test("featureStats measures only the rows given; Standardize maps them to mean 0, std 1; a constant column to 0",
+    async () => {
+      // 4 rows × 3 features; rows 0..2 are "train": column 0 = 1, 2, 3; column 1 = 10, 30, 50; column 2 constant.
+      const data = Float32Array.from([1, 10, 7, 2, 30, 7, 3, 50, 7, 100, 100, 100]);
+      const { mean, invStd } = featureStats(data, 3, [0, 1, 2]);
+      expect(Array.from(mean)).toEqual([2, 30, 7]);
+      expect(invStd[0]!).toBeCloseTo(1 / Math.sqrt(2 / 3), 5);
+      expect(invStd[1]!).toBeCloseTo(1 / Math.sqrt(800 / 3), 5);
+      expect(() => featureStats(data, 3, [])).toThrow(/no rows/);
+      const input = tf.input({ shape: [3] });
+      const model = tf.model({
+        inputs: input, outputs: new Standardize({ stats: { mean, invStd } }).apply(input) as tf.SymbolicTensor,
+      });
+      const y = model.predict(tf.tensor2d(data.subarray(0, 9), [3, 3])) as tf.Tensor;
+      const { mean: m, variance: v } = tf.moments(y, 0);
+      const [mv, vv, col2] = [await m.data(), await v.data(), await tf.slice(y, [0, 2], [3, 1]).data()];
+      for (const k of [0, 1]) { expect(mv[k]!).toBeCloseTo(0, 5); expect(vv[k]!).toBeCloseTo(1, 4); }
+      expect(Array.from(col2)).toEqual([0, 0, 0]);
+      // Its statistics are weights, not trainable: saved with the head, never moved by the optimizer.
+      expect(model.trainableWeights.length).toBe(0);
+      expect(model.getWeights().length).toBe(2);
+      tf.dispose([y, m, v]);
+    });
+});
+
+describe("fine-tuned blocks learn at HP.backboneLrScale × lr", () => {
+  test("backboneLrScale 0: the blocks keep their pretrained weights exactly while the head trains", async () => {
+    const ckpt = join(tempDir(), "ckpt");
+    const hp = JSON.stringify({
+      backbone: "nsfwjs-mobilenetv2", backboneSize: SIZE, unfreezeBlocks: 1, backboneLrScale: 0, flip: false,
+    });
+    const r = runScript(["train.ts", "--budget", "2", "--checkpoint", ckpt], { AR_CACHE: cache, AR_HP: hp });
+    expect(r.code).toBe(0);
+    const loaded = await loadCheckpoint(ckpt, ds);
+    const fresh = await (await loadBackbone("nsfwjs-mobilenetv2", { inputSize: SIZE, unfreezeBlocks: 1 }))
+      .trainableBlocks();
+    for (const name of ["block_16_project", "Conv_1"]) {
+      const [tuned, pretrained] = [loaded.model.getLayer(name).getWeights()[0]!, fresh.getLayer(name).getWeights()[0]!];
+      expect(tf.tidy(() => tf.max(tf.abs(tf.sub(tuned, pretrained))).dataSync()[0]!)).toBe(0);
+    }
+    fresh.dispose();
+    // The head did train: its logits layer is not at its initial values in any checkpoint that learned.
+    expect(r.out).toMatch(/num_steps: +([3-9]|\d{2,})/);
+  }, SLOW);
+});
+
+describe("random flips over cached features (HP.flip): the mirrored photos' features", () => {
+  test("mirrorRgb swaps left and right, and twice is the photo again", () => {
+    expect(() => mirrorRgb(new Uint8Array(18), 2)).toThrow(/not 2x2x3/);
+    const sq = Uint8Array.from({ length: 3 * 3 * 3 }, (_, k) => k);
+    const m = mirrorRgb(sq, 3);
+    expect(Array.from(m.subarray(0, 9))).toEqual([6, 7, 8, 3, 4, 5, 0, 1, 2]);
+    expect(Array.from(mirrorRgb(m, 3))).toEqual(Array.from(sq));
+  });
+
+  test("cached apart from the photo's own; each row is the mirrored photo's features; featureRows mixes both",
+    async () => {
+      const bb = await loadBackbone(COCO, { inputSize: SIZE });
+      const plain = await datasetFeatures(ds, bb, { log: quiet });
+      const mirrored = await datasetFeatures(ds, bb, { log: quiet, view: "mirrored" });
+      expect(mirrored.view).toBe("mirrored");
+      expect(mirrored.path).not.toBe(plain.path);
+      expect(mirrored.path).toBe(featureCachePath(ds, bb, "mirrored"));
+      expect((await datasetFeatures(ds, bb, { log: quiet, view: "mirrored" })).reused).toBe(true);
+      // Row 2 is the features of photo 2 mirrored, computed by hand, and not those of the photo itself.
+      const x = await photo(ds, 2, SIZE, true);
+      const f = bb.features(x);
+      const row = await f.data();
+      const at = (fc: typeof plain, k: number) => fc.data[2 * fc.dim + k]!;
+      for (let k = 0; k < bb.featureDim; k += 37) expect(row[k]!).toBeCloseTo(at(mirrored, k), 4);
+      const moved = Array.from({ length: bb.featureDim }, (_, k) => Math.abs(at(mirrored, k) - at(plain, k)));
+      expect(Math.max(...moved)).toBeGreaterThan(1e-3);
+      tf.dispose([x, f]);
+      // featureRows with a mirror: each row comes whole from one of the two caches, as rand() says.
+      const picks = [0.9, 0.1, 0.7, 0.2];
+      const rows = featureRows(plain, [2, 2, 3, 3], { fc: mirrored, rand: () => picks.shift()! });
+      const got = await rows.data();
+      const want = [plain, mirrored, plain, mirrored].map((fc, b) => fc.data[[2, 2, 3, 3][b]! * fc.dim + 5]!);
+      for (let b = 0; b < 4; b++) expect(got[b * plain.dim + 5]).toBe(want[b]!);
+      rows.dispose();
+    }, SLOW);
+});
+
+describe("two backbones' features concatenated (BACKBONE_COMBOS)", () => {
+  const combo = BACKBONE_COMBOS[0];
+  test("each part is loaded and cached on its own; the combination's rows are the parts' rows side by side",
+    async () => {
+      const bb = await loadBackbone(`${combo}@${SIZE}`);
+      const parts = await Promise.all(combo.split("+").map((n) => loadBackbone(n, { inputSize: SIZE })));
+      expect(bb.id).toBe(`${combo}@${SIZE}`);
+      expect(bb.featureDim).toBe(parts[0]!.featureDim + parts[1]!.featureDim);
+      expect(fineTunable(combo)).toBe(false);
+      await expect(loadBackbone(combo, { inputSize: SIZE, unfreezeBlocks: 1 })).rejects.toThrow(/only be used frozen/);
+      const fc = await datasetFeatures(ds, bb, { log: quiet });
+      const a = await datasetFeatures(ds, parts[0]!, { log: quiet });
+      const b = await datasetFeatures(ds, parts[1]!, { log: quiet });
+      expect(a.reused && b.reused).toBe(true); // the combination's call cached them
+      for (const i of [0, 5]) {
+        expect(Array.from(fc.data.subarray(i * fc.dim, i * fc.dim + a.dim)))
+          .toEqual(Array.from(a.data.subarray(i * a.dim, (i + 1) * a.dim)));
+        expect(Array.from(fc.data.subarray(i * fc.dim + a.dim, (i + 1) * fc.dim)))
+          .toEqual(Array.from(b.data.subarray(i * b.dim, (i + 1) * b.dim)));
+      }
+      // On new photos the combination runs both networks: the same features as the caches hold.
+      const x = await photo(ds, 5, SIZE);
+      const f = bb.features(x);
+      const row = await f.data();
+      for (let k = 0; k < fc.dim; k += 41) expect(row[k]!).toBeCloseTo(fc.data[5 * fc.dim + k]!, 4);
+      tf.dispose([x, f]);
+    }, SLOW);
+
+  test("train.ts on the combination with flips; its checkpoint predicts the same through evaluate() and on new photos",
+    async () => {
+      const ckpt = join(tempDir(), "ckpt");
+      const hp = JSON.stringify({ backbone: combo, backboneSize: SIZE, flip: true });
+      const r = runScript(["train.ts", "--budget", "3", "--checkpoint", ckpt], { AR_CACHE: cache, AR_HP: hp });
+      expect(r.code).toBe(0);
+      expect(r.out).toContain(`frozen backbones ${combo}@${SIZE}`);
+      const footer = parseFooter(r.out);
+      const loaded = await loadCheckpoint(ckpt, ds);
+      expect(loaded.meta.backbone).toBe(`${combo}@${SIZE}`);
+      expect(inputSizeFor(loaded.meta)).toBe(SIZE);
+      const again = await evaluate(predictorFor(loaded, ds), ds);
+      expect(again.metrics.val_accuracy).toBeCloseTo(Number(footer.val_accuracy), 6);
+      const val = Array.from(ds.val).slice(0, 3);
+      const xs = await Promise.all(val.map((i) => photo(ds, i, SIZE)));
+      const x = tf.concat(xs, 0);
+      const onPixels = await predictorFor(await loadCheckpoint(ckpt))(x, new Int32Array(val.length));
+      const onCache = await predictorFor(loaded, ds)(x, Int32Array.from(val));
+      const [p, q] = [await onPixels.probs.data(), await onCache.probs.data()];
+      for (let k = 0; k < p.length; k++) expect(p[k]!).toBeCloseTo(q[k]!, 4);
+      tf.dispose([x, ...xs]);
+    }, SLOW);
 });
