@@ -44,7 +44,7 @@ export const HP = {
   backbone: "none" as Backbone, // "none" (a model from scratch, see family) or a frozen pretrained backbone
   backboneSize: 224, // backbone input side in pixels (features are computed once per size and cached)
   featureDropout: 0.2, // backbone only: dropout on the input features (feature-space augmentation)
-  standardize: true, // frozen backbone: the head first standardizes each feature (train split's mean and std)
+  standardize: false, // frozen backbone: the head first standardizes each feature (train split's mean and std)
   unfreezeBlocks: 0, // backbone only: fine-tune its last 0, 1 or 2 blocks (a layers-model backbone, see HP_SPACE)
   backboneLrScale: 0.1, // fine-tuning only: the unfrozen blocks' lr, as a fraction of lr (pretrained weights move less)
   width: 16, // channels of the first conv block; each block doubles it
