@@ -151,8 +151,8 @@ export async function startRun<T extends HpRecord>(HP: T, HP_SPACE: HpSpace<T>):
   if (env) console.log(`hp overrides from AR_HP: ${env}`);
   // From scratch every heavy kernel is ours: all threads to our SIMD pool. A backbone's convolutions are
   // XNNPACK's: tfjs' pool keeps the threads (lib/backend.ts, wasmPool).
-  const fromScratch = typeof hp.backbone !== "string" || hp.backbone === "none";
-  await initBackend({ wasmPool: fromScratch ? "simd" : "xnnpack" });
+  const name = typeof hp.backbone === "string" && hp.backbone !== "none" ? hp.backbone : null;
+  await initBackend({ wasmPool: name === null ? "simd" : "xnnpack" });
   // hp.imageSize picks among the sizes prepare cached (`--sizes`); an uncached one is a one-line error.
   const ds = typeof hp.imageSize === "number" ? await loadCacheAtSize(hp.imageSize) : await loadCache();
   describeDataset(ds.manifest, (l) => console.log(l));
@@ -160,7 +160,6 @@ export async function startRun<T extends HpRecord>(HP: T, HP_SPACE: HpSpace<T>):
   // A frozen backbone: features of every image, cached next to the image cache (not in the budget).
   // Under the loop `bun prepare.ts features` has cached them already; run by hand, they are made here.
   const t = performance.now();
-  const name = typeof hp.backbone === "string" && hp.backbone !== "none" ? hp.backbone : null;
   const inputSize = typeof hp.backboneSize === "number" ? hp.backboneSize : undefined;
   const unfreezeBlocks = typeof hp.unfreezeBlocks === "number" ? hp.unfreezeBlocks : undefined;
   // Random flips over cached features: the mirrored photos' features are cached as well.
