@@ -207,7 +207,8 @@ function spatialPadding(top: number, bottom: number, left: number, right: number
 /**
  * The forward convolution on our thread pool (kernels.c conv2d_forward: XNNPACK's accumulation order,
  * so the same bits as tfjs-wasm's own): stride 1, dilation 1, NHWC, co % 4 == 0, a linear fused
- * activation, at most a bias. Anything else (the backbones' strided and relu6 convs) is tfjs-wasm's.
+ * activation, at most a bias, when our pool has the threads. Anything else (the backbones' strided and relu6
+ * convs) is tfjs-wasm's.
  */
 function conv2DForward(name: "Conv2D" | "FusedConv2D", args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] {
   const attrs = args.attrs ?? {};
@@ -217,7 +218,10 @@ function conv2DForward(name: "Conv2D" | "FusedConv2D", args: KernelArgs): tf.Ten
   const plain = activation === "linear" && args.inputs.preluActivationWeights == null && attrs.dataFormat !== "NCHW";
   const [dH, dW] = readPair(attrs, "dilations", 1);
   const [sH, sW] = readPair(attrs, "strides");
-  const s = plain && dH === 1 && dW === 1 && sH === 1 && sW === 1 ? simdFor(args.backend, x, filter, bias) : null;
+  const ours = plain && dH === 1 && dW === 1 && sH === 1 && sW === 1 ? simdFor(args.backend, x, filter, bias) : null;
+  // Where XNNPACK's pool has the threads (a backbone), its convs stay there: waking our pool between its
+  // calls made a backbone's forward pass slower on two threads, not faster.
+  const s = ours != null && (ours.ownsThreads || ours.threads === 1 || ours.forced === true) ? ours : null;
   const filterShape = shape4(filter, "filter");
   const biasFits = bias == null || sizeOf(bias.shape) === filterShape[3];
   if (s == null || filterShape[3] % 4 !== 0 || x.shape.length !== 4 || !biasFits) return delegate(name, args);
@@ -553,7 +557,8 @@ function simdFor(backend: unknown, ...infos: (tf.TensorInfo | undefined)[]): Sim
   if (!isWasmBackend(backend)) return null;
   for (const t of infos) if (t != null && t.dtype !== "float32") return null;
   const simd = simdKernels(backend);
-  return simd == null ? null : { k: simd.k, run: simd.run, threads: simd.threads, forced: simd.forced, b: backend };
+  return simd == null ? null : { k: simd.k, run: simd.run, threads: simd.threads, forced: simd.forced,
+    ownsThreads: simd.ownsThreads, b: backend };
 }
 
 const sizeOf = (shape: readonly number[]): number => shape.reduce((a, b) => a * b, 1);

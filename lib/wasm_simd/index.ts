@@ -63,6 +63,8 @@ export interface Simd {
   threads: number;
   /** Set by setSimdSplit(): split every call, however small. */
   forced?: boolean;
+  /** Whether tfjs' own operators run single-threaded, this pool having all the threads (wasmPool "simd"). */
+  ownsThreads: boolean;
   /** Runs k[fn](...parts[i]) for every part, in parallel where helper threads are up. */
   run(fn: FnName, parts: number[][]): void;
 }
@@ -140,6 +142,7 @@ export function simdKernels(backend: WasmBackendLike): Simd | null {
       simd = {
         k,
         threads,
+        ownsThreads: poolThreads != null,
         run(fn, parts) {
           const local = fns[fn];
           if (pool == null || parts.length === 1) for (const p of parts) local(...p);
