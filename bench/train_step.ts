@@ -24,6 +24,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { adam } from "../lib/adam.ts";
+import { batchNorm } from "../lib/batchnorm.ts";
 import { backendLabel, initBackend, parseBackendName, type BackendName, type WasmPool } from "../lib/backend.ts";
 import {
   inputConvFilters, registerWasmGradKernels, setSimdKernelsEnabled, withoutInputGradients,
@@ -80,7 +81,8 @@ const MOBILENET: ModelSpec = {
 const MODELS: Record<string, ModelSpec> = { baseline: BASELINE, mobilenet: MOBILENET };
 
 /** Functional model with two outputs: [class logits, regression]. */
-function buildModel(spec: ModelSpec): tf.LayersModel {
+/** `before`: tfjs' own batchnorm layer, as before the speed work (else lib/batchnorm.ts's, as train.ts). */
+function buildModel(spec: ModelSpec, before: boolean): tf.LayersModel {
   const input = tf.input({ shape: [spec.size, spec.size, 3] });
   let h: tf.SymbolicTensor = input;
   const apply = (layer: tf.layers.Layer) => { h = layer.apply(h) as tf.SymbolicTensor; };
@@ -94,7 +96,7 @@ function buildModel(spec: ModelSpec): tf.LayersModel {
       case "dwconv":
         apply(tf.layers.depthwiseConv2d({ kernelSize: l.kernel, strides: l.stride, padding: "same", useBias: false }));
         break;
-      case "bn": apply(tf.layers.batchNormalization({ epsilon: 1e-3 })); break;
+      case "bn": apply((before ? tf.layers.batchNormalization : batchNorm)({ epsilon: 1e-3 })); break;
       case "relu": apply(tf.layers.reLU()); break;
       case "maxpool": apply(tf.layers.maxPooling2d({ poolSize: l.size })); break;
     }
@@ -326,7 +328,7 @@ async function serve(args: Args): Promise<void> {
   await initBackend({ prefer: backend, wasmPool: poolFor(args) });
   if (args.before) setSpeedWork(false);
   const spec = specFor(args, args.models[0] ?? "baseline");
-  const model = buildModel(spec);
+  const model = buildModel(spec, args.before);
   const batch = syntheticBatch(spec);
   const step = makeTrainStep(model, spec, batch, { skipInputGrad: !args.before });
   for (let i = 0; i < 1 + args.warmup; i++) step(); // Adam's slots, kernel set-up
@@ -374,7 +376,7 @@ async function main(): Promise<void> {
       const steps = slow ? args.cpuSteps : args.steps;
       if (steps === 0) continue;
       const spec = specFor(args, name);
-      const model = buildModel(spec);
+      const model = buildModel(spec, args.before);
       const batch = syntheticBatch(spec);
       const trainStep = makeTrainStep(model, spec, batch, { skipInputGrad: !args.before });
       const losses: number[] = [];

@@ -777,6 +777,18 @@ function broadcastRowsKernel(args: KernelArgs): tf.TensorInfo {
   return out;
 }
 
+/** ArReluGrad: dy, x (same shape) -> dy * step(x), ReLU's gradient in one pass (kernels.c relu_grad_f32). */
+function reluGradKernel(args: KernelArgs): tf.TensorInfo {
+  const [dy, x] = inputsOf(args, "dy", "x");
+  const s = simdFor(args.backend, dy, x);
+  if (s == null) throw new Error("ArReluGrad: needs the wasm SIMD kernels");
+  const n = sizeOf(x.shape);
+  if (sizeOf(dy.shape) !== n) throw new Error(`ArReluGrad: dy ${dy.shape} and x ${x.shape} differ in size`);
+  const out = s.b.makeOutput([...x.shape], "float32");
+  s.run("relu_grad_f32", splitRange(n, 1, 4).map(([i0, i1]) => [at(s.b, dy), at(s.b, x), at(s.b, out), i0, i1]));
+  return out;
+}
+
 /** ArBnGradSums: x, dy [..., C], mean [C] -> [2, C]: sum(dy) and sum(dy * (x - mean)) per channel. */
 function bnGradSumsKernel(args: KernelArgs): tf.TensorInfo {
   const [x, dy, mean] = inputsOf(args, "x", "dy", "mean");
@@ -788,6 +800,38 @@ function bnGradSumsKernel(args: KernelArgs): tf.TensorInfo {
     at(s.b, x), at(s.b, dy), at(s.b, mean), at(s.b, out), sizeOf(x.shape) / c, c, c0, c1,
   ]));
   return out;
+}
+
+/**
+ * ArBnBackward: x, dy [..., C], mean, variance, scale [C] (this batch's statistics) -> [dx, dscale, doffset]:
+ * batchnorm's whole training gradient, mean and variance paths included, in two passes over x and dy
+ * (kernels.c bn_backward; lib/batchnorm.ts calls it).
+ */
+function bnBackwardKernel(args: KernelArgs): tf.TensorInfo[] {
+  const [x, dy, mean, variance, scale] = inputsOf(args, "x", "dy", "mean", "variance", "scale");
+  const s = simdFor(args.backend, x, dy, mean, variance, scale);
+  if (s == null) throw new Error("ArBnBackward: needs the wasm SIMD kernels");
+  const eps = args.attrs?.varianceEpsilon;
+  if (typeof eps !== "number") throw new Error("ArBnBackward: attr varianceEpsilon must be a number");
+  const c = sizeOf(mean.shape);
+  const rows = sizeOf(x.shape) / c;
+  const sums = s.b.makeOutput([2, c], "float32");
+  s.run("bn_grad_sums", splitRange(c, partsFor(s, 2 * sizeOf(x.shape)), LINE).map(([c0, c1]) => [
+    at(s.b, x), at(s.b, dy), at(s.b, mean), at(s.b, sums), rows, c, c0, c1,
+  ]));
+  const coef = s.b.makeOutput([3, c], "float32");
+  const dscale = s.b.makeOutput([c], "float32");
+  const doffset = s.b.makeOutput([c], "float32");
+  s.k.bn_backward_coef(
+    at(s.b, variance), at(s.b, scale), at(s.b, sums), at(s.b, coef), at(s.b, dscale), at(s.b, doffset), c, eps, rows,
+  );
+  const dx = s.b.makeOutput([...x.shape], "float32");
+  s.run("bn_backward", splitRange(rows, partsFor(s, 2 * sizeOf(x.shape))).map(([r0, r1]) => [
+    at(s.b, x), at(s.b, dy), at(s.b, mean), at(s.b, coef), at(s.b, dx), c, r0, r1,
+  ]));
+  s.b.disposeData(sums.dataId);
+  s.b.disposeData(coef.dataId);
+  return [dx, dscale, doffset];
 }
 
 /**
@@ -814,7 +858,16 @@ function adamKernel(args: KernelArgs): tf.TensorInfo[] {
 
 /** Whether the current backend runs ArAdam (wasm with the SIMD kernels on). */
 export function hasFusedAdam(): boolean {
-  return tf.getKernel("ArAdam", tf.getBackend()) != null && simdFor(tf.engine().backend) != null;
+  return runsHere("ArAdam");
+}
+
+/** Whether the current backend runs ArBnBackward (wasm with the SIMD kernels on). */
+export function hasFusedBatchNormGrad(): boolean {
+  return runsHere("ArBnBackward");
+}
+
+function runsHere(kernel: string): boolean {
+  return tf.getKernel(kernel, tf.getBackend()) != null && simdFor(tf.engine().backend) != null;
 }
 
 // Skipping input gradients nobody reads. tfjs' fused conv2d (what tf.layers'
@@ -904,6 +957,18 @@ function meanGrad(dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], attrs: tf.Nam
   return originalMeanGrad.gradFunc(dy, saved, attrs);
 }
 
+// ReLU's gradient in one pass: tfjs-core's runs Step, then Multiply, over the whole activation.
+let originalReluGrad: tf.GradConfig | undefined;
+
+function reluGrad(dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradientMap {
+  const [x] = saved;
+  if (!Array.isArray(dy) && x != null && x.dtype === "float32" && dy.dtype === "float32" && onSimdWasm()) {
+    return { x: () => tf.engine().runKernel("ArReluGrad", { dy, x }, {}) as tf.Tensor };
+  }
+  if (originalReluGrad?.gradFunc == null) throw new Error("Relu gradient: tfjs' own gradient was not captured");
+  return originalReluGrad.gradFunc(dy, saved, attrs);
+}
+
 // ---------------------------------------------------------------------------
 
 const KERNELS: tf.KernelConfig[] = [
@@ -913,6 +978,8 @@ const KERNELS: tf.KernelConfig[] = [
   { kernelName: "ArBroadcastRows", backendName: "wasm", kernelFunc: broadcastRowsKernel },
   { kernelName: "ArBnGradSums", backendName: "wasm", kernelFunc: bnGradSumsKernel },
   { kernelName: "ArAdam", backendName: "wasm", kernelFunc: adamKernel },
+  { kernelName: "ArBnBackward", backendName: "wasm", kernelFunc: bnBackwardKernel },
+  { kernelName: "ArReluGrad", backendName: "wasm", kernelFunc: reluGradKernel },
 ];
 
 /** tfjs-wasm kernels we replace; each falls back to the native one outside its fast path. */
@@ -972,7 +1039,7 @@ export interface WasmGradKernelOptions {
    */
   simdKernels?: boolean;
   /**
-   * Also replace tfjs-core's FusedBatchNorm and Mean gradients with the ones
+   * Also replace tfjs-core's FusedBatchNorm, Mean and Relu gradients with the ones
    * above (global, all backends; off wasm they compute what tfjs' own do).
    * Default true; once replaced they stay for the process (tfjs has no
    * unregisterGradient).
@@ -1005,6 +1072,11 @@ export function registerWasmGradKernels(opts: WasmGradKernelOptions = {}): void 
     if (mean != null && mean.gradFunc !== meanGrad) {
       originalMeanGrad = mean;
       quietRegisterGradient({ kernelName: "Mean", inputsToSave: mean.inputsToSave ?? ["x"], gradFunc: meanGrad });
+    }
+    const relu = tf.getGradient("Relu");
+    if (relu != null && relu.gradFunc !== reluGrad) {
+      originalReluGrad = relu;
+      quietRegisterGradient({ kernelName: "Relu", inputsToSave: relu.inputsToSave ?? ["x"], gradFunc: reluGrad });
     }
   }
 }

@@ -10,6 +10,7 @@ import { backendLabel, initBackend, nodeBackendLabel, nodeDevice } from "../lib/
 import { evaluate, imageBatch, trainBatches, type Dataset, type Manifest } from "../prepare.ts";
 import { augmentedBatch, flipAndShift } from "../lib/augment.ts";
 import { adam } from "../lib/adam.ts";
+import { batchNorm } from "../lib/batchnorm.ts";
 import { BUN } from "./helpers.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients,
@@ -469,6 +470,108 @@ describe("SIMD kernels split across threads", () => {
         setSimdSplit(undefined);
       }
     }
+  }, SLOW);
+});
+
+describe("batchNorm(): tf.layers' batchnorm with a closed-form training gradient", () => {
+  /** conv -> batchnorm (ours or tf.layers') -> relu -> average pool -> dense, from fixed weights. */
+  function net(ours: boolean): tf.LayersModel {
+    const input = tf.input({ shape: [6, 6, 3] });
+    const conv = tf.layers.conv2d({ filters: 8, kernelSize: 3, padding: "same", useBias: false });
+    const bn = ours ? batchNorm({ momentum: 0.9 }) : tf.layers.batchNormalization({ momentum: 0.9 });
+    let h = bn.apply(conv.apply(input)) as tf.SymbolicTensor;
+    h = tf.layers.globalAveragePooling2d({}).apply(tf.layers.reLU().apply(h)) as tf.SymbolicTensor;
+    const m = tf.model({ inputs: input, outputs: tf.layers.dense({ units: 3 }).apply(h) as tf.SymbolicTensor });
+    // Weights that do not depend on the layer kind: seeded, gamma and beta away from 1 and 0.
+    m.setWeights(m.getWeights().map((w, i) => tf.add(tf.mul(tf.tensor(seeded(w.size, 40 + i), w.shape), 0.8), 1)));
+    return m;
+  }
+
+  /** Training-mode output, the gradients of a loss on it, and every weight after (moving statistics). */
+  function stepOn(m: tf.LayersModel) {
+    return tf.tidy(() => {
+      const x = tf.tensor4d(seeded(5 * 6 * 6 * 3, 50), [5, 6, 6, 3]).mul(3);
+      const y = tf.oneHot(tf.tensor1d([0, 2, 1, 1, 0], "int32"), 3);
+      const vs = m.trainableWeights.map((w) => w.read() as tf.Variable);
+      let out: Float32Array = new Float32Array(0);
+      const { grads } = tf.variableGrads(() => {
+        const logits = m.apply(x, { training: true }) as tf.Tensor;
+        out = logits.dataSync() as Float32Array;
+        return tf.losses.softmaxCrossEntropy(y, logits) as tf.Scalar;
+      }, vs);
+      return {
+        out, grads: vs.map((v) => grads[v.name]!.dataSync() as Float32Array),
+        weights: m.getWeights().map((w) => w.dataSync() as Float32Array),
+      };
+    });
+  }
+
+  for (const backend of ["wasm", "cpu"] as const) {
+    test(`${backend}: forward and moving averages bit for bit, gradients to float rounding`, async () => {
+      await initBackend({ prefer: backend });
+      try {
+        const [theirs, ours] = [stepOn(net(false)), stepOn(net(true))];
+        expect(bits(ours.out)).toEqual(bits(theirs.out));
+        expect(ours.weights.length).toBe(theirs.weights.length);
+        ours.weights.forEach((w, i) => expect(bits(w)).toEqual(bits(theirs.weights[i]!)));
+        expect(ours.grads.length).toBe(5); // conv, gamma, beta, dense kernel and bias
+        ours.grads.forEach((g, i) => expect(relErr(theirs.grads[i]!, g)).toBeLessThan(1e-5));
+        // ... and the closed form really ran: on wasm one ArBnBackward call, no broadcast of the mean's gradient
+        const info = await tf.profile(() => { stepOn(net(true)); });
+        const calls = (name: string) => info.kernels.filter((k) => k.name === name).length;
+        expect(calls("ArBnBackward")).toBe(backend === "wasm" ? 1 : 0);
+        if (backend === "wasm") expect(calls("ArBroadcastRows")).toBe(0);
+      } finally {
+        await initBackend({ prefer: "wasm" });
+      }
+    }, SLOW);
+  }
+
+  test("any split of the wasm kernel gives the same bits", async () => {
+    await initBackend({ prefer: "wasm" });
+    const m = net(true);
+    const run = (parts: number) => {
+      setSimdSplit(parts);
+      try { return stepOn(m).grads; } finally { setSimdSplit(undefined); }
+    };
+    const one = run(1);
+    for (const parts of [2, 3]) run(parts).forEach((g, i) => expect(bits(g)).toEqual(bits(one[i]!)));
+  }, SLOW);
+
+  test("saves as tf.layers' BatchNormalization: class name, config, and the same inference output", async () => {
+    await initBackend({ prefer: "wasm" });
+    const [plain, ours] = [net(false), net(true)];
+    const bnOf = (m: tf.LayersModel) => m.layers.find((l) => l.getClassName() === "BatchNormalization");
+    expect(bnOf(ours)).toBeDefined();
+    const { name: _a, ...oursConfig } = bnOf(ours)!.getConfig();
+    const { name: _b, ...plainConfig } = bnOf(plain)!.getConfig();
+    expect(oursConfig).toEqual(plainConfig);
+    const x = tf.tensor4d(seeded(2 * 6 * 6 * 3, 51), [2, 6, 6, 3]);
+    const [a, b] = [plain, ours].map((m) => (m.predict(x) as tf.Tensor).dataSync() as Float32Array);
+    expect(bits(b!)).toEqual(bits(a!));
+    expect(JSON.stringify(ours.toJSON(null, false))).toContain('"class_name":"BatchNormalization"');
+    tf.dispose(x);
+  }, SLOW);
+});
+
+describe("ReLU gradient (ArReluGrad)", () => {
+  test("is tfjs' Step x Multiply bit for bit on wasm (zeros, negatives, NaN), in one kernel", async () => {
+    await initBackend({ prefer: "wasm" });
+    const values = seeded(103, 60).map((v, i) => (i % 7 === 0 ? 0 : i % 11 === 0 ? NaN : i % 13 === 0 ? -0 : v));
+    const grad = () => tf.tidy(() => {
+      const x = tf.tensor1d(values);
+      const r = tf.tensor1d(seeded(103, 61));
+      return tf.grad((t: tf.Tensor) => tf.sum(tf.mul(tf.relu(t), r)))(x).dataSync() as Float32Array;
+    });
+    const ours = grad();
+    setSimdKernelsEnabled(false);
+    let theirs: Float32Array;
+    try { theirs = grad(); } finally { setSimdKernelsEnabled(true); }
+    expect(bits(ours)).toEqual(bits(theirs));
+    expect(Number.isNaN(ours[11])).toBe(true);
+    const info = await tf.profile(() => { grad(); });
+    expect(info.kernels.filter((k) => k.name === "ArReluGrad").length).toBe(1);
+    expect(info.kernels.filter((k) => k.name === "Step").length).toBe(0);
   }, SLOW);
 });
 

@@ -27,6 +27,14 @@ export interface SimdKernels {
   bn_grad_sums(
     x: number, dy: number, mean: number, out: number, rows: number, c: number, cBegin: number, cEnd: number,
   ): void;
+  bn_backward_coef(
+    variance: number, gamma: number, sums: number, coef: number, dgamma: number, dbeta: number, c: number,
+    eps: number, n: number,
+  ): void;
+  relu_grad_f32(dy: number, x: number, out: number, begin: number, end: number): void;
+  bn_backward(
+    x: number, dy: number, mean: number, coef: number, dx: number, c: number, rBegin: number, rEnd: number,
+  ): void;
   broadcast_rows(v: number, out: number, rBegin: number, rEnd: number, c: number, divisor: number): void;
   zero_fill(out: number, n: number): void;
   conv2d_filter_grad(

@@ -266,6 +266,52 @@ void broadcast_rows(const float* v, float* out, int r_begin, int r_end, int C, f
   }
 }
 
+/*
+ * Batchnorm's gradient when the layer normalised by this batch's own mean and variance (training),
+ * the paths through the mean and the variance included, in closed form:
+ *   dx = k*dy - k*s1/n - (x - mean) * k*s2/(n*(var+eps)),   k = gamma/sqrt(var+eps),
+ *   dgamma = s2/sqrt(var+eps),   dbeta = s1,
+ * with s1 = sum(dy), s2 = sum(dy*(x - mean)) per channel (bn_grad_sums) and n rows. tfjs' autodiff
+ * reaches the same through the moments' ops: about ten full-size passes per layer instead of two.
+ * bn_backward_coef (one thread, per channel) writes coef = [k, k*s1/n, k*s2/(n*(var+eps))], dgamma
+ * (skipped when gamma is 0, no scale) and dbeta; bn_backward applies coef to rows [r_begin, r_end).
+ */
+EXPORT(bn_backward_coef)
+void bn_backward_coef(const float* var, const float* gamma, const float* sums, float* coef, float* dgamma,
+                      float* dbeta, int C, float eps, float n) {
+  for (int c = 0; c < C; ++c) {
+    const float inv = 1.0f / __builtin_sqrtf(var[c] + eps);
+    const float k = gamma != 0 ? gamma[c] * inv : inv;
+    const float s1 = sums[c], s2 = sums[C + c];
+    coef[c] = k;
+    coef[C + c] = k * s1 / n;
+    coef[2 * C + c] = k * inv * inv * s2 / n;
+    if (gamma != 0) dgamma[c] = s2 * inv;
+    dbeta[c] = s1;
+  }
+}
+
+EXPORT(bn_backward)
+void bn_backward(const float* x, const float* dy, const float* mean, const float* coef, float* dx, int C,
+                 int r_begin, int r_end) {
+  const float* k = coef;
+  const float* a = coef + C;
+  const float* b = coef + 2 * C;
+  for (int r = r_begin; r < r_end; ++r) {
+    const float* px = x + (long)r * C;
+    const float* pg = dy + (long)r * C;
+    float* o = dx + (long)r * C;
+    int c = 0;
+    for (; c + 4 <= C; c += 4) {
+      const v128_t xc = wasm_f32x4_sub(wasm_v128_load(px + c), wasm_v128_load(mean + c));
+      const v128_t kdy = wasm_f32x4_mul(wasm_v128_load(k + c), wasm_v128_load(pg + c));
+      const v128_t t = wasm_f32x4_add(wasm_v128_load(a + c), wasm_f32x4_mul(xc, wasm_v128_load(b + c)));
+      wasm_v128_store(o + c, wasm_f32x4_sub(kdy, t));
+    }
+    for (; c < C; ++c) o[c] = k[c] * pg[c] - (a[c] + (px[c] - mean[c]) * b[c]);
+  }
+}
+
 /* out[0..n) = 0 (memory.fill). */
 EXPORT(zero_fill)
 void zero_fill(float* out, int n) { __builtin_memset(out, 0, (unsigned long)n * sizeof(float)); }
@@ -573,6 +619,22 @@ void binary_f32(int op, const float* a, const float* b, float* out, int mode, in
   else if (op == 1) { BIN_LOOP(wasm_f32x4_sub, -) }
   else if (op == 2) { BIN_LOOP(wasm_f32x4_mul, *) }
   else { BIN_LOOP(wasm_f32x4_div, /) }
+}
+
+/*
+ * ReLU's gradient, dy * step(x), in one pass: tfjs' gradient runs Step, then Multiply. step(x) is 1
+ * for x > 0, NaN for NaN, else 0, so the products are the same bits. Part: elements [begin, end).
+ */
+EXPORT(relu_grad_f32)
+void relu_grad_f32(const float* dy, const float* x, float* out, int begin, int end) {
+  const v128_t zero = wasm_f32x4_splat(0.0f), one = wasm_f32x4_splat(1.0f);
+  int i = begin;
+  for (; i + 4 <= end; i += 4) {
+    const v128_t v = wasm_v128_load(x + i);
+    const v128_t step = wasm_v128_or(wasm_v128_and(wasm_f32x4_gt(v, zero), one), wasm_v128_and(wasm_f32x4_ne(v, v), v));
+    wasm_v128_store(out + i, wasm_f32x4_mul(wasm_v128_load(dy + i), step));
+  }
+  for (; i < end; ++i) out[i] = dy[i] * (x[i] > 0.0f ? 1.0f : (x[i] != x[i] ? x[i] : 0.0f));
 }
 
 /* out = sqrt(x), IEEE-exact per element (Adam's sqrt(v)). Part: elements [begin, end). */
