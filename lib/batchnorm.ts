@@ -1,14 +1,14 @@
 /**
- * tf.layers.batchNormalization with a cheaper training gradient. Same layer, same weights, same
- * config and class name (a checkpoint loads as a plain BatchNormalization), same forward bits in
- * training and inference, same moving-average updates; only the backward pass differs.
+ * tf.layers.batchNormalization with a cheaper training step. Same layer, same weights, same config
+ * and class name (a checkpoint loads as a plain BatchNormalization), the same inference pass bit for
+ * bit; only training mode differs, and only in float rounding (tests/backend.test.ts).
  *
- * In training the layer normalises by the batch's own mean and variance, computed by tf.moments;
- * tfjs' autodiff then walks back through the moments' ops (Mean, Sub, Square, their broadcasts):
+ * In training the layer normalises by the batch's own mean and variance, computed by tf.moments
+ * (Mean, Sub, Square, Mean); tfjs' autodiff then walks back through those ops and their broadcasts:
  * about ten passes over the activations per layer, plus ~30 small kernel calls. The gradient has a
- * closed form (kernels.c bn_backward states it) that needs two passes: on wasm with the SIMD
- * kernels one ArBnBackward call, elsewhere the same formula in a dozen tf ops. The results agree
- * with autodiff's to float rounding (tests/backend.test.ts), not to the bit.
+ * closed form (kernels.c bn_backward states it) that needs two passes: on wasm with the SIMD kernels
+ * one ArBnBackward call, elsewhere the same formula in a dozen tf ops. On wasm the statistics too
+ * take two parallel passes (ArBnMoments); elsewhere they are tf.moments', the same bits as tf.layers.
  */
 import * as tf from "@tensorflow/tfjs";
 import { hasFusedBatchNormGrad } from "./wasm_kernels.ts";
@@ -44,7 +44,7 @@ function weightOf(layer: tf.layers.Layer, suffix: string): LayerVariable {
   return w;
 }
 
-/** tf.layers' BatchNormalization.call in training mode, with the gradient below. */
+/** tf.layers' BatchNormalization.call in training mode, with the statistics and the gradient below. */
 function trainingCall(layer: tf.layers.Layer, x: tf.Tensor): tf.Tensor {
   const { momentum, epsilon } = layer.getConfig();
   if (typeof momentum !== "number" || typeof epsilon !== "number") {
@@ -56,8 +56,7 @@ function trainingCall(layer: tf.layers.Layer, x: tf.Tensor): tf.Tensor {
     let stats: tf.Tensor[] = [];
     const normalize = tf.customGrad((...args: (tf.Tensor | ((ts: tf.Tensor[]) => void))[]) => {
       const [xs, g, b, save] = args as [tf.Tensor, tf.Tensor, tf.Tensor, (ts: tf.Tensor[]) => void];
-      // The ops tf.layers runs (regularNormalizeBatchInTraining): the same forward bits.
-      const { mean, variance } = tf.moments(xs, [...Array(xs.rank - 1).keys()]);
+      const [mean, variance] = batchMoments(xs);
       const value = tf.batchNorm(xs, mean, variance, b, g, epsilon);
       save([xs, mean, variance, g]);
       stats = [tf.keep(mean), tf.keep(variance)];
@@ -75,6 +74,16 @@ function trainingCall(layer: tf.layers.Layer, x: tf.Tensor): tf.Tensor {
     tf.dispose(stats);
     return y;
   });
+}
+
+/** The batch's mean and variance per channel: tf.moments (what tf.layers runs), or on wasm ArBnMoments. */
+function batchMoments(x: tf.Tensor): [tf.Tensor, tf.Tensor] {
+  if (hasFusedBatchNormGrad()) {
+    const [mean, variance] = tf.engine().runKernel("ArBnMoments", { x }, {}) as tf.Tensor[];
+    return [mean!, variance!];
+  }
+  const { mean, variance } = tf.moments(x, [...Array(x.rank - 1).keys()]);
+  return [mean, variance];
 }
 
 /** [dx, dgamma, dbeta] of y = gamma * (x - mean(x)) / sqrt(var(x) + eps) + beta, per channel (last axis). */

@@ -803,6 +803,37 @@ function bnGradSumsKernel(args: KernelArgs): tf.TensorInfo {
 }
 
 /**
+ * Row parts of ArBnMoments: fixed, like FILTER_GRAD_PARTS, so the statistics' bits do not depend on the
+ * thread count.
+ */
+const MOMENT_PARTS = 8;
+
+/**
+ * ArBnMoments: x [..., C] -> [mean, variance] per channel (the last axis), as tf.moments over every other
+ * axis computes them, in two parallel passes (kernels.c channel_sums) instead of four kernels. The sums
+ * run in a different order than tfjs' Mean: the same values to float rounding, not the same bits.
+ */
+function bnMomentsKernel(args: KernelArgs): tf.TensorInfo[] {
+  const x = requireInput(args.inputs, "x");
+  const s = simdFor(args.backend, x);
+  if (s == null) throw new Error("ArBnMoments: needs the wasm SIMD kernels");
+  const c = x.shape[x.shape.length - 1] ?? 1;
+  const rows = sizeOf(x.shape) / c;
+  const ranges = splitRange(rows, Math.min(rows, MOMENT_PARTS));
+  const partial = s.b.makeOutput([ranges.length, c], "float32");
+  const [mean, variance] = [s.b.makeOutput([c], "float32"), s.b.makeOutput([c], "float32")];
+  const split = partsFor(s, sizeOf(x.shape)) > 1;
+  for (const [stat, centre] of [[mean, 0], [variance, at(s.b, mean)]] as const) {
+    const parts = ranges.map(([r0, r1], i) => [at(s.b, x), centre, at(s.b, partial) + 4 * i * c, c, r0, r1]);
+    if (split) s.run("channel_sums", parts);
+    else for (const p of parts) s.run("channel_sums", [p]); // too small to wake a helper
+    s.k.sum_parts(at(s.b, partial), at(s.b, stat), ranges.length, c, rows);
+  }
+  s.b.disposeData(partial.dataId);
+  return [mean, variance];
+}
+
+/**
  * ArBnBackward: x, dy [..., C], mean, variance, scale [C] (this batch's statistics) -> [dx, dscale, doffset]:
  * batchnorm's whole training gradient, mean and variance paths included, in two passes over x and dy
  * (kernels.c bn_backward; lib/batchnorm.ts calls it).
@@ -980,6 +1011,7 @@ const KERNELS: tf.KernelConfig[] = [
   { kernelName: "ArAdam", backendName: "wasm", kernelFunc: adamKernel },
   { kernelName: "ArBnBackward", backendName: "wasm", kernelFunc: bnBackwardKernel },
   { kernelName: "ArReluGrad", backendName: "wasm", kernelFunc: reluGradKernel },
+  { kernelName: "ArBnMoments", backendName: "wasm", kernelFunc: bnMomentsKernel },
 ];
 
 /** tfjs-wasm kernels we replace; each falls back to the native one outside its fast path. */

@@ -31,6 +31,8 @@ export interface SimdKernels {
     variance: number, gamma: number, sums: number, coef: number, dgamma: number, dbeta: number, c: number,
     eps: number, n: number,
   ): void;
+  channel_sums(x: number, mean: number, out: number, c: number, rBegin: number, rEnd: number): void;
+  sum_parts(parts: number, out: number, p: number, c: number, n: number): void;
   relu_grad_f32(dy: number, x: number, out: number, begin: number, end: number): void;
   bn_backward(
     x: number, dy: number, mean: number, coef: number, dx: number, c: number, rBegin: number, rEnd: number,

@@ -267,6 +267,61 @@ void broadcast_rows(const float* v, float* out, int r_begin, int r_end, int C, f
 }
 
 /*
+ * Per-channel sums over rows [r_begin, r_end) of x [rows, C] into this part's own out [C]: of x itself
+ * (mean == 0), or of (x - mean)^2. Batchnorm's training statistics in two such passes (mean, then
+ * variance), where tf.moments runs Mean, Sub, Square and Mean. The caller cuts the rows into a fixed
+ * number of parts and adds the parts' sums in part order (sum_parts), so the bits never depend on the
+ * thread count.
+ */
+EXPORT(channel_sums)
+void channel_sums(const float* x, const float* mean, float* out, int C, int r_begin, int r_end) {
+  __builtin_memset(out, 0, (unsigned long)C * sizeof(float));
+  const int br = block_rows(C);
+  for (int r0 = r_begin; r0 < r_end; r0 += br) {
+    const int r1 = r0 + br < r_end ? r0 + br : r_end;
+    int c = 0;
+    for (; c + 8 <= C; c += 8) {
+      v128_t sa = wasm_v128_load(out + c), sb = wasm_v128_load(out + c + 4);
+      const float* px = x + (long)r0 * C + c;
+      if (mean != 0) {
+        const v128_t ma = wasm_v128_load(mean + c), mb = wasm_v128_load(mean + c + 4);
+        for (int r = r0; r < r1; ++r, px += C) {
+          const v128_t da = wasm_f32x4_sub(wasm_v128_load(px), ma), db = wasm_f32x4_sub(wasm_v128_load(px + 4), mb);
+          sa = wasm_f32x4_add(sa, wasm_f32x4_mul(da, da));
+          sb = wasm_f32x4_add(sb, wasm_f32x4_mul(db, db));
+        }
+      } else {
+        for (int r = r0; r < r1; ++r, px += C) {
+          sa = wasm_f32x4_add(sa, wasm_v128_load(px));
+          sb = wasm_f32x4_add(sb, wasm_v128_load(px + 4));
+        }
+      }
+      wasm_v128_store(out + c, sa);
+      wasm_v128_store(out + c + 4, sb);
+    }
+    for (; c < C; ++c) {
+      float acc = out[c];
+      const float m = mean != 0 ? mean[c] : 0.0f;
+      for (int r = r0; r < r1; ++r) {
+        const float v = x[(long)r * C + c];
+        acc += mean != 0 ? (v - m) * (v - m) : v;
+      }
+      out[c] = acc;
+    }
+  }
+}
+
+/* out[c] = (sum over p of parts[p * C + c], in part order) / n. */
+EXPORT(sum_parts)
+void sum_parts(const float* parts, float* out, int P, int C, float n) {
+  for (int c = 0; c < C; ++c) {
+    float acc = 0.0f;
+    for (int p = 0; p < P; ++p) acc += parts[(long)p * C + c];
+    out[c] = acc / n;
+  }
+}
+
+/*
  * Batchnorm's gradient when the layer normalised by this batch's own mean and variance (training),
  * the paths through the mean and the variance included, in closed form:
  *   dx = k*dy - k*s1/n - (x - mean) * k*s2/(n*(var+eps)),   k = gamma/sqrt(var+eps),
