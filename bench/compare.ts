@@ -194,11 +194,19 @@ function speedRatio(a: Side, b: Side): string {
  * Times the sides round-robin (the first side of each round rotates, so none always follows the same
  * neighbour) and returns them; every process is started first and told to quit at the end.
  */
+/** Pause before each side's block of steps, for the previous side's threads to go to sleep. */
+const SETTLE_MS = 500;
+
 async function interleave(sides: Side[], a: Args): Promise<Side[]> {
   try {
     await Promise.all(sides.map((s) => s.ready()));
     for (let r = 0; r < a.rounds; r++) {
-      for (let i = 0; i < sides.length; i++) await sides[(i + r) % sides.length]!.run(a.block);
+      for (let i = 0; i < sides.length; i++) {
+        // The side before may leave threads spinning (OpenMP and OpenBLAS wait actively for a while after
+        // their last op): a side timed during that spin would lose a core it should have.
+        await Bun.sleep(SETTLE_MS);
+        await sides[(i + r) % sides.length]!.run(a.block);
+      }
     }
   } finally {
     await Promise.all(sides.map((s) => s.quit().catch(() => {})));
