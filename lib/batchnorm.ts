@@ -39,7 +39,8 @@ function fastPathFits(layer: tf.layers.Layer, x: tf.Tensor): boolean {
 }
 
 function weightOf(layer: tf.layers.Layer, suffix: string): LayerVariable {
-  const w = layer.weights.find((v) => v.name.endsWith(`/${suffix}`));
+  // originalName: `name` gets a "_1" when a variable of that name existed before (another model, a test).
+  const w = layer.weights.find((v) => v.originalName.endsWith(`/${suffix}`));
   if (w == null) throw new Error(`batchNorm: layer ${layer.name} has no weight ${suffix}`);
   return w;
 }

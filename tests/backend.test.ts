@@ -535,6 +535,19 @@ describe("batchNorm(): tf.layers' batchnorm with a closed-form training gradient
     }, SLOW);
   }
 
+  test("finds its weights when their names were taken before (tfjs then appends _1)", async () => {
+    await initBackend({ prefer: "wasm" });
+    for (let k = 0; k < 2; k++) {
+      const input = tf.input({ shape: [4, 4, 3] });
+      const m = tf.model({ inputs: input, outputs: batchNorm({ name: "bn_twice" }).apply(input) as tf.SymbolicTensor });
+      expect(m.weights[0]!.name).toBe(k === 0 ? "bn_twice/gamma" : "bn_twice/gamma_1");
+      const g = tf.tidy(() => tf.grad((x: tf.Tensor) => tf.sum(tf.square(m.apply(x, { training: true }) as tf.Tensor)))(
+        tf.tensor4d(seeded(2 * 4 * 4 * 3, 52), [2, 4, 4, 3])).dataSync());
+      expect(g.length).toBe(2 * 4 * 4 * 3);
+      expect(g.every(Number.isFinite)).toBe(true);
+    }
+  }, SLOW);
+
   test("any split of the wasm kernels gives the same bits", async () => {
     await initBackend({ prefer: "wasm" });
     const m = net(true);
