@@ -19,20 +19,20 @@ type LayerVariable = tf.layers.Layer["weights"][number];
 /** A tf.layers.batchNormalization layer whose training-mode call uses the closed-form gradient. */
 export function batchNorm(args: BatchNormArgs = {}): tf.layers.Layer {
   const layer = tf.layers.batchNormalization(args);
+  const config = layer.getConfig(); // fixed at construction; read once, not on every step
   const plainCall = layer.call.bind(layer);
   // The instance's call, not a subclass: tfjs' class keeps its weights private, and its className and
   // getConfig stay untouched, so nothing about saving or loading changes.
   layer.call = (inputs, kwargs) => {
     const x = Array.isArray(inputs) ? (inputs.length === 1 ? inputs[0] : undefined) : inputs;
-    const fast = kwargs.training === true && x != null && fastPathFits(layer, x);
-    return fast ? trainingCall(layer, x) : plainCall(inputs, kwargs);
+    const fast = kwargs.training === true && x != null && fastPathFits(config, x);
+    return fast ? trainingCall(layer, config, x) : plainCall(inputs, kwargs);
   };
   return layer;
 }
 
 /** The closed form covers the usual case: channels last, float32, with scale and offset. */
-function fastPathFits(layer: tf.layers.Layer, x: tf.Tensor): boolean {
-  const c = layer.getConfig();
+function fastPathFits(c: tf.serialization.ConfigDict, x: tf.Tensor): boolean {
   const axis = typeof c.axis === "number" ? c.axis : NaN;
   return (axis === -1 || axis === x.rank - 1) && x.dtype === "float32" && c.scale === true && c.center === true
     && x.rank >= 2;
@@ -46,8 +46,8 @@ function weightOf(layer: tf.layers.Layer, suffix: string): LayerVariable {
 }
 
 /** tf.layers' BatchNormalization.call in training mode, with the statistics and the gradient below. */
-function trainingCall(layer: tf.layers.Layer, x: tf.Tensor): tf.Tensor {
-  const { momentum, epsilon } = layer.getConfig();
+function trainingCall(layer: tf.layers.Layer, config: tf.serialization.ConfigDict, x: tf.Tensor): tf.Tensor {
+  const { momentum, epsilon } = config;
   if (typeof momentum !== "number" || typeof epsilon !== "number") {
     throw new Error(`batchNorm: layer ${layer.name} has no numeric momentum/epsilon`);
   }
