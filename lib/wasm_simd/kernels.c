@@ -478,6 +478,49 @@ void conv2d_filter_grad(const float* x, const float* dy, float* dw, int H, int W
 }
 
 /*
+ * One register tile shared by the convolutions below: NP pixels (1..4) by NV vectors of 4 channels
+ * (1..2). D: the first pixel's accumulators (pixels DS floats apart), loaded, accumulated, stored back;
+ * A: the first pixel's broadcast values (AS floats apart); F: the first filter vector, FS floats per
+ * step of K. One mul and one add per product, in k order: the order each kernel's comment states.
+ */
+#define GEMM_TILE(NP, NV, D, DS, A, AS, F, FS, K)                                                       \
+  {                                                                                                     \
+    float* d = (D);                                                                                     \
+    v128_t c00 = wasm_v128_load(d), c01 = NV > 1 ? wasm_v128_load(d + 4) : c00;                         \
+    v128_t c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;                            \
+    if (NP > 1) { c10 = wasm_v128_load(d + (DS)); if (NV > 1) c11 = wasm_v128_load(d + (DS) + 4); }     \
+    if (NP > 2) { c20 = wasm_v128_load(d + 2 * (DS)); if (NV > 1) c21 = wasm_v128_load(d + 2 * (DS) + 4); } \
+    if (NP > 3) { c30 = wasm_v128_load(d + 3 * (DS)); if (NV > 1) c31 = wasm_v128_load(d + 3 * (DS) + 4); } \
+    const float* a = (A);                                                                               \
+    const float* f = (F);                                                                               \
+    for (int k = 0; k < (K); ++k, f += (FS)) {                                                          \
+      const v128_t f0 = wasm_v128_load(f), f1 = NV > 1 ? wasm_v128_load(f + 4) : f0;                    \
+      v128_t s = wasm_f32x4_splat(a[k]);                                                                \
+      c00 = wasm_f32x4_add(c00, wasm_f32x4_mul(s, f0));                                                 \
+      if (NV > 1) c01 = wasm_f32x4_add(c01, wasm_f32x4_mul(s, f1));                                     \
+      if (NP > 1) {                                                                                     \
+        s = wasm_f32x4_splat(a[(AS) + k]);                                                              \
+        c10 = wasm_f32x4_add(c10, wasm_f32x4_mul(s, f0));                                               \
+        if (NV > 1) c11 = wasm_f32x4_add(c11, wasm_f32x4_mul(s, f1));                                   \
+      }                                                                                                 \
+      if (NP > 2) {                                                                                     \
+        s = wasm_f32x4_splat(a[2 * (AS) + k]);                                                          \
+        c20 = wasm_f32x4_add(c20, wasm_f32x4_mul(s, f0));                                               \
+        if (NV > 1) c21 = wasm_f32x4_add(c21, wasm_f32x4_mul(s, f1));                                   \
+      }                                                                                                 \
+      if (NP > 3) {                                                                                     \
+        s = wasm_f32x4_splat(a[3 * (AS) + k]);                                                          \
+        c30 = wasm_f32x4_add(c30, wasm_f32x4_mul(s, f0));                                               \
+        if (NV > 1) c31 = wasm_f32x4_add(c31, wasm_f32x4_mul(s, f1));                                   \
+      }                                                                                                 \
+    }                                                                                                   \
+    wasm_v128_store(d, c00); if (NV > 1) wasm_v128_store(d + 4, c01);                                   \
+    if (NP > 1) { wasm_v128_store(d + (DS), c10); if (NV > 1) wasm_v128_store(d + (DS) + 4, c11); }     \
+    if (NP > 2) { wasm_v128_store(d + 2 * (DS), c20); if (NV > 1) wasm_v128_store(d + 2 * (DS) + 4, c21); } \
+    if (NP > 3) { wasm_v128_store(d + 3 * (DS), c30); if (NV > 1) wasm_v128_store(d + 3 * (DS) + 4, c31); } \
+  }
+
+/*
  * Input gradient of a stride-1 2-D convolution (NHWC, HWIO filter):
  *   dx[b,h,w,ci] = sum over kh,kw,co of dy[b, h+pt-kh, w+pl-kw, co] * f[kh,kw,ci,co]
  * (dy positions outside [0,OH) x [0,OW) contribute nothing). `ft` is the
@@ -487,42 +530,8 @@ void conv2d_filter_grad(const float* x, const float* dy, float* dw, int H, int W
  * output channels, one broadcast dy value times one filter vector per step;
  * dx is the accumulators' home. Requires ci % 4 == 0.
  */
-#define IG_TILE(NP, NV)                                                          \
-  {                                                                              \
-    float* d = dxrow + w * CI + ci0;                                             \
-    v128_t c00 = wasm_v128_load(d), c01 = NV > 1 ? wasm_v128_load(d + 4) : c00; \
-    v128_t c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;     \
-    if (NP > 1) { c10 = wasm_v128_load(d + CI); if (NV > 1) c11 = wasm_v128_load(d + CI + 4); } \
-    if (NP > 2) { c20 = wasm_v128_load(d + 2 * CI); if (NV > 1) c21 = wasm_v128_load(d + 2 * CI + 4); } \
-    if (NP > 3) { c30 = wasm_v128_load(d + 3 * CI); if (NV > 1) c31 = wasm_v128_load(d + 3 * CI + 4); } \
-    const float* g = dyrow + (w + pl - kw) * CO;                                 \
-    const float* f = ftap + ci0;                                                 \
-    for (int co = 0; co < CO; ++co, f += CI) {                                   \
-      const v128_t f0 = wasm_v128_load(f), f1 = NV > 1 ? wasm_v128_load(f + 4) : f0; \
-      v128_t s = wasm_f32x4_splat(g[co]);                                        \
-      c00 = wasm_f32x4_add(c00, wasm_f32x4_mul(s, f0));                          \
-      if (NV > 1) c01 = wasm_f32x4_add(c01, wasm_f32x4_mul(s, f1));              \
-      if (NP > 1) {                                                              \
-        s = wasm_f32x4_splat(g[CO + co]);                                        \
-        c10 = wasm_f32x4_add(c10, wasm_f32x4_mul(s, f0));                        \
-        if (NV > 1) c11 = wasm_f32x4_add(c11, wasm_f32x4_mul(s, f1));            \
-      }                                                                          \
-      if (NP > 2) {                                                              \
-        s = wasm_f32x4_splat(g[2 * CO + co]);                                    \
-        c20 = wasm_f32x4_add(c20, wasm_f32x4_mul(s, f0));                        \
-        if (NV > 1) c21 = wasm_f32x4_add(c21, wasm_f32x4_mul(s, f1));            \
-      }                                                                          \
-      if (NP > 3) {                                                              \
-        s = wasm_f32x4_splat(g[3 * CO + co]);                                    \
-        c30 = wasm_f32x4_add(c30, wasm_f32x4_mul(s, f0));                        \
-        if (NV > 1) c31 = wasm_f32x4_add(c31, wasm_f32x4_mul(s, f1));            \
-      }                                                                          \
-    }                                                                            \
-    wasm_v128_store(d, c00); if (NV > 1) wasm_v128_store(d + 4, c01);            \
-    if (NP > 1) { wasm_v128_store(d + CI, c10); if (NV > 1) wasm_v128_store(d + CI + 4, c11); } \
-    if (NP > 2) { wasm_v128_store(d + 2 * CI, c20); if (NV > 1) wasm_v128_store(d + 2 * CI + 4, c21); } \
-    if (NP > 3) { wasm_v128_store(d + 3 * CI, c30); if (NV > 1) wasm_v128_store(d + 3 * CI + 4, c31); } \
-  }
+#define IG_TILE(NP, NV) \
+  GEMM_TILE(NP, NV, dxrow + w * CI + ci0, CI, dyrow + (w + pl - kw) * CO, CO, ftap + ci0, CI, CO)
 
 EXPORT(conv2d_input_grad)
 void conv2d_input_grad(const float* dy, const float* ft, float* dx, int B, int H, int W, int CI, int OH, int OW, int CO,
@@ -781,42 +790,8 @@ void adam_f32(const float* x, const float* m, const float* v, const float* g, fl
  * XNNPACK adds 0 * f: the same value. Tiles of 4 pixels by 8 output channels run over the input
  * channels; y is the accumulators' home across taps. Requires co % 4 == 0. Part: images [b_begin, b_end).
  */
-#define FW_TILE(NP, NV)                                                          \
-  {                                                                              \
-    float* d = yrow + ow * CO + co0;                                             \
-    v128_t c00 = wasm_v128_load(d), c01 = NV > 1 ? wasm_v128_load(d + 4) : c00; \
-    v128_t c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;     \
-    if (NP > 1) { c10 = wasm_v128_load(d + CO); if (NV > 1) c11 = wasm_v128_load(d + CO + 4); } \
-    if (NP > 2) { c20 = wasm_v128_load(d + 2 * CO); if (NV > 1) c21 = wasm_v128_load(d + 2 * CO + 4); } \
-    if (NP > 3) { c30 = wasm_v128_load(d + 3 * CO); if (NV > 1) c31 = wasm_v128_load(d + 3 * CO + 4); } \
-    const float* a = xrow + (ow + kw - pl) * CI;                                 \
-    const float* f = ftap + co0;                                                 \
-    for (int ci = 0; ci < CI; ++ci, f += CO) {                                   \
-      const v128_t f0 = wasm_v128_load(f), f1 = NV > 1 ? wasm_v128_load(f + 4) : f0; \
-      v128_t s = wasm_f32x4_splat(a[ci]);                                        \
-      c00 = wasm_f32x4_add(c00, wasm_f32x4_mul(s, f0));                          \
-      if (NV > 1) c01 = wasm_f32x4_add(c01, wasm_f32x4_mul(s, f1));              \
-      if (NP > 1) {                                                              \
-        s = wasm_f32x4_splat(a[CI + ci]);                                        \
-        c10 = wasm_f32x4_add(c10, wasm_f32x4_mul(s, f0));                        \
-        if (NV > 1) c11 = wasm_f32x4_add(c11, wasm_f32x4_mul(s, f1));            \
-      }                                                                          \
-      if (NP > 2) {                                                              \
-        s = wasm_f32x4_splat(a[2 * CI + ci]);                                    \
-        c20 = wasm_f32x4_add(c20, wasm_f32x4_mul(s, f0));                        \
-        if (NV > 1) c21 = wasm_f32x4_add(c21, wasm_f32x4_mul(s, f1));            \
-      }                                                                          \
-      if (NP > 3) {                                                              \
-        s = wasm_f32x4_splat(a[3 * CI + ci]);                                    \
-        c30 = wasm_f32x4_add(c30, wasm_f32x4_mul(s, f0));                        \
-        if (NV > 1) c31 = wasm_f32x4_add(c31, wasm_f32x4_mul(s, f1));            \
-      }                                                                          \
-    }                                                                            \
-    wasm_v128_store(d, c00); if (NV > 1) wasm_v128_store(d + 4, c01);            \
-    if (NP > 1) { wasm_v128_store(d + CO, c10); if (NV > 1) wasm_v128_store(d + CO + 4, c11); } \
-    if (NP > 2) { wasm_v128_store(d + 2 * CO, c20); if (NV > 1) wasm_v128_store(d + 2 * CO + 4, c21); } \
-    if (NP > 3) { wasm_v128_store(d + 3 * CO, c30); if (NV > 1) wasm_v128_store(d + 3 * CO + 4, c31); } \
-  }
+#define FW_TILE(NP, NV) \
+  GEMM_TILE(NP, NV, yrow + ow * CO + co0, CO, xrow + (ow + kw - pl) * CI, CI, ftap + co0, CO, CI)
 
 EXPORT(conv2d_forward)
 void conv2d_forward(const float* x, const float* f, const float* bias, float* y, int H, int W, int CI, int OH, int OW,
