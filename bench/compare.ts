@@ -7,8 +7,9 @@
  *                        [--before] [--channels-last] [--features 1,8] [--no-ceiling] [--vs DIR]
  *
  * The first line names the machine: CPU model, cores, the BLAS PyTorch runs on, PyTorch's version,
- * the thread counts compared, and `two_copies=` (bench/ceiling.ts: one single-threaded SIMD loop
- * alone vs two copies at once, the most any second thread can give here).
+ * the thread counts compared, `two_copies=` (bench/ceiling.ts: one single-threaded SIMD loop alone
+ * vs two copies at once, the most any second thread can give here) and `two_copies_memory=` (the same
+ * for a pass that streams memory, as batchnorm, ReLU and max-pool do: the memory bus is shared).
  *
  * For each model and thread count it starts one warm process per side and then, round after round,
  * asks each side in turn for `--block` steps:
@@ -294,9 +295,12 @@ async function compareFeatures(batch: number, a: Args, withTorch: boolean): Prom
   console.log(`  ${a.rounds} rounds x ${a.block} batches per side`);
 }
 
-/** bench/ceiling.ts alone vs two copies at once, interleaved: what a second core can give here. */
-async function twoCopies(a: Args): Promise<string> {
-  const cmd = [process.execPath, join("bench", "ceiling.ts")];
+/**
+ * bench/ceiling.ts alone vs two copies at once, interleaved: what a second core can give here, to a
+ * compute loop (`two_copies=`) and to a pass that streams memory (`two_copies_memory=`).
+ */
+async function twoCopies(a: Args, memory: boolean): Promise<string> {
+  const cmd = [process.execPath, join("bench", "ceiling.ts"), ...(memory ? ["--memory"] : [])];
   const [x, y] = [new Side("one", cmd, { ...process.env }), new Side("two", cmd, { ...process.env })];
   const alone: number[] = [], both: number[] = [];
   try {
@@ -313,13 +317,13 @@ async function twoCopies(a: Args): Promise<string> {
   // Two copies' throughput over one's: 2 x (time alone / time each when both run).
   const perRound = alone.map((m, i) => (2 * m) / both[i]!);
   const range = `${fmt(Math.min(...perRound), 2)}..${fmt(Math.max(...perRound), 2)}`;
-  return `two_copies=${fmt(median(perRound), 2)}x (rounds ${range})`;
+  return `two_copies${memory ? "_memory" : ""}=${fmt(median(perRound), 2)}x (rounds ${range})`;
 }
 
 async function main(): Promise<void> {
   const a = parseArgs(process.argv.slice(2));
   const withTorch = ensureTorch();
-  const ceiling = a.ceiling ? await twoCopies(a) : "two_copies=not measured";
+  const ceiling = a.ceiling ? `${await twoCopies(a, false)} ${await twoCopies(a, true)}` : "two_copies=not measured";
   const torch = withTorch ? torchFacts() : "torch=missing";
   console.log(`machine cpu=${cpuModel()} blas=${systemBlas()} ${torch} threads=${a.threads.join(",")} ${ceiling} ` +
     `bun=${Bun.version}`);

@@ -60,7 +60,8 @@ import { decodeToRgb, mirrorRgb, pixelsToFloat32, PREPROCESSING, sha256Hex } fro
 // ---------------------------------------------------------------------------
 
 export const BACKBONE_NAMES = [
-  "nsfwjs-mobilenetv2", "coco-centernet-mobilenetv3", "mobilenet-v2-imagenet", "mobilenet-v1-imagenet",
+  "nsfwjs-mobilenetv2", "nsfwjs-inceptionv3", "coco-centernet-mobilenetv3", "mobilenet-v2-imagenet",
+  "mobilenet-v1-imagenet",
 ] as const;
 export type BackboneName = (typeof BACKBONE_NAMES)[number];
 /**
@@ -84,7 +85,8 @@ export interface BackboneSpec {
   license: string;
   format: "layers" | "graph";
   source:
-    | { kind: "nsfwjs" }
+    /** One of the Keras models bundled in the nsfwjs package as CommonJS modules. */
+    | { kind: "nsfwjs"; model: NsfwjsModel }
     /** model.json + its shards shipped inside an installed npm package (`file` is the json's path in it). */
     | { kind: "npm"; package: string; file: string }
     | { kind: "url"; mirrors: Mirror[]; pinned?: PinnedFile[] };
@@ -124,7 +126,7 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
       "NOT ImageNet weights",
     license: "MIT (nsfwjs)",
     format: "layers",
-    source: { kind: "nsfwjs" },
+    source: { kind: "nsfwjs", model: "mobilenet_v2" },
     featureNode: "out_relu",
     featureDim: 1280,
     nativeSize: 224,
@@ -132,6 +134,23 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
     inputRange: [0, 1], // nsfwjs's own preprocessing: img / 255
     // Unfreezing 1: block_16 + Conv_1 train (block_16 has no residual); 2: block_15 as well.
     blockEnds: ["block_15_add", "block_14_add"],
+  },
+  "nsfwjs-inceptionv3": {
+    name: "nsfwjs-inceptionv3",
+    title: "InceptionV3 from the nsfwjs npm package (offline)",
+    imagenet: false,
+    weights: "fine-tuned by nsfwjs for NSFW classification (ImageNet start, then trained on their 5-class task): " +
+      "NOT ImageNet weights",
+    license: "MIT (nsfwjs)",
+    format: "layers",
+    source: { kind: "nsfwjs", model: "inception_v3" },
+    featureNode: "mixed10", // the last Inception block, 2048 channels (8×8 at 299 px)
+    featureDim: 2048,
+    nativeSize: 299,
+    resizable: true,
+    inputRange: [0, 1], // nsfwjs's own preprocessing: img / 255
+    // Unfreezing 1: the mixed10 block trains; 2: mixed9 as well.
+    blockEnds: ["mixed9", "mixed8"],
   },
   "coco-centernet-mobilenetv3": {
     name: "coco-centernet-mobilenetv3",
@@ -455,14 +474,18 @@ export async function ensureUrlModel(spec: BackboneSpec, o: UrlModelOptions = {}
 
 const ModuleDefault = type({ default: "unknown" });
 
-async function nsfwjsArtifacts(): Promise<Artifacts> {
-  // The package's own export: model.json and one weight shard as base64, in CommonJS modules.
-  const { MobileNetV2Model } = await import("nsfwjs/models/mobilenet_v2");
-  const jsonMod = ModuleDefault(await MobileNetV2Model.modelJson());
+export type NsfwjsModel = "mobilenet_v2" | "inception_v3";
+
+async function nsfwjsArtifacts(model: NsfwjsModel): Promise<Artifacts> {
+  // The package's own export: model.json and the weight shards as base64, in CommonJS modules.
+  const def = model === "mobilenet_v2"
+    ? (await import("nsfwjs/models/mobilenet_v2")).MobileNetV2Model
+    : (await import("nsfwjs/models/inception_v3")).InceptionV3Model;
+  const jsonMod = ModuleDefault(await def.modelJson());
   if (jsonMod instanceof type.errors) throw new Error(`nsfwjs: unexpected model module: ${jsonMod.summary}`);
-  const json = parseModelJson(jsonMod.default, "nsfwjs/models/mobilenet_v2 (model.min.js)");
+  const json = parseModelJson(jsonMod.default, `nsfwjs/models/${model} (model.min.js)`);
   const parts: Uint8Array[] = [];
-  for (const [i, bundle] of MobileNetV2Model.weightBundles.entries()) {
+  for (const [i, bundle] of def.weightBundles.entries()) {
     const shard = ModuleDefault(await bundle());
     if (shard instanceof type.errors || typeof shard.default !== "string") {
       throw new Error(`nsfwjs: weight bundle ${i + 1} is not a base64 string`);
@@ -780,7 +803,7 @@ async function loadCombo(names: string[], size: number | null, o: LoadBackboneOp
 
 async function artifactsOf(spec: BackboneSpec, o: LoadBackboneOptions): Promise<Artifacts> {
   switch (spec.source.kind) {
-    case "nsfwjs": return nsfwjsArtifacts();
+    case "nsfwjs": return nsfwjsArtifacts(spec.source.model);
     case "npm": return npmArtifacts(spec.source.package, spec.source.file);
     case "url": return readArtifactsDir(await ensureUrlModel(spec, o));
   }
