@@ -144,13 +144,16 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
     license: "MIT (nsfwjs)",
     format: "layers",
     source: { kind: "nsfwjs", model: "inception_v3" },
-    featureNode: "mixed10", // the last Inception block, 2048 channels (8×8 at 299 px)
-    featureDim: 2048,
+    // A middle block (768 channels, stride 16), not the last: the blocks after it were retrained for
+    // NSFW classes and describe waste worse with every block (bench/README.md: pooled mixed4 through
+    // mixed10 under one head). Cut there, the network also costs about half of a full pass.
+    featureNode: "mixed4",
+    featureDim: 768,
     nativeSize: 299,
     resizable: true,
     inputRange: [0, 1], // nsfwjs's own preprocessing: img / 255
-    // Unfreezing 1: the mixed10 block trains; 2: mixed9 as well.
-    blockEnds: ["mixed9", "mixed8"],
+    // Unfreezing 1: the mixed4 block trains; 2: mixed3 (the stride-2 reduction) as well.
+    blockEnds: ["mixed3", "mixed2"],
   },
   "coco-centernet-mobilenetv3": {
     name: "coco-centernet-mobilenetv3",
