@@ -2,12 +2,16 @@
  * Benchmark: which backbone features separate the active dataset's classes, by a linear probe. On demand:
  *
  *   bun bench/probe.ts [--backbones coco-centernet-mobilenetv3@224,nsfwjs-mobilenetv2@224] [--steps 300]
+ *                      [--layers mixed2:288,mixed3:768,...]
  *
  * For each backbone: its features of every image (lib/backbones.ts's cache: computed once, cold time
  * printed, then reused by train.ts), then a softmax regression on the train split (standardized
  * features, Adam, full batch, L2), scored on val. A backbone whose features concatenate several
  * nodes (spec.featureNode is a list) is also probed on each node alone and on each pair, so the
- * nodes in the registry are chosen by these figures. Prints one `key=value` line per figure:
+ * nodes in the registry are chosen by these figures. `--layers NAME:CHANNELS,...` (layers-model
+ * backbones) pools those layers instead of the registry's, in one pass per photo (their own cache file,
+ * `features-NAME.layers-…`), each probed alone and in pairs: which depth of a network describes the
+ * dataset best. Prints one `key=value` line per figure:
  *   extract_ms_per_image  the cold extraction's wall time per image (from the cache's record when reused)
  *   probe_val_acc         val accuracy of the probe on those features
  */
@@ -18,14 +22,21 @@ import { loadCache } from "../prepare.ts";
 import { initBackend } from "../lib/backend.ts";
 import { BACKBONES, datasetFeatures, loadBackbone, parseBackboneId, type BackboneName } from "../lib/backbones.ts";
 
-const Flags = type({ backbones: "string", steps: "1 <= number.integer <= 10000", l2: "number >= 0" });
+const Flags = type({
+  backbones: "string", steps: "1 <= number.integer <= 10000", l2: "number >= 0",
+  layers: /^([\w/]+:[1-9]\d*)(,[\w/]+:[1-9]\d*)*$|^$/,
+});
 const cli = cac("bench/probe.ts");
 cli.option("--backbones <list>", "backbone ids, comma-separated",
   { default: "coco-centernet-mobilenetv3@224,nsfwjs-mobilenetv2@224" })
   .option("--steps <n>", "Adam steps of the probe", { default: 300 })
-  .option("--l2 <x>", "L2 penalty on the probe's weights", { default: 1e-3 });
+  .option("--l2 <x>", "L2 penalty on the probe's weights", { default: 1e-3 })
+  .option("--layers <list>", "layers-model backbones: pool these layers (NAME:CHANNELS, network order)",
+    { default: "" });
 const raw = cli.parse(process.argv, { run: false }).options;
-const parsed = Flags({ backbones: String(raw.backbones), steps: Number(raw.steps), l2: Number(raw.l2) });
+const parsed = Flags({
+  backbones: String(raw.backbones), steps: Number(raw.steps), l2: Number(raw.l2), layers: String(raw.layers),
+});
 if (parsed instanceof type.errors) throw new Error(`bench/probe.ts: ${parsed.summary}`);
 const flags: typeof Flags.infer = parsed;
 
@@ -60,16 +71,22 @@ function probe(data: Float32Array, dim: number, cols: number[]): number {
 }
 
 const range = (a: number, b: number) => Array.from({ length: b - a }, (_, i) => a + i);
+const layers = flags.layers === "" ? [] : flags.layers.split(",").map((l) => l.split(":") as [string, string]);
 for (const id of flags.backbones.split(",").map((s) => s.trim()).filter(Boolean)) {
-  const bb = await loadBackbone(id);
+  const registered = BACKBONES[parseBackboneId(id).name as BackboneName];
+  const spec = layers.length === 0 || !registered ? registered : {
+    ...registered, name: `${registered.name}.layers-${layers.map(([n]) => n).join("-")}`.replaceAll("/", "_"),
+    featureNode: layers.map(([n]) => n), featureDim: layers.reduce((s, [, c]) => s + Number(c), 0),
+  };
+  const bb = await loadBackbone(id, spec ? { spec } : {});
   const fc = await datasetFeatures(ds, bb, { log: (l) => console.error(l) });
   console.log(`backbone=${bb.id} dataset=${ds.dir} n=${fc.n} dim=${fc.dim} cold_extract_seconds=${
     fc.extractSeconds.toFixed(1)} extract_ms_per_image=${((fc.extractSeconds * 1000) / fc.n).toFixed(1)}${
     fc.reused ? " (from the cache's record)" : ""}`);
-  const spec = BACKBONES[parseBackboneId(id).name as BackboneName] ?? bb.spec;
-  const nodes = typeof spec.featureNode === "string" ? [spec.featureNode] : [...spec.featureNode];
+  const nodes = [bb.spec.featureNode].flat();
   // Column ranges of each node, in the registry's order.
-  const known = nodes.length === 1 ? [fc.dim] : nodeWidths(spec.name, fc.dim, nodes.length);
+  const known = nodes.length === 1 ? [fc.dim]
+    : layers.length > 0 ? layers.map(([, c]) => Number(c)) : nodeWidths(bb.spec.name, fc.dim, nodes.length);
   const starts = known.map((_, k) => known.slice(0, k).reduce((s, x) => s + x, 0));
   const subsets: number[][] = nodes.length === 1 ? [[0]]
     : [...nodes.map((_, k) => [k]), ...pairs(nodes.length), range(0, nodes.length)];

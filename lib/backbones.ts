@@ -91,8 +91,8 @@ export interface BackboneSpec {
     | { kind: "npm"; package: string; file: string }
     | { kind: "url"; mirrors: Mirror[]; pinned?: PinnedFile[] };
   /**
-   * layers: the layer whose output is pooled; graph: the node(s) executed, each global-average-pooled
-   * (a feature map) and concatenated in this order.
+   * The layer(s) (layers model) or node(s) (graph model) whose outputs are each global-average-pooled
+   * and concatenated in this order; a layers model lists its layers in network order.
    */
   featureNode: string | readonly string[];
   featureDim: number;
@@ -822,14 +822,23 @@ async function build(spec: BackboneSpec, size: number, unfreeze: number, o: Load
   let dispose: () => void;
   let map: readonly number[] | null = null;
   if (spec.format === "layers") {
-    const cut = frozenEnd ?? nodes[0]!;
-    if (nodes.length !== 1) throw new Error(`backbone ${spec.name}: a layers model pools one layer, not ${nodes}`);
+    // Several layers: the model is cut after the last (deepest) one and every one of them is pooled.
+    const cut = frozenEnd ?? nodes.at(-1)!;
+    if (frozenEnd && nodes.length !== 1) {
+      throw new Error(`backbone ${spec.name}: fine-tuning trains up to one layer, not ${nodes.join("+")}`);
+    }
     const trunk = await layersTrunk(a, cut, size, spec.nativeSize).catch((err: unknown) => {
       const why = err instanceof Error ? err.message : String(err);
       throw new Error(`backbone ${spec.name}: cannot cut at "${cut}" for ${size}×${size}: ${why}`);
     });
+    const outputs = frozenEnd ? trunk : tf.model({ inputs: trunk.inputs, outputs: nodes.map((n) => {
+      if (!trunk.layers.some((l) => l.name === n)) {
+        throw new Error(`backbone ${spec.name}: layer "${n}" is not before "${cut}" (list layers in network order)`);
+      }
+      return trunk.getLayer(n).output as tf.SymbolicTensor;
+    }) });
     if (frozenEnd) map = trunk.outputs[0]!.shape.slice(1).map(Number);
-    run = (x) => [trunk.predict(x) as tf.Tensor];
+    run = (x) => { const y = outputs.predict(x); return Array.isArray(y) ? y : [y]; };
     dispose = () => trunk.dispose();
   } else {
     const sized = spec.sizeConstants ? graphForSize(a, size, spec.sizeConstants) : a;
@@ -929,11 +938,11 @@ export function featureCachePath(
 }
 
 /**
- * What the feature cache records as the backbone: its id, the nodes pooled when there are several
- * (another choice of nodes is other features), and where a frozen part for fine-tuning ends.
+ * What the feature cache records as the backbone: its id, the node(s) pooled (another choice of
+ * nodes is other features), and where a frozen part for fine-tuning ends.
  */
 function cachedAs(bb: Backbone, view: FeatureView): string {
-  const nodes = typeof bb.spec.featureNode === "string" ? "" : ` nodes ${bb.spec.featureNode.join("+")}`;
+  const nodes = ` nodes ${[bb.spec.featureNode].flat().join("+")}`;
   const frozen = bb.unfrozenBlocks > 0 ? ` frozen to ${bb.spec.blockEnds![bb.unfrozenBlocks - 1]}` : "";
   return `${bb.id}${nodes}${frozen}${view === "mirrored" ? " of the mirrored photos" : ""}`;
 }

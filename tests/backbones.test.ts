@@ -148,7 +148,19 @@ describe("offline backbone (nsfwjs InceptionV3)", () => {
       blocks.dispose();
       cut.dispose();
     }
-    tf.dispose([x, a, b]);
+    // Several layers pooled in one pass: each one's columns are what that layer alone gives.
+    const two = { ...BACKBONES["nsfwjs-inceptionv3"], name: "inception-two-layers", featureNode: ["mixed2", "mixed4"],
+      featureDim: 288 + 768 };
+    const both = await loadBackbone(`inception-two-layers@${side}`, { spec: two, reload: true });
+    const f = both.features(x);
+    expect(f.shape).toEqual([2, 288 + 768]);
+    const cols = tf.slice(f, [0, 288], [2, 768]);
+    expect(Array.from(await cols.data())).toEqual(ref);
+    both.dispose();
+    const backwards = { ...two, featureNode: ["mixed4", "mixed2"] };
+    await expect(loadBackbone(`inception-two-layers@${side}`, { spec: backwards, reload: true }))
+      .rejects.toThrow(/layer "mixed4" is not before "mixed2"/);
+    tf.dispose([x, a, b, f, cols]);
     whole.dispose();
   }, SLOW);
 });
