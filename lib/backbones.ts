@@ -14,6 +14,9 @@
  *   NOT ImageNet weights: it started from ImageNet, but every layer we use was then trained on
  *   their task. Ships inside the package as base64 JS (uint8-quantized, 2.6 MB), so it needs no
  *   network. nsfwjs feeds it pixels scaled to [0, 1], so that is the range used here.
+ * - "nsfwjs-inceptionv3" (offline, the same package, MIT): the Keras InceptionV3 nsfwjs also ships
+ *   (29 MB of base64 JS), NSFW-trained like the MobileNetV2, [0, 1] pixels. Pooled at a middle block,
+ *   where the ImageNet start's general features survived the NSFW training (the registry entry).
  * - "coco-centernet-mobilenetv3" (offline, from the npm package @vladmandic/human, MIT): a CenterNet
  *   object detector on MobileNetV3 trained on COCO's 80 classes (bottle, cup, laptop, phone, fruit,
  *   …: what people throw away), a tfjs graph model (float16, 4 MB). Fed unscaled RGB [0, 255], as
@@ -144,9 +147,9 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
     license: "MIT (nsfwjs)",
     format: "layers",
     source: { kind: "nsfwjs", model: "inception_v3" },
-    // A middle block (768 channels, stride 16), not the last: the blocks after it were retrained for
-    // NSFW classes and describe waste worse with every block (bench/README.md: pooled mixed4 through
-    // mixed10 under one head). Cut there, the network also costs about half of a full pass.
+    // A middle block (768 channels, stride 16), not the last: the top blocks were retrained for NSFW
+    // classes and describe waste worse, the last by far (bench/README.md: a linear probe of every
+    // block's pooled output). Cut there, the network also costs about half of a full pass.
     featureNode: "mixed4",
     featureDim: 768,
     nativeSize: 299,
