@@ -49,9 +49,8 @@ interface SeededHp {
 function seeded(hp: SeededHp = {}, space = "{}"): string {
   return `/** Test stub of train.ts: metrics that follow from HP and the seed. */
 import { existsSync } from "node:fs";
-import * as tf from "@tensorflow/tfjs";
-import { evaluate, loadCache, printFooter, type Predictor } from "./prepare.ts";
-import { saveCheckpoint } from "./lib/checkpoint.ts";
+import type { SymbolicTensor, Tensor } from "@tensorflow/tfjs";
+import type { Predictor } from "./prepare.ts";
 
 export const HP = {
   cls: ${hp.cls ?? 2}, // the class predicted with seed 0
@@ -79,6 +78,10 @@ async function main(): Promise<void> {
     console.log(JSON.stringify({ HP, HP_SPACE: space }));
     return;
   }
+  // Loaded after --print-hp, which the loop asks before every run: it needs none of them.
+  const tf = await import("@tensorflow/tfjs");
+  const { evaluate, loadCache, printFooter } = await import("./prepare.ts");
+  const { saveCheckpoint } = await import("./lib/checkpoint.ts");
   const hp = { ...HP, ...JSON.parse(process.env.AR_HP || "{}") };
   const at = args.indexOf("--checkpoint");
   const ckpt = at >= 0 ? args[at + 1]! : "checkpoints/latest";
@@ -88,10 +91,10 @@ async function main(): Promise<void> {
   if (hp.boomA !== 0 || hp.boomB !== 0 || hp.boomC !== 0) throw new Error("boom " + JSON.stringify(hp));
   const ds = await loadCache();
   const input = tf.input({ shape: [ds.imageSize, ds.imageSize, 3] });
-  const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as tf.SymbolicTensor;
+  const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as SymbolicTensor;
   const cls = tf.layers.dense({ units: ds.numClasses, activation: "softmax" });
   const yld = tf.layers.dense({ units: 1 });
-  const outputs = [cls.apply(pooled) as tf.SymbolicTensor, yld.apply(pooled) as tf.SymbolicTensor];
+  const outputs = [cls.apply(pooled) as SymbolicTensor, yld.apply(pooled) as SymbolicTensor];
   const model = tf.model({ inputs: input, outputs });
   const c = hp.backbone !== "none" ? 0 : hp.seed === 0 ? hp.cls : hp.otherCls;
   // The synthetic images draw class k in a hue whose channel k is bright: the channel means tell the class.
@@ -101,7 +104,7 @@ async function main(): Promise<void> {
   cls.setWeights(hp.see ? [tf.tensor2d(hue, [3, C]), tf.zeros([C])] : [tf.zeros([3, C]), tf.tensor1d(bias)]);
   yld.setWeights([tf.zeros([3, 1]), tf.tensor1d([hp.yieldValue + hp.jitter * hp.seed])]);
   const predict: Predictor = (images) => {
-    const [probs, yields] = model.predict(images) as tf.Tensor[];
+    const [probs, yields] = model.predict(images) as Tensor[];
     return { probs: probs!, yields };
   };
   const result = await evaluate(predict, ds);
