@@ -24,9 +24,8 @@ const BUN = process.execPath;
  */
 export const E2E_MS = 180_000;
 /**
- * The backend of every loop a test runs and of its children: wasm on one thread, which starts each
- * `bun prepare.ts evaluate` about a second sooner than the thread pool does; the stubs' metrics do not
- * depend on it.
+ * The backend of every loop a test runs and of its children: wasm on one thread, so that no
+ * `bun prepare.ts evaluate` starts a thread pool first; the stubs' metrics do not depend on it.
  */
 export const WASM_ENV = { AR_BACKEND: "wasm", AR_WASM_THREADS: "1" };
 /** Temp folders to remove after the file's tests (removeTemps). */
