@@ -19,7 +19,8 @@ import { computeNoise, keepOrDiscard } from "../lib/verdict.ts";
 import { parseRunMd } from "../lib/worktree.ts";
 import { ROOT, tempDir } from "./helpers.ts";
 import {
-  ACC, E2E_MS, clean, commitTrain, head, last, loop, made, makeRepo, prepareCache, removeTemps, rows, sh, state, stub,
+  ACC, E2E_MS, WASM_ENV, clean, commitTrain, head, last, loop, made, makeRepo, prepareCache, removeTemps, rows, sh,
+  state, stub,
 } from "./loop_fixtures.ts";
 
 const BUN = process.execPath;
@@ -378,12 +379,12 @@ describe("--once (stub train.ts)", () => {
   test("a train.ts that prints feature progress past the deadline gets no extra time: a timeout", () => {
     const kept = head(dir);
     commitTrain(dir, `mode: "ok",`, `mode: "features",`, "features");
-    // 16 progress lines 0.5 s apart: 8 s of "extraction" against a 1 + 0 + 6 = 7 s deadline.
+    // 8 progress lines 0.5 s apart: 4 s of "extraction" against a 1 + 0 + 2 = 3 s deadline.
     const t0 = performance.now();
-    const r = once([], { AR_TEST_ALLOWANCE_S: "6", STUB_FEATURE_LINES: "16" });
+    const r = once([], { AR_TEST_ALLOWANCE_S: "2", STUB_FEATURE_LINES: "8" });
     expect(r.code).toBe(0);
-    expect(r.out).toContain("(budget 1s, killed at 7s)");
-    const reason = "features (crash: timeout: killed after 7s)";
+    expect(r.out).toContain("(budget 1s, killed at 3s)");
+    const reason = "features (crash: timeout: killed after 3s)";
     expect(last(rows(dir))).toMatchObject({ status: "crash", description: reason });
     expect(performance.now() - t0).toBeLessThan(60_000);
     expect(head(dir)).toBe(kept);
@@ -405,9 +406,9 @@ describe("--once (stub train.ts)", () => {
   const faults: [string, string, RegExp, Record<string, string>?][] = [
     ["throw", "an exception", /^mode throw \(crash: exit 1: error: boom in train\.ts\)$/],
     ["nan", "a NaN loss", /^mode nan \(crash: FAIL: loss is NaN at step 3\)$/],
-    // The deadline leaves a busy machine time to start bun and tfjs before the stub says it hangs.
-    ["hang", "a hang (killed at the deadline)", /^mode hang \(crash: timeout: killed after 13s\)$/,
-      { AR_TEST_ALLOWANCE_S: "12" }],
+    // The stub hangs before it loads tfjs: the deadline leaves a busy machine seconds to start bun.
+    ["hang", "a hang (killed at the deadline)", /^mode hang \(crash: timeout: killed after 5s\)$/,
+      { AR_TEST_ALLOWANCE_S: "4" }],
     ["nofooter", "a missing footer", /^mode nofooter \(crash: no footer/],
     ["nockpt", "a missing checkpoint", /^mode nockpt \(crash: no checkpoint/],
     ["tamper", "a train.ts that changes prepare.ts (reverted)",
@@ -446,7 +447,7 @@ describe("--once (stub train.ts)", () => {
     commitTrain(dir, `mode: "ok",`, `mode: "hang",`, "hang until aborted");
     const proc = Bun.spawn([BUN, "loop.ts", "--once", "--budget", "1", "--grace", "0", "--no-summarize"], {
       cwd: dir, stdout: "pipe", stderr: "pipe",
-      env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "60" },
+      env: { ...process.env, AR_CACHE: CACHE, ...WASM_ENV, AR_TEST_ALLOWANCE_S: "60" },
     });
     const reader = proc.stdout.getReader();
     let out = "";
@@ -685,7 +686,7 @@ describe("SIGKILL at each phase, then --resume", () => {
     const argv = ["loop.ts", "--resume", "--budget", "1", "--grace", "0", "--no-summarize", "--max-experiments", "5"];
     const proc = Bun.spawn([BUN, ...argv], {
       cwd: dir, stdout: "pipe", stderr: "pipe",
-      env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30" },
+      env: { ...process.env, AR_CACHE: CACHE, ...WASM_ENV, AR_TEST_ALLOWANCE_S: "30" },
     });
     const reader = proc.stdout.getReader();
     const dec = new TextDecoder();

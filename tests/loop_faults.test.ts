@@ -16,7 +16,8 @@ import { bestCheckpointDir } from "../lib/checkpoint.ts";
 import { runChild } from "../lib/child.ts";
 import { SAMPLE_DIR } from "../lib/sources.ts";
 import {
-  E2E_MS, clean, commitTrain, head, last, loop, made, makeRepo, prepareCache, removeTemps, rows, sh, state, stub,
+  E2E_MS, WASM_ENV, clean, commitTrain, head, last, loop, made, makeRepo, prepareCache, removeTemps, rows, sh, state,
+  stub,
 } from "./loop_fixtures.ts";
 import { sliceOf, tempDir } from "./helpers.ts";
 
@@ -90,7 +91,7 @@ describe("the kept model", () => {
   let weights = Buffer.alloc(0);
   const predict = (photo: string) => {
     const r = Bun.spawnSync([BUN, "predict.ts", photo], {
-      cwd: dir, stdout: "pipe", stderr: "pipe", env: { ...process.env, AR_CACHE: CACHE, AR_BACKEND: "wasm" },
+      cwd: dir, stdout: "pipe", stderr: "pipe", env: { ...process.env, AR_CACHE: CACHE, ...WASM_ENV },
     });
     return { code: r.exitCode, out: r.stdout.toString(), err: r.stderr.toString() };
   };

@@ -23,6 +23,11 @@ const BUN = process.execPath;
  * declared so a plain `bun test` needs no --timeout, and generous for a busy machine.
  */
 export const E2E_MS = 180_000;
+/**
+ * The backend of every loop a test runs and of its children: wasm on one thread, so that no
+ * `bun prepare.ts evaluate` starts a thread pool first; the stubs' metrics do not depend on it.
+ */
+export const WASM_ENV = { AR_BACKEND: "wasm", AR_WASM_THREADS: "1" };
 /** Temp folders to remove after the file's tests (removeTemps). */
 export const made: string[] = [];
 /** The prepared cache loop runs read (AR_CACHE) unless a run names another. */
@@ -58,9 +63,8 @@ export interface StubHp {
 export function stub(hp: StubHp = {}, space = `{ cls: [1], yieldValue: [0.5], mode: ["ok"], seed: [0] }`): string {
   return `/** Test stub of train.ts: a constant model whose metrics follow from HP exactly. */
 import { appendFileSync, existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
-import * as tf from "@tensorflow/tfjs";
-import { evaluate, loadCache, printFooter, type Predictor } from "./prepare.ts";
-import { saveCheckpoint } from "./lib/checkpoint.ts";
+import type { SymbolicTensor, Tensor } from "@tensorflow/tfjs";
+import type { Predictor } from "./prepare.ts";
 
 export const HP = {
   cls: ${hp.cls ?? 1}, // the class the model always predicts
@@ -97,6 +101,11 @@ async function main(): Promise<void> {
     console.log("features stub@8: " + n + " images in " + (n / 2).toFixed(1) + " s, cached in /nowhere");
     console.log("backend: stub  budget: 1s");
   }
+  // Loaded only now: --print-hp (asked before every run) and the faults above need none of them, and a
+  // hang or a feature stall starts at once, so their deadlines need no time for bun to load tfjs.
+  const tf = await import("@tensorflow/tfjs");
+  const { evaluate, loadCache, printFooter } = await import("./prepare.ts");
+  const { saveCheckpoint } = await import("./lib/checkpoint.ts");
   let y = HP.yieldValue;
   const counter = process.env.STUB_COUNTER; // noise test: run i adds STUB_OFFSETS[i] to the yield
   if (counter) {
@@ -106,16 +115,16 @@ async function main(): Promise<void> {
   }
   const ds = await loadCache();
   const input = tf.input({ shape: [ds.imageSize, ds.imageSize, 3] });
-  const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as tf.SymbolicTensor;
+  const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as SymbolicTensor;
   const cls = tf.layers.dense({ units: ds.numClasses, activation: "softmax" });
   const yld = tf.layers.dense({ units: 1 });
-  const outputs = [cls.apply(pooled) as tf.SymbolicTensor, yld.apply(pooled) as tf.SymbolicTensor];
+  const outputs = [cls.apply(pooled) as SymbolicTensor, yld.apply(pooled) as SymbolicTensor];
   const model = tf.model({ inputs: input, outputs });
   const bias = Array.from({ length: ds.numClasses }, (_, c) => (c === HP.cls ? 5 : 0));
   cls.setWeights([tf.zeros([3, ds.numClasses]), tf.tensor1d(bias)]);
   yld.setWeights([tf.zeros([3, 1]), tf.tensor1d([y])]);
   const predict: Predictor = (images) => {
-    const [probs, yields] = model.predict(images) as tf.Tensor[];
+    const [probs, yields] = model.predict(images) as Tensor[];
     return { probs: probs!, yields };
   };
   const result = await evaluate(predict, ds);
@@ -184,7 +193,7 @@ export function loop(dir: string, args: string[], env: Record<string, string> = 
   const quiet = summarize ? [] : ["--no-summarize"];
   const r = Bun.spawnSync([BUN, "loop.ts", "--budget", "1", "--grace", "0", ...quiet, ...args], {
     cwd: dir, stdout: "pipe", stderr: "pipe",
-    env: { ...process.env, AR_CACHE: fixture.cache, AR_BACKEND: "wasm", AR_TEST_ALLOWANCE_S: "30", ...env },
+    env: { ...process.env, AR_CACHE: fixture.cache, ...WASM_ENV, AR_TEST_ALLOWANCE_S: "30", ...env },
   });
   const signal = r.signalCode == null ? null : String(r.signalCode);
   return { code: r.exitCode, signal, out: r.stdout.toString() + r.stderr.toString() };

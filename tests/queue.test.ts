@@ -9,7 +9,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import { writeFileSync, appendFileSync } from "node:fs";
 import { join } from "node:path";
 import {
-  E2E_MS, clean, fixture, head, makeRepo, prepareCache, removeTemps, rows, state, stub, syntheticCache,
+  E2E_MS, WASM_ENV, clean, fixture, head, makeRepo, prepareCache, removeTemps, rows, state, stub, syntheticCache,
 } from "./loop_fixtures.ts";
 import { redisMissing, startRedis, type RedisServer } from "./redis_fixture.ts";
 
@@ -28,8 +28,8 @@ interface Proc { proc: ReturnType<typeof Bun.spawn>; out: () => string; exited: 
 function spawn(dir: string, args: string[], env: Record<string, string> = {}): Proc {
   const proc = Bun.spawn([BUN, "loop.ts", ...args], {
     cwd: dir, stdout: "pipe", stderr: "pipe",
-    env: { ...process.env, AR_CACHE: fixture.cache, AR_BACKEND: "wasm", AR_WASM_THREADS: "1",
-      AR_TEST_ALLOWANCE_S: "30", AR_TEST_LOCK_MS: "5000", ...env },
+    env: { ...process.env, AR_CACHE: fixture.cache, ...WASM_ENV, AR_TEST_ALLOWANCE_S: "30", AR_TEST_LOCK_MS: "5000",
+      ...env },
   });
   let text = "";
   const pump = async (s: ReadableStream<Uint8Array>) => {

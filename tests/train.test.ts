@@ -23,7 +23,8 @@ describe("train.ts end to end", () => {
     const cache = tempDir();
     await prepareData({ task: "waste", source: "sample", cacheRoot: cache, log: () => {} });
     const ckpt = join(tempDir(), "ckpt");
-    const r = runScript(["train.ts", "--budget", "12", "--checkpoint", ckpt], { AR_CACHE: cache });
+    // 4 s: enough for a few steps; nothing below depends on how long it trained.
+    const r = runScript(["train.ts", "--budget", "4", "--checkpoint", ckpt], { AR_CACHE: cache });
     expect(r.out).toContain("step 00001");
     expect(r.code).toBe(0);
     const footer = parseFooter(r.out);
@@ -36,7 +37,7 @@ describe("train.ts end to end", () => {
     }
     expect(footer.backend).toContain("wasm");
     expect(Number(footer.num_steps)).toBeGreaterThan(2);
-    expect(Number(footer.training_seconds)).toBeGreaterThanOrEqual(12);
+    expect(Number(footer.training_seconds)).toBeGreaterThanOrEqual(4);
     expect(r.out).toContain("caveat");
     // The sample says what it is, before training and in the footer.
     expect(r.out).toMatch(/SAMPLE: \d+ photos, a small sample of real photos \(data\/sample\) for trying the tool/);

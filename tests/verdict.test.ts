@@ -14,9 +14,9 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { type } from "arktype";
-import { readFileSync, writeFileSync } from "node:fs";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { ROOT, tempDir } from "./helpers.ts";
+import { tempDir } from "./helpers.ts";
 import {
   E2E_MS, removeTemps, clean, commitTrain, fixture, head, last, loop, made, makeRepo, rows, sh, state, syntheticCache,
 } from "./loop_fixtures.ts";
@@ -49,9 +49,8 @@ interface SeededHp {
 function seeded(hp: SeededHp = {}, space = "{}"): string {
   return `/** Test stub of train.ts: metrics that follow from HP and the seed. */
 import { existsSync } from "node:fs";
-import * as tf from "@tensorflow/tfjs";
-import { evaluate, loadCache, printFooter, type Predictor } from "./prepare.ts";
-import { saveCheckpoint } from "./lib/checkpoint.ts";
+import type { SymbolicTensor, Tensor } from "@tensorflow/tfjs";
+import type { Predictor } from "./prepare.ts";
 
 export const HP = {
   cls: ${hp.cls ?? 2}, // the class predicted with seed 0
@@ -79,6 +78,10 @@ async function main(): Promise<void> {
     console.log(JSON.stringify({ HP, HP_SPACE: space }));
     return;
   }
+  // Loaded after --print-hp, which the loop asks before every run: it needs none of them.
+  const tf = await import("@tensorflow/tfjs");
+  const { evaluate, loadCache, printFooter } = await import("./prepare.ts");
+  const { saveCheckpoint } = await import("./lib/checkpoint.ts");
   const hp = { ...HP, ...JSON.parse(process.env.AR_HP || "{}") };
   const at = args.indexOf("--checkpoint");
   const ckpt = at >= 0 ? args[at + 1]! : "checkpoints/latest";
@@ -88,10 +91,10 @@ async function main(): Promise<void> {
   if (hp.boomA !== 0 || hp.boomB !== 0 || hp.boomC !== 0) throw new Error("boom " + JSON.stringify(hp));
   const ds = await loadCache();
   const input = tf.input({ shape: [ds.imageSize, ds.imageSize, 3] });
-  const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as tf.SymbolicTensor;
+  const pooled = tf.layers.globalAveragePooling2d({}).apply(input) as SymbolicTensor;
   const cls = tf.layers.dense({ units: ds.numClasses, activation: "softmax" });
   const yld = tf.layers.dense({ units: 1 });
-  const outputs = [cls.apply(pooled) as tf.SymbolicTensor, yld.apply(pooled) as tf.SymbolicTensor];
+  const outputs = [cls.apply(pooled) as SymbolicTensor, yld.apply(pooled) as SymbolicTensor];
   const model = tf.model({ inputs: input, outputs });
   const c = hp.backbone !== "none" ? 0 : hp.seed === 0 ? hp.cls : hp.otherCls;
   // The synthetic images draw class k in a hue whose channel k is bright: the channel means tell the class.
@@ -101,7 +104,7 @@ async function main(): Promise<void> {
   cls.setWeights(hp.see ? [tf.tensor2d(hue, [3, C]), tf.zeros([C])] : [tf.zeros([3, C]), tf.tensor1d(bias)]);
   yld.setWeights([tf.zeros([3, 1]), tf.tensor1d([hp.yieldValue + hp.jitter * hp.seed])]);
   const predict: Predictor = (images) => {
-    const [probs, yields] = model.predict(images) as tf.Tensor[];
+    const [probs, yields] = model.predict(images) as Tensor[];
     return { probs: probs!, yields };
   };
   const result = await evaluate(predict, ds);
@@ -123,50 +126,6 @@ main().catch((err: unknown) => {
   process.exit(1);
 });
 `;
-}
-
-/**
- * Test stand-in for what prepare.ts's evaluate reports once screening has its own metrics and the
- * dataset a test split: it runs the real evaluate (as prepare_base.ts) and adds sensitivity,
- * specificity, balanced_bin_acc, prevalence and trivial_bin_acc computed from its confusion matrix
- * (rows: true class). `--split test` measures the val split here: the cache has no test split yet.
- */
-const EVAL_WRAPPER = `export * from "./prepare_base.ts";
-import { readFileSync } from "node:fs";
-import { join } from "node:path";
-
-if (import.meta.main) {
-  const args = process.argv.slice(2);
-  const at = args.indexOf("--split");
-  const rest = at >= 0 ? [...args.slice(0, at), ...args.slice(at + 2)] : args;
-  const r = Bun.spawnSync([process.execPath, "prepare_base.ts", ...rest], { stdout: "pipe", stderr: "inherit" });
-  const out = r.stdout.toString().split("\\n").map((l) => {
-    if (!l.startsWith("eval_json: ")) return l;
-    const ev = JSON.parse(l.slice("eval_json: ".length));
-    if (ev.task !== "screening") return l;
-    const model = rest[rest.indexOf("--model") + 1];
-    const positive = JSON.parse(readFileSync(join(model, "meta.json"), "utf8")).positiveClass;
-    const p = ev.perClass.findIndex((c: { name: string }) => c.name === positive);
-    const conf: number[][] = ev.confusion;
-    const n: number = ev.n;
-    const pos = conf[p]!.reduce((s, v) => s + v, 0);
-    const negatives = (row: number[]) => row.reduce((t, v, c) => (c === p ? t : t + v), 0);
-    const negRight = conf.reduce((s, row, y) => (y === p ? s : s + negatives(row)), 0);
-    const sensitivity = pos ? conf[p]![p]! / pos : 0;
-    const specificity = n - pos ? negRight / (n - pos) : 0;
-    Object.assign(ev.metrics, {
-      sensitivity, specificity, balanced_bin_acc: (sensitivity + specificity) / 2, prevalence: pos / n,
-      trivial_bin_acc: Math.max(pos / n, 1 - pos / n),
-    });
-    return "eval_json: " + JSON.stringify(ev);
-  });
-  process.stdout.write(out.join("\\n"));
-  process.exit(r.exitCode ?? 1);
-}
-`;
-
-function withEvalWrapper(): Record<string, string> {
-  return { "prepare_base.ts": readFileSync(join(ROOT, "prepare.ts"), "utf8"), "prepare.ts": EVAL_WRAPPER };
 }
 
 const runsOf = (dir: string, n: number) => state(dir).runs.filter((r) => r.n === n);
@@ -467,7 +426,7 @@ describe("screening (seeded train.ts, evaluate with the screening metrics)", () 
 
   test("a constant model: the first lines after the baseline say it is the trivial rate; recall in progress "
     + "lines; test split measured for every baseline run", () => {
-    const dir = makeRepo(seeded({ cls: 0 }), { files: withEvalWrapper() });
+    const dir = makeRepo(seeded({ cls: 0 }));
     const r = loop(dir, ["--once", "--tag", "trivial", "--baseline-runs", "2"], { AR_CACHE: SCREENING });
     expect(r.code).toBe(0);
     const st = state(dir);
@@ -485,7 +444,7 @@ describe("screening (seeded train.ts, evaluate with the screening metrics)", () 
   }, E2E_MS);
 
   test("--primary balanced_bin_acc: recorded, in the descriptions; a seeing model is kept and measured on test", () => {
-    const dir = makeRepo(seeded({ cls: 0 }), { files: withEvalWrapper() });
+    const dir = makeRepo(seeded({ cls: 0 }));
     const r = loop(dir, ["--once", "--tag", "balanced", "--baseline-runs", "2", "--primary", "balanced_bin_acc"],
       { AR_CACHE: SCREENING });
     expect(r.code).toBe(0);
