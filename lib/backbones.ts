@@ -120,13 +120,15 @@ export interface BackboneSpec {
 
 const TFHUB_MOBILENET_V2 = "google/imagenet/mobilenet_v2_100_224/classification/2/";
 
+const NSFWJS_WEIGHTS = "fine-tuned by nsfwjs for NSFW classification (ImageNet start, then trained on their " +
+  "5-class task): NOT ImageNet weights";
+
 export const BACKBONES: Record<BackboneName, BackboneSpec> = {
   "nsfwjs-mobilenetv2": {
     name: "nsfwjs-mobilenetv2",
     title: "MobileNetV2 1.0 from the nsfwjs npm package (offline)",
     imagenet: false,
-    weights: "fine-tuned by nsfwjs for NSFW classification (ImageNet start, then trained on their 5-class task): " +
-      "NOT ImageNet weights",
+    weights: NSFWJS_WEIGHTS,
     license: "MIT (nsfwjs)",
     format: "layers",
     source: { kind: "nsfwjs", model: "mobilenet_v2" },
@@ -142,8 +144,7 @@ export const BACKBONES: Record<BackboneName, BackboneSpec> = {
     name: "nsfwjs-inceptionv3",
     title: "InceptionV3 from the nsfwjs npm package (offline)",
     imagenet: false,
-    weights: "fine-tuned by nsfwjs for NSFW classification (ImageNet start, then trained on their 5-class task): " +
-      "NOT ImageNet weights",
+    weights: NSFWJS_WEIGHTS,
     license: "MIT (nsfwjs)",
     format: "layers",
     source: { kind: "nsfwjs", model: "inception_v3" },
@@ -834,7 +835,8 @@ async function build(spec: BackboneSpec, size: number, unfreeze: number, o: Load
       const why = err instanceof Error ? err.message : String(err);
       throw new Error(`backbone ${spec.name}: cannot cut at "${cut}" for ${size}×${size}: ${why}`);
     });
-    const outputs = frozenEnd ? trunk : tf.model({ inputs: trunk.inputs, outputs: nodes.map((n) => {
+    const single = frozenEnd != null || nodes.length === 1;
+    const outputs = single ? trunk : tf.model({ inputs: trunk.inputs, outputs: nodes.map((n) => {
       if (!trunk.layers.some((l) => l.name === n)) {
         throw new Error(`backbone ${spec.name}: layer "${n}" is not before "${cut}" (list layers in network order)`);
       }
