@@ -4,7 +4,7 @@
  *
  *   bun bench/features.ts [--batch 8] [--size 224] [--steps 10] [--backbone nsfwjs-mobilenetv2]
  *   bun bench/features.ts --serve --batch 8     # for bench/compare.ts --features 1,8
- *   bun bench/features.ts --profile --batch 8   # also a tf.profile per-kernel breakdown of one batch
+ *   bun bench/features.ts --profile --batch 8   # also a per-kernel breakdown of one batch (no read-backs)
  *
  * Prints `features backbone=... batch=8 size=224 ms_per_batch=... ms_per_image=...`. --serve speaks
  * train_step.ts's line protocol ("run K" -> "ms t1 .. tK", each a whole batch), so compare.ts times it
