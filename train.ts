@@ -29,7 +29,7 @@ import {
 } from "./lib/backbones.ts";
 import { augmentedBatch } from "./lib/augment.ts";
 import { adam } from "./lib/adam.ts";
-import { batchNorm } from "./lib/batchnorm.ts";
+import { bnReluPool } from "./lib/batchnorm.ts";
 import { vitTrunk } from "./lib/vit.ts";
 import { featureStats, Standardize } from "./lib/standardize.ts";
 import { finishRun, hpSpace, startRun } from "./lib/run.ts";
@@ -133,9 +133,9 @@ function buildModel(featureDim: number | null): { train: tf.LayersModel; infer: 
       // useBias: false — batchnorm's beta does the bias's job, one less gradient per layer.
       const conv = { filters, kernelSize: 3, padding: "same", useBias: false, kernelInitializer: "heNormal" } as const;
       x = apply(tf.layers.conv2d(conv), x);
-      x = apply(batchNorm({ momentum: 0.9 }), x); // tf.layers' batchnorm, its gradient in 2 passes, not ~10
-      x = apply(tf.layers.reLU(), x);
-      x = apply(tf.layers.maxPooling2d({ poolSize: 2 }), x);
+      // batchnorm → relu → 2×2 max-pool as one layer: on wasm one pass forward, two back, not ~8 (lib/batchnorm.ts);
+      // to change one of the three, write them out: batchNorm(), tf.layers.reLU(), tf.layers.maxPooling2d().
+      x = apply(bnReluPool({ momentum: 0.9 }), x);
     }
     x = apply(tf.layers.globalAveragePooling2d({}), x);
   } else {

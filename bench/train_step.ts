@@ -24,7 +24,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { adam } from "../lib/adam.ts";
-import { batchNorm } from "../lib/batchnorm.ts";
+import { batchNorm, bnReluPool } from "../lib/batchnorm.ts";
 import { backendLabel, initBackend, parseBackendName, type BackendName, type WasmPool } from "../lib/backend.ts";
 import {
   inputConvFilters, registerWasmGradKernels, setSimdKernelsEnabled, withoutInputGradients,
@@ -81,12 +81,22 @@ const MOBILENET: ModelSpec = {
 const MODELS: Record<string, ModelSpec> = { baseline: BASELINE, mobilenet: MOBILENET };
 
 /** Functional model with two outputs: [class logits, regression]. */
-/** `before`: tfjs' own batchnorm layer, as before the speed work (else lib/batchnorm.ts's, as train.ts). */
+/**
+ * `before`: tfjs' own batchnorm, ReLU and max-pool layers, as before the speed work (else lib/batchnorm.ts's,
+ * as train.ts: bnReluPool for a batchnorm → ReLU → 2×2 max-pool run).
+ */
 function buildModel(spec: ModelSpec, before: boolean): tf.LayersModel {
   const input = tf.input({ shape: [spec.size, spec.size, 3] });
   let h: tf.SymbolicTensor = input;
   const apply = (layer: tf.layers.Layer) => { h = layer.apply(h) as tf.SymbolicTensor; };
-  for (const l of spec.layers) {
+  for (let i = 0; i < spec.layers.length; i++) {
+    const l = spec.layers[i]!;
+    const [next, after] = [spec.layers[i + 1], spec.layers[i + 2]];
+    if (!before && l.type === "bn" && next?.type === "relu" && after?.type === "maxpool" && after.size === 2) {
+      apply(bnReluPool({ epsilon: 1e-3 })); // as train.ts: the block's tail as one layer
+      i += 2;
+      continue;
+    }
     switch (l.type) {
       case "conv":
         apply(tf.layers.conv2d({

@@ -13,9 +13,11 @@ import { join } from "node:path";
 import { type } from "arktype";
 import * as tf from "@tensorflow/tfjs";
 import { Task, type Dataset, type Manifest, type Predictor } from "./dataset.ts";
-// Register the ViT's custom layers and the heads' Standardize with tfjs: such checkpoints load wherever checkpoints do.
+// Register the ViT's custom layers, the heads' Standardize and the conv blocks' ArBnReluPool with tfjs: such
+// checkpoints load wherever checkpoints do.
 import "./vit.ts";
 import "./standardize.ts";
+import "./batchnorm.ts";
 
 export const CheckpointMeta = type({
   version: "'1'",

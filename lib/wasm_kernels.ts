@@ -842,8 +842,7 @@ function bnBackwardKernel(args: KernelArgs): tf.TensorInfo[] {
   const [x, dy, mean, variance, scale] = inputsOf(args, "x", "dy", "mean", "variance", "scale");
   const s = simdFor(args.backend, x, dy, mean, variance, scale);
   if (s == null) throw new Error("ArBnBackward: needs the wasm SIMD kernels");
-  const eps = args.attrs?.varianceEpsilon;
-  if (typeof eps !== "number") throw new Error("ArBnBackward: attr varianceEpsilon must be a number");
+  const eps = epsilonOf("ArBnBackward", args);
   const c = sizeOf(mean.shape);
   const rows = sizeOf(x.shape) / c;
   const sums = s.b.makeOutput([2, c], "float32");
@@ -862,6 +861,85 @@ function bnBackwardKernel(args: KernelArgs): tf.TensorInfo[] {
   ]));
   s.b.disposeData(sums.dataId);
   s.b.disposeData(coef.dataId);
+  return [dx, dscale, doffset];
+}
+
+/** Fixed parts of ArBnReluPoolGrad's sums, like MOMENT_PARTS: their bits do not depend on the thread count. */
+const BLOCK_PARTS = 8;
+
+/** The attr varianceEpsilon of a batchnorm kernel. */
+function epsilonOf(name: string, args: KernelArgs): number {
+  const eps = args.attrs?.varianceEpsilon;
+  if (typeof eps !== "number") throw new Error(`${name}: attr varianceEpsilon must be a number`);
+  return eps;
+}
+
+/**
+ * ArBnReluPool: x [B, H, W, C], mean, variance, scale, offset [C] -> y [B, H/2, W/2, C] (floor), batchnorm →
+ * ReLU → 2×2 max-pool in one pass with the bits of the three kernels (kernels.c bn_relu_pool); with attr
+ * `winners` also win (int32, y's shape), which element of each window the gradient reaches. lib/batchnorm.ts's
+ * bnReluPool layer calls it.
+ */
+function bnReluPoolKernel(args: KernelArgs): tf.TensorInfo[] {
+  const [x, mean, variance, scale, offset] = inputsOf(args, "x", "mean", "variance", "scale", "offset");
+  const s = simdFor(args.backend, x, mean, variance, scale, offset);
+  if (s == null) throw new Error("ArBnReluPool: needs the wasm SIMD kernels");
+  const eps = epsilonOf("ArBnReluPool", args);
+  const [b, h, w, c] = shape4(x, "x");
+  if ([mean, variance, scale, offset].some((t) => sizeOf(t.shape) !== c)) {
+    throw new Error(`ArBnReluPool: mean, variance, scale and offset need ${c} entries each`);
+  }
+  const [oh, ow] = [Math.floor(h / 2), Math.floor(w / 2)];
+  const y = s.b.makeOutput([b, oh, ow, c], "float32");
+  const win = args.attrs?.winners === true ? s.b.makeOutput([b, oh, ow, c], "int32") : null;
+  const parts = splitRange(b, partsFor(s, sizeOf(x.shape)));
+  const scratch = s.b.wasm._malloc(24 * c * parts.length); // 8-byte aligned; one region per part
+  try {
+    s.run("bn_relu_pool", parts.map(([b0, b1], p) => [
+      at(s.b, x), at(s.b, mean), at(s.b, variance), at(s.b, scale), at(s.b, offset), eps, scratch + 24 * c * p,
+      at(s.b, y), win == null ? 0 : at(s.b, win), h, w, c, oh, ow, b0, b1,
+    ]));
+  } finally {
+    s.b.wasm._free(scratch);
+  }
+  return win == null ? [y] : [y, win];
+}
+
+/**
+ * ArBnReluPoolGrad: x, dy (ArBnReluPool's input and output gradient), win (its winners), mean, variance, scale
+ * -> [dx, dscale, doffset]: the block's whole training gradient in two passes, one over the pooled gradient and
+ * one writing dx (kernels.c bn_relu_pool_sums, bn_relu_pool_backward), where the three layers' gradients take
+ * about eight full-size passes.
+ */
+function bnReluPoolGradKernel(args: KernelArgs): tf.TensorInfo[] {
+  const [x, dy, win, mean, variance, scale] = inputsOf(args, "x", "dy", "win", "mean", "variance", "scale");
+  const s = simdFor(args.backend, x, dy, mean, variance, scale);
+  if (s == null || win.dtype !== "int32") throw new Error("ArBnReluPoolGrad: needs the wasm SIMD kernels");
+  const eps = epsilonOf("ArBnReluPoolGrad", args);
+  const [b, h, w, c] = shape4(x, "x");
+  const [, oh, ow] = shape4(dy, "dy");
+  const rows = b * oh * ow;
+  const ranges = splitRange(rows, Math.min(rows, BLOCK_PARTS));
+  const partial = s.b.makeOutput([ranges.length, 2 * c], "float32");
+  const parts = ranges.map(([r0, r1], i) => [
+    at(s.b, x), at(s.b, dy), at(s.b, win), at(s.b, mean), at(s.b, partial) + 8 * i * c, c, r0, r1,
+  ]);
+  if (partsFor(s, 2 * sizeOf(dy.shape)) > 1) s.run("bn_relu_pool_sums", parts);
+  else for (const p of parts) s.run("bn_relu_pool_sums", [p]); // too small to wake a helper
+  const sums = s.b.makeOutput([2, c], "float32");
+  s.k.sum_parts(at(s.b, partial), at(s.b, sums), ranges.length, 2 * c, 1);
+  const coef = s.b.makeOutput([3, c], "float32");
+  const dscale = s.b.makeOutput([c], "float32");
+  const doffset = s.b.makeOutput([c], "float32");
+  s.k.bn_backward_coef(
+    at(s.b, variance), at(s.b, scale), at(s.b, sums), at(s.b, coef), at(s.b, dscale), at(s.b, doffset), c, eps,
+    b * h * w,
+  );
+  const dx = s.b.makeOutput([b, h, w, c], "float32");
+  s.run("bn_relu_pool_backward", splitRange(b, partsFor(s, 2 * sizeOf(x.shape))).map(([b0, b1]) => [
+    at(s.b, x), at(s.b, dy), at(s.b, win), at(s.b, mean), at(s.b, coef), at(s.b, dx), h, w, c, oh, ow, b0, b1,
+  ]));
+  for (const t of [partial, sums, coef]) s.b.disposeData(t.dataId);
   return [dx, dscale, doffset];
 }
 
@@ -895,6 +973,11 @@ export function hasFusedAdam(): boolean {
 /** Whether the current backend runs ArBnBackward (wasm with the SIMD kernels on). */
 export function hasFusedBatchNormGrad(): boolean {
   return runsHere("ArBnBackward");
+}
+
+/** Whether the current backend runs ArBnReluPool and its gradient (wasm with the SIMD kernels on). */
+export function hasFusedBnReluPool(): boolean {
+  return runsHere("ArBnReluPool");
 }
 
 function runsHere(kernel: string): boolean {
@@ -1012,6 +1095,8 @@ const KERNELS: tf.KernelConfig[] = [
   { kernelName: "ArBnBackward", backendName: "wasm", kernelFunc: bnBackwardKernel },
   { kernelName: "ArReluGrad", backendName: "wasm", kernelFunc: reluGradKernel },
   { kernelName: "ArBnMoments", backendName: "wasm", kernelFunc: bnMomentsKernel },
+  { kernelName: "ArBnReluPool", backendName: "wasm", kernelFunc: bnReluPoolKernel },
+  { kernelName: "ArBnReluPoolGrad", backendName: "wasm", kernelFunc: bnReluPoolGradKernel },
 ];
 
 /** tfjs-wasm kernels we replace; each falls back to the native one outside its fast path. */

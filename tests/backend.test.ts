@@ -10,7 +10,7 @@ import { backendLabel, initBackend, nodeBackendLabel, nodeDevice } from "../lib/
 import { evaluate, imageBatch, trainBatches, type Dataset, type Manifest } from "../prepare.ts";
 import { augmentedBatch, flipAndShift } from "../lib/augment.ts";
 import { adam } from "../lib/adam.ts";
-import { batchNorm } from "../lib/batchnorm.ts";
+import { batchNorm, bnReluPool } from "../lib/batchnorm.ts";
 import { BUN } from "./helpers.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients,
@@ -571,6 +571,111 @@ describe("batchNorm(): tf.layers' batchnorm with a closed-form training gradient
     const [a, b] = [plain, ours].map((m) => (m.predict(x) as tf.Tensor).dataSync() as Float32Array);
     expect(bits(b!)).toEqual(bits(a!));
     expect(JSON.stringify(ours.toJSON(null, false))).toContain('"class_name":"BatchNormalization"');
+    tf.dispose(x);
+  }, SLOW);
+});
+
+describe("bnReluPool(): batchnorm → ReLU → 2×2 max-pool as one layer", () => {
+  /** conv -> the block's tail (fused, or batchNorm + reLU + maxPooling2d) -> average pool -> dense, fixed weights. */
+  function net(fused: boolean, side: number, channels: number): tf.LayersModel {
+    const input = tf.input({ shape: [side, side, 3] });
+    const conv = tf.layers.conv2d({ filters: channels, kernelSize: 3, padding: "same", useBias: false });
+    let h = conv.apply(input) as tf.SymbolicTensor;
+    const tail = fused ? [bnReluPool({ momentum: 0.9 })]
+      : [batchNorm({ momentum: 0.9 }), tf.layers.reLU(), tf.layers.maxPooling2d({ poolSize: 2 })];
+    for (const layer of tail) h = layer.apply(h) as tf.SymbolicTensor;
+    h = tf.layers.globalAveragePooling2d({}).apply(h) as tf.SymbolicTensor;
+    const m = tf.model({ inputs: input, outputs: tf.layers.dense({ units: 3 }).apply(h) as tf.SymbolicTensor });
+    // The same weights in the same order for both: conv, gamma, beta, moving mean and variance, dense.
+    m.setWeights(m.getWeights().map((w, i) => tf.add(tf.mul(tf.tensor(seeded(w.size, 60 + i), w.shape), 0.8), 1)));
+    return m;
+  }
+
+  /** Training-mode output, the gradients of a loss on it, and every weight after (moving statistics). */
+  function stepOn(m: tf.LayersModel, side: number) {
+    return tf.tidy(() => {
+      const x = tf.tensor4d(seeded(5 * side * side * 3, 70), [5, side, side, 3]).mul(3);
+      const y = tf.oneHot(tf.tensor1d([0, 2, 1, 1, 0], "int32"), 3);
+      const vs = m.trainableWeights.map((w) => w.read() as tf.Variable);
+      let out: Float32Array = new Float32Array(0);
+      const { grads } = tf.variableGrads(() => {
+        const logits = m.apply(x, { training: true }) as tf.Tensor;
+        out = logits.dataSync() as Float32Array;
+        return tf.losses.softmaxCrossEntropy(y, logits) as tf.Scalar;
+      }, vs);
+      return {
+        out, grads: vs.map((v) => grads[v.name]!.dataSync() as Float32Array),
+        weights: m.getWeights().map((w) => w.dataSync() as Float32Array),
+      };
+    });
+  }
+
+  // 6x6 with 12 channels: three SIMD groups; 7x7 with 6: an odd side (the last row and column are not pooled
+  // but still normalised) and a scalar channel tail.
+  const shapes = [[6, 12], [7, 6]] as const;
+  for (const backend of ["wasm", "cpu"] as const) {
+    // cpu runs the three layers' own ops: every bit the same. On wasm the forward pass and the moving averages
+    // keep their bits too (the same per-element operations); the gradient sums run in another order.
+    test(`${backend}: the three layers' forward pass and statistics bit for bit, gradients `
+      + `${backend === "cpu" ? "bit for bit" : "to float rounding"}`, async () => {
+      await initBackend({ prefer: backend });
+      try {
+        for (const [side, channels] of shapes) {
+          const [theirs, ours] = [stepOn(net(false, side, channels), side), stepOn(net(true, side, channels), side)];
+          expect(bits(ours.out)).toEqual(bits(theirs.out));
+          expect(ours.weights.length).toBe(theirs.weights.length);
+          ours.weights.forEach((w, i) => expect(bits(w)).toEqual(bits(theirs.weights[i]!)));
+          expect(ours.grads.length).toBe(5); // conv, gamma, beta, dense kernel and bias
+          ours.grads.forEach((g, i) => {
+            if (backend === "cpu") expect(bits(g)).toEqual(bits(theirs.grads[i]!));
+            else expect(relErr(theirs.grads[i]!, g)).toBeLessThan(1e-5);
+          });
+        }
+        // ... and on wasm the fused kernels really ran: one call each, no max-pool or ReLU kernels left
+        const info = await tf.profile(() => { stepOn(net(true, 6, 12), 6); });
+        const calls = (name: string) => info.kernels.filter((k) => k.name === name).length;
+        const wasm = backend === "wasm";
+        expect([calls("ArBnReluPool"), calls("ArBnReluPoolGrad")]).toEqual(wasm ? [1, 1] : [0, 0]);
+        expect(calls("MaxPool") + calls("MaxPoolGrad") + calls("Relu") + calls("ArReluGrad")).toBe(wasm ? 0 : 3);
+      } finally {
+        await initBackend({ prefer: "wasm" });
+      }
+    }, SLOW);
+  }
+
+  test("any split of the wasm kernels gives the same bits", async () => {
+    await initBackend({ prefer: "wasm" });
+    const m = net(true, 7, 6);
+    const run = (parts: number) => {
+      setSimdSplit(parts);
+      try { return stepOn(m, 7); } finally { setSimdSplit(undefined); }
+    };
+    const one = run(1);
+    for (const parts of [2, 3]) {
+      const split = run(parts);
+      expect(bits(split.out)).toEqual(bits(one.out));
+      split.grads.forEach((g, i) => expect(bits(g)).toEqual(bits(one.grads[i]!)));
+    }
+  }, SLOW);
+
+  test("saves and loads as ArBnReluPool, with the three layers' inference output bit for bit", async () => {
+    await initBackend({ prefer: "wasm" });
+    const [plain, ours] = [net(false, 7, 6), net(true, 7, 6)];
+    const x = tf.tensor4d(seeded(2 * 7 * 7 * 3, 71), [2, 7, 7, 3]);
+    let artifacts: tf.io.ModelArtifacts | undefined;
+    await ours.save(tf.io.withSaveHandler(async (a) => {
+      artifacts = a;
+      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: "JSON" } };
+    }));
+    expect(JSON.stringify(artifacts!.modelTopology)).toContain('"class_name":"ArBnReluPool"');
+    const loaded = await tf.loadLayersModel(tf.io.fromMemory(artifacts!));
+    for (const backend of ["wasm", "cpu"] as const) {
+      await initBackend({ prefer: backend });
+      const [a, b, c] = [plain, ours, loaded].map((m) => (m.predict(x) as tf.Tensor).dataSync() as Float32Array);
+      expect(bits(b!)).toEqual(bits(a!));
+      expect(bits(c!)).toEqual(bits(a!));
+    }
+    await initBackend({ prefer: "wasm" });
     tf.dispose(x);
   }, SLOW);
 });

@@ -31,6 +31,16 @@ export interface SimdKernels {
     variance: number, gamma: number, sums: number, coef: number, dgamma: number, dbeta: number, c: number,
     eps: number, n: number,
   ): void;
+  bn_relu_pool(
+    x: number, mean: number, variance: number, scale: number, offset: number, eps: number, scratch: number, y: number,
+    win: number, h: number, w: number, c: number, oh: number, ow: number, bBegin: number, bEnd: number,
+  ): void;
+  bn_relu_pool_sums(x: number, dy: number, win: number, mean: number, out: number, c: number, rBegin: number,
+    rEnd: number): void;
+  bn_relu_pool_backward(
+    x: number, dy: number, win: number, mean: number, coef: number, dx: number, h: number, w: number, c: number,
+    oh: number, ow: number, bBegin: number, bEnd: number,
+  ): void;
   channel_sums(x: number, mean: number, out: number, c: number, rBegin: number, rEnd: number): void;
   sum_parts(parts: number, out: number, p: number, c: number, n: number): void;
   relu_grad_f32(dy: number, x: number, out: number, begin: number, end: number): void;

@@ -367,6 +367,185 @@ void bn_backward(const float* x, const float* dy, const float* mean, const float
   }
 }
 
+/*
+ * A conv block's batchnorm, ReLU and 2x2 max-pool (stride 2, no padding) in one pass over x [B,H,W,C]:
+ *   y[b,oh,ow,c] = max over the window of relu(bn(x)),
+ * each bn value computed as batchnorm() computes it (mean, var, scale and offset with C entries each),
+ * so y has the bits of the three kernels run one after another. Where win is not 0 (training) it
+ * receives, per output element, the index into x of the window's first maximum when that maximum is
+ * > 0, else -1: the one element of the window that the gradient reaches (max-pool gives it to the first
+ * maximum, ReLU passes it only above 0). Rows and columns beyond 2*OH, 2*OW (odd sizes) are not pooled,
+ * as a valid pool drops them. scratch: 24*C bytes of this part's own, as batchnorm's. Part: images
+ * [b_begin, b_end).
+ */
+EXPORT(bn_relu_pool)
+void bn_relu_pool(const float* x, const float* mean, const float* var, const float* scale, const float* offset,
+                  float eps, void* scratch, float* y, int* win, int H, int W, int C, int OH, int OW, int b_begin,
+                  int b_end) {
+  double* nf = (double*)scratch;
+  double* o = nf + C;
+  float* m = (float*)(o + C);
+  float* s = m + C;
+  for (int c = 0; c < C; ++c) {
+    nf[c] = (double)__builtin_sqrtf(var[c] + eps);
+    m[c] = mean[c];
+    s[c] = scale[c];
+    o[c] = (double)offset[c];
+  }
+  const v128_t zero = wasm_f32x4_splat(0.0f), none = wasm_i32x4_splat(-1);
+  const v128_t lane = wasm_i32x4_make(0, 1, 2, 3);
+  for (int b = b_begin; b < b_end; ++b) {
+    for (int oh = 0; oh < OH; ++oh) {
+      for (int ow = 0; ow < OW; ++ow) {
+        const long out = ((long)(b * OH + oh) * OW + ow) * C;
+        int c = 0;
+        for (; c + 4 <= C; c += 4) {
+          v128_t best = wasm_f32x4_splat(-__builtin_inff()), at = none;
+          for (int i = 0; i < 2; ++i) {
+            for (int j = 0; j < 2; ++j) {
+              const int off = ((b * H + 2 * oh + i) * W + 2 * ow + j) * C + c;
+              // batchnorm()'s lanes: (x - m) * s in float32, / nf and + o in float64
+              const v128_t t = wasm_f32x4_mul(wasm_f32x4_sub(wasm_v128_load(x + off), wasm_v128_load(m + c)),
+                                              wasm_v128_load(s + c));
+              const v128_t t_lo = wasm_f64x2_promote_low_f32x4(t);
+              const v128_t t_hi = wasm_f64x2_promote_low_f32x4(wasm_i32x4_shuffle(t, t, 2, 3, 0, 1));
+              const v128_t r_lo = wasm_f64x2_add(wasm_v128_load(o + c), wasm_f64x2_div(t_lo, wasm_v128_load(nf + c)));
+              const v128_t r_hi =
+                  wasm_f64x2_add(wasm_v128_load(o + c + 2), wasm_f64x2_div(t_hi, wasm_v128_load(nf + c + 2)));
+              const v128_t lo = wasm_f32x4_demote_f64x2_zero(r_lo), hi = wasm_f32x4_demote_f64x2_zero(r_hi);
+              const v128_t z = wasm_i32x4_shuffle(lo, hi, 0, 1, 4, 5);
+              const v128_t gt = wasm_f32x4_gt(z, best);
+              best = wasm_v128_bitselect(z, best, gt);
+              at = wasm_v128_bitselect(wasm_i32x4_add(wasm_i32x4_splat(off), lane), at, gt);
+            }
+          }
+          // relu_f32's rule: keep where > 0 or NaN
+          const v128_t pos = wasm_f32x4_gt(best, zero);
+          wasm_v128_store(y + out + c, wasm_v128_and(best, wasm_v128_or(pos, wasm_f32x4_ne(best, best))));
+          if (win) wasm_v128_store(win + out + c, wasm_v128_bitselect(at, none, pos));
+        }
+        for (; c < C; ++c) {
+          float best = -__builtin_inff();
+          int at = -1;
+          for (int i = 0; i < 2; ++i) {
+            for (int j = 0; j < 2; ++j) {
+              const int off = ((b * H + 2 * oh + i) * W + 2 * ow + j) * C + c;
+              const float z = (float)(o[c] + (double)((x[off] - m[c]) * s[c]) / nf[c]);
+              if (z > best) {
+                best = z;
+                at = off;
+              }
+            }
+          }
+          y[out + c] = (best > 0.0f || best != best) ? best : 0.0f;
+          if (win) win[out + c] = best > 0.0f ? at : -1;
+        }
+      }
+    }
+  }
+}
+
+/*
+ * bn_relu_pool's gradient, first pass: the two per-channel sums of bn_grad_sums, of the gradient that
+ * max-pool and ReLU hand to the batchnorm, without writing that gradient out: it is dy at each window's
+ * winner (win >= 0) and 0 elsewhere. Over pooled rows [r_begin, r_end) (a row: one (b, oh, ow)), into
+ * this part's own out: s1 in [0, C), s2 = sum of dy * (x[win] - mean) in [C, 2C). The caller adds the
+ * parts in part order (sum_parts), a fixed number of them, so the bits never depend on the thread count.
+ */
+EXPORT(bn_relu_pool_sums)
+void bn_relu_pool_sums(const float* x, const float* dy, const int* win, const float* mean, float* out, int C,
+                       int r_begin, int r_end) {
+  float* o1 = out;
+  float* o2 = out + C;
+  __builtin_memset(out, 0, (unsigned long)(2 * C) * sizeof(float));
+  const v128_t zero = wasm_i32x4_splat(0);
+  const int br = block_rows(3 * C);
+  for (int r0 = r_begin; r0 < r_end; r0 += br) {
+    const int r1 = r0 + br < r_end ? r0 + br : r_end;
+    int c = 0;
+    // Branch-free: a loser's lane adds dy & 0 = 0 and 0 * (x[0] - mean), which leaves the sums' values as they are.
+    for (; c + 4 <= C; c += 4) {
+      v128_t s1 = wasm_v128_load(o1 + c), s2 = wasm_v128_load(o2 + c);
+      const v128_t m = wasm_v128_load(mean + c);
+      for (long r = r0; r < r1; ++r) {
+        const v128_t w = wasm_v128_load(win + r * C + c);
+        const v128_t pos = wasm_i32x4_ge(w, zero);
+        const v128_t g = wasm_v128_and(wasm_v128_load(dy + r * C + c), pos);
+        const v128_t i = wasm_v128_and(w, pos);
+        const v128_t xw = wasm_f32x4_make(x[wasm_i32x4_extract_lane(i, 0)], x[wasm_i32x4_extract_lane(i, 1)],
+                                          x[wasm_i32x4_extract_lane(i, 2)], x[wasm_i32x4_extract_lane(i, 3)]);
+        s1 = wasm_f32x4_add(s1, g);
+        s2 = wasm_f32x4_add(s2, wasm_f32x4_mul(g, wasm_f32x4_sub(xw, m)));
+      }
+      wasm_v128_store(o1 + c, s1);
+      wasm_v128_store(o2 + c, s2);
+    }
+    for (; c < C; ++c) {
+      float s1 = o1[c], s2 = o2[c];
+      for (long r = r0; r < r1; ++r) {
+        const int at = win[r * C + c];
+        const float g = at >= 0 ? dy[r * C + c] : 0.0f;
+        s1 += g;
+        s2 += g * (x[at >= 0 ? at : 0] - mean[c]);
+      }
+      o1[c] = s1;
+      o2[c] = s2;
+    }
+  }
+}
+
+/*
+ * bn_relu_pool's gradient, second pass: dx for images [b_begin, b_end), with coef from bn_backward_coef.
+ * bn_backward's formula, k*g - (a + (x - mean)*b), with g = dy at the winners and 0 elsewhere (the very
+ * operations bn_backward runs on the zeros it is handed), window by window: every dx element is written
+ * once, without branches. The rows and columns no window covers (odd sizes) get g = 0.
+ */
+#define BRP_TAIL(off, c, g) dx[off] = k[c] * (g) - (a[c] + (x[off] - mean[c]) * bc[c])
+
+EXPORT(bn_relu_pool_backward)
+void bn_relu_pool_backward(const float* x, const float* dy, const int* win, const float* mean, const float* coef,
+                           float* dx, int H, int W, int C, int OH, int OW, int b_begin, int b_end) {
+  const float* k = coef;
+  const float* a = coef + C;
+  const float* bc = coef + 2 * C;
+  const v128_t lane = wasm_i32x4_make(0, 1, 2, 3);
+  for (int b = b_begin; b < b_end; ++b) {
+    for (int oh = 0; oh < OH; ++oh) {
+      for (int ow = 0; ow < OW; ++ow) {
+        const long r = ((long)(b * OH + oh) * OW + ow) * C;
+        int c = 0;
+        for (; c + 4 <= C; c += 4) {
+          const v128_t g = wasm_v128_load(dy + r + c), w = wasm_v128_load(win + r + c);
+          const v128_t kc = wasm_v128_load(k + c), ac = wasm_v128_load(a + c), bcc = wasm_v128_load(bc + c);
+          const v128_t m = wasm_v128_load(mean + c);
+          for (int i = 0; i < 2; ++i) {
+            for (int j = 0; j < 2; ++j) {
+              const int off = ((b * H + 2 * oh + i) * W + 2 * ow + j) * C + c;
+              const v128_t gi = wasm_v128_and(g, wasm_i32x4_eq(w, wasm_i32x4_add(wasm_i32x4_splat(off), lane)));
+              const v128_t t = wasm_f32x4_add(ac, wasm_f32x4_mul(wasm_f32x4_sub(wasm_v128_load(x + off), m), bcc));
+              wasm_v128_store(dx + off, wasm_f32x4_sub(wasm_f32x4_mul(kc, gi), t));
+            }
+          }
+        }
+        for (; c < C; ++c) {
+          for (int i = 0; i < 2; ++i) {
+            for (int j = 0; j < 2; ++j) {
+              const int off = ((b * H + 2 * oh + i) * W + 2 * ow + j) * C + c;
+              BRP_TAIL(off, c, win[r + c] == off ? dy[r + c] : 0.0f);
+            }
+          }
+        }
+      }
+    }
+    // Not pooled: the last row and column of an odd side.
+    for (int h = 0; h < H; ++h) {
+      for (int w = h < 2 * OH ? 2 * OW : 0; w < W; ++w) {
+        for (int c = 0; c < C; ++c) BRP_TAIL(((b * H + h) * W + w) * C + c, c, 0.0f);
+      }
+    }
+  }
+}
+
 /* out[0..n) = 0 (memory.fill). */
 EXPORT(zero_fill)
 void zero_fill(float* out, int n) { __builtin_memset(out, 0, (unsigned long)n * sizeof(float)); }

@@ -18,6 +18,6 @@ export const CLOSED = 1 << 30;
 export const FN_NAMES = [
   "sum_rows", "maxpool_grad", "batchnorm", "bn_grad_sums", "broadcast_rows", "conv2d_filter_grad", "conv2d_input_grad",
   "depthwise_filter_grad", "binary_f32", "relu_f32", "sqrt_f32", "clip_f32", "conv2d_forward",
-  "bn_backward", "relu_grad_f32", "channel_sums",
+  "bn_backward", "relu_grad_f32", "channel_sums", "bn_relu_pool", "bn_relu_pool_sums", "bn_relu_pool_backward",
 ] as const;
 export type FnName = (typeof FN_NAMES)[number];
