@@ -240,10 +240,12 @@ export async function profileStep(step: () => unknown): Promise<{ wallMs: number
           return k.kernelFunc(args);
         } finally {
           depth--;
-          const e = byName.get(k.kernelName) ?? { ms: 0, calls: 0 };
+          const first = Object.values(args.inputs)[0];
+          const key = process.env.AR_BY_SHAPE ? `${k.kernelName} ${first?.shape.join("x")}` : k.kernelName;
+          const e = byName.get(key) ?? { ms: 0, calls: 0 };
           e.ms += performance.now() - t0;
           e.calls += 1;
-          byName.set(k.kernelName, e);
+          byName.set(key, e);
         }
       },
     });

@@ -762,18 +762,23 @@ function unary(name: string, fn: "relu_f32" | "sqrt_f32", args: KernelArgs): tf.
 
 // Two helper kernels of our own, called from the gradients below.
 
-/** ArBroadcastRows: x [C] -> [...shape] with out[r, c] = x[c] / rows. */
+/**
+ * ArBroadcastRows: x [G * C] -> [...shape], seen as [G, group, C] rows of C, with out[g, r, c] = x[g, c] / group:
+ * the gradient of a mean over the `group` rows of each of G groups (attrs columns = C, group).
+ */
 function broadcastRowsKernel(args: KernelArgs): tf.TensorInfo {
   const x = requireInput(args.inputs, "x");
-  const shape = args.attrs?.shape;
-  if (!isNumberArray(shape)) throw new Error("ArBroadcastRows: attr 'shape' missing");
+  const { shape, columns: c, group } = args.attrs ?? {};
+  if (!isNumberArray(shape) || typeof c !== "number" || typeof group !== "number") {
+    throw new Error("ArBroadcastRows: attrs shape, columns and group are required");
+  }
   const s = simdFor(args.backend, x);
   if (s == null) throw new Error("ArBroadcastRows: needs the wasm SIMD kernels");
-  const c = sizeOf(x.shape);
   const rows = sizeOf(shape) / c;
+  if (sizeOf(x.shape) * group !== sizeOf(shape)) throw new Error(`ArBroadcastRows: [${x.shape}] does not fit [${shape}]`);
   const out = s.b.makeOutput([...shape], "float32");
   const parts = splitRange(rows, partsFor(s, rows * c));
-  s.run("broadcast_rows", parts.map(([r0, r1]) => [at(s.b, x), at(s.b, out), r0, r1, c, rows]));
+  s.run("broadcast_rows", parts.map(([r0, r1]) => [at(s.b, x), at(s.b, out), r0, r1, c, group, group]));
   return out;
 }
 
@@ -1056,16 +1061,28 @@ function onSimdWasm(): boolean {
   return isWasmBackend(b) && simdKernels(b) != null;
 }
 
-// Mean gradient in one pass: tfjs-core's materialises ones(x.shape), then a
-// full-size multiply and divide; for a mean over leading axes (batchnorm
-// statistics) ArBroadcastRows writes (dy * 1) / n directly: same values.
+// Mean gradient in one pass: tfjs-core's materialises ones(x.shape) in JavaScript, then runs a full-size
+// multiply and divide; for a mean over a run of axes before the last (batchnorm's statistics over the
+// leading ones, global average pooling over the spatial ones) ArBroadcastRows writes (dy * 1) / n directly:
+// the same values.
 let originalMeanGrad: tf.GradConfig | undefined;
+
+/** For `axes` a run a..b of consecutive axes that ends before the last: [product before, of, after] the run. */
+function axisRun(axis: unknown, shape: number[]): [number, number, number] | null {
+  if (!(typeof axis === "number" || isNumberArray(axis))) return null;
+  const axes = [...new Set(tf.util.parseAxisParam(axis, shape))].sort((a, b) => a - b);
+  const [a, b] = [axes[0], axes[axes.length - 1]];
+  if (a == null || b == null || b >= shape.length - 1 || b - a + 1 !== axes.length) return null;
+  return [sizeOf(shape.slice(0, a)), sizeOf(shape.slice(a, b + 1)), sizeOf(shape.slice(b + 1))];
+}
 
 function meanGrad(dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradientMap {
   const [x] = saved;
-  if (!Array.isArray(dy) && x.dtype === "float32" && leadingAxes(attrs.axis, x.shape) > 0 && onSimdWasm()) {
-    const broadcast = () => tf.engine().runKernel("ArBroadcastRows", { x: tf.reshape(dy, [-1]) }, { shape: x.shape });
-    return { x: () => broadcast() as tf.Tensor };
+  const run = x?.dtype === "float32" ? axisRun(attrs.axis, x.shape) : null;
+  if (!Array.isArray(dy) && run != null && onSimdWasm()) {
+    const [, group, columns] = run;
+    const attrs = { shape: x!.shape, columns, group };
+    return { x: () => tf.engine().runKernel("ArBroadcastRows", { x: tf.reshape(dy, [-1]) }, attrs) as tf.Tensor };
   }
   if (originalMeanGrad?.gradFunc == null) throw new Error("Mean gradient: tfjs' own gradient was not captured");
   return originalMeanGrad.gradFunc(dy, saved, attrs);

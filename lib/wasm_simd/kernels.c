@@ -250,19 +250,21 @@ void bn_grad_sums(const float* x, const float* dy, const float* mean, float* out
 }
 
 /*
- * out[r,c] = v[c] / d for every row: the gradient of a mean over the leading
- * axes (d = rows) in one write pass, where tfjs-core's gradient materialises
- * ones(x.shape) and runs two full-size ops; the same (v * 1) / d per element.
+ * out[r,c] = v[r / group, c] / d for every row: the gradient of a mean over a run of axes before the last
+ * (the leading ones, batchnorm's statistics: one group of all the rows; the spatial ones, global average
+ * pooling: one group per image) in one write pass, where tfjs-core's gradient materialises ones(x.shape)
+ * in JavaScript and runs two full-size ops; the same (v * 1) / d per element.
  */
 EXPORT(broadcast_rows)
-void broadcast_rows(const float* v, float* out, int r_begin, int r_end, int C, float d) {
+void broadcast_rows(const float* v, float* out, int r_begin, int r_end, int C, float d, int group) {
   // Part: rows [r_begin, r_end).
   const v128_t dv = wasm_f32x4_splat(d);
   for (int r = r_begin; r < r_end; ++r) {
-    float* o = out + r * C;
+    float* o = out + (long)r * C;
+    const float* vg = v + (long)(r / group) * C;
     int c = 0;
-    for (; c + 4 <= C; c += 4) wasm_v128_store(o + c, wasm_f32x4_div(wasm_v128_load(v + c), dv));
-    for (; c < C; ++c) o[c] = v[c] / d;
+    for (; c + 4 <= C; c += 4) wasm_v128_store(o + c, wasm_f32x4_div(wasm_v128_load(vg + c), dv));
+    for (; c < C; ++c) o[c] = vg[c] / d;
   }
 }
 
