@@ -5,7 +5,8 @@
  * the same kernels module on the same memory. The main thread writes every part's arguments into
  * one shared control block (pool_layout.ts), wakes the helpers, and then every thread, itself
  * included, claims parts with one atomic increment until none is left; it returns when all are
- * finished. Parts are claimed, not assigned: a helper that wakes late (a busy machine, a vCPU that
+ * finished. Each thread claims its own share of the parts first (the same images on the same core,
+ * kernel after kernel), then the others': a helper that wakes late (a busy machine, a vCPU that
  * shares its core) leaves its parts to whoever is free, so a call never waits for one slow thread.
  * partsFor in lib/wasm_kernels.ts keeps small calls on one thread.
  *
@@ -13,7 +14,7 @@
  * the same result (kernels.c: any split computes every element identically), just later. A helper
  * that fails to start is never counted; a part that fails on a helper makes the call throw.
  */
-import { CLOSED, CTRL, FN_NAMES, type FnName } from "./pool_layout.ts";
+import { claimParts, CLOSED, CTRL, FN_NAMES, type FnName } from "./pool_layout.ts";
 
 const WAIT_LIMIT_MS = 60_000;
 
@@ -26,12 +27,12 @@ export class SimdPool {
     const sab = new SharedArrayBuffer(CTRL.ARGS_BYTE + 8 * CTRL.MAX_ARGS * CTRL.MAX_PARTS);
     this.ctrl = new Int32Array(sab);
     this.args = new Float64Array(sab, CTRL.ARGS_BYTE);
-    Atomics.store(this.ctrl, CTRL.NEXT, CLOSED);
-    for (let i = 0; i < helpers; i++) {
+    for (let t = 0; t < CTRL.MAX_THREADS; t++) Atomics.store(this.ctrl, CTRL.NEXT0 + t, CLOSED);
+    for (let i = 0; i < Math.min(helpers, CTRL.MAX_THREADS - 1); i++) {
       try {
         const worker = new Worker(new URL("./worker.ts", import.meta.url).href);
         (worker as Worker & { unref?: () => void }).unref?.(); // helpers never keep the process alive
-        worker.postMessage({ memory, bytes, ctrl: sab });
+        worker.postMessage({ memory, bytes, ctrl: sab, index: i + 1 });
         this.helpers++;
       } catch {
         break; // fewer helpers: more parts for the others
@@ -56,16 +57,19 @@ export class SimdPool {
     for (let i = 0; i < n; i++) this.args.set(parts[i]!, i * CTRL.MAX_ARGS);
     c[CTRL.FN] = FN_NAMES.indexOf(fn);
     c[CTRL.NARGS] = parts[0]!.length;
+    const threads = 1 + this.helpers;
     Atomics.store(c, CTRL.STATUS, 0);
     Atomics.store(c, CTRL.FINISHED, 0);
     Atomics.store(c, CTRL.COUNT, n);
-    Atomics.store(c, CTRL.NEXT, 0); // opens the call: everything above is visible to whoever claims a part
+    Atomics.store(c, CTRL.THREADS, threads);
+    // Opens the call: everything above is visible to whoever claims a part.
+    for (let t = 0; t < threads; t++) Atomics.store(c, CTRL.NEXT0 + t, 0);
     Atomics.add(c, CTRL.SEQ, 1);
     Atomics.notify(c, CTRL.SEQ);
-    for (let i = Atomics.add(c, CTRL.NEXT, 1); i < n; i = Atomics.add(c, CTRL.NEXT, 1)) {
+    claimParts(c, 0, (i) => {
       local(...parts[i]!);
       Atomics.add(c, CTRL.FINISHED, 1);
-    }
+    });
     const t0 = performance.now();
     for (let f = Atomics.load(c, CTRL.FINISHED); f < n; f = Atomics.load(c, CTRL.FINISHED)) {
       Atomics.wait(c, CTRL.FINISHED, f, 1000);
@@ -73,7 +77,7 @@ export class SimdPool {
         throw new Error(`wasm SIMD helper thread did not finish ${fn} in ${WAIT_LIMIT_MS / 1000} s`);
       }
     }
-    Atomics.store(c, CTRL.NEXT, CLOSED);
+    for (let t = 0; t < threads; t++) Atomics.store(c, CTRL.NEXT0 + t, CLOSED);
     if (Atomics.load(c, CTRL.STATUS) !== 0) throw new Error(`wasm SIMD kernel ${fn} failed on a helper thread`);
   }
 }

@@ -1,17 +1,18 @@
 /** Shared between pool.ts (main thread) and worker.ts (helpers): the pool's one control block. */
 
 /**
- * Int32 slots of the control block. SEQ: bumped once per call (helpers wait on it); NEXT: the next
- * unclaimed part (claimed with Atomics.add); COUNT: parts in this call; FINISHED: parts done; READY:
- * helpers started; STATUS: non-zero when a part failed on a helper. The parts' arguments follow from
- * ARGS_BYTE as float64, MAX_ARGS per part, MAX_PARTS parts.
+ * Int32 slots of the control block. SEQ: bumped once per call (helpers wait on it); THREADS: the threads
+ * a call's parts are dealt to; COUNT: parts in this call; FINISHED: parts done; READY: helpers started;
+ * STATUS: non-zero when a part failed on a helper; NEXT0 + t: the next unclaimed part of thread t's own
+ * share (claimed with Atomics.add), for t < MAX_THREADS. The parts' arguments follow from ARGS_BYTE as
+ * float64, MAX_ARGS per part, MAX_PARTS parts.
  */
 export const CTRL = {
-  SEQ: 0, NEXT: 1, COUNT: 2, FINISHED: 3, READY: 4, FN: 5, NARGS: 6, STATUS: 7,
+  SEQ: 0, THREADS: 1, COUNT: 2, FINISHED: 3, READY: 4, FN: 5, NARGS: 6, STATUS: 7, NEXT0: 8, MAX_THREADS: 8,
   ARGS_BYTE: 64, MAX_ARGS: 32, MAX_PARTS: 64,
 } as const;
 
-/** NEXT between calls: any claim fails until the next call resets it to 0. */
+/** A share's next-part counter between calls: any claim fails until the next call resets it to 0. */
 export const CLOSED = 1 << 30;
 
 /** Kernels a helper can run, by index. */
@@ -21,3 +22,29 @@ export const FN_NAMES = [
   "bn_backward", "relu_grad_f32", "channel_sums", "bn_relu_pool", "bn_relu_pool_sums", "bn_relu_pool_backward",
 ] as const;
 export type FnName = (typeof FN_NAMES)[number];
+
+/** Thread t's own share of a call's n parts dealt to `threads` threads: parts [begin, end). */
+function share(n: number, threads: number, t: number): [number, number] {
+  return [Math.floor((t * n) / threads), Math.floor(((t + 1) * n) / threads)];
+}
+
+/**
+ * Claims and runs parts of the open call until none is left: first thread `self`'s own share, then the
+ * others' (a helper that wakes late leaves its share to whoever is free). Every batch-split kernel deals
+ * the same images to the same thread, so what one kernel writes is still in that core's cache when the
+ * next one reads it. The call's size is read after each claim: a claim that lands in a later call (a
+ * helper woken for an earlier one) is still a part of the call it claimed from.
+ */
+export function claimParts(ctrl: Int32Array, self: number, runPart: (i: number) => void): void {
+  const threads = Math.min(CTRL.MAX_THREADS, Atomics.load(ctrl, CTRL.THREADS));
+  for (let k = 0; k < threads; k++) {
+    const t = (self + k) % threads;
+    for (;;) {
+      const j = Atomics.add(ctrl, CTRL.NEXT0 + t, 1);
+      if (j >= CLOSED) break;
+      const [begin, end] = share(Atomics.load(ctrl, CTRL.COUNT), Atomics.load(ctrl, CTRL.THREADS), t);
+      if (begin + j >= end) break;
+      runPart(begin + j);
+    }
+  }
+}

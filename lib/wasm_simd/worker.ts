@@ -4,13 +4,13 @@
  * main thread wherever two vCPUs share a core) until a call starts, and claims its parts one at a
  * time until none is left. See pool_layout.ts for the control block.
  */
-import { CLOSED, CTRL, FN_NAMES } from "./pool_layout.ts";
+import { claimParts, CTRL, FN_NAMES } from "./pool_layout.ts";
 
 declare const self: Worker;
 
 self.onmessage = (e: MessageEvent) => {
-  type Start = { memory: WebAssembly.Memory; bytes: Uint8Array<ArrayBuffer>; ctrl: SharedArrayBuffer };
-  const { memory, bytes, ctrl: sab } = e.data as Start;
+  type Start = { memory: WebAssembly.Memory; bytes: Uint8Array<ArrayBuffer>; ctrl: SharedArrayBuffer; index: number };
+  const { memory, bytes, ctrl: sab, index } = e.data as Start;
   const ctrl = new Int32Array(sab);
   const args = new Float64Array(sab, CTRL.ARGS_BYTE);
   let fns: ((...a: number[]) => void)[];
@@ -30,9 +30,7 @@ self.onmessage = (e: MessageEvent) => {
   for (;;) {
     Atomics.wait(ctrl, CTRL.SEQ, seq);
     seq = Atomics.load(ctrl, CTRL.SEQ);
-    for (;;) {
-      const i = Atomics.add(ctrl, CTRL.NEXT, 1);
-      if (i >= Atomics.load(ctrl, CTRL.COUNT) || i >= CLOSED) break;
+    claimParts(ctrl, index, (i) => {
       try {
         const n = ctrl[CTRL.NARGS]!;
         const a: number[] = [];
@@ -43,6 +41,6 @@ self.onmessage = (e: MessageEvent) => {
       }
       Atomics.add(ctrl, CTRL.FINISHED, 1);
       Atomics.notify(ctrl, CTRL.FINISHED);
-    }
+    });
   }
 };
