@@ -8,8 +8,9 @@
  * bnReluPool(): batchnorm → ReLU → 2×2 max-pool, a conv block's tail, as one layer (class ArBnReluPool,
  * registered for checkpoints). Its inference pass has the bits of the three tf.layers in a row; on wasm
  * with the SIMD kernels it is one pass over the activations (ArBnReluPool), and its training gradient two
- * (ArBnReluPoolGrad), where the three layers take about eight passes and ~20 kernel calls. Elsewhere it
- * runs the three layers' ops.
+ * (ArBnReluPoolGrad), where the three layers take about eight passes and ~20 kernel calls. Its training
+ * forward pass normalises in float32 (x * k + d), not with batchnorm's float64 division: the same values
+ * to float rounding. Elsewhere it runs the three layers' ops.
  *
  * In training a batchnorm normalises by the batch's own mean and variance, computed by tf.moments
  * (Mean, Sub, Square, Mean); tfjs' autodiff then walks back through those ops and their broadcasts:

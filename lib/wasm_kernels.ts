@@ -881,9 +881,9 @@ function epsilonOf(name: string, args: KernelArgs): number {
 
 /**
  * ArBnReluPool: x [B, H, W, C], mean, variance, scale, offset [C] -> y [B, H/2, W/2, C] (floor), batchnorm →
- * ReLU → 2×2 max-pool in one pass with the bits of the three kernels (kernels.c bn_relu_pool); with attr
- * `winners` also win (int32, y's shape), which element of each window the gradient reaches. lib/batchnorm.ts's
- * bnReluPool layer calls it.
+ * ReLU → 2×2 max-pool in one pass (kernels.c bn_relu_pool): with the bits of the three kernels (inference), or
+ * with attr `winners` (training) in float32 throughout, and also win (int32, y's shape), which element of each
+ * window the gradient reaches. lib/batchnorm.ts's bnReluPool layer calls it.
  */
 function bnReluPoolKernel(args: KernelArgs): tf.TensorInfo[] {
   const [x, mean, variance, scale, offset] = inputsOf(args, "x", "mean", "variance", "scale", "offset");
@@ -901,7 +901,8 @@ function bnReluPoolKernel(args: KernelArgs): tf.TensorInfo[] {
   const scratch = s.b.wasm._malloc(24 * c * parts.length); // 8-byte aligned; one region per part
   try {
     s.run("bn_relu_pool", parts.map(([b0, b1], p) => [
-      at(s.b, x), at(s.b, mean), at(s.b, variance), at(s.b, scale), at(s.b, offset), eps, scratch + 24 * c * p,
+      at(s.b, x), at(s.b, mean), at(s.b, variance), at(s.b, scale), at(s.b, offset), eps, win == null ? 1 : 0,
+      scratch + 24 * c * p,
       at(s.b, y), win == null ? 0 : at(s.b, win), h, w, c, oh, ow, b0, b1,
     ]));
   } finally {

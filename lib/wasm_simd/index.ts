@@ -32,8 +32,9 @@ export interface SimdKernels {
     eps: number, n: number,
   ): void;
   bn_relu_pool(
-    x: number, mean: number, variance: number, scale: number, offset: number, eps: number, scratch: number, y: number,
-    win: number, h: number, w: number, c: number, oh: number, ow: number, bBegin: number, bEnd: number,
+    x: number, mean: number, variance: number, scale: number, offset: number, eps: number, exact: number,
+    scratch: number, y: number, win: number, h: number, w: number, c: number, oh: number, ow: number, bBegin: number,
+    bEnd: number,
   ): void;
   bn_relu_pool_sums(x: number, dy: number, win: number, mean: number, out: number, c: number, rBegin: number,
     rEnd: number): void;

@@ -371,19 +371,44 @@ void bn_backward(const float* x, const float* dy, const float* mean, const float
 
 /*
  * A conv block's batchnorm, ReLU and 2x2 max-pool (stride 2, no padding) in one pass over x [B,H,W,C]:
- *   y[b,oh,ow,c] = max over the window of relu(bn(x)),
- * each bn value computed as batchnorm() computes it (mean, var, scale and offset with C entries each),
- * so y has the bits of the three kernels run one after another. Where win is not 0 (training) it
- * receives, per output element, the index into x of the window's first maximum when that maximum is
- * > 0, else -1: the one element of the window that the gradient reaches (max-pool gives it to the first
- * maximum, ReLU passes it only above 0). Rows and columns beyond 2*OH, 2*OW (odd sizes) are not pooled,
- * as a valid pool drops them. scratch: 24*C bytes of this part's own, as batchnorm's. Part: images
- * [b_begin, b_end).
+ *   y[b,oh,ow,c] = max over the window of relu(bn(x))   (mean, var, scale and offset: C entries each).
+ * exact != 0 (inference): each bn value computed as batchnorm() computes it, so y has the bits of the
+ * three kernels run one after another. exact == 0 (training): bn(x) = x * k + (offset - mean * k) with
+ * k = scale / sqrt(var + eps) in float32, the same values to float rounding without batchnorm()'s two
+ * float64 divisions per element, which made this pass several times slower than the memory it reads.
+ * Where win is not 0 (training) it receives, per output element, the index into x of the window's first
+ * maximum when that maximum is > 0, else -1: the one element of the window that the gradient reaches
+ * (max-pool gives it to the first maximum, ReLU passes it only above 0). Rows and columns beyond 2*OH,
+ * 2*OW (odd sizes) are not pooled, as a valid pool drops them. scratch: 24*C bytes of this part's own,
+ * as batchnorm's. Part: images [b_begin, b_end).
  */
+#define BRP_WINDOW(ZVEC)                                                         \
+  for (int i = 0; i < 2; ++i) {                                                  \
+    for (int j = 0; j < 2; ++j) {                                                \
+      const int off = ((b * H + 2 * oh + i) * W + 2 * ow + j) * C + c;           \
+      const v128_t xv = wasm_v128_load(x + off);                                 \
+      const v128_t z = ZVEC;                                                     \
+      const v128_t gt = wasm_f32x4_gt(z, best);                                  \
+      best = wasm_v128_bitselect(z, best, gt);                                   \
+      at = wasm_v128_bitselect(wasm_i32x4_add(wasm_i32x4_splat(off), lane), at, gt); \
+    }                                                                            \
+  }
+
+/* batchnorm()'s lanes: (x - m) * s in float32, / nf and + o in float64. */
+static inline v128_t bn_exact4(v128_t xv, const float* m, const float* s, const double* o, const double* nf) {
+  const v128_t t = wasm_f32x4_mul(wasm_f32x4_sub(xv, wasm_v128_load(m)), wasm_v128_load(s));
+  const v128_t t_lo = wasm_f64x2_promote_low_f32x4(t);
+  const v128_t t_hi = wasm_f64x2_promote_low_f32x4(wasm_i32x4_shuffle(t, t, 2, 3, 0, 1));
+  const v128_t r_lo = wasm_f64x2_add(wasm_v128_load(o), wasm_f64x2_div(t_lo, wasm_v128_load(nf)));
+  const v128_t r_hi = wasm_f64x2_add(wasm_v128_load(o + 2), wasm_f64x2_div(t_hi, wasm_v128_load(nf + 2)));
+  const v128_t lo = wasm_f32x4_demote_f64x2_zero(r_lo), hi = wasm_f32x4_demote_f64x2_zero(r_hi);
+  return wasm_i32x4_shuffle(lo, hi, 0, 1, 4, 5);
+}
+
 EXPORT(bn_relu_pool)
 void bn_relu_pool(const float* x, const float* mean, const float* var, const float* scale, const float* offset,
-                  float eps, void* scratch, float* y, int* win, int H, int W, int C, int OH, int OW, int b_begin,
-                  int b_end) {
+                  float eps, int exact, void* scratch, float* y, int* win, int H, int W, int C, int OH, int OW,
+                  int b_begin, int b_end) {
   double* nf = (double*)scratch;
   double* o = nf + C;
   float* m = (float*)(o + C);
@@ -394,6 +419,14 @@ void bn_relu_pool(const float* x, const float* mean, const float* var, const flo
     s[c] = scale[c];
     o[c] = (double)offset[c];
   }
+  // training: m holds k and s holds offset - mean * k
+  if (!exact) {
+    for (int c = 0; c < C; ++c) {
+      const float k = scale[c] / __builtin_sqrtf(var[c] + eps);
+      m[c] = k;
+      s[c] = offset[c] - mean[c] * k;
+    }
+  }
   const v128_t zero = wasm_f32x4_splat(0.0f), none = wasm_i32x4_splat(-1);
   const v128_t lane = wasm_i32x4_make(0, 1, 2, 3);
   for (int b = b_begin; b < b_end; ++b) {
@@ -403,23 +436,11 @@ void bn_relu_pool(const float* x, const float* mean, const float* var, const flo
         int c = 0;
         for (; c + 4 <= C; c += 4) {
           v128_t best = wasm_f32x4_splat(-__builtin_inff()), at = none;
-          for (int i = 0; i < 2; ++i) {
-            for (int j = 0; j < 2; ++j) {
-              const int off = ((b * H + 2 * oh + i) * W + 2 * ow + j) * C + c;
-              // batchnorm()'s lanes: (x - m) * s in float32, / nf and + o in float64
-              const v128_t t = wasm_f32x4_mul(wasm_f32x4_sub(wasm_v128_load(x + off), wasm_v128_load(m + c)),
-                                              wasm_v128_load(s + c));
-              const v128_t t_lo = wasm_f64x2_promote_low_f32x4(t);
-              const v128_t t_hi = wasm_f64x2_promote_low_f32x4(wasm_i32x4_shuffle(t, t, 2, 3, 0, 1));
-              const v128_t r_lo = wasm_f64x2_add(wasm_v128_load(o + c), wasm_f64x2_div(t_lo, wasm_v128_load(nf + c)));
-              const v128_t r_hi =
-                  wasm_f64x2_add(wasm_v128_load(o + c + 2), wasm_f64x2_div(t_hi, wasm_v128_load(nf + c + 2)));
-              const v128_t lo = wasm_f32x4_demote_f64x2_zero(r_lo), hi = wasm_f32x4_demote_f64x2_zero(r_hi);
-              const v128_t z = wasm_i32x4_shuffle(lo, hi, 0, 1, 4, 5);
-              const v128_t gt = wasm_f32x4_gt(z, best);
-              best = wasm_v128_bitselect(z, best, gt);
-              at = wasm_v128_bitselect(wasm_i32x4_add(wasm_i32x4_splat(off), lane), at, gt);
-            }
+          if (exact) {
+            BRP_WINDOW(bn_exact4(xv, m + c, s + c, o + c, nf + c))
+          } else {
+            const v128_t k = wasm_v128_load(m + c), d = wasm_v128_load(s + c);
+            BRP_WINDOW(wasm_f32x4_add(wasm_f32x4_mul(xv, k), d))
           }
           // relu_f32's rule: keep where > 0 or NaN
           const v128_t pos = wasm_f32x4_gt(best, zero);
@@ -432,7 +453,7 @@ void bn_relu_pool(const float* x, const float* mean, const float* var, const flo
           for (int i = 0; i < 2; ++i) {
             for (int j = 0; j < 2; ++j) {
               const int off = ((b * H + 2 * oh + i) * W + 2 * ow + j) * C + c;
-              const float z = (float)(o[c] + (double)((x[off] - m[c]) * s[c]) / nf[c]);
+              const float z = exact ? (float)(o[c] + (double)((x[off] - m[c]) * s[c]) / nf[c]) : x[off] * m[c] + s[c];
               if (z > best) {
                 best = z;
                 at = off;
