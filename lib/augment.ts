@@ -4,6 +4,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { imageBatch, type Dataset } from "./dataset.ts";
+import { filledTensor } from "./wasm_kernels.ts";
 
 /**
  * A random horizontal flip per image (when `flip`), then one random translation per batch of up to
@@ -16,7 +17,8 @@ export function flipAndShift(x: tf.Tensor4D, o: { flip: boolean; shift: number }
   if (!o.flip && o.shift === 0) return x;
   const [n, h, w, c] = x.shape;
   const bases = Int32Array.from({ length: n }, (_, b) => b * h * w * c);
-  return tf.tensor4d(remap(x.dataSync() as Float32Array, bases, [h, w, c], 1, o, rand), [n, h, w, c]);
+  const src = x.dataSync() as Float32Array;
+  return filledTensor<tf.Rank.R4>([n, h, w, c], (out) => remap(src, bases, [h, w, c], 1, o, rand, out));
 }
 
 /**
@@ -32,14 +34,17 @@ export function augmentedBatch(
   const s = ds.imageSize, n = indices.length;
   const bases = Int32Array.from({ length: n }, (_, b) => indices[b]! * s * s * 3);
   // × (1/255): the very expression pixelsToFloat32 (lib/images.ts) applies, so the same float32 values.
-  return tf.tensor4d(remap(ds.images, bases, [s, s, 3], 1 / 255, o, rand), [n, s, s, 3]);
+  return filledTensor<tf.Rank.R4>([n, s, s, 3], (out) => remap(ds.images, bases, [s, s, 3], 1 / 255, o, rand, out));
 }
 
-/** The index map of both: image b starts at src[bases[b]]; every value is multiplied by `scale` (exact for 1). */
+/**
+ * The index map of both, into `out`: image b starts at src[bases[b]]; every value is multiplied by `scale`
+ * (exact for 1).
+ */
 function remap(
   src: ArrayLike<number>, bases: Int32Array, [h, w, c]: [number, number, number], scale: number,
-  o: { flip: boolean; shift: number }, rand: () => number,
-): Float32Array {
+  o: { flip: boolean; shift: number }, rand: () => number, out: Float32Array,
+): void {
   const n = bases.length;
   const flips = o.flip ? Array.from({ length: n }, () => rand() < 0.5) : null;
   let dy = o.shift, dx = o.shift; // offsets into the padded image: `shift` means no translation
@@ -48,7 +53,6 @@ function remap(
     dx = Math.floor(rand() * (2 * o.shift + 1));
   }
   const mirror = (k: number, size: number) => (k < 0 ? -k - 1 : k >= size ? 2 * size - k - 1 : k);
-  const out = new Float32Array(n * h * w * c);
   const cols = new Int32Array(w);
   for (let b = 0, at = 0; b < n; b++) {
     for (let j = 0; j < w; j++) {
@@ -62,5 +66,4 @@ function remap(
       }
     }
   }
-  return out;
 }

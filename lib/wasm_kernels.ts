@@ -1054,6 +1054,36 @@ export function inputConvFilters(model: tf.LayersModel): tf.Variable[] {
 }
 
 // ---------------------------------------------------------------------------
+// Tensors filled in place
+
+/**
+ * A float32 tensor of `shape` whose values `fill` writes (every one of them). On wasm `fill` writes
+ * straight into the tensor's memory in tfjs' heap; elsewhere into a new array that becomes the tensor.
+ * A training step's image batch was a fresh 1.5 MB array per step, copied into the heap: the copy was
+ * cheap, but the allocation made Bun's garbage collector run about once a step (a batch took ~1 ms or
+ * ~5 ms depending on it, bench/README.md).
+ */
+export function filledTensor<R extends tf.Rank>(shape: tf.ShapeMap[R], fill: (out: Float32Array) => void): tf.Tensor<R> {
+  const backend = tf.engine().backend;
+  const n = sizeOf(shape);
+  if (!isWasmBackend(backend) || n === 0) {
+    const out = new Float32Array(n);
+    fill(out);
+    return tf.tensor(out, shape, "float32") as tf.Tensor<R>;
+  }
+  const info = backend.makeOutput([...shape], "float32");
+  try {
+    // A view of the heap as it is now: `fill` runs no wasm code, so the heap cannot grow under it.
+    const memory = backend.wasm.HEAPU8.buffer;
+    fill(new Float32Array(memory, at(backend, info), n));
+  } catch (e) {
+    backend.disposeData(info.dataId);
+    throw e;
+  }
+  return tf.engine().makeTensorFromTensorInfo(info, backend) as tf.Tensor<R>;
+}
+
+// ---------------------------------------------------------------------------
 // Gradients (global, not per backend): the wasm fast path when the SIMD
 // kernels can run, tfjs' own formulation otherwise.
 

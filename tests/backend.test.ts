@@ -13,7 +13,8 @@ import { adam } from "../lib/adam.ts";
 import { batchNorm, bnReluPool } from "../lib/batchnorm.ts";
 import { BUN } from "./helpers.ts";
 import {
-  WASM_GRAD_KERNEL_NAMES, inputConvFilters, setSimdKernelsEnabled, setSimdSplit, withoutInputGradients,
+  WASM_GRAD_KERNEL_NAMES, filledTensor, inputConvFilters, setSimdKernelsEnabled, setSimdSplit,
+  withoutInputGradients,
 } from "../lib/wasm_kernels.ts";
 
 const savedEnv = process.env.AR_BACKEND;
@@ -964,6 +965,23 @@ function baselineShaped(ds: Dataset): { train: tf.LayersModel; infer: tf.LayersM
 }
 
 describe("training-step pieces", () => {
+  test("filledTensor(): the values `fill` writes, freed on dispose and when `fill` throws (wasm in place, cpu)", async () => {
+    for (const backend of ["wasm", "cpu"] as const) {
+      await initBackend({ prefer: backend });
+      const ids = () => tf.engine().backend.numDataIds();
+      const before = ids();
+      const t = filledTensor<tf.Rank.R2>([2, 3], (out) => out.set([1, 2, 3, 4, 5, 6.5]));
+      expect([t.shape, t.dtype]).toEqual([[2, 3], "float32"]);
+      expect(Array.from(t.dataSync())).toEqual([1, 2, 3, 4, 5, 6.5]);
+      expect(tf.tidy(() => tf.add(t, 1).dataSync()[5])).toBe(7.5); // a kernel reads what fill wrote
+      t.dispose();
+      expect(() => filledTensor([4], () => { throw new Error("bad row"); })).toThrow("bad row");
+      expect(ids()).toBe(before);
+    }
+    await initBackend({ prefer: "wasm" });
+  }, SLOW);
+
+
   /** The flip-and-shift augmentation written with tensor ops: the reference for the index-map version. */
   function augmentReference(x: tf.Tensor4D, hp: { flip: boolean; shift: number }, rand: () => number): tf.Tensor4D {
     return tf.tidy(() => {

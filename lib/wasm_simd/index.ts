@@ -96,7 +96,9 @@ export interface WasmBackendLike extends tf.KernelBackend {
   makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo;
   incRef(dataId: object): void;
   disposeData(dataId: object, force?: boolean): boolean;
-  wasm: { _malloc(n: number): number; _free(p: number): void; tfjs?: { getThreadsCount?: () => number } };
+  wasm: {
+    _malloc(n: number): number; _free(p: number): void; HEAPU8: Uint8Array; tfjs?: { getThreadsCount?: () => number };
+  };
 }
 
 export function isWasmBackend(b: unknown): b is WasmBackendLike {
