@@ -775,7 +775,9 @@ function broadcastRowsKernel(args: KernelArgs): tf.TensorInfo {
   const s = simdFor(args.backend, x);
   if (s == null) throw new Error("ArBroadcastRows: needs the wasm SIMD kernels");
   const rows = sizeOf(shape) / c;
-  if (sizeOf(x.shape) * group !== sizeOf(shape)) throw new Error(`ArBroadcastRows: [${x.shape}] does not fit [${shape}]`);
+  if (sizeOf(x.shape) * group !== sizeOf(shape)) {
+    throw new Error(`ArBroadcastRows: [${x.shape}] does not fit [${shape}]`);
+  }
   const out = s.b.makeOutput([...shape], "float32");
   const parts = splitRange(rows, partsFor(s, rows * c));
   s.run("broadcast_rows", parts.map(([r0, r1]) => [at(s.b, x), at(s.b, out), r0, r1, c, group, group]));
@@ -1063,7 +1065,9 @@ export function inputConvFilters(model: tf.LayersModel): tf.Variable[] {
  * cheap, but the allocation made Bun's garbage collector run about once a step (a batch took ~1 ms or
  * ~5 ms depending on it, bench/README.md).
  */
-export function filledTensor<R extends tf.Rank>(shape: tf.ShapeMap[R], fill: (out: Float32Array) => void): tf.Tensor<R> {
+export function filledTensor<R extends tf.Rank>(
+  shape: tf.ShapeMap[R], fill: (out: Float32Array) => void,
+): tf.Tensor<R> {
   const backend = tf.engine().backend;
   const n = sizeOf(shape);
   if (!isWasmBackend(backend) || n === 0) {
