@@ -474,6 +474,28 @@ describe("SIMD kernels split across threads", () => {
   }, SLOW);
 });
 
+/**
+ * One training-mode pass of a model on 5 seeded [side, side, 3] images: its output, the gradients of a loss on
+ * it, and every weight after (the moving statistics).
+ */
+function trainingPass(m: tf.LayersModel, side: number, seed: number) {
+  return tf.tidy(() => {
+    const x = tf.tensor4d(seeded(5 * side * side * 3, seed), [5, side, side, 3]).mul(3);
+    const y = tf.oneHot(tf.tensor1d([0, 2, 1, 1, 0], "int32"), 3);
+    const vs = m.trainableWeights.map((w) => w.read() as tf.Variable);
+    let out: Float32Array = new Float32Array(0);
+    const { grads } = tf.variableGrads(() => {
+      const logits = m.apply(x, { training: true }) as tf.Tensor;
+      out = logits.dataSync() as Float32Array;
+      return tf.losses.softmaxCrossEntropy(y, logits) as tf.Scalar;
+    }, vs);
+    return {
+      out, grads: vs.map((v) => grads[v.name]!.dataSync() as Float32Array),
+      weights: m.getWeights().map((w) => w.dataSync() as Float32Array),
+    };
+  });
+}
+
 describe("batchNorm(): tf.layers' batchnorm with a closed-form training gradient", () => {
   /** conv -> batchnorm (ours or tf.layers') -> relu -> average pool -> dense, from fixed weights. */
   function net(ours: boolean): tf.LayersModel {
@@ -488,24 +510,6 @@ describe("batchNorm(): tf.layers' batchnorm with a closed-form training gradient
     return m;
   }
 
-  /** Training-mode output, the gradients of a loss on it, and every weight after (moving statistics). */
-  function stepOn(m: tf.LayersModel) {
-    return tf.tidy(() => {
-      const x = tf.tensor4d(seeded(5 * 6 * 6 * 3, 50), [5, 6, 6, 3]).mul(3);
-      const y = tf.oneHot(tf.tensor1d([0, 2, 1, 1, 0], "int32"), 3);
-      const vs = m.trainableWeights.map((w) => w.read() as tf.Variable);
-      let out: Float32Array = new Float32Array(0);
-      const { grads } = tf.variableGrads(() => {
-        const logits = m.apply(x, { training: true }) as tf.Tensor;
-        out = logits.dataSync() as Float32Array;
-        return tf.losses.softmaxCrossEntropy(y, logits) as tf.Scalar;
-      }, vs);
-      return {
-        out, grads: vs.map((v) => grads[v.name]!.dataSync() as Float32Array),
-        weights: m.getWeights().map((w) => w.dataSync() as Float32Array),
-      };
-    });
-  }
 
   for (const backend of ["wasm", "cpu"] as const) {
     // cpu: tf.moments' statistics, so forward and moving averages keep their bits; wasm sums them in parts
@@ -514,7 +518,7 @@ describe("batchNorm(): tf.layers' batchnorm with a closed-form training gradient
       + "to float rounding", async () => {
       await initBackend({ prefer: backend });
       try {
-        const [theirs, ours] = [stepOn(net(false)), stepOn(net(true))];
+        const [theirs, ours] = [trainingPass(net(false), 6, 50), trainingPass(net(true), 6, 50)];
         const same = (a: Float32Array, b: Float32Array) => {
           if (sameBits) expect(bits(a)).toEqual(bits(b));
           else expect(relErr(b, a)).toBeLessThan(1e-5);
@@ -525,7 +529,7 @@ describe("batchNorm(): tf.layers' batchnorm with a closed-form training gradient
         expect(ours.grads.length).toBe(5); // conv, gamma, beta, dense kernel and bias
         ours.grads.forEach((g, i) => expect(relErr(theirs.grads[i]!, g)).toBeLessThan(1e-5));
         // ... and the closed form really ran: on wasm one ArBnBackward call, no broadcast of the mean's gradient
-        const info = await tf.profile(() => { stepOn(net(true)); });
+        const info = await tf.profile(() => { trainingPass(net(true), 6, 50); });
         const calls = (name: string) => info.kernels.filter((k) => k.name === name).length;
         expect(calls("ArBnBackward")).toBe(backend === "wasm" ? 1 : 0);
         expect(calls("ArBnMoments")).toBe(backend === "wasm" ? 1 : 0);
@@ -557,7 +561,7 @@ describe("batchNorm(): tf.layers' batchnorm with a closed-form training gradient
     const m = net(true);
     const run = (parts: number) => {
       setSimdSplit(parts);
-      try { return stepOn(m).grads; } finally { setSimdSplit(undefined); }
+      try { return trainingPass(m, 6, 50).grads; } finally { setSimdSplit(undefined); }
     };
     const one = run(1);
     for (const parts of [2, 3]) run(parts).forEach((g, i) => expect(bits(g)).toEqual(bits(one[i]!)));
@@ -595,24 +599,6 @@ describe("bnReluPool(): batchnorm → ReLU → 2×2 max-pool as one layer", () =
     return m;
   }
 
-  /** Training-mode output, the gradients of a loss on it, and every weight after (moving statistics). */
-  function stepOn(m: tf.LayersModel, side: number) {
-    return tf.tidy(() => {
-      const x = tf.tensor4d(seeded(5 * side * side * 3, 70), [5, side, side, 3]).mul(3);
-      const y = tf.oneHot(tf.tensor1d([0, 2, 1, 1, 0], "int32"), 3);
-      const vs = m.trainableWeights.map((w) => w.read() as tf.Variable);
-      let out: Float32Array = new Float32Array(0);
-      const { grads } = tf.variableGrads(() => {
-        const logits = m.apply(x, { training: true }) as tf.Tensor;
-        out = logits.dataSync() as Float32Array;
-        return tf.losses.softmaxCrossEntropy(y, logits) as tf.Scalar;
-      }, vs);
-      return {
-        out, grads: vs.map((v) => grads[v.name]!.dataSync() as Float32Array),
-        weights: m.getWeights().map((w) => w.dataSync() as Float32Array),
-      };
-    });
-  }
 
   // 6x6 with 12 channels: three SIMD groups; 7x7 with 6: an odd side (the last row and column are not pooled
   // but still normalised) and a scalar channel tail.
@@ -627,7 +613,7 @@ describe("bnReluPool(): batchnorm → ReLU → 2×2 max-pool as one layer", () =
       await initBackend({ prefer: backend });
       try {
         for (const [side, channels] of shapes) {
-          const [theirs, ours] = [stepOn(net(false, side, channels), side), stepOn(net(true, side, channels), side)];
+          const [theirs, ours] = [false, true].map((fused) => trainingPass(net(fused, side, channels), side, 70));
           const same = (a: Float32Array, b: Float32Array) => {
             if (cpu) expect(bits(b)).toEqual(bits(a));
             else expect(relErr(a, b)).toBeLessThan(1e-5);
@@ -639,7 +625,7 @@ describe("bnReluPool(): batchnorm → ReLU → 2×2 max-pool as one layer", () =
           ours.grads.forEach((g, i) => same(theirs.grads[i]!, g));
         }
         // ... and on wasm the fused kernels really ran: one call each, no max-pool or ReLU kernels left
-        const info = await tf.profile(() => { stepOn(net(true, 6, 12), 6); });
+        const info = await tf.profile(() => { trainingPass(net(true, 6, 12), 6, 70); });
         const calls = (name: string) => info.kernels.filter((k) => k.name === name).length;
         const wasm = backend === "wasm";
         expect([calls("ArBnReluPool"), calls("ArBnReluPoolGrad")]).toEqual(wasm ? [1, 1] : [0, 0]);
@@ -655,7 +641,7 @@ describe("bnReluPool(): batchnorm → ReLU → 2×2 max-pool as one layer", () =
     const m = net(true, 7, 6);
     const run = (parts: number) => {
       setSimdSplit(parts);
-      try { return stepOn(m, 7); } finally { setSimdSplit(undefined); }
+      try { return trainingPass(m, 7, 70); } finally { setSimdSplit(undefined); }
     };
     const one = run(1);
     for (const parts of [2, 3]) {
