@@ -12,6 +12,7 @@ import { augmentedBatch, flipAndShift } from "../lib/augment.ts";
 import { adam } from "../lib/adam.ts";
 import { batchNorm, bnReluPool } from "../lib/batchnorm.ts";
 import { BUN } from "./helpers.ts";
+import { claimParts, CLOSED, CTRL } from "../lib/wasm_simd/pool_layout.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, filledTensor, inputConvFilters, setSimdKernelsEnabled, setSimdSplit,
   withoutInputGradients,
@@ -433,6 +434,38 @@ describe("the wasm thread pool (wasmPool)", () => {
     expect(ours.bits.length).toBe(3 * 3 * 8 * 16);
     expect(ours.bits).toEqual(theirs.bits);
   }, 60_000);
+
+  test("claimParts: a thread runs its own share first, then takes what is left; every part runs once", () => {
+    const ctrl = new Int32Array(CTRL.ARGS_BYTE / 4);
+    const open = (n: number, threads: number) => {
+      ctrl[CTRL.COUNT] = n;
+      ctrl[CTRL.THREADS] = threads;
+      for (let t = 0; t < CTRL.MAX_THREADS; t++) ctrl[CTRL.NEXT0 + t] = t < threads ? 0 : CLOSED;
+    };
+    // Alone: its own share [0, 4), then the late helper's [4, 8).
+    open(8, 2);
+    const alone: number[] = [];
+    claimParts(ctrl, 0, (i) => alone.push(i));
+    expect(alone).toEqual([0, 1, 2, 3, 4, 5, 6, 7]);
+    // The helper starts on its share; the main thread comes in during the helper's first part (as if at the same
+    // time) and takes its own share, then what the helper has not claimed yet.
+    open(8, 2);
+    const ran: [string, number][] = [];
+    let mainIn = false;
+    claimParts(ctrl, 1, (i) => {
+      ran.push(["helper", i]);
+      if (!mainIn) {
+        mainIn = true;
+        claimParts(ctrl, 0, (j) => ran.push(["main", j]));
+      }
+    });
+    expect(ran.map(([, i]) => i).sort((a, b) => a - b)).toEqual([0, 1, 2, 3, 4, 5, 6, 7]);
+    expect(ran.filter(([who]) => who === "main").map(([, i]) => i)).toEqual([0, 1, 2, 3, 5, 6, 7]);
+    // A closed call gives nothing to claim, however late the claim.
+    for (let t = 0; t < CTRL.MAX_THREADS; t++) ctrl[CTRL.NEXT0 + t] = CLOSED;
+    claimParts(ctrl, 1, (i) => ran.push(["late", i]));
+    expect(ran.length).toBe(8);
+  });
 
   test("AR_WASM_POOL names a pool or is refused in one line", async () => {
     const r = Bun.spawnSync([BUN, "-e", script("xnnpack")], {
