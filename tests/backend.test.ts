@@ -12,7 +12,7 @@ import { augmentedBatch, flipAndShift } from "../lib/augment.ts";
 import { adam } from "../lib/adam.ts";
 import { batchNorm, bnReluPool } from "../lib/batchnorm.ts";
 import { BUN } from "./helpers.ts";
-import { claimParts, CLOSED, CTRL } from "../lib/wasm_simd/pool_layout.ts";
+import { claimParts, CTRL } from "../lib/wasm_simd/pool_layout.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, filledTensor, inputConvFilters, setSimdKernelsEnabled, setSimdSplit,
   withoutInputGradients,
@@ -435,12 +435,12 @@ describe("the wasm thread pool (wasmPool)", () => {
     expect(ours.bits).toEqual(theirs.bits);
   }, 60_000);
 
-  test("claimParts: a thread runs its own share first, then takes what is left; every part runs once", () => {
+  test("claimParts: own share first, then what is left; every part once; nothing from a call that moved on", () => {
     const ctrl = new Int32Array(CTRL.ARGS_BYTE / 4);
     const open = (n: number, threads: number) => {
-      ctrl[CTRL.COUNT] = n;
-      ctrl[CTRL.THREADS] = threads;
-      for (let t = 0; t < CTRL.MAX_THREADS; t++) ctrl[CTRL.NEXT0 + t] = t < threads ? 0 : CLOSED;
+      const gen = ctrl[CTRL.GEN]! + 1;
+      [ctrl[CTRL.GEN], ctrl[CTRL.COUNT], ctrl[CTRL.THREADS]] = [gen, n, threads];
+      for (let t = 0; t < threads; t++) ctrl[CTRL.NEXT0 + t] = gen << 16;
     };
     // Alone: its own share [0, 4), then the late helper's [4, 8).
     open(8, 2);
@@ -461,10 +461,20 @@ describe("the wasm thread pool (wasmPool)", () => {
     });
     expect(ran.map(([, i]) => i).sort((a, b) => a - b)).toEqual([0, 1, 2, 3, 4, 5, 6, 7]);
     expect(ran.filter(([who]) => who === "main").map(([, i]) => i)).toEqual([0, 1, 2, 3, 5, 6, 7]);
-    // A closed call gives nothing to claim, however late the claim.
-    for (let t = 0; t < CTRL.MAX_THREADS; t++) ctrl[CTRL.NEXT0 + t] = CLOSED;
-    claimParts(ctrl, 1, (i) => ran.push(["late", i]));
-    expect(ran.length).toBe(8);
+    // A claim that lands on a call after the next one has begun (a preempted helper) takes nothing of either.
+    open(8, 2);
+    const late: number[] = [];
+    claimParts(ctrl, 1, (i) => {
+      late.push(i);
+      if (late.length === 1) ctrl[CTRL.GEN]! += 1; // the next call's number, before its counters reopen
+    });
+    expect(late).toEqual([4]);
+    // A call whose parts have all run gives nothing more.
+    open(4, 2);
+    claimParts(ctrl, 0, () => {});
+    const more: number[] = [];
+    claimParts(ctrl, 1, (i) => more.push(i));
+    expect(more).toEqual([]);
   });
 
   test("AR_WASM_POOL names a pool or is refused in one line", async () => {

@@ -14,7 +14,7 @@
  * the same result (kernels.c: any split computes every element identically), just later. A helper
  * that fails to start is never counted; a part that fails on a helper makes the call throw.
  */
-import { claimParts, CLOSED, CTRL, FN_NAMES, type FnName } from "./pool_layout.ts";
+import { claimParts, CTRL, FN_NAMES, GEN_MASK, type FnName } from "./pool_layout.ts";
 
 const WAIT_LIMIT_MS = 60_000;
 
@@ -27,7 +27,6 @@ export class SimdPool {
     const sab = new SharedArrayBuffer(CTRL.ARGS_BYTE + 8 * CTRL.MAX_ARGS * CTRL.MAX_PARTS);
     this.ctrl = new Int32Array(sab);
     this.args = new Float64Array(sab, CTRL.ARGS_BYTE);
-    for (let t = 0; t < CTRL.MAX_THREADS; t++) Atomics.store(this.ctrl, CTRL.NEXT0 + t, CLOSED);
     for (let i = 0; i < Math.min(helpers, CTRL.MAX_THREADS - 1); i++) {
       try {
         const worker = new Worker(new URL("./worker.ts", import.meta.url).href);
@@ -58,12 +57,15 @@ export class SimdPool {
     c[CTRL.FN] = FN_NAMES.indexOf(fn);
     c[CTRL.NARGS] = parts[0]!.length;
     const threads = 1 + this.helpers;
+    const gen = (Atomics.load(c, CTRL.GEN) + 1) & GEN_MASK;
     Atomics.store(c, CTRL.STATUS, 0);
     Atomics.store(c, CTRL.FINISHED, 0);
+    // The number first: a late claim on the last call that reads the new size also reads the new number.
+    Atomics.store(c, CTRL.GEN, gen);
     Atomics.store(c, CTRL.COUNT, n);
     Atomics.store(c, CTRL.THREADS, threads);
     // Opens the call: everything above is visible to whoever claims a part.
-    for (let t = 0; t < threads; t++) Atomics.store(c, CTRL.NEXT0 + t, 0);
+    for (let t = 0; t < threads; t++) Atomics.store(c, CTRL.NEXT0 + t, gen << 16);
     Atomics.add(c, CTRL.SEQ, 1);
     Atomics.notify(c, CTRL.SEQ);
     claimParts(c, 0, (i) => {
@@ -77,7 +79,6 @@ export class SimdPool {
         throw new Error(`wasm SIMD helper thread did not finish ${fn} in ${WAIT_LIMIT_MS / 1000} s`);
       }
     }
-    for (let t = 0; t < threads; t++) Atomics.store(c, CTRL.NEXT0 + t, CLOSED);
     if (Atomics.load(c, CTRL.STATUS) !== 0) throw new Error(`wasm SIMD kernel ${fn} failed on a helper thread`);
   }
 }

@@ -1,19 +1,20 @@
 /** Shared between pool.ts (main thread) and worker.ts (helpers): the pool's one control block. */
 
 /**
- * Int32 slots of the control block. SEQ: bumped once per call (helpers wait on it); THREADS: the threads
- * a call's parts are dealt to; COUNT: parts in this call; FINISHED: parts done; READY: helpers started;
- * STATUS: non-zero when a part failed on a helper; NEXT0 + t: the next unclaimed part of thread t's own
- * share (claimed with Atomics.add), for t < MAX_THREADS. The parts' arguments follow from ARGS_BYTE as
- * float64, MAX_ARGS per part, MAX_PARTS parts.
+ * Int32 slots of the control block. SEQ: bumped once per call (helpers wait on it); GEN: the current
+ * call's number (15 bits); THREADS: the threads a call's parts are dealt to; COUNT: parts in this call;
+ * FINISHED: parts done; READY: helpers started; STATUS: non-zero when a part failed on a helper;
+ * NEXT0 + t: thread t's share counter, GEN << 16 plus the next unclaimed part of its share (claimed with
+ * Atomics.add), for t < MAX_THREADS. The parts' arguments follow from ARGS_BYTE as float64, MAX_ARGS per
+ * part, MAX_PARTS parts.
  */
 export const CTRL = {
   SEQ: 0, THREADS: 1, COUNT: 2, FINISHED: 3, READY: 4, FN: 5, NARGS: 6, STATUS: 7, NEXT0: 8, MAX_THREADS: 8,
-  ARGS_BYTE: 64, MAX_ARGS: 32, MAX_PARTS: 64,
+  GEN: 16, ARGS_BYTE: 128, MAX_ARGS: 32, MAX_PARTS: 64,
 } as const;
 
-/** A share's next-part counter between calls: any claim fails until the next call resets it to 0. */
-export const CLOSED = 1 << 30;
+/** A call's number as its share counters carry it: 15 bits, so that GEN << 16 stays a positive int32. */
+export const GEN_MASK = 0x7fff;
 
 /** Kernels a helper can run, by index. */
 export const FN_NAMES = [
@@ -29,22 +30,26 @@ function share(n: number, threads: number, t: number): [number, number] {
 }
 
 /**
- * Claims and runs parts of the open call until none is left: first thread `self`'s own share, then the
+ * Claims and runs parts of the current call until none is left: first thread `self`'s own share, then the
  * others' (a helper that wakes late leaves its share to whoever is free). Every batch-split kernel deals
  * the same images to the same thread, so what one kernel writes is still in that core's cache when the
- * next one reads it. The call's size is read after each claim: a claim that lands in a later call (a
- * helper woken for an earlier one) is still a part of the call it claimed from.
+ * next one reads it. A claim counts only if it carries the current call's number and that number did not
+ * change while the call's size was read: a helper held up between its claim and its check (a preempted
+ * thread) cannot take a part of the next call that another thread will also be handed.
  */
 export function claimParts(ctrl: Int32Array, self: number, runPart: (i: number) => void): void {
   const threads = Math.min(CTRL.MAX_THREADS, Atomics.load(ctrl, CTRL.THREADS));
   for (let k = 0; k < threads; k++) {
     const t = (self + k) % threads;
     for (;;) {
-      const j = Atomics.add(ctrl, CTRL.NEXT0 + t, 1);
-      if (j >= CLOSED) break;
-      const [begin, end] = share(Atomics.load(ctrl, CTRL.COUNT), Atomics.load(ctrl, CTRL.THREADS), t);
-      if (begin + j >= end) break;
-      runPart(begin + j);
+      const claim = Atomics.add(ctrl, CTRL.NEXT0 + t, 1);
+      const gen = claim >>> 16;
+      if (gen !== Atomics.load(ctrl, CTRL.GEN)) break; // a call that has ended
+      const [n, dealt] = [Atomics.load(ctrl, CTRL.COUNT), Atomics.load(ctrl, CTRL.THREADS)];
+      if (gen !== Atomics.load(ctrl, CTRL.GEN)) break; // the next call began while its size was read
+      const [begin, end] = share(n, dealt, t);
+      if (begin + (claim & 0xffff) >= end) break;
+      runPart(begin + (claim & 0xffff));
     }
   }
 }
