@@ -5,13 +5,13 @@
  *
  *   bun bench/train_step.ts [--models baseline,mobilenet] [--backends wasm,cpu]
  *                           [--steps 10] [--warmup 3] [--cpu-steps 1]
- *                           [--batch 32] [--size 64] [--no-profile] [--profile-steps 5] [--top 12]
+ *                           [--batch 32] [--size 64] [--no-profile] [--profile-steps 5] [--top 12] [--by-shape]
  *                           [--before] [--spec-json]
  *
  * Prints one line per (model, backend):
  *   train_step model=baseline backend=wasm batch=32 size=64 ms_per_step=... images_per_s=...
  * and a per-kernel breakdown of wasm steps per model (top kernels by time, each the median over
- * --profile-steps profiled steps).
+ * --profile-steps profiled steps; with --by-shape one line per kernel and shape of its first input).
  * Thread count of the wasm backend: AR_WASM_THREADS (default: all cores).
  * --before runs with the CPU speed work switched off (tfjs' own kernels plus
  * the XNNPACK gradient composites, input gradients of the first conv kept):
@@ -223,7 +223,9 @@ export interface KernelTime { name: string; ms: number; calls: number }
  * composite gradients) counts once, with everything inside it; the step's wall time minus the kernels'
  * is JS and engine overhead.
  */
-export async function profileStep(step: () => unknown): Promise<{ wallMs: number; kernels: KernelTime[] }> {
+export async function profileStep(
+  step: () => unknown, byShape = false,
+): Promise<{ wallMs: number; kernels: KernelTime[] }> {
   const backend = tf.getBackend();
   const byName = new Map<string, { ms: number; calls: number }>();
   const originals = tf.getKernelsForBackend(backend);
@@ -241,7 +243,7 @@ export async function profileStep(step: () => unknown): Promise<{ wallMs: number
         } finally {
           depth--;
           const first = Object.values(args.inputs)[0];
-          const key = process.env.AR_BY_SHAPE ? `${k.kernelName} ${first?.shape.join("x")}` : k.kernelName;
+          const key = byShape ? `${k.kernelName} ${first?.shape.join("x")}` : k.kernelName;
           const e = byName.get(key) ?? { ms: 0, calls: 0 };
           e.ms += performance.now() - t0;
           e.calls += 1;
@@ -269,10 +271,10 @@ export async function profileStep(step: () => unknown): Promise<{ wallMs: number
  * at the mercy of one garbage-collection pause or one late thread, which lands on a random kernel.
  */
 export async function profileSteps(
-  step: () => unknown, steps: number,
+  step: () => unknown, steps: number, byShape = false,
 ): Promise<{ wallMs: number; kernelMs: number; kernels: KernelTime[] }> {
   const runs: Awaited<ReturnType<typeof profileStep>>[] = [];
-  for (let i = 0; i < steps; i++) runs.push(await profileStep(step));
+  for (let i = 0; i < steps; i++) runs.push(await profileStep(step, byShape));
   const names = new Set(runs.flatMap((r) => r.kernels.map((k) => k.name)));
   const kernels = [...names].map((name) => {
     const per = runs.map((r) => r.kernels.find((k) => k.name === name) ?? { name, ms: 0, calls: 0 });
@@ -295,6 +297,8 @@ interface Args {
   /** Steps profiled (each kernel's median over them) and kernels listed. */
   profileSteps: number;
   top: number;
+  /** Profile lines per kernel and shape of its first input. */
+  byShape: boolean;
   specJson: boolean;
   serve: boolean;
   before: boolean;
@@ -305,7 +309,7 @@ interface Args {
 function parseArgs(argv: string[]): Args {
   const a: Args = {
     models: ["baseline", "mobilenet"], backends: ["wasm", "cpu"], steps: 10, warmup: 3, cpuSteps: 1, profile: true,
-    profileSteps: 5, top: 12, specJson: false, serve: false, before: false,
+    profileSteps: 5, top: 12, byShape: false, specJson: false, serve: false, before: false,
   };
   const num = (i: number): number => {
     const v = Number(argv[i + 1]);
@@ -336,6 +340,7 @@ function parseArgs(argv: string[]): Args {
       case "--no-profile": a.profile = false; break;
       case "--profile-steps": a.profileSteps = Math.max(1, num(i++)); break;
       case "--top": a.top = num(i++); break;
+      case "--by-shape": a.byShape = true; break;
       case "--spec-json": a.specJson = true; break;
       case "--serve": a.serve = true; break;
       case "--before": a.before = true; break;
@@ -428,7 +433,7 @@ async function main(): Promise<void> {
       const label = `${backendLabel()}${args.before ? ", before" : ""}`;
       console.log(`${formatLine(name, b, spec, stats)}  (${label}; ms ${range}; ${lossInfo})`);
       if (args.profile && b === "wasm") {
-        const p = await profileSteps(step, args.profileSteps);
+        const p = await profileSteps(step, args.profileSteps, args.byShape);
         const total = p.kernelMs;
         console.log(`profile model=${name} backend=wasm steps=${args.profileSteps} wall_ms=${p.wallMs.toFixed(1)} ` +
           `kernel_ms=${total.toFixed(1)} js_ms=${(p.wallMs - total).toFixed(1)} (medians over the steps)`);
