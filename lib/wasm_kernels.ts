@@ -1062,8 +1062,7 @@ export function inputConvFilters(model: tf.LayersModel): tf.Variable[] {
  * A float32 tensor of `shape` whose values `fill` writes (every one of them). On wasm `fill` writes
  * straight into the tensor's memory in tfjs' heap; elsewhere into a new array that becomes the tensor.
  * A training step's image batch was a fresh 1.5 MB array per step, copied into the heap: the copy was
- * cheap, but the allocation made Bun's garbage collector run about once a step (a batch took ~1 ms or
- * ~5 ms depending on it, bench/README.md).
+ * cheap, but the allocation made Bun's garbage collector run about once a step (bench/README.md).
  */
 export function filledTensor<R extends tf.Rank>(
   shape: tf.ShapeMap[R], fill: (out: Float32Array) => void,
