@@ -56,6 +56,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { isWasmBackend, simdKernels, type Simd, type WasmBackendLike } from "./wasm_simd/index.ts";
 import { splitRange } from "./wasm_simd/pool.ts";
+import type { FnName } from "./wasm_simd/pool_layout.ts";
 
 type Pad = "same" | "valid" | number | tf.backend_util.ExplicitPadding;
 type Rounding = "floor" | "round" | "ceil" | undefined;
@@ -311,8 +312,7 @@ function filterGradOverImages(
   const partial = s.b.makeOutput([images.length, size], "float32");
   const base = at(s.b, partial);
   const parts = images.map(([b0, b1], i) => args(b0, b1, base + 4 * i * size));
-  if (partsFor(s, work) > 1) s.run(fn, parts);
-  else for (const p of parts) s.run(fn, [p]); // too small to wake a helper
+  runFixedParts(s, fn, parts, work);
   s.run("sum_rows", splitRange(size, partsFor(s, images.length * size), LINE).map(([c0, c1]) => [
     base, at(s.b, dw), images.length, size, c0, c1, 0,
   ]));
@@ -581,6 +581,15 @@ const PARTS_PER_THREAD = 4;
  */
 const LINE = 16;
 
+/**
+ * Runs a fixed number of parts (their count keeps the bits the same on any thread count): across the pool
+ * when the call has the work for it (`work` as for partsFor), else one after the other on this thread.
+ */
+function runFixedParts(s: SimdCall, fn: FnName, parts: number[][], work: number): void {
+  if (partsFor(s, work) > 1) s.run(fn, parts);
+  else for (const p of parts) s.run(fn, [p]); // too small to wake a helper
+}
+
 /** Byte offset of a tensor in the wasm heap. */
 function at(b: WasmBackendLike, t: tf.TensorInfo): number {
   return b.getMemoryOffset(t.dataId);
@@ -780,7 +789,7 @@ function broadcastRowsKernel(args: KernelArgs): tf.TensorInfo {
   }
   const out = s.b.makeOutput([...shape], "float32");
   const parts = splitRange(rows, partsFor(s, rows * c));
-  s.run("broadcast_rows", parts.map(([r0, r1]) => [at(s.b, x), at(s.b, out), r0, r1, c, group, group]));
+  s.run("broadcast_rows", parts.map(([r0, r1]) => [at(s.b, x), at(s.b, out), r0, r1, c, group]));
   return out;
 }
 
@@ -829,11 +838,9 @@ function bnMomentsKernel(args: KernelArgs): tf.TensorInfo[] {
   const ranges = splitRange(rows, Math.min(rows, MOMENT_PARTS));
   const partial = s.b.makeOutput([ranges.length, c], "float32");
   const [mean, variance] = [s.b.makeOutput([c], "float32"), s.b.makeOutput([c], "float32")];
-  const split = partsFor(s, sizeOf(x.shape)) > 1;
   for (const [stat, centre] of [[mean, 0], [variance, at(s.b, mean)]] as const) {
     const parts = ranges.map(([r0, r1], i) => [at(s.b, x), centre, at(s.b, partial) + 4 * i * c, c, r0, r1]);
-    if (split) s.run("channel_sums", parts);
-    else for (const p of parts) s.run("channel_sums", [p]); // too small to wake a helper
+    runFixedParts(s, "channel_sums", parts, sizeOf(x.shape));
     s.k.sum_parts(at(s.b, partial), at(s.b, stat), ranges.length, c, rows);
   }
   s.b.disposeData(partial.dataId);
@@ -904,8 +911,7 @@ function bnReluPoolKernel(args: KernelArgs): tf.TensorInfo[] {
   try {
     s.run("bn_relu_pool", parts.map(([b0, b1], p) => [
       at(s.b, x), at(s.b, mean), at(s.b, variance), at(s.b, scale), at(s.b, offset), eps, win == null ? 1 : 0,
-      scratch + 24 * c * p,
-      at(s.b, y), win == null ? 0 : at(s.b, win), h, w, c, oh, ow, b0, b1,
+      scratch + 24 * c * p, at(s.b, y), win == null ? 0 : at(s.b, win), h, w, c, oh, ow, b0, b1,
     ]));
   } finally {
     s.b.wasm._free(scratch);
@@ -932,8 +938,7 @@ function bnReluPoolGradKernel(args: KernelArgs): tf.TensorInfo[] {
   const parts = ranges.map(([r0, r1], i) => [
     at(s.b, x), at(s.b, dy), at(s.b, win), at(s.b, mean), at(s.b, partial) + 8 * i * c, c, r0, r1,
   ]);
-  if (partsFor(s, 2 * sizeOf(dy.shape)) > 1) s.run("bn_relu_pool_sums", parts);
-  else for (const p of parts) s.run("bn_relu_pool_sums", [p]); // too small to wake a helper
+  runFixedParts(s, "bn_relu_pool_sums", parts, 2 * sizeOf(dy.shape));
   const sums = s.b.makeOutput([2, c], "float32");
   s.k.sum_parts(at(s.b, partial), at(s.b, sums), ranges.length, 2 * c, 1);
   const coef = s.b.makeOutput([3, c], "float32");
@@ -1101,20 +1106,20 @@ function onSimdWasm(): boolean {
 // the same values.
 let originalMeanGrad: tf.GradConfig | undefined;
 
-/** For `axes` a run a..b of consecutive axes that ends before the last: [product before, of, after] the run. */
-function axisRun(axis: unknown, shape: number[]): [number, number, number] | null {
+/** For `axes` a run a..b of consecutive axes that ends before the last: [product of, after] the run. */
+function axisRun(axis: unknown, shape: number[]): [number, number] | null {
   if (!(typeof axis === "number" || isNumberArray(axis))) return null;
   const axes = [...new Set(tf.util.parseAxisParam(axis, shape))].sort((a, b) => a - b);
   const [a, b] = [axes[0], axes[axes.length - 1]];
   if (a == null || b == null || b >= shape.length - 1 || b - a + 1 !== axes.length) return null;
-  return [sizeOf(shape.slice(0, a)), sizeOf(shape.slice(a, b + 1)), sizeOf(shape.slice(b + 1))];
+  return [sizeOf(shape.slice(a, b + 1)), sizeOf(shape.slice(b + 1))];
 }
 
 function meanGrad(dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[], attrs: tf.NamedAttrMap): GradientMap {
   const [x] = saved;
   const run = x?.dtype === "float32" ? axisRun(attrs.axis, x.shape) : null;
   if (!Array.isArray(dy) && run != null && onSimdWasm()) {
-    const [, group, columns] = run;
+    const [group, columns] = run;
     const attrs = { shape: x!.shape, columns, group };
     return { x: () => tf.engine().runKernel("ArBroadcastRows", { x: tf.reshape(dy, [-1]) }, attrs) as tf.Tensor };
   }

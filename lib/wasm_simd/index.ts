@@ -48,7 +48,7 @@ export interface SimdKernels {
   bn_backward(
     x: number, dy: number, mean: number, coef: number, dx: number, c: number, rBegin: number, rEnd: number,
   ): void;
-  broadcast_rows(v: number, out: number, rBegin: number, rEnd: number, c: number, divisor: number, group: number): void;
+  broadcast_rows(v: number, out: number, rBegin: number, rEnd: number, c: number, group: number): void;
   zero_fill(out: number, n: number): void;
   conv2d_filter_grad(
     x: number, dy: number, dw: number, h: number, w: number, ci: number, oh: number, ow: number, co: number,

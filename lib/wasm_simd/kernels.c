@@ -250,14 +250,15 @@ void bn_grad_sums(const float* x, const float* dy, const float* mean, float* out
 }
 
 /*
- * out[r,c] = v[r / group, c] / d for every row: the gradient of a mean over a run of axes before the last
+ * out[r,c] = v[r / group, c] / group for every row: the gradient of a mean over a run of axes before the last
  * (the leading ones, batchnorm's statistics: one group of all the rows; the spatial ones, global average
  * pooling: one group per image) in one write pass, where tfjs-core's gradient materialises ones(x.shape)
- * in JavaScript and runs two full-size ops; the same (v * 1) / d per element.
+ * in JavaScript and runs two full-size ops; the same (v * 1) / group per element.
  */
 EXPORT(broadcast_rows)
-void broadcast_rows(const float* v, float* out, int r_begin, int r_end, int C, float d, int group) {
-  // Part: rows [r_begin, r_end).
+void broadcast_rows(const float* v, float* out, int r_begin, int r_end, int C, int group) {
+  // Part: rows [r_begin, r_end). The mean's divisor is the group's row count.
+  const float d = (float)group;
   const v128_t dv = wasm_f32x4_splat(d);
   for (int r = r_begin; r < r_end; ++r) {
     float* o = out + (long)r * C;
