@@ -287,8 +287,12 @@ export async function awaitJob(q: LoopQueue, id: string, data: JobData, o: {
   for (;;) {
     if (o.aborted()) return null;
     const seen = await untilRedis(q, `reading job ${id}`, async () => {
-      const job = await q.queue.getJob(id);
-      return job ? { state: await job.getState(), value: job.returnvalue as unknown, reason: job.failedReason } : null;
+      // The state first, then the job: BullMQ writes a result and moves the job to completed in one script,
+      // so a job read after its state says completed has its result. Read the other way round, a job that
+      // finished in between was "completed" with the result it had while active: none.
+      const state = await q.queue.getJobState(id);
+      const job = state === "unknown" ? undefined : await q.queue.getJob(id);
+      return job ? { state, value: job.returnvalue as unknown, reason: job.failedReason } : null;
     });
     if (!seen) {
       o.log(`job ${id} is not in Redis (restarted without its data?): queued again`);
