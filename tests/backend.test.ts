@@ -13,6 +13,8 @@ import { adam } from "../lib/adam.ts";
 import { batchNorm, bnReluPool } from "../lib/batchnorm.ts";
 import { BUN } from "./helpers.ts";
 import { claimParts, CTRL } from "../lib/wasm_simd/pool_layout.ts";
+import { SimdPool } from "../lib/wasm_simd/pool.ts";
+import { KERNELS_WASM_SHARED } from "../lib/wasm_simd/binary.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, filledTensor, inputConvFilters, setSimdKernelsEnabled, setSimdSplit,
   withoutInputGradients,
@@ -476,6 +478,40 @@ describe("the wasm thread pool (wasmPool)", () => {
     claimParts(ctrl, 1, (i) => more.push(i));
     expect(more).toEqual([]);
   });
+
+  test("SimdPool: a polling helper takes parts, falls asleep when idle, and a call wakes it", async () => {
+    const memory = new WebAssembly.Memory({ initial: 512, maximum: 1024, shared: true });
+    const bytes = new Uint8Array(Buffer.from(KERNELS_WASM_SHARED, "base64"));
+    const k = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } }).exports;
+    const relu = k.relu_f32 as (x: number, out: number, begin: number, end: number) => void;
+    const pool = new SimdPool(memory, bytes, 1, 20_000); // polls for 20 ms
+    for (let i = 0; i < 500 && pool.threads < 2; i++) await Bun.sleep(10);
+    expect(pool.threads).toBe(2);
+    const n = 1 << 21; // two arrays of 8 MB: parts long enough for a helper to join
+    const [x, out] = [1 << 20, (1 << 20) + 4 * n];
+    const heap = new Float32Array(memory.buffer);
+    heap.subarray(x / 4, x / 4 + n).forEach((_, i, a) => { a[i] = i % 3 === 0 ? -i : i; });
+    const parts = Array.from({ length: 8 }, (_, p) => [x, out, (p * n) / 8, ((p + 1) * n) / 8]);
+    const calls = async (count: number) => {
+      const before = pool.helperStats.parts;
+      for (let c = 0; c < count && pool.helperStats.parts === before; c++) {
+        heap.fill(-1, out / 4, out / 4 + n);
+        pool.run("relu_f32", parts, relu);
+        expect(heap[out / 4 + n - 1]).toBe(n - 1); // every part ran, on whichever thread
+        expect(heap[out / 4 + 3]).toBe(0);
+      }
+      return pool.helperStats.parts - before;
+    };
+    expect(await calls(50)).toBeGreaterThan(0);
+    // Idle for longer than the poll: the helper sleeps; the next calls wake it and it takes parts again.
+    let asleep = false;
+    for (let i = 0; i < 200 && !asleep; i++) {
+      await Bun.sleep(5);
+      asleep = pool.helperStats.sleeping === 1;
+    }
+    expect(asleep).toBe(true);
+    expect(await calls(50)).toBeGreaterThan(0);
+  }, 30_000);
 
   test("AR_WASM_POOL names a pool or is refused in one line", async () => {
     const r = Bun.spawnSync([BUN, "-e", script("xnnpack")], {

@@ -10,7 +10,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { KERNELS_WASM_PLAIN, KERNELS_WASM_SHARED } from "./binary.ts";
 import { SimdPool } from "./pool.ts";
-import type { FnName } from "./pool_layout.ts";
+import { POLL_US, type FnName } from "./pool_layout.ts";
 
 /** The module's exports (kernels.c); the trailing range arguments select one part of the work. */
 export interface SimdKernels {
@@ -160,7 +160,7 @@ export function simdKernels(backend: WasmBackendLike): Simd | null {
       const k = instance.exports as unknown as SimdKernels;
       // Helper threads only where the heap is shared (tfjs' threaded build), one per extra thread.
       const threads = shared ? Math.max(1, poolThreads ?? backend.wasm.tfjs?.getThreadsCount?.() ?? 1) : 1;
-      const pool = threads > 1 ? new SimdPool(memory, bytes, threads - 1) : null;
+      const pool = threads > 1 ? new SimdPool(memory, bytes, threads - 1, poolThreads != null ? POLL_US : 0) : null;
       const fns = k as unknown as Record<FnName, (...a: number[]) => void>;
       simd = {
         k,

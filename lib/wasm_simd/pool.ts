@@ -3,18 +3,19 @@
  *
  * With tfjs-wasm's threaded build the heap is a SharedArrayBuffer, so helper Workers can instantiate
  * the same kernels module on the same memory. The main thread writes every part's arguments into
- * one shared control block (pool_layout.ts), wakes the helpers, and then every thread, itself
- * included, claims parts with one atomic increment until none is left; it returns when all are
- * finished. Each thread claims its own share of the parts first (the same images on the same core,
- * kernel after kernel), then the others': a helper that wakes late (a busy machine, a vCPU that
- * shares its core) leaves its parts to whoever is free, so a call never waits for one slow thread.
+ * one shared control block (pool_layout.ts) and opens the call (a helper that still polls sees it at
+ * once; only a sleeping one is woken, a system call), and then every thread, itself included, claims
+ * parts with one atomic increment until none is left; it returns when all are finished. Each thread
+ * claims its own share of the parts first (the same images on the same core, kernel after kernel), then
+ * the others': a helper that wakes late (a busy machine, a vCPU that shares its core) leaves its parts
+ * to whoever is free, so a call never waits for one slow thread.
  * partsFor in lib/wasm_kernels.ts keeps small calls on one thread.
  *
  * Helpers start asynchronously: until one is ready the main thread claims every part, which gives
  * the same result (kernels.c: any split computes every element identically), just later. A helper
  * that fails to start is never counted; a part that fails on a helper makes the call throw.
  */
-import { claimParts, CTRL, FN_NAMES, GEN_MASK, type FnName } from "./pool_layout.ts";
+import { claimParts, CTRL, FN_NAMES, GEN_MASK, spinWhileEqual, type FnName } from "./pool_layout.ts";
 
 const WAIT_LIMIT_MS = 60_000;
 
@@ -23,9 +24,11 @@ export class SimdPool {
   private args: Float64Array;
   private helpers = 0;
 
-  constructor(memory: WebAssembly.Memory, bytes: Uint8Array, helpers: number) {
+  /** `pollUs`: how long a thread polls before it sleeps (POLL_US where the pool owns the cores, else 0). */
+  constructor(memory: WebAssembly.Memory, bytes: Uint8Array, helpers: number, pollUs: number) {
     const sab = new SharedArrayBuffer(CTRL.ARGS_BYTE + 8 * CTRL.MAX_ARGS * CTRL.MAX_PARTS);
     this.ctrl = new Int32Array(sab);
+    this.ctrl[CTRL.SPIN_US] = pollUs;
     this.args = new Float64Array(sab, CTRL.ARGS_BYTE);
     for (let i = 0; i < Math.min(helpers, CTRL.MAX_THREADS - 1); i++) {
       try {
@@ -42,6 +45,11 @@ export class SimdPool {
   /** Threads a call can be split across: this one and every helper that has started. */
   get threads(): number {
     return 1 + Math.min(this.helpers, Atomics.load(this.ctrl, CTRL.READY));
+  }
+
+  /** Parts the helpers have run so far, and helpers asleep now (the rest poll or work). */
+  get helperStats(): { parts: number; sleeping: number } {
+    return { parts: Atomics.load(this.ctrl, CTRL.HELPER_PARTS), sleeping: Atomics.load(this.ctrl, CTRL.SLEEPERS) };
   }
 
   /** Runs fn(...parts[i]) for every part; returns when all are done. */
@@ -67,14 +75,18 @@ export class SimdPool {
     // Opens the call: everything above is visible to whoever claims a part.
     for (let t = 0; t < threads; t++) Atomics.store(c, CTRL.NEXT0 + t, gen << 16);
     Atomics.add(c, CTRL.SEQ, 1);
-    Atomics.notify(c, CTRL.SEQ);
+    if (Atomics.load(c, CTRL.SLEEPERS) > 0) Atomics.notify(c, CTRL.SEQ); // a helper still polling sees SEQ move
     claimParts(c, 0, (i) => {
       local(...parts[i]!);
       Atomics.add(c, CTRL.FINISHED, 1);
     });
     const t0 = performance.now();
     for (let f = Atomics.load(c, CTRL.FINISHED); f < n; f = Atomics.load(c, CTRL.FINISHED)) {
+      if (spinWhileEqual(c, CTRL.FINISHED, f)) continue; // a helper's last part usually ends within the poll
+      // Raised before the wait reads FINISHED: a part that ends after this is seen by the wait or notifies it.
+      Atomics.store(c, CTRL.WAITING, 1);
       Atomics.wait(c, CTRL.FINISHED, f, 1000);
+      Atomics.store(c, CTRL.WAITING, 0);
       if (performance.now() - t0 > WAIT_LIMIT_MS) {
         throw new Error(`wasm SIMD helper thread did not finish ${fn} in ${WAIT_LIMIT_MS / 1000} s`);
       }

@@ -1,10 +1,11 @@
 /**
  * A helper thread of lib/wasm_simd/pool.ts: instantiates the SIMD kernels on tfjs-wasm's shared
- * memory, then sleeps (Atomics.wait, no event loop, no spinning: a spinning thread would slow the
- * main thread wherever two vCPUs share a core) until a call starts, and claims its parts one at a
- * time until none is left. See pool_layout.ts for the control block.
+ * memory, then waits until a call starts and claims its parts one at a time until none is left. It
+ * polls for a while after each call (POLL_US in pool_layout.ts: the next one usually opens within it),
+ * then sleeps (Atomics.wait, no event loop), so an idle pool does not hold a core. See pool_layout.ts for
+ * the control block.
  */
-import { claimParts, CTRL, FN_NAMES } from "./pool_layout.ts";
+import { claimParts, CTRL, FN_NAMES, spinWhileEqual } from "./pool_layout.ts";
 
 declare const self: Worker;
 
@@ -28,7 +29,12 @@ self.onmessage = (e: MessageEvent) => {
   Atomics.add(ctrl, CTRL.READY, 1);
   let seq = Atomics.load(ctrl, CTRL.SEQ);
   for (;;) {
-    Atomics.wait(ctrl, CTRL.SEQ, seq);
+    if (!spinWhileEqual(ctrl, CTRL.SEQ, seq)) {
+      // Counted before the wait reads SEQ: a call that opens after this is seen by the wait or notifies it.
+      Atomics.add(ctrl, CTRL.SLEEPERS, 1);
+      Atomics.wait(ctrl, CTRL.SEQ, seq);
+      Atomics.sub(ctrl, CTRL.SLEEPERS, 1);
+    }
     seq = Atomics.load(ctrl, CTRL.SEQ);
     claimParts(ctrl, index, (i) => {
       try {
@@ -39,8 +45,9 @@ self.onmessage = (e: MessageEvent) => {
       } catch {
         Atomics.store(ctrl, CTRL.STATUS, 1);
       }
+      Atomics.add(ctrl, CTRL.HELPER_PARTS, 1);
       Atomics.add(ctrl, CTRL.FINISHED, 1);
-      Atomics.notify(ctrl, CTRL.FINISHED);
+      if (Atomics.load(ctrl, CTRL.WAITING) !== 0) Atomics.notify(ctrl, CTRL.FINISHED);
     });
   }
 };
