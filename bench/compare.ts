@@ -3,7 +3,7 @@
  * one invocation (the machine may be shared: alternating blocks of steps gives both sides the same
  * background load, and the spread across rounds says how noisy it was). On demand:
  *
- *   bun bench/compare.ts [--models baseline,mobilenet] [--threads 1,2] [--rounds 6] [--block 5]
+ *   bun bench/compare.ts [--models baseline,mobilenet] [--threads 1,2] [--rounds 6] [--block 5] [--warmup 40]
  *                        [--before] [--channels-last] [--features 1,8] [--no-ceiling] [--vs DIR]
  *
  * The first line names the machine: CPU model, cores, the BLAS PyTorch runs on, PyTorch's version,
@@ -11,8 +11,11 @@
  * vs two copies at once, the most any second thread can give here) and `two_copies_memory=` (the same
  * for a pass that streams memory, as batchnorm, ReLU and max-pool do: the memory bus is shared).
  *
- * For each model and thread count it starts one warm process per side and then, round after round,
- * asks each side in turn for `--block` steps:
+ * For each model and thread count it starts one process per side, lets each run `--warmup` untimed
+ * training steps (a training run takes thousands of steps, and the time to compare is theirs: Bun's JIT
+ * compiles the step's JavaScript for the first few dozen, on a thread that takes a core from a two-thread
+ * side and an idle one from a one-thread side), and then, round after round, asks each side in turn for
+ * `--block` steps:
  *   ours    bun bench/train_step.ts --serve   (tfjs wasm, AR_WASM_THREADS=N)
  *   torch   /usr/bin/python3 bench/torch_peer.py --serve   (torch.set_num_threads(N))
  *   before  (with --before, threads 1 only) ours with the SIMD kernels and skipped input gradients off
@@ -46,6 +49,8 @@ interface Args {
   threads: number[];
   rounds: number;
   block: number;
+  /** Untimed training steps each side runs before the first round. */
+  warmup: number;
   before: boolean;
   channelsLast: boolean;
   /** Backbone forward batch sizes (empty: no backbone groups). */
@@ -57,7 +62,8 @@ interface Args {
 
 function parseArgs(argv: string[]): Args {
   const a: Args = {
-    models: ["baseline", "mobilenet"], threads: [1, 2], rounds: 6, block: 5, before: false, channelsLast: false,
+    models: ["baseline", "mobilenet"], threads: [1, 2], rounds: 6, block: 5, warmup: 40, before: false,
+    channelsLast: false,
     features: [], ceiling: true,
   };
   for (let i = 0; i < argv.length; i++) {
@@ -67,6 +73,7 @@ function parseArgs(argv: string[]): Args {
       case "--threads": a.threads = v.split(",").map(Number).filter((n) => Number.isInteger(n) && n > 0); i++; break;
       case "--rounds": a.rounds = Math.max(1, Number(v)); i++; break;
       case "--block": a.block = Math.max(1, Number(v)); i++; break;
+      case "--warmup": a.warmup = Math.max(0, Number(v)); i++; break;
       case "--before": a.before = true; break;
       case "--channels-last": a.channelsLast = true; break;
       case "--features": a.features = v.split(",").map(Number).filter((n) => Number.isInteger(n) && n > 0); i++; break;
@@ -254,25 +261,27 @@ function report(kind: string, what: string, sides: Side[], threads: number[], pe
 
 async function compareModel(model: string, a: Args, withTorch: boolean): Promise<void> {
   const trainStep = [process.execPath, join("bench", "train_step.ts")];
+  const warmup = ["--warmup", String(a.warmup)];
+  const serve = (...more: string[]) => [...trainStep, "--serve", "--models", model, ...more, ...warmup];
   const specRun = Bun.spawnSync([...trainStep, "--spec-json", "--models", model], { cwd: ROOT });
   const specJson = specRun.stdout.toString().trim();
   const spec = JSON.parse(specJson) as { batch: number };
   const sides: Side[] = [];
   for (const t of a.threads) {
     const env = { ...process.env, AR_WASM_THREADS: String(t) };
-    sides.push(new Side(`ours@${t}`, [...trainStep, "--serve", "--models", model, "--backends", "wasm"], env));
+    sides.push(new Side(`ours@${t}`, serve("--backends", "wasm"), env));
     if (withTorch) {
       const peer = [PYTHON, join("bench", "torch_peer.py"), "--spec", specJson, "--threads", String(t), "--serve"];
+      peer.push(...warmup);
       sides.push(new Side(`torch@${t}`, [...peer, ...(a.channelsLast ? ["--channels-last"] : [])], { ...process.env }));
     }
     if (a.before && t === 1) {
-      const cmd = [...trainStep, "--serve", "--models", model, "--backends", "wasm", "--before"];
-      sides.push(new Side(`before@${t}`, cmd, env));
+      sides.push(new Side(`before@${t}`, serve("--backends", "wasm", "--before"), env));
     }
-    if (a.vs != null) sides.push(new Side(`vs@${t}`, [...trainStep, "--serve", "--models", model], env, a.vs));
+    if (a.vs != null) sides.push(new Side(`vs@${t}`, serve(), env, a.vs));
   }
   report("compare", `model=${model}`, await interleave(sides, a), a.threads, spec.batch);
-  console.log(`  ${a.rounds} rounds x ${a.block} steps of batch ${spec.batch} per side`);
+  console.log(`  ${a.rounds} rounds x ${a.block} steps of batch ${spec.batch} per side, after ${a.warmup} untimed`);
 }
 
 async function compareFeatures(batch: number, a: Args, withTorch: boolean): Promise<void> {
