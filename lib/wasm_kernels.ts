@@ -55,7 +55,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { isWasmBackend, simdKernels, type Simd, type WasmBackendLike } from "./wasm_simd/index.ts";
-import { splitRange } from "./wasm_simd/pool.ts";
+import { splitRange, taperedRanges } from "./wasm_simd/pool.ts";
 import type { FnName } from "./wasm_simd/pool_layout.ts";
 
 type Pad = "same" | "valid" | number | tf.backend_util.ExplicitPadding;
@@ -232,7 +232,7 @@ function conv2DForward(name: "Conv2D" | "FusedConv2D", args: KernelArgs): tf.Ten
   const { batchSize, inHeight: h, inWidth: w, inChannels: ci, outHeight: oh, outWidth: ow, outChannels: co } = info;
   const y = s.b.makeOutput([batchSize, oh, ow, co], "float32");
   const work = (batchSize * oh * ow * co * info.filterHeight * info.filterWidth * ci) / 8;
-  const parts = splitRange(batchSize, partsFor(s, work));
+  const parts = imageParts(s, batchSize, work);
   s.run("conv2d_forward", parts.map(([b0, b1]) => [
     at(s.b, x), at(s.b, filter), bias == null ? 0 : at(s.b, bias), at(s.b, y), h, w, ci, oh, ow, co,
     info.filterHeight, info.filterWidth, info.padInfo.top, info.padInfo.left, b0, b1,
@@ -443,7 +443,7 @@ function conv2DBackpropInput(args: KernelArgs): tf.TensorInfo | tf.TensorInfo[] 
     try {
       const dx = s.b.makeOutput([...inputShape], "float32");
       const { batchSize, inChannels: ci, outChannels: co } = info;
-      const parts = splitRange(batchSize, partsFor(s, (sizeOf(inputShape) * kh * kw * co) / 8));
+      const parts = imageParts(s, batchSize, (sizeOf(inputShape) * kh * kw * co) / 8);
       s.run("conv2d_input_grad", parts.map(([b0, b1]) => [
         at(s.b, dy), at(s.b, ft), at(s.b, dx), batchSize, h, w, ci, oh, ow, co, kh, kw,
         info.padInfo.top, info.padInfo.left, b0, b1,
@@ -574,6 +574,16 @@ function partsFor(s: { threads: number; forced?: boolean }, work: number): numbe
   return s.threads > 1 && work >= 1 << 18 ? s.threads * PARTS_PER_THREAD : 1;
 }
 const PARTS_PER_THREAD = 4;
+
+/**
+ * Image ranges of a convolution split by image, whose bits do not depend on the split: tapered shares
+ * (taperedRanges), so that a thread done early waits for one small part of the other's, not a quarter of its
+ * share. A forced split (tests) keeps its count.
+ */
+function imageParts(s: { threads: number; forced?: boolean }, batch: number, work: number): [number, number][] {
+  const parts = partsFor(s, work);
+  return parts > 1 && s.forced !== true ? taperedRanges(batch, s.threads) : splitRange(batch, parts);
+}
 /**
  * Floats per cache line: kernels that split columns (sum_rows, bn_grad_sums) write their running totals
  * many times per call, so two threads must never share a line of them; 16-column parts (one 64-byte line)

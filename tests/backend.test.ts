@@ -13,7 +13,7 @@ import { adam } from "../lib/adam.ts";
 import { batchNorm, bnReluPool } from "../lib/batchnorm.ts";
 import { BUN } from "./helpers.ts";
 import { claimParts, CTRL } from "../lib/wasm_simd/pool_layout.ts";
-import { SimdPool } from "../lib/wasm_simd/pool.ts";
+import { SimdPool, taperedRanges } from "../lib/wasm_simd/pool.ts";
 import { KERNELS_WASM_SHARED } from "../lib/wasm_simd/binary.ts";
 import {
   WASM_GRAD_KERNEL_NAMES, filledTensor, inputConvFilters, setSimdKernelsEnabled, setSimdSplit,
@@ -477,6 +477,33 @@ describe("the wasm thread pool (wasmPool)", () => {
     const more: number[] = [];
     claimParts(ctrl, 1, (i) => more.push(i));
     expect(more).toEqual([]);
+  });
+
+  test("taperedRanges: every image once, one contiguous share per thread, parts shrinking to one image", () => {
+    for (const [n, threads] of [[32, 2], [33, 2], [8, 2], [7, 3], [32, 8], [256, 8], [1, 2]] as const) {
+      const r = taperedRanges(n, threads);
+      expect(r[0]![0]).toBe(0);
+      expect(r.at(-1)![1]).toBe(n);
+      r.forEach(([b, e], i) => {
+        expect(e).toBeGreaterThan(b);
+        if (i > 0) expect(b).toBe(r[i - 1]![1]);
+      });
+      expect(r.length).toBeLessThanOrEqual(CTRL.MAX_PARTS);
+      if (n < threads || r.length === threads * 4) continue; // equal parts instead
+      // claimParts deals parts [t·len/threads, (t+1)·len/threads) to thread t: that is its share of the images.
+      const per = r.length / threads;
+      expect(Number.isInteger(per)).toBe(true);
+      for (let t = 0; t < threads; t++) {
+        const mine = r.slice(t * per, (t + 1) * per);
+        expect(mine[0]![0]).toBe(Math.floor((t * n) / threads));
+        expect(mine.at(-1)![1]).toBe(Math.floor(((t + 1) * n) / threads));
+        const sizes = mine.map(([b, e]) => e - b);
+        expect(sizes.at(-1)).toBe(1);
+        for (let i = 1; i < sizes.length; i++) expect(sizes[i]!).toBeLessThanOrEqual(sizes[i - 1]!);
+      }
+    }
+    expect(taperedRanges(32, 2).map(([b, e]) => e - b)).toEqual([6, 4, 2, 2, 1, 1, 6, 4, 2, 2, 1, 1]);
+    expect(taperedRanges(256, 8).length).toBe(64);
   });
 
   test("SimdPool: a polling helper takes parts, falls asleep when idle, and a call wakes it", async () => {

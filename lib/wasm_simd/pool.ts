@@ -111,3 +111,27 @@ export function splitRange(n: number, parts: number, unit = 1): [number, number]
   }
   return out;
 }
+
+/**
+ * Splits [0, n) into one contiguous share per thread, each cut into parts that shrink toward its end (a
+ * third of what is left, at least one): a thread that finishes its share early waits for the other's last
+ * part only, a small one, while the first parts stay large. Every share has the same number of parts
+ * (claimParts deals parts to threads by position); where the parts would not fit in one call, or a share
+ * would be empty, equal parts instead.
+ */
+export function taperedRanges(n: number, threads: number): [number, number][] {
+  const least = Math.floor(n / threads);
+  const sizes: number[] = [];
+  for (let left = least; left > 0; left -= sizes.at(-1)!) sizes.push(Math.max(1, Math.ceil(left / 3)));
+  if (least === 0 || sizes.length * threads > CTRL.MAX_PARTS) return splitRange(n, threads * 4);
+  const out: [number, number][] = [];
+  for (let t = 0, begin = 0; t < threads; t++) {
+    const extra = Math.floor(((t + 1) * n) / threads) - Math.floor((t * n) / threads) - least; // 0 or 1
+    sizes.forEach((size, i) => {
+      const end = begin + size + (i === 0 ? extra : 0);
+      out.push([begin, end]);
+      begin = end;
+    });
+  }
+  return out;
+}
