@@ -30,11 +30,11 @@ export type FnName = (typeof FN_NAMES)[number];
  * How long a thread of a pool that owns the cores polls for the next call (or, on the main thread, for the
  * helpers' last parts) before it sleeps. Waking a thread from Atomics.wait costs the waker a system call and
  * the sleeper a trip through the scheduler: a few hundred microseconds each on a VM, as long as a whole
- * batchnorm pass. In a training step the next call opens within 1.2 ms nine times in ten and within 10 ms in
- * more than 99 in 100, so with 10 ms a helper sleeps only between steps that have more than kernels in them.
- * A pool that shares the cores with XNNPACK's threads does not poll (it would take their core).
+ * batchnorm pass. In a training step the next call usually opens within a millisecond or two. A longer poll
+ * keeps the core from the JIT's and the garbage collector's threads, and the step gets slower again
+ * (bench/README.md has the figures). A pool that shares the cores with XNNPACK's threads does not poll.
  */
-export const POLL_US = 10_000;
+export const POLL_US = 2_000;
 
 /** Polls `slot` until it differs from `value` or the control block's SPIN_US pass; true if it changed. */
 export function spinWhileEqual(ctrl: Int32Array, slot: number, value: number): boolean {
