@@ -6,7 +6,7 @@
  *   bun bench/train_step.ts [--models baseline,mobilenet] [--backends wasm,cpu]
  *                           [--steps 10] [--warmup 3] [--cpu-steps 1]
  *                           [--batch 32] [--size 64] [--no-profile] [--profile-steps 5] [--top 12] [--by-shape]
- *                           [--before] [--spec-json]
+ *                           [--before] [--spec-json] [--poll-ab 0,2000]
  *
  * Prints one line per (model, backend):
  *   train_step model=baseline backend=wasm batch=32 size=64 ms_per_step=... images_per_s=...
@@ -16,6 +16,9 @@
  * --before runs with the CPU speed work switched off (tfjs' own kernels plus
  * the XNNPACK gradient composites, input gradients of the first conv kept):
  * with AR_WASM_THREADS=1, the "before" column of bench/README.md.
+ * --poll-ab A,B times how long our pool's threads poll before they sleep (lib/wasm_simd/pool_layout.ts
+ * POLL_US), A against B microseconds, in one process: the timed steps alternate between the two in
+ * blocks of 4, and a line `poll_ab` gives each one's median ms per step and B's over A's.
  *
  * The models are plain data (ModelSpec; print them with --spec-json), so
  * bench/torch_peer.py builds the very same layers in PyTorch, and
@@ -29,6 +32,7 @@ import { backendLabel, initBackend, parseBackendName, type BackendName, type Was
 import {
   inputConvFilters, registerWasmGradKernels, setSimdKernelsEnabled, withoutInputGradients,
 } from "../lib/wasm_kernels.ts";
+import { setSimdPoolPoll } from "../lib/wasm_simd/index.ts";
 
 // ---------------------------------------------------------------------------
 // The workloads, as data.
@@ -208,6 +212,23 @@ async function measureSteps(
   return { msPerStep, imagesPerS: (opts.batch * 1000) / msPerStep, samplesMs };
 }
 
+/** --poll-ab: `steps` timed steps alternating between two poll times in blocks of 4, after `warmup` untimed. */
+async function pollAb(step: () => unknown, [a, b]: [number, number], warmup: number, steps: number): Promise<void> {
+  for (let i = 0; i < warmup; i++) step();
+  const ms: [number[], number[]] = [[], []];
+  for (let i = 0; i < steps; i++) {
+    const side = Math.floor(i / 4) % 2;
+    setSimdPoolPoll(side === 0 ? a : b);
+    const t0 = performance.now();
+    step();
+    ms[side]!.push(performance.now() - t0);
+  }
+  setSimdPoolPoll(undefined);
+  const [ma, mb] = [median(ms[0]), median(ms[1])];
+  console.log(`poll_ab steps=${steps} poll_${a}us_ms=${ma.toFixed(2)} poll_${b}us_ms=${mb.toFixed(2)} ` +
+    `b_over_a=${(mb / ma).toFixed(3)}`);
+}
+
 function formatLine(model: string, backend: string, spec: ModelSpec, s: StepStats): string {
   return `train_step model=${model} backend=${backend} batch=${spec.batch} size=${spec.size} ` +
     `ms_per_step=${s.msPerStep.toFixed(1)} images_per_s=${s.imagesPerS.toFixed(1)}`;
@@ -302,6 +323,8 @@ interface Args {
   specJson: boolean;
   serve: boolean;
   before: boolean;
+  /** Pool poll times (µs) to time against each other in one process: [A, B]. */
+  pollAb?: [number, number];
   batch?: number;
   size?: number;
 }
@@ -341,6 +364,14 @@ function parseArgs(argv: string[]): Args {
       case "--profile-steps": a.profileSteps = Math.max(1, num(i++)); break;
       case "--top": a.top = num(i++); break;
       case "--by-shape": a.byShape = true; break;
+      case "--poll-ab": {
+        const us = (argv[++i] ?? "").split(",").map(Number);
+        if (us.length !== 2 || !us.every((u) => Number.isInteger(u) && u >= 0)) {
+          throw new Error("--poll-ab needs two whole numbers of microseconds, e.g. 0,2000");
+        }
+        a.pollAb = [us[0]!, us[1]!];
+        break;
+      }
       case "--spec-json": a.specJson = true; break;
       case "--serve": a.serve = true; break;
       case "--before": a.before = true; break;
@@ -427,6 +458,7 @@ async function main(): Promise<void> {
       // The first step also creates Adam's slot variables: never time it, except
       // on cpu where one step is so long that this overhead is noise.
       if (!slow) step();
+      if (args.pollAb != null && b === "wasm") await pollAb(step, args.pollAb, args.warmup, steps);
       const stats = await measureSteps(step, { warmup: slow ? 0 : args.warmup, steps, batch: spec.batch });
       const lossInfo = `loss ${losses[0].toFixed(3)} -> ${losses[losses.length - 1].toFixed(3)}`;
       const range = `min ${Math.min(...stats.samplesMs).toFixed(0)} max ${Math.max(...stats.samplesMs).toFixed(0)}`;

@@ -128,6 +128,13 @@ export function setSimdPoolThreads(n: number | undefined): void {
   poolThreads = n;
 }
 
+const pools: SimdPool[] = [];
+
+/** Sets how long our pools' threads poll before they sleep (bench/train_step.ts --poll-ab); undefined: POLL_US. */
+export function setSimdPoolPoll(us: number | undefined): void {
+  for (const p of pools) p.setPoll(us ?? POLL_US);
+}
+
 let disabledReason: string | undefined = process.env.AR_WASM_SIMD === "0" ? "AR_WASM_SIMD=0" : undefined;
 let forcedSplit: number | undefined;
 
@@ -161,6 +168,7 @@ export function simdKernels(backend: WasmBackendLike): Simd | null {
       // Helper threads only where the heap is shared (tfjs' threaded build), one per extra thread.
       const threads = shared ? Math.max(1, poolThreads ?? backend.wasm.tfjs?.getThreadsCount?.() ?? 1) : 1;
       const pool = threads > 1 ? new SimdPool(memory, bytes, threads - 1, poolThreads != null ? POLL_US : 0) : null;
+      if (pool != null && poolThreads != null) pools.push(pool);
       const fns = k as unknown as Record<FnName, (...a: number[]) => void>;
       simd = {
         k,

@@ -47,6 +47,11 @@ export class SimdPool {
     return 1 + Math.min(this.helpers, Atomics.load(this.ctrl, CTRL.READY));
   }
 
+  /** Sets how long a thread polls before it sleeps, from the next call on. */
+  setPoll(us: number): void {
+    Atomics.store(this.ctrl, CTRL.SPIN_US, us);
+  }
+
   /** Parts the helpers have run so far, and helpers asleep now (the rest poll or work). */
   get helperStats(): { parts: number; sleeping: number } {
     return { parts: Atomics.load(this.ctrl, CTRL.HELPER_PARTS), sleeping: Atomics.load(this.ctrl, CTRL.SLEEPERS) };

@@ -5,10 +5,10 @@
  * call's number (15 bits); THREADS: the threads a call's parts are dealt to; COUNT: parts in this call;
  * FINISHED: parts done; READY: helpers started; STATUS: non-zero when a part failed on a helper;
  * NEXT0 + t: thread t's share counter, GEN << 16 plus the next unclaimed part of its share (claimed with
- * Atomics.add), for t < MAX_THREADS. SLEEPERS: helpers asleep on SEQ; WAITING: 1 while the main thread sleeps on
- * FINISHED (a wake-up is a system call, so a thread notifies only one that sleeps); SPIN_US: how long a thread
- * polls before it sleeps (pollUs); HELPER_PARTS: parts run by helpers so far. The parts' arguments follow from ARGS_BYTE as float64, MAX_ARGS per part,
- * MAX_PARTS parts.
+ * Atomics.add), for t < MAX_THREADS. SLEEPERS: helpers asleep on SEQ; WAITING: 1 while the main thread
+ * sleeps on FINISHED (a wake-up is a system call, so a thread notifies only one that sleeps); SPIN_US: how
+ * long a thread polls before it sleeps (POLL_US); HELPER_PARTS: parts run by helpers so far. The parts'
+ * arguments follow from ARGS_BYTE as float64, MAX_ARGS per part, MAX_PARTS parts.
  */
 export const CTRL = {
   SEQ: 0, THREADS: 1, COUNT: 2, FINISHED: 3, READY: 4, FN: 5, NARGS: 6, STATUS: 7, NEXT0: 8, MAX_THREADS: 8,
