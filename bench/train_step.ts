@@ -18,7 +18,7 @@
  * with AR_WASM_THREADS=1, the "before" column of bench/README.md.
  * --poll-ab A,B times how long our pool's threads poll before they sleep (lib/wasm_simd/pool_layout.ts
  * POLL_US), A against B microseconds, in one process: the timed steps alternate between the two in
- * blocks of 4, and a line `poll_ab` gives each one's median ms per step and B's over A's.
+ * blocks of 4 (A B B A ...), and a line `poll_ab` gives each one's median ms per step and B's over A's.
  *
  * The models are plain data (ModelSpec; print them with --spec-json), so
  * bench/torch_peer.py builds the very same layers in PyTorch, and
@@ -217,7 +217,7 @@ async function pollAb(step: () => unknown, [a, b]: [number, number], warmup: num
   for (let i = 0; i < warmup; i++) step();
   const ms: [number[], number[]] = [[], []];
   for (let i = 0; i < steps; i++) {
-    const side = Math.floor(i / 4) % 2;
+    const side = [0, 1, 1, 0][Math.floor(i / 4) % 4]!; // A B B A: neither side is always the later one
     setSimdPoolPoll(side === 0 ? a : b);
     const t0 = performance.now();
     step();

@@ -30,9 +30,10 @@ export type FnName = (typeof FN_NAMES)[number];
  * How long a thread of a pool that owns the cores polls for the next call (or, on the main thread, for the
  * helpers' last parts) before it sleeps. Waking a thread from Atomics.wait costs the waker a system call and
  * the sleeper a trip through the scheduler: a few hundred microseconds each on a VM, as long as a whole
- * batchnorm pass. In a training step the next call usually opens within a millisecond or two. A longer poll
- * keeps the core from the JIT's and the garbage collector's threads, and the step gets slower again
- * (bench/README.md has the figures). A pool that shares the cores with XNNPACK's threads does not poll.
+ * batchnorm pass. In a training step the next call usually opens within a millisecond or two; a longer poll
+ * gained nothing measurable (bench/train_step.ts --poll-ab, figures in bench/README.md) and would hold a core
+ * that other threads (the JIT's, the collector's, another run's) could use. A pool that shares the cores with
+ * XNNPACK's threads does not poll.
  */
 export const POLL_US = 2_000;
 
