@@ -30,12 +30,14 @@ export type FnName = (typeof FN_NAMES)[number];
  * How long a thread of a pool that owns the cores polls for the next call (or, on the main thread, for the
  * helpers' last parts) before it sleeps. Waking a thread from Atomics.wait costs the waker a system call and
  * the sleeper a trip through the scheduler: a few hundred microseconds each on a VM, as long as a whole
- * batchnorm pass. In a training step the next call usually opens within a millisecond or two; a longer poll
- * gained nothing measurable (bench/train_step.ts --poll-ab, figures in bench/README.md) and would hold a core
- * that other threads (the JIT's, the collector's, another run's) could use. A pool that shares the cores with
- * XNNPACK's threads does not poll.
+ * batchnorm pass. In a training step the next call usually opens within a millisecond. A poll holds a core,
+ * though: where more threads want the cores than there are (two runs at once, each with every core), it
+ * takes the core from a thread that has work. 0.5 ms is the compromise measured with bench/train_step.ts
+ * --poll-ab (bench/README.md): alone, as fast as 2 or 10 ms; two runs at once, a third of 2 ms's loss.
+ * Runs side by side should share the cores out (AR_WASM_THREADS = cores / runs). A pool that shares the
+ * cores with XNNPACK's threads does not poll.
  */
-export const POLL_US = 2_000;
+export const POLL_US = 500;
 
 /** Polls `slot` until it differs from `value` or the control block's SPIN_US pass; true if it changed. */
 export function spinWhileEqual(ctrl: Int32Array, slot: number, value: number): boolean {
