@@ -11,7 +11,7 @@
  * Test-only environment: AR_TEST_LOCK_MS (a job's lock; a dead worker's job is taken over after it).
  */
 import { cpSync, existsSync, mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
-import { hostname } from "node:os";
+import { availableParallelism, hostname } from "node:os";
 import { dirname, join } from "node:path";
 import { type } from "arktype";
 import { cac } from "cac";
@@ -46,7 +46,7 @@ function parseWorkerFlags(argv: string[]): WorkerFlags {
     .option("--concurrency <n>", "jobs at once (one per GPU, or cores / threads)", { default: 1 })
     .option("--id <name>", "this worker's name in the logs (default: host-pid)")
     .option("--backend <name>", "AR_BACKEND for its runs: gpu, node, wasm or cpu")
-    .option("--threads <n>", "AR_WASM_THREADS for its runs")
+    .option("--threads <n>", "AR_WASM_THREADS for its runs (default: cores / concurrency)")
     .option("--features-timeout <seconds>", "kill `bun prepare.ts features` after this long", { default: 3600 })
     .action((o: Record<string, unknown>) => { raw = o; });
   cli.help();
@@ -100,13 +100,27 @@ function workFolder(root: string, dir: string, d: JobData): void {
   writeFileSync(join(dir, "train.ts"), d.trainTs);
 }
 
+/**
+ * AR_WASM_THREADS for this worker's runs: --threads, else the environment's, else the cores shared out
+ * among the job slots. Runs that each took every core would fight over them (our SIMD pool's threads poll
+ * between kernels and would take a core from a thread that has work), so --concurrency 2 on 2 cores gives
+ * each run 1 thread.
+ */
+export function threadsPerRun(f: { concurrency: number; threads?: number }, envThreads: string | undefined,
+  cores: number): string | undefined {
+  if (f.threads) return String(f.threads);
+  if (envThreads != null && envThreads.trim() !== "") return undefined; // inherited as it is
+  return f.concurrency > 1 ? String(Math.max(1, Math.floor(cores / f.concurrency))) : undefined;
+}
+
 export async function runWorker(root: string, argv: string[]): Promise<number> {
   const f = parseWorkerFlags(argv);
   const id = f.id ?? `${hostname()}-${process.pid}`;
   const say = (msg: string) => console.log(`[worker ${id}] ${msg}`);
   const env: Record<string, string> = {};
   if (f.backend) env.AR_BACKEND = f.backend;
-  if (f.threads) env.AR_WASM_THREADS = String(f.threads);
+  const threads = threadsPerRun(f, process.env.AR_WASM_THREADS, availableParallelism());
+  if (threads) env.AR_WASM_THREADS = threads;
   const children = new Set<number>();
   const plain = plainClient(f.queue);
   let refused: string | null = null;
@@ -158,7 +172,7 @@ export async function runWorker(root: string, argv: string[]): Promise<number> {
   await beat();
   const timer = setInterval(() => void beat(), HEARTBEAT_MS);
   say(`taking jobs from ${f.queue} (concurrency ${f.concurrency}${f.backend ? `, backend ${f.backend}` : ""}`
-    + `${f.threads ? `, ${f.threads} thread(s)` : ""}); data ${CACHE_ROOT}`);
+    + `${threads ? `, ${threads} thread(s) per run` : ""}); data ${CACHE_ROOT}`);
 
   let done: (code: number) => void = () => {};
   const finished = new Promise<number>((r) => { done = r; });

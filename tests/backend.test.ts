@@ -1057,7 +1057,7 @@ function baselineShaped(ds: Dataset): { train: tf.LayersModel; infer: tf.LayersM
 }
 
 describe("training-step pieces", () => {
-  test("filledTensor(): the values `fill` writes, freed on dispose and when `fill` throws (wasm in place, cpu)", async () => {
+  test("filledTensor(): what `fill` writes, freed on dispose and when `fill` throws (wasm in place, cpu)", async () => {
     for (const backend of ["wasm", "cpu"] as const) {
       await initBackend({ prefer: backend });
       const ids = () => tf.engine().backend.numDataIds();

@@ -12,6 +12,7 @@ import {
   E2E_MS, WASM_ENV, clean, fixture, head, makeRepo, prepareCache, removeTemps, rows, state, stub, syntheticCache,
 } from "./loop_fixtures.ts";
 import { redisMissing, startRedis, type RedisServer } from "./redis_fixture.ts";
+import { threadsPerRun } from "../lib/worker.ts";
 
 const BUN = process.execPath;
 const SPACE = `{ cls: [0, 1, 2], yieldValue: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], mode: ["ok"], seed: [0] }`;
@@ -97,6 +98,18 @@ function expectConsistent(dir: string, wantRows: number, runMdChanged = false): 
 function session(tag: string): string {
   return makeRepo(stub({}, SPACE), { files: { "notes.md": tag } });
 }
+
+describe("a worker's threads per run", () => {
+  test("--threads, else the environment's AR_WASM_THREADS, else the cores shared out among the slots", () => {
+    expect(threadsPerRun({ concurrency: 2 }, undefined, 2)).toBe("1");
+    expect(threadsPerRun({ concurrency: 2 }, undefined, 8)).toBe("4");
+    expect(threadsPerRun({ concurrency: 3 }, undefined, 2)).toBe("1"); // never 0
+    expect(threadsPerRun({ concurrency: 1 }, undefined, 8)).toBeUndefined(); // one run: every core, as alone
+    expect(threadsPerRun({ concurrency: 2, threads: 2 }, undefined, 2)).toBe("2");
+    expect(threadsPerRun({ concurrency: 2 }, "2", 2)).toBeUndefined(); // inherited as the person set it
+    expect(threadsPerRun({ concurrency: 2 }, " ", 2)).toBe("1");
+  });
+});
 
 maybe("the loop with workers on Redis", () => {
   beforeAll(async () => {
